@@ -1,0 +1,55 @@
+# Flowlens developer commands. `just` lists them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export FLOWLENS_KUBECONFIG := env_var_or_default("FLOWLENS_KUBECONFIG", justfile_directory() / ".flowlens/kubeconfig")
+
+# List the recipes.
+default:
+    @just --list
+
+# Install build and test dependencies (Debian packages, nightly, bpf-linker, nextest).
+setup:
+    hack/setup.sh
+
+# Regenerate the CRD YAML under crds/ from the Rust types.
+generate:
+    cargo run -q -p flowlens-api --bin crdgen -- crds
+
+# Fail if crds/ is not what `just generate` writes.
+check-generated: generate
+    git diff --exit-code -- crds/ || (echo "crds/ is stale: run 'just generate' and commit" >&2; exit 1)
+
+# Start the local control plane (etcd + kube-apiserver) and install the CRDs.
+up:
+    hack/local-cluster.sh up
+
+# Stop the local control plane and remove its state.
+down:
+    hack/local-cluster.sh down
+
+# Say whether the local control plane runs.
+status:
+    hack/local-cluster.sh status
+
+# Build every binary (the agent embeds its eBPF programs).
+build:
+    cargo build --workspace --bins
+
+# Formatting and clippy, for userspace and for the eBPF crate.
+lint:
+    cargo fmt --all -- --check
+    AYA_BUILD_SKIP=1 cargo clippy --workspace --all-targets -- -D warnings
+    cd node-agent-ebpf && cargo +nightly clippy -Z build-std=core --target bpfel-unknown-none --release -- -D warnings
+
+# Run every test: unit, API-server, kernel and end-to-end. Sets itself up.
+test: setup up
+    cargo fmt --all -- --check
+    just check-generated
+    cargo build --workspace --bins
+    cargo nextest run --workspace --no-fail-fast
+
+# Only the end-to-end tests (simulated nodes with real agents and traffic).
+e2e: setup up
+    cargo build --workspace --bins
+    cargo nextest run -p flowlens-e2e --no-fail-fast

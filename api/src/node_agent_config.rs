@@ -1,0 +1,308 @@
+//! `NodeAgentConfig`: everything one node's agent needs, fully resolved by the
+//! operator (spec), and what the agent applied (status).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    flow_policy::{PolicyMode, Protocol},
+    group_by::GroupBy,
+};
+
+/// The configuration of the agent on one node. Cluster-scoped, named after
+/// the node, written by the operator only (users should not edit it).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "flowlens.dev",
+    version = "v1alpha1",
+    kind = "NodeAgentConfig",
+    plural = "nodeagentconfigs",
+    shortname = "nac",
+    category = "flowlens",
+    status = "NodeAgentConfigStatus",
+    doc = "Per-node agent configuration, written by the Flowlens operator. Do not edit.",
+    printcolumn(name = "Zone", type_ = "string", json_path = ".spec.zone"),
+    printcolumn(name = "Revision", type_ = "string", json_path = ".spec.revision"),
+    printcolumn(
+        name = "Applied",
+        type_ = "string",
+        json_path = ".status.appliedRevision"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Applied\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAgentConfigSpec {
+    /// The node this configuration is for (equal to `metadata.name`).
+    pub node_name: String,
+
+    /// The node's `topology.kubernetes.io/zone` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+
+    /// Content hash of everything below; changes only when the content does.
+    pub revision: String,
+
+    /// Where the agent sends its window reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<CollectorEndpoint>,
+
+    /// Pods on this node that are traced or targeted by a rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<LocalEndpoint>,
+
+    /// Observations tracing at least one local endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<ObservationConfig>,
+
+    /// Address sets referenced by rules, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_sets: Vec<AddressSet>,
+
+    /// Block and audit rules that apply to local endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<BlockRule>,
+
+    /// Policies that target this node, with their revision; the agent reports
+    /// them back once applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyRef>,
+}
+
+/// The operator's report endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectorEndpoint {
+    /// e.g. `https://flowlens-operator.flowlens-system.svc:9443`.
+    pub url: String,
+    /// PEM CA bundle that signs the collector's serving certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// A pod on this node.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalEndpoint {
+    pub namespace: String,
+    pub pod: String,
+    /// The pod's UID (used to find its cgroup).
+    pub uid: String,
+    /// The owning workload, e.g. `Deployment/web`.
+    pub workload: WorkloadRef,
+    /// Pod IPs (IPv4 and/or IPv6).
+    pub ips: Vec<String>,
+    /// Only the labels some observation keeps.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LocalEndpoint {
+    /// `namespace/pod`, the reference used by observations and rules.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod)
+    }
+}
+
+/// The workload owning a pod.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob`, `ReplicaSet`,
+    /// another owner kind, or `Pod` for a bare pod.
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+/// One observation, as the agent needs it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservationConfig {
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    pub window_seconds: u32,
+    pub group_by: Vec<GroupBy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_labels: Vec<String>,
+    pub top_n: u32,
+    pub max_series: u32,
+    /// Local endpoints traced, as `namespace/pod`.
+    pub endpoints: Vec<String>,
+}
+
+/// A named set of CIDRs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressSet {
+    pub name: String,
+    pub entries: Vec<CidrEntry>,
+}
+
+/// A CIDR minus some sub-CIDRs. Pod addresses are `/32` or `/128`.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CidrEntry {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// One compiled rule: traffic in `direction` between the listed local
+/// endpoints and the peers, on the ports, is blocked (`Enforce`) or counted
+/// (`Audit`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockRule {
+    /// Stable id: `<namespace>/<policy>/<egress|ingress>/<index>`.
+    pub id: String,
+    pub policy: PolicyRef,
+    pub direction: Direction,
+    pub mode: PolicyMode,
+    /// Local endpoints (`namespace/pod`) the rule applies to.
+    pub endpoints: Vec<String>,
+    /// The rule matches every peer (no `to`/`from` in the policy).
+    pub any_peer: bool,
+    /// With `anyPeer: false`, the address set holding the peers. A rule whose
+    /// peers resolved to no address has an empty set and blocks nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_set: Option<String>,
+    /// Ports; every port and protocol when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+}
+
+/// A reference to a FlowPolicy at a revision.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRef {
+    pub namespace: String,
+    pub name: String,
+    pub revision: String,
+}
+
+/// Direction of traffic relative to the local endpoint.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
+pub enum Direction {
+    /// From the local endpoint.
+    #[default]
+    Egress,
+    /// To the local endpoint.
+    Ingress,
+}
+
+/// An inclusive port range of one protocol. `0..=65535` is every port.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// What the agent applied, written by the agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAgentConfigStatus {
+    /// The `spec.revision` the datapath currently enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+
+    /// `Applied` (reason `Applied`, or why not) and `Degraded` (reasons such
+    /// as `FlowTableFull`, `UnsupportedKernel`, `InterfaceNotFound`,
+    /// `TooManyRules`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The kernel hooks in use, by purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<DatapathHooks>,
+
+    /// Policies in force on this node, at the revision applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyRef>,
+
+    /// Endpoints whose interface is attached, and those still missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<EndpointAttachment>,
+
+    /// The agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+/// The hook chosen for each purpose (`none` when the kernel offers none).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathHooks {
+    /// e.g. `tcx` or `tc-clsact`.
+    pub flows: String,
+    /// e.g. `fentry/tcp_rcv_established`, `sock_ops`, `tracepoint/tcp/tcp_probe`.
+    pub rtt: String,
+    /// e.g. `cgroup/connect4+connect6`, or `none`.
+    pub connect: String,
+    /// e.g. `tracepoint/tcp/tcp_retransmit_skb`.
+    pub retransmits: String,
+}
+
+/// Attachment state of local endpoints.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointAttachment {
+    pub attached: u32,
+    /// Endpoints whose interface was not found yet (`namespace/pod`), at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+}

@@ -1,0 +1,334 @@
+//! The Flowlens API against a real kube-apiserver: samples apply, printer
+//! columns are served, malformed objects are rejected with the field named.
+
+use std::collections::BTreeMap;
+
+use flowlens_e2e::cluster;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    discovery::{ApiCapabilities, ApiResource, Discovery, Scope},
+};
+
+async fn resolve(discovery: &Discovery, obj: &DynamicObject) -> (ApiResource, ApiCapabilities) {
+    let types = obj.types.as_ref().expect("sample has apiVersion and kind");
+    let gvk = GroupVersionKind::try_from(types).expect("valid apiVersion");
+    discovery
+        .resolve_gvk(&gvk)
+        .unwrap_or_else(|| panic!("the API server does not serve {gvk:?}: are the CRDs installed?"))
+}
+
+fn api_for(
+    client: &Client,
+    ar: &ApiResource,
+    caps: &ApiCapabilities,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    match caps.scope {
+        Scope::Namespaced => Api::namespaced_with(client.clone(), ns.unwrap_or("default"), ar),
+        Scope::Cluster => Api::all_with(client.clone(), ar),
+    }
+}
+
+fn read_samples() -> Vec<(String, DynamicObject)> {
+    let dir = cluster::repo_root().join("config/samples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            if value.is_null() {
+                continue;
+            }
+            let obj: DynamicObject =
+                serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            docs.push((f.file_name().unwrap().to_string_lossy().into_owned(), obj));
+        }
+    }
+    docs
+}
+
+use serde::Deserialize as _;
+
+#[tokio::test]
+async fn every_sample_applies_and_kubectl_columns_are_served() {
+    let client = cluster::client().await.unwrap();
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let samples = read_samples();
+    let kinds: BTreeMap<_, _> = samples
+        .iter()
+        .map(|(_, o)| (o.types.as_ref().unwrap().kind.clone(), ()))
+        .collect();
+    for kind in ["NetworkObservation", "FlowPolicy", "NodeAgentConfig"] {
+        assert!(kinds.contains_key(kind), "config/samples/ has no {kind}");
+    }
+
+    let pp = PatchParams::apply("flowlens-e2e").force();
+    for (file, obj) in &samples {
+        let (ar, caps) = resolve(&discovery, obj).await;
+        let api = api_for(&client, &ar, &caps, obj.metadata.namespace.as_deref());
+        api.patch(&obj.name_any(), &pp, &Patch::Apply(obj))
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {} {} was rejected: {e}", ar.kind, obj.name_any()));
+    }
+
+    // `kubectl get` asks for a Table; the server builds it from the CRD's
+    // additionalPrinterColumns.
+    for (path, expected) in [
+        (
+            "/apis/flowlens.dev/v1alpha1/networkobservations",
+            vec![
+                "Name",
+                "Nodes",
+                "Flows",
+                "Throughput",
+                "RTT-P50",
+                "RTT-P99",
+                "Ready",
+                "Age",
+            ],
+        ),
+        (
+            "/apis/flowlens.dev/v1alpha1/flowpolicies",
+            vec![
+                "Name",
+                "Mode",
+                "Enforcing",
+                "Blocked",
+                "Audited",
+                "Ready",
+                "Age",
+            ],
+        ),
+    ] {
+        let req = http::Request::get(path)
+            .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+            .body(Vec::new())
+            .unwrap();
+        let table: serde_json::Value = client.request(req).await.unwrap();
+        let columns: Vec<&str> = table["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, expected, "{path}");
+        assert!(
+            !table["rows"].as_array().unwrap().is_empty(),
+            "{path} lists no objects"
+        );
+    }
+
+    // The defaults of the schema were applied by the server.
+    let obs = samples
+        .iter()
+        .find(|(_, o)| o.name_any() == "cross-zone")
+        .unwrap();
+    let (ar, caps) = resolve(&discovery, &obs.1).await;
+    let stored = api_for(&client, &ar, &caps, None)
+        .get("cross-zone")
+        .await
+        .unwrap();
+    assert_eq!(stored.data["spec"]["maxSeries"], 1000);
+
+    // Clean up in reverse order (namespaces last).
+    for (_, obj) in samples.iter().rev() {
+        let (ar, caps) = resolve(&discovery, obj).await;
+        if ar.kind == "Namespace" {
+            cluster::delete_namespace(&client, &obj.name_any())
+                .await
+                .unwrap();
+            continue;
+        }
+        let api = api_for(&client, &ar, &caps, obj.metadata.namespace.as_deref());
+        let _ = api.delete(&obj.name_any(), &DeleteParams::default()).await;
+    }
+}
+
+/// A malformed object, and the field the API server's error must name.
+struct Malformed {
+    what: &'static str,
+    kind: &'static str,
+    spec: serde_json::Value,
+    field: &'static str,
+}
+
+fn malformed() -> Vec<Malformed> {
+    use serde_json::json;
+    let obs = "NetworkObservation";
+    let pol = "FlowPolicy";
+    vec![
+        Malformed {
+            what: "window below 5s",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "window": "4s"}),
+            field: "spec.window",
+        },
+        Malformed {
+            what: "window in an unknown unit",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "window": "1d"}),
+            field: "spec.window",
+        },
+        Malformed {
+            what: "unknown groupBy dimension",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "groupBy": ["service"]}),
+            field: "spec.groupBy",
+        },
+        Malformed {
+            what: "topN above 100",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "topN": 101}),
+            field: "spec.topN",
+        },
+        Malformed {
+            what: "topN of 0",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "topN": 0}),
+            field: "spec.topN",
+        },
+        Malformed {
+            what: "maxSeries above budget",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "maxSeries": 20000}),
+            field: "spec.maxSeries",
+        },
+        Malformed {
+            what: "keepLabels with a bad key",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "keepLabels": ["Bad Key"]}),
+            field: "spec.keepLabels",
+        },
+        Malformed {
+            what: "namespace name with capitals",
+            kind: obs,
+            spec: json!({"namespaces": ["Shop"]}),
+            field: "spec.namespaces",
+        },
+        Malformed {
+            what: "too many groupBy items",
+            kind: obs,
+            spec: json!({"namespaces": ["a"], "groupBy": ["pod","pod","pod","pod","pod","pod","pod","pod","pod"]}),
+            field: "spec.groupBy",
+        },
+        Malformed {
+            what: "unknown mode",
+            kind: pol,
+            spec: json!({"podSelector": {}, "mode": "Block", "egress": [{}]}),
+            field: "spec.mode",
+        },
+        Malformed {
+            what: "missing podSelector",
+            kind: pol,
+            spec: json!({"egress": [{}]}),
+            field: "spec.podSelector",
+        },
+        Malformed {
+            what: "bad CIDR",
+            kind: pol,
+            spec: json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}]}),
+            field: "spec.egress.to.ipBlock.cidr",
+        },
+        Malformed {
+            what: "CIDR without prefix",
+            kind: pol,
+            spec: json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0", "except": []}}]}]}),
+            field: "spec.ingress.from.ipBlock.cidr",
+        },
+        Malformed {
+            what: "port above 65535",
+            kind: pol,
+            spec: json!({"podSelector": {}, "egress": [{"ports": [{"port": 70000}]}]}),
+            field: "spec.egress.ports.port",
+        },
+        Malformed {
+            what: "unsupported protocol",
+            kind: pol,
+            spec: json!({"podSelector": {}, "egress": [{"ports": [{"protocol": "ICMP"}]}]}),
+            field: "spec.egress.ports.protocol",
+        },
+        Malformed {
+            what: "unknown selector operator",
+            kind: pol,
+            spec: json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "Contains", "values": ["x"]}]}, "egress": [{}]}),
+            field: "spec.podSelector.matchExpressions.operator",
+        },
+        Malformed {
+            what: "invalid label value",
+            kind: pol,
+            spec: json!({"podSelector": {"matchLabels": {"app": "not ok"}}, "egress": [{}]}),
+            field: "spec.podSelector.matchLabels",
+        },
+    ]
+}
+
+/// Strips list indices so that `spec.egress[0].to[0].ipBlock.cidr` (newer
+/// servers) and `spec.egress.to.ipBlock.cidr` (1.20) compare equal.
+fn without_indices(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut depth = 0;
+    for c in s.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' if depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn malformed_objects_are_rejected_naming_the_field() {
+    let client = cluster::client().await.unwrap();
+    let ns = cluster::unique_name("malformed");
+    cluster::create_namespace(&client, &ns, &[]).await.unwrap();
+    let cases = malformed();
+    assert!(cases.len() >= 8);
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let (plural, namespaced) = match case.kind {
+            "NetworkObservation" => ("networkobservations", false),
+            _ => ("flowpolicies", true),
+        };
+        let ar = ApiResource {
+            group: "flowlens.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "flowlens.dev/v1alpha1".into(),
+            kind: case.kind.into(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> = if namespaced {
+            Api::namespaced_with(client.clone(), &ns, &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        let name = format!("{ns}-{i}");
+        let mut obj = DynamicObject::new(&name, &ar);
+        obj.data = serde_json::json!({ "spec": case.spec });
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => {
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                failures.push(format!("{}: accepted", case.what));
+            }
+            Err(kube::Error::Api(e)) => {
+                if e.code != 422 || !without_indices(&e.message).contains(case.field) {
+                    failures.push(format!(
+                        "{}: expected 422 naming {}, got {}: {}",
+                        case.what, case.field, e.code, e.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {e}", case.what)),
+        }
+    }
+    cluster::delete_namespace(&client, &ns).await.unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

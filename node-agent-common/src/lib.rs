@@ -1,0 +1,394 @@
+//! Plain `#[repr(C)]` types shared by the eBPF programs (`flowlens-agent-ebpf`)
+//! and the agent. Every struct has explicit padding so no uninitialised byte
+//! crosses the kernel boundary, and a size assertion so a layout change is a
+//! compile error on both sides.
+//!
+//! Addresses are 16 bytes; IPv4 addresses are stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one code path serves both families and an IPv4
+//! CIDR `a.b.c.d/n` is the IPv6 prefix `::ffff:a.b.c.d/(96+n)`.
+#![no_std]
+
+/// Traffic direction relative to the local endpoint (the pod on this node).
+pub const DIRECTION_EGRESS: u8 = 0;
+/// Traffic to the local endpoint.
+pub const DIRECTION_INGRESS: u8 = 1;
+
+/// IP protocol numbers the datapath understands.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `FlowStats::flags`: a TCP SYN without ACK was seen (the sender is the client).
+pub const FLOW_FLAG_SYN: u32 = 1;
+/// A TCP SYN with ACK was seen (the sender is the server).
+pub const FLOW_FLAG_SYN_ACK: u32 = 2;
+/// A TCP FIN was seen.
+pub const FLOW_FLAG_FIN: u32 = 4;
+/// A TCP RST was seen.
+pub const FLOW_FLAG_RST: u32 = 8;
+
+/// One direction of one 5-tuple, seen at a local endpoint's interface.
+/// Ports are in host byte order (0 for protocols without ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Counters of one [`FlowKey`], updated per packet by the TC programs.
+///
+/// `packets` counts wire packets: a GSO/GRO super-packet of N segments counts
+/// N. `bytes` are IP-layer bytes (IP header + payload of every segment);
+/// `payload_bytes` the transport payload within them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub payload_bytes: u64,
+    /// `FLOW_FLAG_*` seen on this key.
+    pub flags: u32,
+    /// TCP retransmissions (egress keys only), from the retransmit tracepoint.
+    pub retransmits: u32,
+}
+
+/// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
+/// because the flow table was full. Keeps totals exact under overflow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OverflowKey {
+    pub local_addr: [u8; 16],
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One bucket of a connection's smoothed-RTT histogram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RttKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// See [`rtt_bucket`].
+    pub bucket: u16,
+    pub _pad: u16,
+}
+
+/// Key of the endpoint table: a local pod address in one configuration generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub generation: u32,
+    pub addr: [u8; 16],
+}
+
+/// `EndpointInfo::flags`: count this endpoint's flows and RTT.
+pub const ENDPOINT_TRACE: u32 = 1;
+/// Rules apply to traffic this endpoint initiates.
+pub const ENDPOINT_POLICY_EGRESS: u32 = 2;
+/// Rules apply to connections initiated towards this endpoint.
+pub const ENDPOINT_POLICY_INGRESS: u32 = 4;
+
+/// Rule slots of one direction of one endpoint. Bit `i` stands for the
+/// endpoint's `i`-th rule in that direction (at most 64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionRules {
+    /// Slots in `Enforce` mode; the others are `Audit`.
+    pub enforce_mask: u64,
+    /// Slots that match every port and protocol (rules without `ports`).
+    pub any_port_mask: u64,
+}
+
+/// Value of the endpoint table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Agent-assigned index, `< MAX_ENDPOINT_ID`, used in rule keys.
+    pub id: u32,
+    /// `ENDPOINT_*` bits.
+    pub flags: u32,
+    pub egress: DirectionRules,
+    pub ingress: DirectionRules,
+}
+
+/// Endpoint ids fit in 30 bits (see [`rule_scope`]).
+pub const MAX_ENDPOINT_ID: u32 = 1 << 30;
+
+/// The 4-byte big-endian scope prefix of rule keys: generation (1 bit),
+/// direction (1 bit), endpoint id (30 bits). Big-endian so that an LPM prefix
+/// of 32 bits covers exactly the scope.
+#[inline(always)]
+pub const fn rule_scope(generation: u32, direction: u8, endpoint_id: u32) -> [u8; 4] {
+    let v = ((generation & 1) << 31)
+        | (((direction as u32) & 1) << 30)
+        | (endpoint_id & (MAX_ENDPOINT_ID - 1));
+    v.to_be_bytes()
+}
+
+/// LPM key data of the peer table: scope, then the peer address. The prefix
+/// length is `32 + address prefix` (IPv4 prefixes are `96 + n`). The last 4
+/// bytes pad the key to a multiple of 8 and are never covered by a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub scope: [u8; 4],
+    pub addr: [u8; 16],
+    pub _pad: [u8; 4],
+}
+
+/// Bits of the peer LPM prefix that cover the scope.
+pub const PEER_SCOPE_BITS: u32 = 32;
+
+/// LPM key data of the port table: scope, protocol, then the port
+/// (big-endian). The prefix length is `40 + port prefix` (0..=16 bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub scope: [u8; 4],
+    pub protocol: u8,
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+
+/// Bits of the port LPM prefix that cover scope and protocol.
+pub const PORT_SCOPE_BITS: u32 = 40;
+
+/// Key of per-rule match counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleCounterKey {
+    /// [`rule_scope`] of the endpoint and direction.
+    pub scope: [u8; 4],
+    /// Rule slot (0..64).
+    pub slot: u8,
+    /// [`VERDICT_DROP`] or [`VERDICT_AUDIT`].
+    pub verdict: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Per-rule match counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    pub packets: u64,
+    /// TCP SYNs (without ACK) and `connect()` calls rejected at the socket.
+    pub connections: u64,
+}
+
+/// Verdicts of the policy evaluation.
+pub const VERDICT_PASS: u8 = 0;
+pub const VERDICT_DROP: u8 = 1;
+pub const VERDICT_AUDIT: u8 = 2;
+
+/// Connection-table key: a [`FlowKey`] with `direction` 0, identifying a
+/// connection of a local endpoint with rules whatever the packet direction.
+pub type ConnKey = FlowKey;
+
+/// The local endpoint opened the connection.
+pub const ROLE_CLIENT: u8 = 1;
+/// The remote peer opened the connection.
+pub const ROLE_SERVER: u8 = 2;
+
+/// Connection-table value: who opened the connection, and the verdict
+/// computed for it under configuration `generation` (recomputed when the
+/// generation changes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub role: u8,
+    pub verdict: u8,
+    /// Slot that decided a DROP/AUDIT verdict.
+    pub slot: u8,
+    pub _pad: u8,
+    pub generation: u32,
+}
+
+/// Value of the cgroup table: the addresses of the pod whose cgroup it is,
+/// for connect-time checks (all-zero when the pod has no such address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupEndpoint {
+    pub addr4: [u8; 16],
+    pub addr6: [u8; 16],
+}
+
+/// Datapath-wide settings (a one-element array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// The active configuration generation (0 or 1).
+    pub generation: u32,
+    pub _pad: u32,
+    /// Minimum time between two RTT samples of one socket, in nanoseconds.
+    pub rtt_sample_interval_ns: u64,
+}
+
+/// Indices of the global per-CPU counters.
+pub const COUNTER_FLOW_TABLE_FULL: u32 = 0;
+pub const COUNTER_RTT_TABLE_FULL: u32 = 1;
+pub const COUNTER_CONN_TABLE_FULL: u32 = 2;
+pub const COUNTER_RTT_SAMPLES: u32 = 3;
+pub const COUNTER_PARSE_ERRORS: u32 = 4;
+pub const COUNTER_CONNECT_DENIED: u32 = 5;
+pub const NUM_COUNTERS: u32 = 8;
+
+/// Histogram layout: values below 16 µs have their own bucket; above, each
+/// power of two is split into 16 linear sub-buckets (relative width at most
+/// 1/16, so a bucket midpoint is within 3.2% of any value in it).
+pub const RTT_SUB_BUCKETS_LOG2: u32 = 4;
+/// Number of buckets (values up to `u32::MAX` µs).
+pub const RTT_BUCKETS: u16 = 16 + (32 - 4) * 16;
+
+/// The histogram bucket of an RTT in microseconds. Branch-only arithmetic so
+/// the verifier accepts it (no loops, no `clz`).
+#[inline(always)]
+pub const fn rtt_bucket(us: u32) -> u16 {
+    if us < 16 {
+        return us as u16;
+    }
+    // e = floor(log2(us)), 4..=31, by binary search.
+    let mut e: u32 = 0;
+    let mut v = us;
+    if v >= 1 << 16 {
+        v >>= 16;
+        e += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        e += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        e += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        e += 2;
+    }
+    if v >= 1 << 1 {
+        e += 1;
+    }
+    let sub = (us >> (e - 4)) & 15;
+    (16 + (e - 4) * 16 + sub) as u16
+}
+
+/// The lowest value (µs) of a bucket.
+pub const fn rtt_bucket_lower(bucket: u16) -> u64 {
+    let b = bucket as u64;
+    if b < 16 {
+        return b;
+    }
+    let e = (b - 16) / 16 + 4;
+    let sub = (b - 16) % 16;
+    (16 + sub) << (e - 4)
+}
+
+/// The width (µs) of a bucket.
+pub const fn rtt_bucket_width(bucket: u16) -> u64 {
+    let b = bucket as u64;
+    if b < 16 {
+        return 1;
+    }
+    let e = (b - 16) / 16 + 4;
+    1 << (e - 4)
+}
+
+/// Converts an IPv4 address (network order bytes) to its IPv4-mapped form.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+assert_size!(FlowKey, 40);
+assert_size!(FlowStats, 32);
+assert_size!(OverflowKey, 24);
+assert_size!(RttKey, 40);
+assert_size!(EndpointKey, 20);
+assert_size!(EndpointInfo, 40);
+assert_size!(PeerKey, 24);
+assert_size!(PortKey, 8);
+assert_size!(RuleCounterKey, 8);
+assert_size!(RuleCounters, 16);
+assert_size!(ConnState, 8);
+assert_size!(CgroupEndpoint, 32);
+assert_size!(DatapathConfig, 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `repr(C)`, `Copy`, and have no implicit padding
+    // (checked by the size assertions above and explicit `_pad` fields).
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for OverflowKey {}
+    unsafe impl aya::Pod for RttKey {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for RuleCounterKey {}
+    unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for CgroupEndpoint {}
+    unsafe impl aya::Pod for DatapathConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_contain_their_values() {
+        let mut last = 0u16;
+        for us in (0u32..200_000).chain([1 << 20, (1 << 24) + 12345, u32::MAX]) {
+            let b = rtt_bucket(us);
+            assert!(b >= last, "bucket of {us} went down");
+            last = b;
+            let lo = rtt_bucket_lower(b);
+            let w = rtt_bucket_width(b);
+            assert!(
+                lo <= us as u64 && (us as u64) < lo + w,
+                "{us} not in bucket {b} [{lo}, {})",
+                lo + w
+            );
+            assert!(b < RTT_BUCKETS);
+            if us >= 16 {
+                assert!(
+                    w * 16 <= lo,
+                    "bucket {b} is wider than 1/16 of its lower bound"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scope_layout() {
+        assert_eq!(rule_scope(1, DIRECTION_INGRESS, 5), [0xc0, 0, 0, 5]);
+        assert_eq!(
+            rule_scope(0, DIRECTION_EGRESS, MAX_ENDPOINT_ID - 1),
+            [0x3f, 0xff, 0xff, 0xff]
+        );
+    }
+
+    #[test]
+    fn v4_mapping() {
+        assert_eq!(v4_mapped([10, 0, 0, 1])[10..], [0xff, 0xff, 10, 0, 0, 1]);
+    }
+}

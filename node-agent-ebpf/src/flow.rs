@@ -1,0 +1,136 @@
+//! Per-flow packet and byte accounting, aggregated in the kernel.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use flowlens_agent_common::{
+    COUNTER_FLOW_TABLE_FULL, FLOW_FLAG_FIN, FLOW_FLAG_RST, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK,
+    FlowKey, FlowStats, OverflowKey, PROTO_TCP,
+};
+
+use crate::{
+    atomic::{add_u32, add_u64},
+    maps::{FL_FLOWS, FL_OVERFLOW, bump},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+fn tcp_flow_flags(p: &Packet) -> u32 {
+    if p.protocol != PROTO_TCP {
+        return 0;
+    }
+    let f = p.tcp_flags;
+    let mut out = 0;
+    if f & TCP_SYN != 0 {
+        out |= if f & TCP_ACK != 0 {
+            FLOW_FLAG_SYN_ACK
+        } else {
+            FLOW_FLAG_SYN
+        };
+    }
+    if f & TCP_FIN != 0 {
+        out |= FLOW_FLAG_FIN;
+    }
+    if f & TCP_RST != 0 {
+        out |= FLOW_FLAG_RST;
+    }
+    out
+}
+
+#[inline(always)]
+fn add(stats: *mut FlowStats, p: &Packet, flags: u32) {
+    unsafe {
+        add_u64(&raw mut (*stats).packets, p.packets);
+        add_u64(&raw mut (*stats).bytes, p.bytes);
+        add_u64(&raw mut (*stats).payload_bytes, p.payload_bytes);
+        // Flags only ever gain bits; a lost race loses a bit that the next
+        // packet of the same kind sets again.
+        if flags != 0 && (*stats).flags & flags != flags {
+            (*stats).flags |= flags;
+        }
+    }
+}
+
+/// Counts a packet of a traced endpoint. `key` is the flow as seen from the
+/// local endpoint.
+#[inline(never)]
+pub fn account(key: &FlowKey, p: &Packet) {
+    let Some(flows) = FL_FLOWS.get(0) else {
+        return;
+    };
+    let flags = tcp_flow_flags(p);
+    if let Some(stats) = flows.get_ptr_mut(key) {
+        add(stats, p, flags);
+        return;
+    }
+    let fresh = FlowStats {
+        packets: p.packets,
+        bytes: p.bytes,
+        payload_bytes: p.payload_bytes,
+        flags,
+        retransmits: 0,
+    };
+    match flows.insert(key, &fresh, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // Another CPU created it first.
+        Err(-17) => {
+            if let Some(stats) = flows.get_ptr_mut(key) {
+                add(stats, p, flags);
+            }
+        }
+        // Table full: keep the totals exact in the per-endpoint overflow table.
+        Err(_) => {
+            bump(COUNTER_FLOW_TABLE_FULL);
+            account_overflow(key, p);
+        }
+    }
+}
+
+#[inline(always)]
+fn account_overflow(key: &FlowKey, p: &Packet) {
+    let Some(overflow) = FL_OVERFLOW.get(0) else {
+        return;
+    };
+    let okey = OverflowKey {
+        local_addr: key.local_addr,
+        direction: key.direction,
+        _pad: [0; 7],
+    };
+    if let Some(stats) = overflow.get_ptr_mut(&okey) {
+        add(stats, p, 0);
+        return;
+    }
+    let fresh = FlowStats {
+        packets: p.packets,
+        bytes: p.bytes,
+        payload_bytes: p.payload_bytes,
+        flags: 0,
+        retransmits: 0,
+    };
+    if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err() {
+        if let Some(stats) = overflow.get_ptr_mut(&okey) {
+            add(stats, p, 0);
+        }
+    }
+}
+
+/// Counts one TCP retransmission on the egress flow `key`.
+#[inline(always)]
+pub fn account_retransmit(key: &FlowKey) {
+    let Some(flows) = FL_FLOWS.get(0) else {
+        return;
+    };
+    if let Some(stats) = flows.get_ptr_mut(key) {
+        unsafe {
+            let r = &raw mut (*stats).retransmits;
+            add_u32(r, 1);
+        }
+        return;
+    }
+    let fresh = FlowStats {
+        packets: 0,
+        bytes: 0,
+        payload_bytes: 0,
+        flags: 0,
+        retransmits: 1,
+    };
+    let _ = flows.insert(key, &fresh, BPF_NOEXIST as u64);
+}

@@ -1,0 +1,373 @@
+//! Flowlens kernel programs. Entry points are thin; the work is in the modules.
+//!
+//! - `fl_from_pod` / `fl_to_pod`: TC on the host side of a pod's interface
+//!   (ingress = traffic leaving the pod, egress = traffic entering it): flow
+//!   accounting and enforcement.
+//! - `fl_sockops` (preferred) / `fl_tcp_probe` (fallback): smoothed RTT.
+//! - `fl_tcp_retrans`: TCP retransmissions of traced flows.
+//! - `fl_connect4` / `fl_connect6`: reject blocked connections at `connect()`.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod atomic;
+mod flow;
+mod maps;
+mod packet;
+mod policy;
+mod rtt;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock_addr,
+        bpf_sock_ops,
+    },
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, classifier, sock_ops, tracepoint},
+    programs::{SockAddrContext, SockOpsContext, TcContext, TracePointContext},
+};
+use flowlens_agent_common::{
+    COUNTER_CONNECT_DENIED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS,
+    ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey, PROTO_TCP, ROLE_CLIENT,
+    ROLE_SERVER, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+};
+
+use crate::{
+    maps::{FL_CGROUPS, FL_ENDPOINTS, bump, config},
+    packet::{TCP_ACK, TCP_SYN},
+};
+
+#[classifier]
+pub fn fl_from_pod(ctx: TcContext) -> i32 {
+    on_packet(&ctx, DIRECTION_EGRESS)
+}
+
+#[classifier]
+pub fn fl_to_pod(ctx: TcContext) -> i32 {
+    on_packet(&ctx, DIRECTION_INGRESS)
+}
+
+#[inline(always)]
+fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_UNSPEC;
+    };
+    let generation = cfg.generation;
+    let mut p = packet::Packet::EMPTY;
+    if !packet::parse(ctx, &mut p) {
+        return TC_ACT_UNSPEC;
+    }
+    let egress = direction == DIRECTION_EGRESS;
+    // The flow as seen from the local endpoint; `direction` 0 makes it the
+    // connection key first.
+    let mut key = FlowKey {
+        local_addr: if egress { p.src } else { p.dst },
+        remote_addr: if egress { p.dst } else { p.src },
+        local_port: if egress { p.sport } else { p.dport },
+        remote_port: if egress { p.dport } else { p.sport },
+        protocol: p.protocol,
+        direction: 0,
+        _pad: [0; 2],
+    };
+    let ep = match unsafe {
+        FL_ENDPOINTS.get(&EndpointKey {
+            generation,
+            addr: key.local_addr,
+        })
+    } {
+        Some(ep) => ep,
+        None => return TC_ACT_UNSPEC,
+    };
+
+    if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
+        let d = policy::unpack(policy::packet_decision(
+            generation,
+            ep,
+            &p,
+            direction as u32,
+            &key,
+        ));
+        if d.verdict != VERDICT_PASS {
+            let syn =
+                p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
+            policy::count(generation, ep.id, &d, p.packets, if syn { 1 } else { 0 });
+            if d.verdict == VERDICT_DROP {
+                return TC_ACT_SHOT as i32;
+            }
+        }
+    }
+
+    if ep.flags & ENDPOINT_TRACE != 0 {
+        key.direction = direction;
+        flow::account(&key, &p);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[sock_ops]
+pub fn fl_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops as *const bpf_sock_ops;
+    // Every context field is read here, in straight-line code: the verifier
+    // only accepts context loads at constant offsets, and LLVM may otherwise
+    // share an address computation between branches.
+    let (op, family, l4, r4, l6, r6, lport, rport_raw, srtt_us) = unsafe {
+        (
+            ctx_u32(&raw const (*ops).op),
+            ctx_u32(&raw const (*ops).family),
+            ctx_u32(&raw const (*ops).local_ip4),
+            ctx_u32(&raw const (*ops).remote_ip4),
+            [
+                ctx_u32(&raw const (*ops).local_ip6[0]),
+                ctx_u32(&raw const (*ops).local_ip6[1]),
+                ctx_u32(&raw const (*ops).local_ip6[2]),
+                ctx_u32(&raw const (*ops).local_ip6[3]),
+            ],
+            [
+                ctx_u32(&raw const (*ops).remote_ip6[0]),
+                ctx_u32(&raw const (*ops).remote_ip6[1]),
+                ctx_u32(&raw const (*ops).remote_ip6[2]),
+                ctx_u32(&raw const (*ops).remote_ip6[3]),
+            ],
+            ctx_u32(&raw const (*ops).local_port),
+            ctx_u32(&raw const (*ops).remote_port),
+            ctx_u32(&raw const (*ops).srtt_us),
+        )
+    };
+    let (local, remote) = match family {
+        2 => (v4_mapped(l4.to_ne_bytes()), v4_mapped(r4.to_ne_bytes())),
+        10 => (ip6_bytes(l6), ip6_bytes(r6)),
+        _ => return 1,
+    };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        if is_traced(&local) {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        }
+    } else if op == BPF_SOCK_OPS_RTT_CB {
+        // srtt_us is the kernel's smoothed RTT in microseconds, left-shifted by 3.
+        let srtt = srtt_us >> 3;
+        // local_port is in host order; remote_port holds the network-order
+        // port in its upper 16 bits.
+        let rport = u16::from_be((rport_raw >> 16) as u16);
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        rtt::record(&local, &remote, lport as u16, rport, srtt, cookie);
+    }
+    1
+}
+
+/// Reads a 32-bit context field (a single load at a constant offset).
+#[inline(always)]
+unsafe fn ctx_u32(p: *const u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+#[inline(always)]
+fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn is_traced(local: &[u8; 16]) -> bool {
+    let Some(cfg) = config() else {
+        return false;
+    };
+    matches!(
+        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation: cfg.generation, addr: *local }) },
+        Some(ep) if ep.flags & ENDPOINT_TRACE != 0
+    )
+}
+
+/// Reads an address stored as `struct sockaddr_in`/`sockaddr_in6` in a
+/// tracepoint record at `off`.
+#[inline(always)]
+fn sockaddr_at(ctx: &TracePointContext, off: usize) -> Option<[u8; 16]> {
+    let family: u16 = unsafe { ctx.read_at(off) }.ok()?;
+    match family {
+        2 => {
+            let a: [u8; 4] = unsafe { ctx.read_at(off + 4) }.ok()?;
+            Some(v4_mapped(a))
+        }
+        10 => unsafe { ctx.read_at(off + 8) }.ok(),
+        _ => None,
+    }
+}
+
+/// `tcp:tcp_probe`: fires for every segment received on an established TCP
+/// socket; `srtt` is already in microseconds. Offsets from
+/// `/sys/kernel/tracing/events/tcp/tcp_probe/format`.
+#[tracepoint]
+pub fn fl_tcp_probe(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_probe(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_probe(ctx: &TracePointContext) -> Option<()> {
+    let local = sockaddr_at(ctx, 8)?;
+    let remote = sockaddr_at(ctx, 36)?;
+    let sport: u16 = unsafe { ctx.read_at(64) }.ok()?;
+    let dport: u16 = unsafe { ctx.read_at(66) }.ok()?;
+    let srtt: u32 = unsafe { ctx.read_at(100) }.ok()?;
+    let cookie: u64 = unsafe { ctx.read_at(112) }.ok()?;
+    rtt::record(&local, &remote, sport, dport, srtt, cookie);
+    Some(())
+}
+
+/// `tcp:tcp_retransmit_skb`: one retransmitted segment of a local socket.
+#[tracepoint]
+pub fn fl_tcp_retrans(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_retrans(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_retrans(ctx: &TracePointContext) -> Option<()> {
+    let sport: u16 = unsafe { ctx.read_at(28) }.ok()?;
+    let dport: u16 = unsafe { ctx.read_at(30) }.ok()?;
+    let family: u16 = unsafe { ctx.read_at(32) }.ok()?;
+    let (local, remote) = if family == 2 {
+        let s: [u8; 4] = unsafe { ctx.read_at(34) }.ok()?;
+        let d: [u8; 4] = unsafe { ctx.read_at(38) }.ok()?;
+        (v4_mapped(s), v4_mapped(d))
+    } else {
+        let s: [u8; 16] = unsafe { ctx.read_at(42) }.ok()?;
+        let d: [u8; 16] = unsafe { ctx.read_at(58) }.ok()?;
+        (s, d)
+    };
+    if !is_traced(&local) {
+        return None;
+    }
+    let key = FlowKey {
+        local_addr: local,
+        remote_addr: remote,
+        local_port: sport,
+        remote_port: dport,
+        protocol: PROTO_TCP,
+        direction: DIRECTION_EGRESS,
+        _pad: [0; 2],
+    };
+    flow::account_retransmit(&key);
+    Some(())
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn fl_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr as *const bpf_sock_addr;
+    let (ip4, port, protocol) = unsafe {
+        (
+            ctx_u32(&raw const (*sa).user_ip4),
+            ctx_u32(&raw const (*sa).user_port),
+            ctx_u32(&raw const (*sa).protocol),
+        )
+    };
+    on_connect(v4_mapped(ip4.to_ne_bytes()), true, port, protocol)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn fl_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr as *const bpf_sock_addr;
+    let (ip6, port, protocol) = unsafe {
+        (
+            [
+                ctx_u32(&raw const (*sa).user_ip6[0]),
+                ctx_u32(&raw const (*sa).user_ip6[1]),
+                ctx_u32(&raw const (*sa).user_ip6[2]),
+                ctx_u32(&raw const (*sa).user_ip6[3]),
+            ],
+            ctx_u32(&raw const (*sa).user_port),
+            ctx_u32(&raw const (*sa).protocol),
+        )
+    };
+    let remote = ip6_bytes(ip6);
+    let mapped = remote[..10] == [0u8; 10] && remote[10] == 0xff && remote[11] == 0xff;
+    on_connect(remote, mapped, port, protocol)
+}
+
+/// The pod addresses of the calling task's cgroup (or of the nearest
+/// registered ancestor: containers live in sub-cgroups of their pod).
+#[inline(always)]
+fn caller_endpoint() -> Option<&'static flowlens_agent_common::CgroupEndpoint> {
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(e) = unsafe { FL_CGROUPS.get(&id) } {
+        return Some(e);
+    }
+    let mut level = 1;
+    while level < 12 {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return None;
+        }
+        if let Some(e) = unsafe { FL_CGROUPS.get(&id) } {
+            return Some(e);
+        }
+        level += 1;
+    }
+    None
+}
+
+/// Returns 1 to allow the connect, 0 to reject it with EPERM. `port_raw` is
+/// the context's `user_port` (network order in the low 16 bits).
+#[inline(always)]
+fn on_connect(remote: [u8; 16], v4: bool, port_raw: u32, protocol: u32) -> i32 {
+    let Some(cfg) = config() else {
+        return 1;
+    };
+    let Some(cg) = caller_endpoint() else {
+        return 1;
+    };
+    let local = if v4 { cg.addr4 } else { cg.addr6 };
+    if local == [0u8; 16] {
+        return 1;
+    }
+    let protocol = protocol as u8;
+    let port = u16::from_be(port_raw as u16);
+    let generation = cfg.generation;
+    if let Some(ep) = unsafe {
+        FL_ENDPOINTS.get(&EndpointKey {
+            generation,
+            addr: local,
+        })
+    } {
+        let d = policy::evaluate(generation, ep, ROLE_CLIENT, &remote, protocol, port);
+        if d.verdict == VERDICT_DROP {
+            policy::count(generation, ep.id, &d, 0, 1);
+            bump(COUNTER_CONNECT_DENIED);
+            return 0;
+        }
+    }
+    // The destination may be a pod of this node whose ingress rules block us.
+    if let Some(peer) = unsafe {
+        FL_ENDPOINTS.get(&EndpointKey {
+            generation,
+            addr: remote,
+        })
+    } {
+        let d = policy::evaluate(generation, peer, ROLE_SERVER, &local, protocol, port);
+        if d.verdict == VERDICT_DROP {
+            policy::count(generation, peer.id, &d, 0, 1);
+            bump(COUNTER_CONNECT_DENIED);
+            return 0;
+        }
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

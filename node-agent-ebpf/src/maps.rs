@@ -1,0 +1,80 @@
+//! Every map of the datapath. All are pinned by name under the agent's pin
+//! root, so counters, configuration and enforcement survive the agent.
+//!
+//! Result maps (flows, overflow, RTT) sit behind a one-slot array of maps:
+//! the agent swaps an empty map in, the kernel waits for running programs
+//! (`synchronize_rcu` on every map-in-map update), then the agent drains the
+//! old map with no concurrent writer. Nothing is lost or counted twice.
+//!
+//! Configuration maps (endpoints, rule LPM tries) are keyed by a one-bit
+//! generation: the agent writes the inactive generation, then flips
+//! `FL_CONFIG.generation` with one array update.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use flowlens_agent_common::{
+    CgroupEndpoint, ConnKey, ConnState, DatapathConfig, EndpointInfo, EndpointKey, FlowKey,
+    FlowStats, NUM_COUNTERS, OverflowKey, PeerKey, PortKey, RttKey, RuleCounterKey, RuleCounters,
+};
+
+/// Capacity of the flow-table template; the agent creates the real tables
+/// (same type, key and value) with its own `--flow-table-size`.
+pub const FLOW_TABLE_TEMPLATE: usize = 65536;
+pub const RTT_TABLE_TEMPLATE: usize = 65536;
+pub const OVERFLOW_TABLE_TEMPLATE: usize = 8192;
+
+#[btf_map]
+pub static FL_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[btf_map]
+pub static FL_ENDPOINTS: HashMap<EndpointKey, EndpointInfo, 32768> = HashMap::new();
+
+#[btf_map]
+pub static FL_PEERS: LpmTrie<PeerKey, u64, 524288> = LpmTrie::new();
+
+#[btf_map]
+pub static FL_PORTS: LpmTrie<PortKey, u64, 131072> = LpmTrie::new();
+
+#[btf_map]
+pub static FL_RULE_CNT: HashMap<RuleCounterKey, RuleCounters, 65536> = HashMap::new();
+
+#[btf_map]
+pub static FL_CONNS: LruHashMap<ConnKey, ConnState, 262144> = LruHashMap::new();
+
+#[btf_map]
+pub static FL_CGROUPS: HashMap<u64, CgroupEndpoint, 16384> = HashMap::new();
+
+#[btf_map]
+pub static FL_COUNTERS: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+
+/// Socket cookie -> time of its last RTT sample (rate limit per socket).
+#[btf_map]
+pub static FL_RTT_LAST: LruHashMap<u64, u64, 65536> = LruHashMap::new();
+
+#[btf_map]
+pub static FL_FLOWS: ArrayOfMaps<HashMap<FlowKey, FlowStats, FLOW_TABLE_TEMPLATE>, 1> =
+    ArrayOfMaps::new();
+
+#[btf_map]
+pub static FL_OVERFLOW: ArrayOfMaps<HashMap<OverflowKey, FlowStats, OVERFLOW_TABLE_TEMPLATE>, 1> =
+    ArrayOfMaps::new();
+
+#[btf_map]
+pub static FL_RTT: ArrayOfMaps<HashMap<RttKey, u64, RTT_TABLE_TEMPLATE>, 1> = ArrayOfMaps::new();
+
+/// Adds one to a global counter.
+#[inline(always)]
+pub fn bump(counter: u32) {
+    if let Some(p) = FL_COUNTERS.get_ptr_mut(counter) {
+        // Per-CPU slot: no other writer.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The active configuration generation and settings.
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    FL_CONFIG.get(0)
+}

@@ -1,0 +1,271 @@
+//! Rule evaluation: which rule slots match a connection, and the verdict.
+//!
+//! Rules are evaluated per *connection*, by who opened it: egress rules for
+//! connections the local endpoint opened (port = the remote server port),
+//! ingress rules for connections opened towards it (port = the local port).
+//! So replies to a pod's own connections are never caught by its ingress
+//! rules, and the replies a server sends are never caught by egress rules.
+//! The verdict is cached per connection and generation in `FL_CONNS`.
+
+use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
+use flowlens_agent_common::{
+    COUNTER_CONN_TABLE_FULL, ConnKey, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, EndpointInfo, PEER_SCOPE_BITS,
+    PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerKey, PortKey, ROLE_CLIENT,
+    ROLE_SERVER, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS,
+    rule_scope,
+};
+
+use crate::{
+    atomic::add_u64,
+    maps::{FL_CONNS, FL_PEERS, FL_PORTS, FL_RULE_CNT, bump},
+    packet::{Packet, TCP_ACK, TCP_SYN},
+};
+
+/// The outcome of evaluating rules for one connection.
+#[derive(Clone, Copy)]
+pub struct Decision {
+    pub verdict: u8,
+    pub slot: u8,
+    /// Direction of the rules that decided (egress for client connections).
+    pub rule_direction: u8,
+}
+
+const PASS: Decision = Decision {
+    verdict: VERDICT_PASS,
+    slot: 0,
+    rule_direction: DIRECTION_EGRESS,
+};
+
+/// Index of the lowest set bit (x != 0), without loops or `ctz`.
+#[inline(always)]
+fn lowest_slot(x: u64) -> u8 {
+    let mut v = x & x.wrapping_neg();
+    let mut n = 0u8;
+    if v >> 32 != 0 {
+        n += 32;
+        v >>= 32;
+    }
+    if v >> 16 != 0 {
+        n += 16;
+        v >>= 16;
+    }
+    if v >> 8 != 0 {
+        n += 8;
+        v >>= 8;
+    }
+    if v >> 4 != 0 {
+        n += 4;
+        v >>= 4;
+    }
+    if v >> 2 != 0 {
+        n += 2;
+        v >>= 2;
+    }
+    if v >> 1 != 0 {
+        n += 1;
+    }
+    n
+}
+
+#[inline(always)]
+fn has_ports(protocol: u8) -> bool {
+    protocol == PROTO_TCP || protocol == PROTO_UDP || protocol == PROTO_SCTP
+}
+
+/// Evaluates the rules of `ep` for a connection in which the local endpoint
+/// has `role`, with the remote `peer`, `protocol` and server `port`.
+#[inline(always)]
+pub fn evaluate(
+    generation: u32,
+    ep: &EndpointInfo,
+    role: u8,
+    peer: &[u8; 16],
+    protocol: u8,
+    port: u16,
+) -> Decision {
+    let (direction, rules, flag) = if role == ROLE_CLIENT {
+        (DIRECTION_EGRESS, &ep.egress, ENDPOINT_POLICY_EGRESS)
+    } else {
+        (DIRECTION_INGRESS, &ep.ingress, ENDPOINT_POLICY_INGRESS)
+    };
+    if ep.flags & flag == 0 {
+        return PASS;
+    }
+    let scope = rule_scope(generation, direction, ep.id);
+    let peer_key = Key::new(
+        PEER_SCOPE_BITS + 128,
+        PeerKey {
+            scope,
+            addr: *peer,
+            _pad: [0; 4],
+        },
+    );
+    let peer_mask = match FL_PEERS.get(&peer_key) {
+        Some(m) => *m,
+        None => return PASS,
+    };
+    if peer_mask == 0 {
+        return PASS;
+    }
+    let mut port_mask = rules.any_port_mask;
+    if has_ports(protocol) {
+        let port_key = Key::new(
+            PORT_SCOPE_BITS + 16,
+            PortKey {
+                scope,
+                protocol,
+                port: port.to_be_bytes(),
+                _pad: 0,
+            },
+        );
+        if let Some(m) = FL_PORTS.get(&port_key) {
+            port_mask |= *m;
+        }
+    }
+    let matched = peer_mask & port_mask;
+    if matched == 0 {
+        return PASS;
+    }
+    let enforce = matched & rules.enforce_mask;
+    if enforce != 0 {
+        Decision {
+            verdict: VERDICT_DROP,
+            slot: lowest_slot(enforce),
+            rule_direction: direction,
+        }
+    } else {
+        Decision {
+            verdict: VERDICT_AUDIT,
+            slot: lowest_slot(matched),
+            rule_direction: direction,
+        }
+    }
+}
+
+/// Who opened the connection this packet belongs to, when the connection
+/// table does not know: the sender of a SYN is the client, the sender of a
+/// SYN-ACK the server; otherwise a well-known port (< 32768) marks the
+/// server; otherwise the sender is taken as the client.
+#[inline(always)]
+fn guess_role(p: &Packet, direction: u8, local_port: u16, remote_port: u16) -> u8 {
+    let sender_is_local = direction == DIRECTION_EGRESS;
+    if p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+        let sender_is_client = p.tcp_flags & TCP_ACK == 0;
+        return if sender_is_local == sender_is_client {
+            ROLE_CLIENT
+        } else {
+            ROLE_SERVER
+        };
+    }
+    if local_port < remote_port && local_port < 32768 {
+        return ROLE_SERVER;
+    }
+    if remote_port < local_port && remote_port < 32768 {
+        return ROLE_CLIENT;
+    }
+    if sender_is_local {
+        ROLE_CLIENT
+    } else {
+        ROLE_SERVER
+    }
+}
+
+/// Packs a [`Decision`] into a register-sized value (BPF-to-BPF calls
+/// return one register).
+#[inline(always)]
+pub fn pack(d: Decision) -> u32 {
+    (d.verdict as u32) | ((d.slot as u32) << 8) | ((d.rule_direction as u32) << 16)
+}
+
+#[inline(always)]
+pub fn unpack(v: u32) -> Decision {
+    Decision {
+        verdict: v as u8,
+        slot: (v >> 8) as u8,
+        rule_direction: (v >> 16) as u8,
+    }
+}
+
+/// The verdict (packed) for a packet of a local endpoint with rules. `conn`
+/// is the packet's flow key with `direction` 0 (the connection key).
+#[inline(never)]
+pub fn packet_decision(
+    generation: u32,
+    ep: &EndpointInfo,
+    p: &Packet,
+    direction: u32,
+    conn: &ConnKey,
+) -> u32 {
+    // Neighbour discovery keeps IPv6 working whatever the rules say.
+    if p.protocol == PROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137 {
+        return pack(PASS);
+    }
+    let role = match unsafe { FL_CONNS.get(conn) } {
+        Some(st) if st.generation == generation => {
+            return pack(Decision {
+                verdict: st.verdict,
+                slot: st.slot,
+                rule_direction: if st.role == ROLE_CLIENT {
+                    DIRECTION_EGRESS
+                } else {
+                    DIRECTION_INGRESS
+                },
+            });
+        }
+        Some(st) => st.role,
+        None => guess_role(p, direction as u8, conn.local_port, conn.remote_port),
+    };
+    let port = if role == ROLE_CLIENT {
+        conn.remote_port
+    } else {
+        conn.local_port
+    };
+    let d = evaluate(generation, ep, role, &conn.remote_addr, conn.protocol, port);
+    let state = ConnState {
+        role,
+        verdict: d.verdict,
+        slot: d.slot,
+        _pad: 0,
+        generation,
+    };
+    if FL_CONNS.insert(conn, &state, BPF_ANY as u64).is_err() {
+        bump(COUNTER_CONN_TABLE_FULL);
+    }
+    pack(d)
+}
+
+/// Adds a match to the counters of the deciding rule.
+#[inline(never)]
+pub fn count(generation: u32, ep_id: u32, d: &Decision, packets: u64, connections: u64) {
+    let key = RuleCounterKey {
+        scope: rule_scope(generation, d.rule_direction, ep_id),
+        slot: d.slot,
+        verdict: d.verdict,
+        _pad: [0; 2],
+    };
+    if let Some(c) = FL_RULE_CNT.get_ptr_mut(&key) {
+        unsafe {
+            add_u64(&raw mut (*c).packets, packets);
+            if connections != 0 {
+                add_u64(&raw mut (*c).connections, connections);
+            }
+        }
+        return;
+    }
+    let fresh = RuleCounters {
+        packets,
+        connections,
+    };
+    if FL_RULE_CNT
+        .insert(&key, &fresh, aya_ebpf::bindings::BPF_NOEXIST as u64)
+        .is_err()
+    {
+        if let Some(c) = FL_RULE_CNT.get_ptr_mut(&key) {
+            unsafe {
+                add_u64(&raw mut (*c).packets, packets);
+                add_u64(&raw mut (*c).connections, connections);
+            }
+        }
+    }
+}
