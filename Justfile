@@ -34,22 +34,22 @@ status:
 
 # Build every binary (the agent embeds its eBPF programs).
 build:
-    cargo build --workspace --bins
+    cargo build --workspace --exclude flowlens-agent-ebpf --bins
 
 # Formatting and clippy, for userspace and for the eBPF crate.
 lint:
     cargo fmt --all -- --check
-    AYA_BUILD_SKIP=1 cargo clippy --workspace --all-targets -- -D warnings
+    AYA_BUILD_SKIP=1 cargo clippy --workspace --exclude flowlens-agent-ebpf --all-targets -- -D warnings
     cd node-agent-ebpf && cargo +nightly clippy -Z build-std=core --target bpfel-unknown-none --release -- -D warnings
 
 # Run every test: unit, API-server, kernel and end-to-end. Sets itself up.
 test: setup up
     cargo fmt --all -- --check
     just check-generated
-    cargo build --workspace --bins
-    cargo nextest run --workspace --no-fail-fast
+    cargo build --workspace --exclude flowlens-agent-ebpf --bins
+    cargo nextest run --workspace --exclude flowlens-agent-ebpf --no-fail-fast
 
 # Only the end-to-end tests (simulated nodes with real agents and traffic).
 e2e: setup up
-    cargo build --workspace --bins
+    cargo build --workspace --exclude flowlens-agent-ebpf --bins
     cargo nextest run -p flowlens-e2e --no-fail-fast

@@ -16,11 +16,14 @@ pub mod conditions;
 pub mod crd;
 pub mod duration;
 pub mod flow_policy;
+pub mod format;
 pub mod group_by;
+pub mod histogram;
 pub mod label_selector;
 pub mod network_observation;
 pub mod node_agent_config;
 pub mod patterns;
+pub mod report;
 pub mod validate;
 
 pub use flow_policy::{FlowPolicy, FlowPolicySpec, FlowPolicyStatus};

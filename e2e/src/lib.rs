@@ -2,5 +2,16 @@
 //!
 //! - [`cluster`]: a client for the local control plane (`just up`), unique
 //!   names, and cleanup that works without a controller-manager.
+//! - [`topology`]: simulated nodes and pods (network namespaces, routed
+//!   veths, per-pod cgroups) and a delay line between zones.
+//! - [`agent`]: running a real `flowlens-agent` for a node and reading it back.
+//! - [`process`]: child processes that die with the test.
+//!
+//! Binaries: `flowlens-delay-line` (the delay line) and `flowlens-traffic`
+//! (echo server, ping-pong, connect loop, long-lived stream).
 
+pub mod agent;
 pub mod cluster;
+pub mod config;
+pub mod process;
+pub mod topology;

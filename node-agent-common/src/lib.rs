@@ -231,6 +231,9 @@ pub struct DatapathConfig {
     pub _pad: u32,
     /// Minimum time between two RTT samples of one socket, in nanoseconds.
     pub rtt_sample_interval_ns: u64,
+    /// A hash of the config revision written to each generation (userspace
+    /// bookkeeping: lets a restarted agent know what the kernel enforces).
+    pub revision_hash: [u64; 2],
 }
 
 /// Indices of the global per-CPU counters.
@@ -328,7 +331,7 @@ assert_size!(RuleCounterKey, 8);
 assert_size!(RuleCounters, 16);
 assert_size!(ConnState, 8);
 assert_size!(CgroupEndpoint, 32);
-assert_size!(DatapathConfig, 16);
+assert_size!(DatapathConfig, 32);
 
 #[cfg(feature = "user")]
 mod pod {

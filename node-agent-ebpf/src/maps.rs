@@ -1,7 +1,7 @@
 //! Every map of the datapath. All are pinned by name under the agent's pin
 //! root, so counters, configuration and enforcement survive the agent.
 //!
-//! Result maps (flows, overflow, RTT) sit behind a one-slot array of maps:
+//! Result maps (flows, overflow, RTT, rule counters) sit behind a one-slot array of maps:
 //! the agent swaps an empty map in, the kernel waits for running programs
 //! (`synchronize_rcu` on every map-in-map update), then the agent drains the
 //! old map with no concurrent writer. Nothing is lost or counted twice.
@@ -24,6 +24,7 @@ use flowlens_agent_common::{
 pub const FLOW_TABLE_TEMPLATE: usize = 65536;
 pub const RTT_TABLE_TEMPLATE: usize = 65536;
 pub const OVERFLOW_TABLE_TEMPLATE: usize = 8192;
+pub const RULE_COUNTER_TEMPLATE: usize = 8192;
 
 #[btf_map]
 pub static FL_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -36,9 +37,6 @@ pub static FL_PEERS: LpmTrie<PeerKey, u64, 524288> = LpmTrie::new();
 
 #[btf_map]
 pub static FL_PORTS: LpmTrie<PortKey, u64, 131072> = LpmTrie::new();
-
-#[btf_map]
-pub static FL_RULE_CNT: HashMap<RuleCounterKey, RuleCounters, 65536> = HashMap::new();
 
 #[btf_map]
 pub static FL_CONNS: LruHashMap<ConnKey, ConnState, 262144> = LruHashMap::new();
@@ -60,6 +58,12 @@ pub static FL_FLOWS: ArrayOfMaps<HashMap<FlowKey, FlowStats, FLOW_TABLE_TEMPLATE
 #[btf_map]
 pub static FL_OVERFLOW: ArrayOfMaps<HashMap<OverflowKey, FlowStats, OVERFLOW_TABLE_TEMPLATE>, 1> =
     ArrayOfMaps::new();
+
+#[btf_map]
+pub static FL_RULE_CNT: ArrayOfMaps<
+    HashMap<RuleCounterKey, RuleCounters, RULE_COUNTER_TEMPLATE>,
+    1,
+> = ArrayOfMaps::new();
 
 #[btf_map]
 pub static FL_RTT: ArrayOfMaps<HashMap<RttKey, u64, RTT_TABLE_TEMPLATE>, 1> = ArrayOfMaps::new();

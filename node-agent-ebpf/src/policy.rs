@@ -7,7 +7,10 @@
 //! rules, and the replies a server sends are never caught by egress rules.
 //! The verdict is cached per connection and generation in `FL_CONNS`.
 
-use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    maps::lpm_trie::Key,
+};
 use flowlens_agent_common::{
     COUNTER_CONN_TABLE_FULL, ConnKey, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
     ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, EndpointInfo, PEER_SCOPE_BITS,
@@ -238,34 +241,29 @@ pub fn packet_decision(
 /// Adds a match to the counters of the deciding rule.
 #[inline(never)]
 pub fn count(generation: u32, ep_id: u32, d: &Decision, packets: u64, connections: u64) {
+    let Some(counters) = FL_RULE_CNT.get(0) else {
+        return;
+    };
     let key = RuleCounterKey {
         scope: rule_scope(generation, d.rule_direction, ep_id),
         slot: d.slot,
         verdict: d.verdict,
         _pad: [0; 2],
     };
-    if let Some(c) = FL_RULE_CNT.get_ptr_mut(&key) {
-        unsafe {
-            add_u64(&raw mut (*c).packets, packets);
-            if connections != 0 {
-                add_u64(&raw mut (*c).connections, connections);
-            }
-        }
+    if let Some(c) = counters.get_ptr_mut(&key) {
+        add_u64(unsafe { &raw mut (*c).packets }, packets);
+        add_u64(unsafe { &raw mut (*c).connections }, connections);
         return;
     }
     let fresh = RuleCounters {
         packets,
         connections,
     };
-    if FL_RULE_CNT
-        .insert(&key, &fresh, aya_ebpf::bindings::BPF_NOEXIST as u64)
-        .is_err()
-    {
-        if let Some(c) = FL_RULE_CNT.get_ptr_mut(&key) {
-            unsafe {
-                add_u64(&raw mut (*c).packets, packets);
-                add_u64(&raw mut (*c).connections, connections);
-            }
+    if counters.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
+        // Another CPU inserted it first.
+        if let Some(c) = counters.get_ptr_mut(&key) {
+            add_u64(unsafe { &raw mut (*c).packets }, packets);
+            add_u64(unsafe { &raw mut (*c).connections }, connections);
         }
     }
 }

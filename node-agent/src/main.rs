@@ -1,20 +1,272 @@
-use aya::{Ebpf, include_bytes_aligned};
+//! `flowlens-agent`: the Flowlens node agent.
+//!
+//! ```text
+//! flowlens-agent [run] --node-name N            # config from the API server
+//! flowlens-agent [run] --config-file F          # standalone: config from a file
+//! flowlens-agent dump [--addr 127.0.0.1:9990]   # print a running agent's windows
+//! flowlens-agent cleanup                        # remove every pin (uninstall)
+//! ```
 
-static EBPF: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlens-agent-ebpf"));
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flowlens_agent::{
+    cgroups, config_source,
+    control::{ControlLoop, ControlOptions, Event},
+    datapath::{self, Datapath, DatapathOptions, RttHook, pins},
+    dump, http,
+    metrics::Metrics,
+    report,
+    state::Shared,
+    status,
+};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "flowlens-agent",
+    version,
+    about = "Flowlens node agent: eBPF flow accounting, RTT sampling and enforcement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run(RunArgs),
+    /// Print a running agent's current windows, RTT percentiles and block counters.
+    Dump {
+        /// The agent's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:9990")]
+        addr: String,
+        /// Print the raw JSON of /debug/window.
+        #[arg(long)]
+        json: bool,
+        /// Series to list per window.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Detach every program and remove every map this agent pinned.
+    Cleanup {
+        #[arg(long, default_value = pins::DEFAULT_ROOT)]
+        bpffs_root: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// This node's name: the agent applies the NodeAgentConfig of that name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Standalone mode: read the NodeAgentConfig (object or spec, YAML) from
+    /// this file, re-reading it when it changes, instead of the API server.
+    #[arg(long, env = "FLOWLENS_CONFIG_FILE")]
+    config_file: Option<PathBuf>,
+
+    /// Where programs, links and maps are pinned (one root per agent).
+    #[arg(long, env = "FLOWLENS_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
+    bpffs_root: PathBuf,
+
+    /// Cgroup v2 directory of the node's pods: sockets under it get RTT
+    /// (sock_ops) and connect-time rejection. Default: the cgroup2 mount.
+    /// `none` disables both.
+    #[arg(long, env = "FLOWLENS_CGROUP_ROOT")]
+    cgroup_root: Option<String>,
+
+    /// RTT hook: `auto` picks the best the kernel offers.
+    #[arg(long, value_enum, default_value = "auto")]
+    rtt_hook: RttHook,
+
+    /// Address of /metrics, /healthz, /readyz and /debug/window.
+    #[arg(long, env = "FLOWLENS_HTTP_ADDR", default_value = "0.0.0.0:9990")]
+    http_addr: SocketAddr,
+
+    /// Entries of each flow table (connections x directions per window).
+    #[arg(long, default_value_t = 65536)]
+    flow_table_size: u32,
+
+    /// Entries of each RTT histogram table (connections x buckets per window).
+    #[arg(long, default_value_t = 65536)]
+    rtt_table_size: u32,
+
+    /// Minimum time between two RTT samples of one socket, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    rtt_sample_interval_ms: u64,
+
+    /// Longest time between two drains of the kernel tables, in seconds
+    /// (drains also happen at every window boundary).
+    #[arg(long, default_value_t = 30)]
+    max_drain_interval_secs: u64,
+
+    /// Operator report endpoint, overriding `spec.collector.url`.
+    #[arg(long, env = "FLOWLENS_COLLECTOR_URL")]
+    collector_url: Option<String>,
+
+    /// ServiceAccount token presented to the collector.
+    #[arg(
+        long,
+        env = "FLOWLENS_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    token_file: PathBuf,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,aya=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
 
 fn main() -> anyhow::Result<()> {
-    let mut ebpf = Ebpf::load(EBPF)?;
-    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
-    for name in names {
-        let prog = ebpf.program_mut(&name).unwrap();
-        let r = match prog {
-            aya::programs::Program::SchedClassifier(p) => p.load(),
-            aya::programs::Program::SockOps(p) => p.load(),
-            aya::programs::Program::TracePoint(p) => p.load(),
-            aya::programs::Program::CgroupSockAddr(p) => p.load(),
-            _ => Ok(()),
-        };
-        println!("{name}: {r:?}");
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Dump { addr, json, top }) => {
+            let d = dump::fetch(&addr)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                dump::print(&d, top, &mut std::io::stdout())?;
+            }
+            Ok(())
+        }
+        Some(Command::Cleanup { bpffs_root }) => {
+            let n = datapath::remove_pins(&bpffs_root).context("removing pins")?;
+            println!("removed {n} pinned objects under {}", bpffs_root.display());
+            Ok(())
+        }
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
     }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let node = match (&args.node_name, &args.config_file) {
+        (Some(n), _) => n.clone(),
+        (None, Some(f)) => config_source::parse_config(
+            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        )
+        .map(|s| s.node_name)
+        .unwrap_or_else(|_| "standalone".into()),
+        (None, None) => {
+            anyhow::bail!("set --node-name (or NODE_NAME), or --config-file for standalone mode")
+        }
+    };
+    let cgroup_root = match args.cgroup_root.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => cgroups::cgroup2_root(),
+    };
+    let dp_opts = DatapathOptions {
+        bpffs_root: args.bpffs_root.clone(),
+        cgroup_root: cgroup_root.clone(),
+        rtt_hook: args.rtt_hook,
+        flow_table_size: args.flow_table_size,
+        rtt_table_size: args.rtt_table_size,
+        rtt_sample_interval: Duration::from_millis(args.rtt_sample_interval_ms),
+    };
+    info!(node = %node, bpffs_root = %args.bpffs_root.display(), cgroup_root = ?cgroup_root, "starting flowlens-agent {}", env!("CARGO_PKG_VERSION"));
+    let datapath = Datapath::open(&dp_opts).context("opening the eBPF datapath")?;
+
+    let shared = Shared::default();
+    let metrics = Arc::new(Metrics::new());
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let (completed_tx, completed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let control = ControlLoop::new(
+        ControlOptions {
+            node: node.clone(),
+            cgroup_root,
+            reconcile_interval: Duration::from_secs(2),
+            max_drain_interval: Duration::from_secs(args.max_drain_interval_secs.max(1)),
+        },
+        datapath,
+        shared.clone(),
+        metrics.clone(),
+        completed_tx,
+    );
+    let control_thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control.run(events_rx))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let router = http::router(shared.clone(), metrics.clone(), events_tx.clone());
+        let addr = args.http_addr;
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(addr, router).await {
+                error!(addr = %addr, error = %e, "HTTP server failed");
+            }
+        });
+
+        let client = if let Some(path) = &args.config_file {
+            config_source::watch_file(path.clone(), events_tx.clone());
+            None
+        } else {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
+            tokio::spawn(config_source::watch_api(
+                client.clone(),
+                node.clone(),
+                events_tx.clone(),
+            ));
+            tokio::spawn(status::run(client.clone(), node.clone(), shared.clone()));
+            Some(client)
+        };
+        let reporter = report::Reporter::new(report::ReporterOptions {
+            node: node.clone(),
+            collector_url: args.collector_url.clone(),
+            token_file: args.token_file.clone(),
+            standalone: client.is_none(),
+        });
+        let reporter_task =
+            tokio::spawn(reporter.run(completed_rx, shared.clone(), metrics.clone()));
+
+        shutdown_signal().await;
+        info!("shutting down: flushing open windows; pinned programs keep enforcing");
+        let _ = events_tx.send(Event::Shutdown);
+        let _ = tokio::task::spawn_blocking(move || control_thread.join()).await;
+        // Give the reporter a moment to send the flushed parts.
+        if tokio::time::timeout(Duration::from_secs(3), reporter_task)
+            .await
+            .is_err()
+        {
+            warn!("reporter did not finish in time; unsent windows are lost");
+        }
+        anyhow::Ok(())
+    })?;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -1,0 +1,207 @@
+//! What an agent reports to the operator (and prints with `flowlens-agent dump`).
+//!
+//! A report carries completed windows. A window *part* is identified by node,
+//! agent (one id per agent process), observation UID and window start, so
+//! resending it is harmless, and an agent restarted within a window reports a
+//! second part that the operator adds to the first. The agent keeps every part
+//! until the operator answers that its window is committed (written to status);
+//! the operator ignores parts of windows it has already committed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::histogram::Histogram;
+
+/// Reports from one node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportBatch {
+    pub node: String,
+    /// Identifies the agent process (changes on every start).
+    pub agent: String,
+    /// Completed observation windows.
+    #[serde(default)]
+    pub windows: Vec<ObservationWindow>,
+    /// Completed policy-counter windows.
+    #[serde(default)]
+    pub policy_windows: Vec<PolicyWindow>,
+}
+
+/// The operator's answer: what is committed, so the agent can forget it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportAck {
+    /// Observation UID -> end (unix seconds) of the last committed window.
+    #[serde(default)]
+    pub committed: BTreeMap<String, i64>,
+    /// End (unix seconds) of the last committed policy window of this node.
+    #[serde(default)]
+    pub policy_committed: i64,
+}
+
+/// One window of one observation on one node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservationWindow {
+    pub observation: String,
+    pub uid: String,
+    pub generation: i64,
+    /// Unix seconds, a multiple of `windowSeconds`.
+    pub start: i64,
+    pub window_seconds: u32,
+    /// False when the agent did not run for the whole window.
+    pub complete: bool,
+    pub series: Vec<Series>,
+    /// Series folded into `other` series because `maxSeries` was reached.
+    pub folded_series: u64,
+    /// Packets the kernel could not give their own flow entry (flow table
+    /// full); they are still counted, in `other` series.
+    #[serde(default)]
+    pub overflow_packets: u64,
+}
+
+impl ObservationWindow {
+    pub fn end(&self) -> i64 {
+        self.start + i64::from(self.window_seconds)
+    }
+}
+
+/// Which side opened the connections of a series.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub enum Role {
+    /// The local pod opened them.
+    #[default]
+    Client,
+    /// The remote peer opened them.
+    Server,
+}
+
+/// The dimensions of the local side that the observation keeps (only those
+/// in its `groupBy` are set).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalDims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The overflow bucket of `maxSeries`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other: bool,
+}
+
+/// Packets and bytes in one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Traffic {
+    pub packets: u64,
+    /// IP-layer bytes.
+    pub bytes: u64,
+    /// Transport payload bytes.
+    pub payload_bytes: u64,
+}
+
+impl Traffic {
+    pub fn add(&mut self, o: &Traffic) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.payload_bytes += o.payload_bytes;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.packets == 0 && self.bytes == 0
+    }
+}
+
+/// Traffic between local pods with the same dimensions and one remote
+/// address, on one server port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Series {
+    pub local: LocalDims,
+    /// The remote address; `None` for the `other` bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// The server port (0 without ports).
+    pub port: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub role: Role,
+    /// Connections seen in the window.
+    pub flows: u64,
+    /// From the local pods.
+    pub tx: Traffic,
+    /// To the local pods.
+    pub rx: Traffic,
+    #[serde(default)]
+    pub retransmits: u64,
+    #[serde(default, skip_serializing_if = "Histogram::is_empty")]
+    pub rtt: Histogram,
+}
+
+/// Packets and connection attempts matched by a rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Matches {
+    pub packets: u64,
+    pub connections: u64,
+}
+
+impl Matches {
+    pub fn add(&mut self, o: &Matches) {
+        self.packets += o.packets;
+        self.connections += o.connections;
+    }
+}
+
+/// Per-policy match counters of one node over one policy window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyWindow {
+    /// Unix seconds, a multiple of `windowSeconds`.
+    pub start: i64,
+    pub window_seconds: u32,
+    pub policies: Vec<PolicyMatches>,
+}
+
+impl PolicyWindow {
+    pub fn end(&self) -> i64 {
+        self.start + i64::from(self.window_seconds)
+    }
+}
+
+/// Matches of one policy on one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyMatches {
+    pub namespace: String,
+    pub name: String,
+    pub blocked: Matches,
+    pub audited: Matches,
+}
+
+/// The length of policy-counter windows, in seconds.
+pub const POLICY_WINDOW_SECONDS: u32 = 10;
+
+/// Protocol name for display: `TCP`, `UDP`, ... or the number.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        58 => "ICMPv6".into(),
+        132 => "SCTP".into(),
+        n => n.to_string(),
+    }
+}

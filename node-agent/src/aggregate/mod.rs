@@ -1,0 +1,594 @@
+//! Turns drained kernel records into per-observation windows and per-policy
+//! counters. Pure: the caller passes the time and the drained records.
+//!
+//! Counting rule (the same as the operator's, so numbers never double): a
+//! packet is counted at its sender's endpoint when the sender is traced by the
+//! observation, else at its receiver's. Here that means: traffic *from* a
+//! local endpoint always counts; traffic *to* it counts only when the remote
+//! is not a traced endpoint of this node (the operator applies the same rule
+//! for remotes traced on other nodes). A connection between two traced pods
+//! counts as one flow, at the client.
+
+pub mod role;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+};
+
+use flowlens_agent_common::{
+    DIRECTION_EGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats, MAX_ENDPOINT_ID,
+    OverflowKey, PROTO_TCP, RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP,
+};
+use flowlens_api::{
+    GroupBy,
+    histogram::Histogram,
+    node_agent_config::NodeAgentConfigSpec,
+    report::{
+        LocalDims, Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow,
+        Role, Series, Traffic,
+    },
+};
+
+use crate::tables::Tables;
+
+/// Everything one drain of the kernel tables returned.
+#[derive(Clone, Debug, Default)]
+pub struct Drained {
+    pub flows: Vec<(FlowKey, FlowStats)>,
+    pub overflow: Vec<(OverflowKey, FlowStats)>,
+    pub rtt: Vec<(RttKey, u64)>,
+    pub rules: Vec<(RuleCounterKey, RuleCounters)>,
+}
+
+/// A connection as seen from a local endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConnId {
+    local: [u8; 16],
+    remote: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    protocol: u8,
+}
+
+#[derive(Default, Clone)]
+struct ConnFacts {
+    tx: Traffic,
+    rx: Traffic,
+    tx_flags: u32,
+    rx_flags: u32,
+    retransmits: u64,
+    rtt: Histogram,
+}
+
+/// An address from the kernel's 16-byte form (IPv4-mapped for IPv4).
+pub fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    local: LocalDims,
+    remote: Option<IpAddr>,
+    port: u16,
+    protocol: u8,
+    role: Role,
+}
+
+impl SeriesKey {
+    fn other() -> Self {
+        SeriesKey {
+            local: LocalDims {
+                other: true,
+                ..Default::default()
+            },
+            remote: None,
+            port: 0,
+            protocol: 0,
+            role: Role::Client,
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct SeriesAcc {
+    flows: u64,
+    tx: Traffic,
+    rx: Traffic,
+    retransmits: u64,
+    rtt: Histogram,
+}
+
+/// The parameters of an observation that shape its windows; a change closes
+/// the current window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ObsParams {
+    name: String,
+    generation: i64,
+    window_seconds: u32,
+    max_series: u32,
+    group_by: Vec<GroupBy>,
+}
+
+#[derive(Clone)]
+struct ObsView {
+    uid: String,
+    params: ObsParams,
+    /// Local address -> the dimensions of its endpoint.
+    dims: HashMap<[u8; 16], LocalDims>,
+}
+
+#[derive(Clone)]
+struct OpenWindow {
+    start: i64,
+    complete: bool,
+    series: HashMap<SeriesKey, SeriesAcc>,
+    seen: HashSet<ConnId>,
+    folded: HashSet<SeriesKey>,
+    overflow_packets: u64,
+}
+
+impl OpenWindow {
+    fn new(start: i64, complete: bool) -> Self {
+        OpenWindow {
+            start,
+            complete,
+            series: HashMap::new(),
+            seen: HashSet::new(),
+            folded: HashSet::new(),
+            overflow_packets: 0,
+        }
+    }
+}
+
+/// Counters the aggregator keeps about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AggregatorStats {
+    /// Packets of addresses that are not a local endpoint of the config.
+    pub unattributed_packets: u64,
+    /// Rule matches of slots unknown to the generation's tables.
+    pub unattributed_matches: u64,
+}
+
+/// Per-observation windows and per-policy counters of one node.
+#[derive(Clone)]
+pub struct Aggregator {
+    node: String,
+    started_ms: i64,
+    observations: BTreeMap<String, (ObsView, OpenWindow)>,
+    /// Connection -> (local role, last seen ms): the SYN is only seen once.
+    roles: HashMap<ConnId, (Role, i64)>,
+    policy_start: i64,
+    policy: BTreeMap<(String, String), PolicyMatches>,
+    generation_tables: [Option<Arc<Tables>>; 2],
+    closed: Vec<ObservationWindow>,
+    pub stats: AggregatorStats,
+}
+
+fn window_start(now_ms: i64, seconds: u32) -> i64 {
+    let s = now_ms.div_euclid(1000);
+    s - s.rem_euclid(i64::from(seconds.max(1)))
+}
+
+/// How long a connection's role is remembered after it was last seen.
+const ROLE_MEMORY_MS: i64 = 10 * 60 * 1000;
+
+impl Aggregator {
+    pub fn new(node: impl Into<String>, now_ms: i64) -> Self {
+        Aggregator {
+            node: node.into(),
+            started_ms: now_ms,
+            observations: BTreeMap::new(),
+            roles: HashMap::new(),
+            policy_start: window_start(now_ms, POLICY_WINDOW_SECONDS),
+            policy: BTreeMap::new(),
+            generation_tables: [None, None],
+            closed: Vec::new(),
+            stats: AggregatorStats::default(),
+        }
+    }
+
+    /// Tables in force for a kernel generation (to attribute rule counters).
+    pub fn set_generation_tables(&mut self, generation: u32, tables: Arc<Tables>) {
+        self.generation_tables[(generation & 1) as usize] = Some(tables);
+    }
+
+    /// Takes a new config. Windows of removed or reshaped observations are
+    /// closed (as incomplete) and returned by the next [`Self::close_due`].
+    pub fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
+        let endpoints: HashMap<String, &flowlens_api::node_agent_config::LocalEndpoint> =
+            spec.endpoints.iter().map(|e| (e.key(), e)).collect();
+        let mut next = BTreeMap::new();
+        for o in &spec.observations {
+            let params = ObsParams {
+                name: o.name.clone(),
+                generation: o.generation,
+                window_seconds: o.window_seconds.max(1),
+                max_series: o.max_series,
+                group_by: o.group_by.clone(),
+            };
+            let mut dims = HashMap::new();
+            for key in &o.endpoints {
+                let Some(e) = endpoints.get(key) else {
+                    continue;
+                };
+                let d = LocalDims {
+                    namespace: o
+                        .group_by
+                        .contains(&GroupBy::Namespace)
+                        .then(|| e.namespace.clone()),
+                    workload: o
+                        .group_by
+                        .contains(&GroupBy::Workload)
+                        .then(|| e.workload.to_string()),
+                    pod: o.group_by.contains(&GroupBy::Pod).then(|| e.pod.clone()),
+                    node: o
+                        .group_by
+                        .contains(&GroupBy::Node)
+                        .then(|| spec.node_name.clone()),
+                    zone: if o.group_by.contains(&GroupBy::Zone) {
+                        spec.zone.clone()
+                    } else {
+                        None
+                    },
+                    labels: o
+                        .group_by
+                        .iter()
+                        .filter_map(|g| match g {
+                            GroupBy::Label(k) => e.labels.get(k).map(|v| (k.clone(), v.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                    other: false,
+                };
+                for ip in &e.ips {
+                    if let Ok(ip) = ip.parse::<IpAddr>() {
+                        dims.insert(crate::tables::prefix::addr_bytes(ip), d.clone());
+                    }
+                }
+            }
+            let view = ObsView {
+                uid: o.uid.clone(),
+                params,
+                dims,
+            };
+            let window = match self.observations.remove(&o.uid) {
+                Some((old, w)) if old.params == view.params => w,
+                Some((old, w)) => {
+                    self.closed.push(self.finish(&old, w, false));
+                    OpenWindow::new(window_start(now_ms, view.params.window_seconds), false)
+                }
+                None => OpenWindow::new(window_start(now_ms, view.params.window_seconds), false),
+            };
+            next.insert(o.uid.clone(), (view, window));
+        }
+        for (_, (old, w)) in std::mem::take(&mut self.observations) {
+            let closed = self.finish(&old, w, false);
+            self.closed.push(closed);
+        }
+        self.observations = next;
+    }
+
+    /// Adds one drain's records at time `now_ms`.
+    pub fn ingest(&mut self, d: &Drained, now_ms: i64) {
+        let mut conns: HashMap<ConnId, ConnFacts> = HashMap::new();
+        for (k, s) in &d.flows {
+            let id = ConnId {
+                local: k.local_addr,
+                remote: k.remote_addr,
+                local_port: k.local_port,
+                remote_port: k.remote_port,
+                protocol: k.protocol,
+            };
+            let f = conns.entry(id).or_default();
+            let t = Traffic {
+                packets: s.packets,
+                bytes: s.bytes,
+                payload_bytes: s.payload_bytes,
+            };
+            if k.direction == DIRECTION_EGRESS {
+                f.tx.add(&t);
+                f.tx_flags |= s.flags;
+                f.retransmits += u64::from(s.retransmits);
+            } else {
+                f.rx.add(&t);
+                f.rx_flags |= s.flags;
+            }
+        }
+        for (k, n) in &d.rtt {
+            let id = ConnId {
+                local: k.local_addr,
+                remote: k.remote_addr,
+                local_port: k.local_port,
+                remote_port: k.remote_port,
+                protocol: PROTO_TCP,
+            };
+            conns.entry(id).or_default().rtt.add_bucket(k.bucket, *n);
+        }
+
+        for (id, facts) in conns {
+            let cached = self.roles.get(&id).map(|(r, _)| *r);
+            let decided =
+                (facts.tx_flags | facts.rx_flags) & (FLOW_FLAG_SYN | FLOW_FLAG_SYN_ACK) != 0;
+            let role = match (decided, cached) {
+                (false, Some(r)) => r,
+                _ => role::local_role(
+                    facts.tx_flags,
+                    facts.rx_flags,
+                    id.local_port,
+                    id.remote_port,
+                    !facts.tx.is_zero(),
+                ),
+            };
+            self.roles.insert(id, (role, now_ms));
+            let port = role::server_port(role, id.local_port, id.remote_port);
+            let mut attributed = false;
+            for (view, window) in self.observations.values_mut() {
+                let Some(dims) = view.dims.get(&id.local) else {
+                    continue;
+                };
+                attributed = true;
+                let remote_traced_here = view.dims.contains_key(&id.remote);
+                let key = SeriesKey {
+                    local: dims.clone(),
+                    remote: Some(ip_from_bytes(&id.remote)),
+                    port,
+                    protocol: id.protocol,
+                    role,
+                };
+                let counts_flow = !(remote_traced_here && role == Role::Server);
+                let new_flow = counts_flow && window.seen.insert(id);
+                let acc = series_slot(window, key, view.params.max_series);
+                if new_flow {
+                    acc.flows += 1;
+                }
+                acc.tx.add(&facts.tx);
+                if !remote_traced_here {
+                    acc.rx.add(&facts.rx);
+                }
+                acc.retransmits += facts.retransmits;
+                acc.rtt.merge(&facts.rtt);
+            }
+            if !attributed {
+                self.stats.unattributed_packets += facts.tx.packets + facts.rx.packets;
+            }
+        }
+
+        for (k, s) in &d.overflow {
+            let t = Traffic {
+                packets: s.packets,
+                bytes: s.bytes,
+                payload_bytes: s.payload_bytes,
+            };
+            for (view, window) in self.observations.values_mut() {
+                if !view.dims.contains_key(&k.local_addr) {
+                    continue;
+                }
+                window.overflow_packets += s.packets;
+                let acc = window.series.entry(SeriesKey::other()).or_default();
+                if k.direction == DIRECTION_EGRESS {
+                    acc.tx.add(&t);
+                } else {
+                    acc.rx.add(&t);
+                }
+            }
+        }
+
+        for (k, c) in &d.rules {
+            let scope = u32::from_be_bytes(k.scope);
+            let generation = scope >> 31;
+            let direction = ((scope >> 30) & 1) as u8;
+            let endpoint = scope & (MAX_ENDPOINT_ID - 1);
+            let rule = self.generation_tables[generation as usize]
+                .as_ref()
+                .and_then(|t| t.slots.get(&(endpoint, direction, k.slot)));
+            let Some(rule) = rule else {
+                self.stats.unattributed_matches += c.packets + c.connections;
+                continue;
+            };
+            let m = self
+                .policy
+                .entry((rule.namespace.clone(), rule.policy.clone()))
+                .or_insert_with(|| PolicyMatches {
+                    namespace: rule.namespace.clone(),
+                    name: rule.policy.clone(),
+                    ..Default::default()
+                });
+            let add = Matches {
+                packets: c.packets,
+                connections: c.connections,
+            };
+            match k.verdict {
+                VERDICT_DROP => m.blocked.add(&add),
+                VERDICT_AUDIT => m.audited.add(&add),
+                _ => {}
+            }
+        }
+        self.roles
+            .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
+    }
+
+    /// Closes every window that ended by `now_ms`.
+    pub fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+        let mut out = std::mem::take(&mut self.closed);
+        let uids: Vec<String> = self.observations.keys().cloned().collect();
+        for uid in uids {
+            let (view, window) = self.observations.get(&uid).unwrap();
+            let w = i64::from(view.params.window_seconds);
+            if now_ms.div_euclid(1000) < window.start + w {
+                continue;
+            }
+            let (view, window) = self.observations.remove(&uid).unwrap();
+            let complete = window.complete;
+            let next_start = window_start(now_ms, view.params.window_seconds);
+            out.push(self.finish(&view, window, complete));
+            let next_complete = self.started_ms <= next_start * 1000;
+            self.observations
+                .insert(uid, (view, OpenWindow::new(next_start, next_complete)));
+        }
+        let mut policies = Vec::new();
+        let pw = i64::from(POLICY_WINDOW_SECONDS);
+        if now_ms.div_euclid(1000) >= self.policy_start + pw {
+            let matches: Vec<PolicyMatches> =
+                std::mem::take(&mut self.policy).into_values().collect();
+            if !matches.is_empty() {
+                policies.push(PolicyWindow {
+                    start: self.policy_start,
+                    window_seconds: POLICY_WINDOW_SECONDS,
+                    policies: matches,
+                });
+            }
+            self.policy_start = window_start(now_ms, POLICY_WINDOW_SECONDS);
+        }
+        (out, policies)
+    }
+
+    /// The open windows as they stand (for `flowlens-agent dump`).
+    pub fn snapshot(&self) -> Vec<ObservationWindow> {
+        self.observations
+            .iter()
+            .map(|(_, (view, w))| {
+                build_window(
+                    &view.params,
+                    &view.uid,
+                    w.start,
+                    false,
+                    w.series.iter(),
+                    w.folded.len(),
+                    w.overflow_packets,
+                )
+            })
+            .collect()
+    }
+
+    /// The open windows as they would stand after also counting `peeked`
+    /// (records read from the live tables without draining them).
+    pub fn preview(
+        &self,
+        peeked: &Drained,
+        now_ms: i64,
+    ) -> (Vec<ObservationWindow>, Vec<PolicyMatches>) {
+        let mut copy = self.clone();
+        copy.ingest(peeked, now_ms);
+        (copy.snapshot(), copy.policy_snapshot())
+    }
+
+    /// The next time (ms) a window of any observation ends.
+    pub fn next_boundary_ms(&self, now_ms: i64) -> Option<i64> {
+        self.observations
+            .values()
+            .map(|(v, _)| {
+                (window_start(now_ms, v.params.window_seconds) + i64::from(v.params.window_seconds))
+                    * 1000
+            })
+            .min()
+    }
+
+    /// The next time (ms) the policy window ends.
+    pub fn next_policy_boundary_ms(&self, now_ms: i64) -> i64 {
+        (window_start(now_ms, POLICY_WINDOW_SECONDS) + i64::from(POLICY_WINDOW_SECONDS)) * 1000
+    }
+
+    /// Closes every open window now, as incomplete (on shutdown).
+    pub fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+        let mut out = std::mem::take(&mut self.closed);
+        for (_, (view, w)) in std::mem::take(&mut self.observations) {
+            out.push(self.finish(&view, w, false));
+        }
+        let matches: Vec<PolicyMatches> = std::mem::take(&mut self.policy).into_values().collect();
+        let policies = if matches.is_empty() {
+            Vec::new()
+        } else {
+            let now_s = now_ms.div_euclid(1000);
+            vec![PolicyWindow {
+                start: self.policy_start,
+                window_seconds: (now_s - self.policy_start).max(1) as u32,
+                policies: matches,
+            }]
+        };
+        (out, policies)
+    }
+
+    /// Policy matches of the open policy window.
+    pub fn policy_snapshot(&self) -> Vec<PolicyMatches> {
+        self.policy.values().cloned().collect()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn finish(&self, view: &ObsView, w: OpenWindow, complete: bool) -> ObservationWindow {
+        build_window(
+            &view.params,
+            &view.uid,
+            w.start,
+            complete,
+            w.series.iter(),
+            w.folded.len(),
+            w.overflow_packets,
+        )
+    }
+}
+
+fn series_slot(window: &mut OpenWindow, key: SeriesKey, max_series: u32) -> &mut SeriesAcc {
+    if !window.series.contains_key(&key) {
+        let kept =
+            window.series.len() - usize::from(window.series.contains_key(&SeriesKey::other()));
+        if kept >= max_series as usize {
+            window.folded.insert(key);
+            return window.series.entry(SeriesKey::other()).or_default();
+        }
+    }
+    window.series.entry(key).or_default()
+}
+
+fn build_window<'a>(
+    params: &ObsParams,
+    uid: &str,
+    start: i64,
+    complete: bool,
+    series: impl Iterator<Item = (&'a SeriesKey, &'a SeriesAcc)>,
+    folded: usize,
+    overflow_packets: u64,
+) -> ObservationWindow {
+    let mut out: Vec<Series> = series
+        .map(|(k, a)| Series {
+            local: k.local.clone(),
+            remote: k.remote.map(|ip| ip.to_string()),
+            port: k.port,
+            protocol: k.protocol,
+            role: k.role,
+            flows: a.flows,
+            tx: a.tx,
+            rx: a.rx,
+            retransmits: a.retransmits,
+            rtt: a.rtt.clone(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (b.tx.bytes + b.rx.bytes)
+            .cmp(&(a.tx.bytes + a.rx.bytes))
+            .then_with(|| a.remote.cmp(&b.remote))
+            .then_with(|| a.port.cmp(&b.port))
+    });
+    ObservationWindow {
+        observation: params.name.clone(),
+        uid: uid.to_owned(),
+        generation: params.generation,
+        start,
+        window_seconds: params.window_seconds,
+        complete,
+        series: out,
+        folded_series: folded as u64,
+        overflow_packets,
+    }
+}
+
+#[cfg(test)]
+mod tests;

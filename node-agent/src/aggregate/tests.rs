@@ -1,0 +1,426 @@
+use std::sync::Arc;
+
+use flowlens_agent_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats,
+    OverflowKey, RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, rtt_bucket,
+    rule_scope, v4_mapped,
+};
+use flowlens_api::{node_agent_config::NodeAgentConfigSpec, report::Role};
+
+use super::*;
+
+const CONFIG: &str = r#"
+nodeName: n1
+zone: z1
+revision: r1
+endpoints:
+- {namespace: a, pod: client-1, uid: u1, workload: {kind: Deployment, name: client}, ips: [10.0.0.1], labels: {app: client}}
+- {namespace: a, pod: server-1, uid: u2, workload: {kind: Deployment, name: server}, ips: [10.0.0.2], labels: {app: server}}
+observations:
+- {name: o, uid: ou, generation: 1, windowSeconds: 10, groupBy: [namespace, workload], topN: 10, maxSeries: 100, endpoints: [a/client-1, a/server-1]}
+rules:
+- id: a/p/egress/0
+  policy: {namespace: a, name: p, revision: x}
+  direction: Egress
+  mode: Enforce
+  endpoints: [a/client-1]
+  anyPeer: true
+"#;
+
+fn spec() -> NodeAgentConfigSpec {
+    serde_yaml::from_str(CONFIG).unwrap()
+}
+
+fn ip(last: u8) -> [u8; 16] {
+    v4_mapped([10, 0, 0, last])
+}
+
+fn flow(
+    local: u8,
+    remote: [u8; 16],
+    lport: u16,
+    rport: u16,
+    dir: u8,
+    packets: u64,
+    bytes: u64,
+    flags: u32,
+) -> (FlowKey, FlowStats) {
+    (
+        FlowKey {
+            local_addr: ip(local),
+            remote_addr: remote,
+            local_port: lport,
+            remote_port: rport,
+            protocol: 6,
+            direction: dir,
+            _pad: [0; 2],
+        },
+        FlowStats {
+            packets,
+            bytes,
+            payload_bytes: bytes.saturating_sub(52 * packets),
+            flags,
+            retransmits: 0,
+        },
+    )
+}
+
+/// t = 1000 s exactly, the start of a 10 s window.
+const T0: i64 = 1_000_000;
+
+fn agg() -> Aggregator {
+    let mut a = Aggregator::new("n1", T0 - 30_000);
+    a.set_config(&spec(), T0 - 30_000);
+    let _ = a.close_due(T0);
+    a
+}
+
+fn totals(w: &ObservationWindow) -> (u64, u64, u64) {
+    w.series.iter().fold((0, 0, 0), |(f, p, b), s| {
+        (
+            f + s.flows,
+            p + s.tx.packets + s.rx.packets,
+            b + s.tx.bytes + s.rx.bytes,
+        )
+    })
+}
+
+#[test]
+fn a_connection_between_two_traced_local_pods_counts_once() {
+    let mut a = agg();
+    let d = Drained {
+        flows: vec![
+            // At the client's interface.
+            flow(
+                1,
+                ip(2),
+                40000,
+                5201,
+                DIRECTION_EGRESS,
+                100,
+                100_000,
+                FLOW_FLAG_SYN,
+            ),
+            flow(
+                1,
+                ip(2),
+                40000,
+                5201,
+                DIRECTION_INGRESS,
+                50,
+                2_600,
+                FLOW_FLAG_SYN_ACK,
+            ),
+            // At the server's interface: the same packets again.
+            flow(
+                2,
+                ip(1),
+                5201,
+                40000,
+                DIRECTION_INGRESS,
+                100,
+                100_000,
+                FLOW_FLAG_SYN,
+            ),
+            flow(
+                2,
+                ip(1),
+                5201,
+                40000,
+                DIRECTION_EGRESS,
+                50,
+                2_600,
+                FLOW_FLAG_SYN_ACK,
+            ),
+        ],
+        ..Default::default()
+    };
+    a.ingest(&d, T0 + 1000);
+    let (windows, _) = a.close_due(T0 + 10_000);
+    assert_eq!(windows.len(), 1);
+    let w = &windows[0];
+    assert!(w.complete);
+    assert_eq!(totals(w), (1, 150, 102_600));
+    let client = w.series.iter().find(|s| s.role == Role::Client).unwrap();
+    assert_eq!(client.port, 5201);
+    assert_eq!(client.local.workload.as_deref(), Some("Deployment/client"));
+    assert_eq!(client.remote.as_deref(), Some("10.0.0.2"));
+}
+
+#[test]
+fn traffic_with_an_untraced_remote_counts_both_directions() {
+    let mut a = agg();
+    let remote = v4_mapped([192, 168, 1, 1]);
+    a.ingest(
+        &Drained {
+            flows: vec![
+                flow(
+                    1,
+                    remote,
+                    40000,
+                    443,
+                    DIRECTION_EGRESS,
+                    10,
+                    1_000,
+                    FLOW_FLAG_SYN,
+                ),
+                flow(
+                    1,
+                    remote,
+                    40000,
+                    443,
+                    DIRECTION_INGRESS,
+                    20,
+                    30_000,
+                    FLOW_FLAG_SYN_ACK,
+                ),
+            ],
+            ..Default::default()
+        },
+        T0 + 500,
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    assert_eq!(totals(&w[0]), (1, 30, 31_000));
+}
+
+#[test]
+fn the_role_survives_drains_without_the_handshake() {
+    let mut a = agg();
+    let remote = v4_mapped([192, 168, 1, 1]);
+    // A high server port: only the SYN tells who the client is.
+    a.ingest(
+        &Drained {
+            flows: vec![flow(
+                1,
+                remote,
+                40000,
+                50000,
+                DIRECTION_INGRESS,
+                1,
+                60,
+                FLOW_FLAG_SYN,
+            )],
+            ..Default::default()
+        },
+        T0 + 100,
+    );
+    a.ingest(
+        &Drained {
+            flows: vec![flow(1, remote, 40000, 50000, DIRECTION_EGRESS, 5, 600, 0)],
+            ..Default::default()
+        },
+        T0 + 2000,
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    assert_eq!(w[0].series.len(), 1, "{:?}", w[0].series);
+    assert_eq!(w[0].series[0].role, Role::Server);
+    assert_eq!(w[0].series[0].port, 40000);
+    assert_eq!(
+        w[0].series[0].flows, 1,
+        "one connection, seen in two drains"
+    );
+}
+
+#[test]
+fn windows_align_to_the_clock_and_the_first_is_incomplete() {
+    let mut a = Aggregator::new("n1", T0 + 3_000);
+    a.set_config(&spec(), T0 + 3_000);
+    a.ingest(
+        &Drained {
+            flows: vec![flow(1, ip(9), 40000, 80, DIRECTION_EGRESS, 1, 100, 0)],
+            ..Default::default()
+        },
+        T0 + 4_000,
+    );
+    assert!(a.close_due(T0 + 9_999).0.is_empty());
+    let (w, _) = a.close_due(T0 + 10_000);
+    assert_eq!((w[0].start, w[0].end(), w[0].complete), (1000, 1010, false));
+    let (w, _) = a.close_due(T0 + 20_000);
+    assert_eq!((w[0].start, w[0].complete), (1010, true));
+    assert!(w[0].series.is_empty(), "an idle window is still reported");
+}
+
+#[test]
+fn series_beyond_the_budget_fold_into_other() {
+    let mut s = spec();
+    s.observations[0].max_series = 2;
+    let mut a = Aggregator::new("n1", T0);
+    a.set_config(&s, T0);
+    let flows = (0..5)
+        .map(|i| {
+            flow(
+                1,
+                v4_mapped([172, 16, 0, i]),
+                40000,
+                80,
+                DIRECTION_EGRESS,
+                1,
+                100,
+                FLOW_FLAG_SYN,
+            )
+        })
+        .collect();
+    a.ingest(
+        &Drained {
+            flows,
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    let w = &w[0];
+    assert_eq!(w.series.len(), 3);
+    assert_eq!(w.folded_series, 3);
+    let other = w.series.iter().find(|s| s.local.other).unwrap();
+    assert_eq!((other.flows, other.tx.bytes), (3, 300));
+    assert_eq!(totals(w), (5, 5, 500), "nothing lost by folding");
+}
+
+#[test]
+fn rtt_samples_join_their_connection() {
+    let mut a = agg();
+    let remote = v4_mapped([192, 168, 1, 1]);
+    let rtt = |us: u32, n: u64| {
+        (
+            RttKey {
+                local_addr: ip(1),
+                remote_addr: remote,
+                local_port: 40000,
+                remote_port: 443,
+                bucket: rtt_bucket(us),
+                _pad: 0,
+            },
+            n,
+        )
+    };
+    a.ingest(
+        &Drained {
+            flows: vec![flow(
+                1,
+                remote,
+                40000,
+                443,
+                DIRECTION_EGRESS,
+                1,
+                60,
+                FLOW_FLAG_SYN,
+            )],
+            rtt: vec![rtt(20_000, 9), rtt(40_000, 1)],
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    let s = &w[0].series[0];
+    assert_eq!(s.rtt.count(), 10);
+    let p50 = s.rtt.quantile(0.5).unwrap() as f64;
+    assert!((p50 - 20_000.0).abs() / 20_000.0 < 0.04, "{p50}");
+}
+
+#[test]
+fn overflow_keeps_totals() {
+    let mut a = agg();
+    let s = FlowStats {
+        packets: 7,
+        bytes: 700,
+        payload_bytes: 336,
+        flags: 0,
+        retransmits: 0,
+    };
+    a.ingest(
+        &Drained {
+            overflow: vec![(
+                OverflowKey {
+                    local_addr: ip(1),
+                    direction: DIRECTION_EGRESS,
+                    _pad: [0; 7],
+                },
+                s,
+            )],
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    assert_eq!(w[0].overflow_packets, 7);
+    assert_eq!(totals(&w[0]).2, 700);
+}
+
+#[test]
+fn rule_counters_are_attributed_through_the_generation_tables() {
+    let mut a = agg();
+    let tables = Arc::new(crate::tables::compile(&spec()));
+    a.set_generation_tables(1, tables);
+    let key = |verdict| RuleCounterKey {
+        scope: rule_scope(1, DIRECTION_EGRESS, 1),
+        slot: 0,
+        verdict,
+        _pad: [0; 2],
+    };
+    a.ingest(
+        &Drained {
+            rules: vec![
+                (
+                    key(VERDICT_DROP),
+                    RuleCounters {
+                        packets: 4,
+                        connections: 3,
+                    },
+                ),
+                (
+                    key(VERDICT_AUDIT),
+                    RuleCounters {
+                        packets: 1,
+                        connections: 0,
+                    },
+                ),
+                (
+                    RuleCounterKey {
+                        scope: rule_scope(0, DIRECTION_EGRESS, 1),
+                        slot: 0,
+                        verdict: VERDICT_DROP,
+                        _pad: [0; 2],
+                    },
+                    RuleCounters {
+                        packets: 9,
+                        connections: 9,
+                    },
+                ),
+            ],
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    assert_eq!(
+        a.stats.unattributed_matches, 18,
+        "generation 0 has no tables"
+    );
+    let (_, p) = a.close_due(T0 + 10_000);
+    assert_eq!(p.len(), 1);
+    let m = &p[0].policies[0];
+    assert_eq!((m.namespace.as_str(), m.name.as_str()), ("a", "p"));
+    assert_eq!(
+        (m.blocked.packets, m.blocked.connections, m.audited.packets),
+        (4, 3, 1)
+    );
+}
+
+#[test]
+fn a_reshaped_observation_closes_its_window_early() {
+    let mut a = agg();
+    a.ingest(
+        &Drained {
+            flows: vec![flow(1, ip(9), 40000, 80, DIRECTION_EGRESS, 1, 100, 0)],
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    let mut s = spec();
+    s.observations[0].group_by.push(flowlens_api::GroupBy::Pod);
+    s.observations[0].generation = 2;
+    a.set_config(&s, T0 + 2_000);
+    let (w, _) = a.close_due(T0 + 3_000);
+    assert_eq!(w.len(), 1);
+    assert!(!w[0].complete);
+    assert_eq!(totals(&w[0]).2, 100);
+}

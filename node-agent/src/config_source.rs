@@ -1,0 +1,139 @@
+//! Where the agent's config comes from: its own `NodeAgentConfig` on the API
+//! server, or a YAML file (standalone mode). A bad or missing config never
+//! stops the agent: the last good one stays in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    time::{Duration, SystemTime},
+};
+
+use flowlens_api::node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec};
+use futures::StreamExt;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use tracing::{info, warn};
+
+use crate::control::Event;
+
+/// Parses a config file: a whole `NodeAgentConfig` object (as written by the
+/// operator, or `kubectl get -o yaml`) or just its spec.
+pub fn parse_config(text: &str) -> Result<NodeAgentConfigSpec, String> {
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let spec = match value.get("spec") {
+        Some(spec) if value.get("kind").is_some() => spec.clone(),
+        _ => value,
+    };
+    serde_yaml::from_value(spec).map_err(|e| e.to_string())
+}
+
+/// The config of an agent with nothing to do (its `NodeAgentConfig` was deleted).
+pub fn empty_config(node: &str) -> NodeAgentConfigSpec {
+    NodeAgentConfigSpec {
+        node_name: node.to_owned(),
+        revision: "none".into(),
+        ..Default::default()
+    }
+}
+
+/// Polls `path` and sends its config whenever the file changes.
+pub fn watch_file(path: PathBuf, tx: mpsc::Sender<Event>) {
+    std::thread::Builder::new()
+        .name("config-file".into())
+        .spawn(move || {
+            let mut last: Option<(SystemTime, u64)> = None;
+            loop {
+                let stamp = std::fs::metadata(&path)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+                if stamp.is_some() && stamp != last {
+                    last = stamp;
+                    if let Some(spec) = read_file(&path) {
+                        if tx.send(Event::Config(Arc::new(spec))).is_err() {
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+        .expect("spawning the config-file thread");
+}
+
+fn read_file(path: &Path) -> Option<NodeAgentConfigSpec> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read the config file; keeping the current config");
+            return None;
+        }
+    };
+    match parse_config(&text) {
+        Ok(spec) => {
+            info!(path = %path.display(), revision = %spec.revision, "read config file");
+            Some(spec)
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "invalid config file; keeping the current config");
+            None
+        }
+    }
+}
+
+/// Watches the node's `NodeAgentConfig` (shared reflector-free watch: one
+/// object, selected by name) and sends each version.
+pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
+    let api: Api<NodeAgentConfig> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let spec = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o.spec,
+            Ok(watcher::Event::Delete(_)) => {
+                info!(node = %node, "NodeAgentConfig deleted: detaching from every pod");
+                empty_config(&node)
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(error = %e, "watching NodeAgentConfig (retrying with backoff)");
+                continue;
+            }
+        };
+        if tx.send(Event::Config(Arc::new(spec))).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_objects_and_bare_specs() {
+        let obj = "apiVersion: flowlens.dev/v1alpha1\nkind: NodeAgentConfig\nmetadata: {name: n}\nspec: {nodeName: n, revision: r1}\n";
+        assert_eq!(parse_config(obj).unwrap().revision, "r1");
+        assert_eq!(
+            parse_config("nodeName: n\nrevision: r2\n")
+                .unwrap()
+                .revision,
+            "r2"
+        );
+        let err = parse_config("nodeName: n\nrevision: r\nrules: [{id: x}]\n").unwrap_err();
+        assert!(err.contains("rules"), "{err}");
+    }
+
+    #[test]
+    fn the_sample_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/samples/nodeagentconfig-example.yaml"
+        ))
+        .unwrap();
+        let spec = parse_config(&text).unwrap();
+        assert_eq!(spec.rules.len(), 1);
+        assert!(crate::tables::compile(&spec).problems.is_empty());
+    }
+}

@@ -1,0 +1,536 @@
+//! The control loop: the one thread that owns the datapath.
+//!
+//! It applies configs as they arrive, keeps pod interfaces and cgroups in
+//! sync, drains the kernel tables at window boundaries (so between drains the
+//! live counts sit in pinned kernel maps and survive an agent crash), and
+//! publishes windows, a snapshot and metrics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, mpsc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use flowlens_agent_common::{CgroupEndpoint, DIRECTION_EGRESS};
+use flowlens_api::{
+    conditions::reason,
+    node_agent_config::{EndpointAttachment, NodeAgentConfigSpec},
+    report::{ObservationWindow, PolicyMatches, PolicyWindow},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    aggregate::{Aggregator, Drained},
+    cgroups,
+    datapath::{Datapath, attach::Interface, revision_hash},
+    interfaces,
+    metrics::{DirectionLabels, Metrics, PolicyLabels, ResultLabels, TableLabels},
+    state::{Problem, Shared},
+    tables::{self, Tables},
+};
+
+/// Requests to the control loop.
+pub enum Event {
+    /// A new config (from the API server or a file).
+    Config(Arc<NodeAgentConfigSpec>),
+    /// Windows and policy matches as they stand now, without draining (for `dump`).
+    Preview(tokio::sync::oneshot::Sender<Preview>),
+    /// Stop: drain and flush open windows as incomplete parts.
+    Shutdown,
+}
+
+/// The live view: open windows including what the kernel counted since the
+/// last drain, and policy matches since the agent started (including live).
+#[derive(Debug, Default)]
+pub struct Preview {
+    pub windows: Vec<ObservationWindow>,
+    pub policies: Vec<PolicyMatches>,
+}
+
+/// Windows ready to be reported.
+#[derive(Debug, Default)]
+pub struct Completed {
+    pub windows: Vec<ObservationWindow>,
+    pub policies: Vec<PolicyWindow>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    pub node: String,
+    /// Where pods' cgroups live (for connect-time rejection), if known.
+    pub cgroup_root: Option<PathBuf>,
+    /// How often to re-resolve pod interfaces and cgroups.
+    pub reconcile_interval: Duration,
+    /// Longest time between two drains of the flow tables.
+    pub max_drain_interval: Duration,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct ControlLoop {
+    opts: ControlOptions,
+    datapath: Datapath,
+    agg: Aggregator,
+    spec: Option<Arc<NodeAgentConfigSpec>>,
+    tables: Option<Arc<Tables>>,
+    attached: BTreeSet<Interface>,
+    shared: Shared,
+    metrics: Arc<Metrics>,
+    completed: tokio::sync::mpsc::UnboundedSender<Completed>,
+    last_kernel: crate::datapath::KernelCounters,
+    next_flow_drain: i64,
+    next_rule_drain: i64,
+    policy_totals: BTreeMap<(String, String), PolicyMatches>,
+}
+
+impl ControlLoop {
+    pub fn new(
+        opts: ControlOptions,
+        mut datapath: Datapath,
+        shared: Shared,
+        metrics: Arc<Metrics>,
+        completed: tokio::sync::mpsc::UnboundedSender<Completed>,
+    ) -> Self {
+        let now = now_ms();
+        let last_kernel = datapath.counters().unwrap_or_default();
+        shared.update(|s| {
+            s.node = opts.node.clone();
+            s.hooks = datapath.hooks().clone();
+        });
+        ControlLoop {
+            agg: Aggregator::new(opts.node.clone(), now),
+            opts,
+            datapath,
+            spec: None,
+            tables: None,
+            attached: BTreeSet::new(),
+            shared,
+            metrics,
+            completed,
+            last_kernel,
+            next_flow_drain: now,
+            next_rule_drain: now,
+            policy_totals: BTreeMap::new(),
+        }
+    }
+
+    /// Runs until `Shutdown` or until every sender is gone.
+    pub fn run(mut self, events: mpsc::Receiver<Event>) {
+        let mut next_reconcile = Instant::now();
+        loop {
+            let now = now_ms();
+            let next_drain = self.next_flow_drain.min(self.next_rule_drain);
+            let until_drain = Duration::from_millis((next_drain - now).max(0) as u64);
+            let until_reconcile = next_reconcile.saturating_duration_since(Instant::now());
+            match events.recv_timeout(until_drain.min(until_reconcile)) {
+                Ok(Event::Config(spec)) => self.apply(spec),
+                Ok(Event::Preview(reply)) => {
+                    let _ = reply.send(self.preview());
+                }
+                Ok(Event::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.shutdown();
+                    return;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_reconcile {
+                self.reconcile();
+                next_reconcile = Instant::now() + self.opts.reconcile_interval;
+            }
+            let now = now_ms();
+            if now >= self.next_flow_drain.min(self.next_rule_drain) {
+                self.drain(now);
+            }
+        }
+    }
+
+    fn apply(&mut self, spec: Arc<NodeAgentConfigSpec>) {
+        if self
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.revision == spec.revision)
+            && self.tables.is_some()
+        {
+            return;
+        }
+        let started = Instant::now();
+        let tables = Arc::new(tables::compile(&spec));
+        // A restarted agent finds the kernel enforcing some revision: when it
+        // is this one, the tables it compiles are those in force (compilation
+        // is deterministic), so counters of that generation stay attributable.
+        if let Ok(active) = self.datapath.active_revision_hash() {
+            if active == revision_hash(&spec.revision) {
+                self.agg
+                    .set_generation_tables(self.datapath.generation(), tables.clone());
+            }
+        }
+        self.shared
+            .update(|s| s.desired_revision = Some(spec.revision.clone()));
+        match self.datapath.apply(tables.clone(), &spec.revision) {
+            Ok(()) => {
+                self.metrics
+                    .applies
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                self.agg
+                    .set_generation_tables(self.datapath.generation(), tables.clone());
+                self.agg.set_config(&spec, now_ms());
+                info!(
+                    revision = %spec.revision,
+                    endpoints = tables.endpoint_refs.len(),
+                    kernel_entries = tables.endpoints.len() + tables.peers.len() + tables.ports.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "applied config"
+                );
+                for p in &tables.problems {
+                    warn!(revision = %spec.revision, problem = %p, "config problem");
+                }
+                self.spec = Some(spec.clone());
+                self.tables = Some(tables);
+                self.shared.set_ready(true);
+                self.shared.update(|s| {
+                    s.applied_revision = Some(spec.revision.clone());
+                    s.apply_error = None;
+                    s.generation = self.datapath.generation();
+                    s.policies = spec.policies.clone();
+                });
+                self.reconcile();
+                self.schedule_flow_drain(now_ms());
+            }
+            Err(e) => {
+                self.metrics
+                    .applies
+                    .get_or_create(&ResultLabels {
+                        result: e.metric_label(),
+                    })
+                    .inc();
+                error!(revision = %spec.revision, error = %e, "cannot apply config; the previous one stays in force");
+                self.shared.update(|s| s.apply_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Resolves pod interfaces and cgroups and syncs attachments.
+    fn reconcile(&mut self) {
+        let Some(tables) = self.tables.clone() else {
+            return;
+        };
+        let routes = interfaces::read_routes().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read routes");
+            Vec::new()
+        });
+        let mut wanted = BTreeSet::new();
+        let mut missing = Vec::new();
+        for ep in &tables.endpoint_refs {
+            if !ep.traced && !ep.has_rules {
+                continue;
+            }
+            let mut found = false;
+            for ip in &ep.ips {
+                if let Some(ifname) = interfaces::lookup(&routes, ip) {
+                    if let Some(idx) = interfaces::ifindex(ifname) {
+                        wanted.insert((ifname.to_owned(), idx));
+                        found = true;
+                    }
+                }
+            }
+            if !found {
+                missing.push(ep.key.clone());
+            }
+        }
+        match self.datapath.sync_interfaces(&wanted) {
+            Ok(attached) => {
+                if attached != self.attached {
+                    debug!(attached = attached.len(), "pod interfaces in sync");
+                }
+                self.attached = attached;
+            }
+            Err(e) => warn!(error = %e, "cannot sync pod interfaces"),
+        }
+        self.metrics
+            .attached_interfaces
+            .set(self.attached.len() as i64);
+
+        // Cgroups of pods with rules, for connect-time rejection.
+        let mut cgroup_entries = BTreeMap::new();
+        if let Some(root) = &self.opts.cgroup_root {
+            let found = cgroups::find_pod_cgroups(root, 6);
+            for ep in tables.endpoint_refs.iter().filter(|e| e.has_rules) {
+                let Some((id, _)) = found.get(&ep.uid) else {
+                    continue;
+                };
+                let mut c = CgroupEndpoint::default();
+                for ip in &ep.ips {
+                    match ip {
+                        IpAddr::V4(_) => c.addr4 = crate::tables::prefix::addr_bytes(*ip),
+                        IpAddr::V6(_) => c.addr6 = crate::tables::prefix::addr_bytes(*ip),
+                    }
+                }
+                cgroup_entries.insert(*id, c);
+            }
+        }
+        if let Err(e) = self.datapath.sync_cgroups(&cgroup_entries) {
+            warn!(error = %e, "cannot sync pod cgroups");
+        }
+
+        let attached_count = tables
+            .endpoint_refs
+            .iter()
+            .filter(|e| (e.traced || e.has_rules) && !missing.contains(&e.key))
+            .count() as u32;
+        missing.sort();
+        let mut problems: Vec<Problem> = tables
+            .problems
+            .iter()
+            .map(|p| Problem {
+                reason: match p {
+                    tables::Problem::TooManyRules { .. } => reason::TOO_MANY_RULES.into(),
+                    _ => reason::APPLY_FAILED.into(),
+                },
+                message: p.to_string(),
+            })
+            .collect();
+        if !missing.is_empty() {
+            problems.push(Problem {
+                reason: reason::INTERFACE_NOT_FOUND.into(),
+                message: format!(
+                    "no interface routes to {} pod(s) yet ({}{}): their traffic is neither counted nor blocked",
+                    missing.len(),
+                    missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if missing.len() > 5 { ", ..." } else { "" }
+                ),
+            });
+        }
+        self.shared.update(|s| {
+            s.endpoints = EndpointAttachment {
+                attached: attached_count,
+                missing: missing.into_iter().take(20).collect(),
+            };
+            s.problems.retain(|p| p.reason == reason::FLOW_TABLE_FULL);
+            s.problems.extend(problems);
+            s.hooks = self.datapath.hooks().clone();
+        });
+    }
+
+    fn schedule_flow_drain(&mut self, now: i64) {
+        let fill = self.datapath.fill.flows;
+        let pressure = fill.1 > 0 && fill.0 as u64 * 2 > u64::from(fill.1);
+        let cap = if pressure {
+            1000
+        } else {
+            self.opts.max_drain_interval.as_millis() as i64
+        };
+        let boundary = self.agg.next_boundary_ms(now).unwrap_or(i64::MAX);
+        self.next_flow_drain = boundary.min(now + cap);
+        self.next_rule_drain = self.agg.next_policy_boundary_ms(now);
+    }
+
+    fn drain(&mut self, now: i64) {
+        let started = Instant::now();
+        let drained = match self.datapath.drain() {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %e, "cannot drain the kernel tables");
+                self.schedule_flow_drain(now);
+                return;
+            }
+        };
+        self.metrics
+            .drain_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.observe(&drained);
+        self.agg.ingest(&drained, now);
+        let (windows, policies) = self.agg.close_due(now);
+        self.publish(windows, policies);
+        self.schedule_flow_drain(now);
+        let kernel = self.datapath.counters().unwrap_or_default();
+        self.shared.update(|s| {
+            s.open_windows = self.agg.snapshot();
+            s.kernel.last_drain_micros = started.elapsed().as_micros() as u64;
+        });
+        self.kernel_state(kernel);
+    }
+
+    fn kernel_state(&mut self, k: crate::datapath::KernelCounters) {
+        let prev = self.last_kernel;
+        for (table, now, before) in [
+            ("flows", k.flow_table_full, prev.flow_table_full),
+            ("rtt", k.rtt_table_full, prev.rtt_table_full),
+            ("connections", k.conn_table_full, prev.conn_table_full),
+        ] {
+            if now > before {
+                self.metrics
+                    .table_full
+                    .get_or_create(&TableLabels { table })
+                    .inc_by(now - before);
+            }
+        }
+        let fill = self.datapath.fill;
+        for (table, (n, cap)) in [
+            ("flows", fill.flows),
+            ("rtt", fill.rtt),
+            ("overflow", fill.overflow),
+            ("rules", fill.rules),
+        ] {
+            self.metrics
+                .table_entries
+                .get_or_create(&TableLabels { table })
+                .set(n as i64);
+            self.metrics
+                .table_capacity
+                .get_or_create(&TableLabels { table })
+                .set(i64::from(cap));
+        }
+        let full_now = k.flow_table_full > prev.flow_table_full;
+        self.shared.update(|s| {
+            s.kernel.flow_entries = fill.flows.0;
+            s.kernel.flow_capacity = fill.flows.1;
+            s.kernel.rtt_entries = fill.rtt.0;
+            s.kernel.rtt_capacity = fill.rtt.1;
+            s.kernel.flow_table_full = k.flow_table_full;
+            s.kernel.rtt_table_full = k.rtt_table_full;
+            s.kernel.conn_table_full = k.conn_table_full;
+            s.kernel.rtt_samples = k.rtt_samples;
+            s.kernel.connect_denied = k.connect_denied;
+            s.problems.retain(|p| p.reason != reason::FLOW_TABLE_FULL);
+            if full_now {
+                s.problems.push(Problem {
+                    reason: reason::FLOW_TABLE_FULL.into(),
+                    message: format!(
+                        "the flow table ({} entries) was full: {} packets were counted without their flow (totals stay exact, in the 'other' series); raise --flow-table-size",
+                        fill.flows.1,
+                        k.flow_table_full - prev.flow_table_full
+                    ),
+                });
+            }
+        });
+        self.last_kernel = k;
+    }
+
+    /// Feeds metrics from drained records.
+    fn observe(&mut self, d: &Drained) {
+        let (mut tx, mut rx) = ((0u64, 0u64), (0u64, 0u64));
+        for (k, s) in &d.flows {
+            let t = if k.direction == DIRECTION_EGRESS {
+                &mut tx
+            } else {
+                &mut rx
+            };
+            t.0 += s.packets;
+            t.1 += s.bytes;
+        }
+        for (k, s) in &d.overflow {
+            let t = if k.direction == DIRECTION_EGRESS {
+                &mut tx
+            } else {
+                &mut rx
+            };
+            t.0 += s.packets;
+            t.1 += s.bytes;
+        }
+        for (dir, (p, b)) in [("egress", tx), ("ingress", rx)] {
+            self.metrics
+                .packets
+                .get_or_create(&DirectionLabels { direction: dir })
+                .inc_by(p);
+            self.metrics
+                .bytes
+                .get_or_create(&DirectionLabels { direction: dir })
+                .inc_by(b);
+        }
+        self.metrics.flows.set(d.flows.len() as i64);
+        for (k, n) in &d.rtt {
+            let mid = flowlens_agent_common::rtt_bucket_lower(k.bucket)
+                + flowlens_agent_common::rtt_bucket_width(k.bucket) / 2;
+            for _ in 0..(*n).min(10_000) {
+                self.metrics.rtt.observe(mid as f64);
+            }
+        }
+    }
+
+    fn publish(&mut self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>) {
+        for pw in &policies {
+            for m in &pw.policies {
+                for (verdict, x) in [("blocked", m.blocked), ("audited", m.audited)] {
+                    let labels = PolicyLabels {
+                        namespace: m.namespace.clone(),
+                        policy: m.name.clone(),
+                        verdict,
+                    };
+                    self.metrics
+                        .policy_packets
+                        .get_or_create(&labels)
+                        .inc_by(x.packets);
+                    self.metrics
+                        .policy_connections
+                        .get_or_create(&labels)
+                        .inc_by(x.connections);
+                }
+                let t = self
+                    .policy_totals
+                    .entry((m.namespace.clone(), m.name.clone()))
+                    .or_insert_with(|| PolicyMatches {
+                        namespace: m.namespace.clone(),
+                        name: m.name.clone(),
+                        ..Default::default()
+                    });
+                t.blocked.add(&m.blocked);
+                t.audited.add(&m.audited);
+            }
+        }
+        let totals: Vec<PolicyMatches> = self.policy_totals.values().cloned().collect();
+        self.shared.update(|s| {
+            for w in &windows {
+                s.last_windows.insert(w.uid.clone(), w.clone());
+                s.history.push(w.clone());
+            }
+            let excess = s.history.len().saturating_sub(crate::state::HISTORY);
+            s.history.drain(..excess);
+            s.policy_totals = totals;
+        });
+        if !windows.is_empty() || !policies.is_empty() {
+            let _ = self.completed.send(Completed { windows, policies });
+        }
+    }
+
+    fn preview(&mut self) -> Preview {
+        let peeked = self.datapath.peek().unwrap_or_default();
+        let (windows, open) = self.agg.preview(&peeked, now_ms());
+        let mut totals = self.policy_totals.clone();
+        for m in open {
+            let t = totals
+                .entry((m.namespace.clone(), m.name.clone()))
+                .or_insert_with(|| PolicyMatches {
+                    namespace: m.namespace.clone(),
+                    name: m.name.clone(),
+                    ..Default::default()
+                });
+            t.blocked.add(&m.blocked);
+            t.audited.add(&m.audited);
+        }
+        Preview {
+            windows,
+            policies: totals.into_values().collect(),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let now = now_ms();
+        if let Ok(d) = self.datapath.drain() {
+            self.agg.ingest(&d, now);
+        }
+        let (windows, policies) = self.agg.flush(now);
+        info!(
+            windows = windows.len(),
+            "flushing open windows as incomplete parts"
+        );
+        self.publish(windows, policies);
+    }
+}

@@ -1,0 +1,561 @@
+//! The kernel side of the agent: the only module that touches eBPF objects.
+//!
+//! [`Datapath::open`] loads the programs, reusing pinned maps and links of a
+//! previous agent (so enforcement and counters never stop); [`Datapath::apply`]
+//! writes compiled tables into the inactive generation and flips to it in one
+//! array update; [`Datapath::drain`] swaps and empties the result tables.
+
+pub mod attach;
+pub mod error;
+pub mod pins;
+mod results;
+pub mod sys;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+};
+use flowlens_agent_common::{
+    CgroupEndpoint, DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS,
+    OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PortKey, RttKey, RuleCounterKey,
+    RuleCounters, rule_scope,
+};
+use flowlens_api::node_agent_config::DatapathHooks;
+use tracing::{info, warn};
+
+pub use error::{DatapathError, Result};
+use pins::PinLayout;
+use results::Swappable;
+
+use crate::{aggregate::Drained, tables::Tables};
+
+/// The compiled eBPF object, embedded at build time.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlens-agent-ebpf"));
+
+/// Maps of the object, pinned by name.
+const PINNED_MAPS: &[&str] = &[
+    "FL_CONFIG",
+    "FL_ENDPOINTS",
+    "FL_PEERS",
+    "FL_PORTS",
+    "FL_CONNS",
+    "FL_CGROUPS",
+    "FL_COUNTERS",
+    "FL_RTT_LAST",
+    "FL_FLOWS",
+    "FL_OVERFLOW",
+    "FL_RTT",
+    "FL_RULE_CNT",
+];
+
+/// Which hook to use for RTT samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RttHook {
+    /// The best the kernel offers: sock_ops, else tcp_probe.
+    Auto,
+    /// `sock_ops` RTT callbacks (cgroup v2).
+    SockOps,
+    /// The `tcp:tcp_probe` tracepoint.
+    TcpProbe,
+    /// No RTT sampling.
+    None,
+}
+
+/// How to open the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Pin root (the layout version is appended).
+    pub bpffs_root: PathBuf,
+    /// The cgroup v2 directory whose sockets are observed (RTT via sock_ops)
+    /// and checked at connect(); `None` disables both.
+    pub cgroup_root: Option<PathBuf>,
+    pub rtt_hook: RttHook,
+    pub flow_table_size: u32,
+    pub rtt_table_size: u32,
+    pub rtt_sample_interval: Duration,
+}
+
+/// Global kernel counters (summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub flow_table_full: u64,
+    pub rtt_table_full: u64,
+    pub conn_table_full: u64,
+    pub rtt_samples: u64,
+    pub connect_denied: u64,
+}
+
+/// Sizes of the tables drained last time, against their capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableFill {
+    pub flows: (usize, u32),
+    pub rtt: (usize, u32),
+    pub overflow: (usize, u32),
+    pub rules: (usize, u32),
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    layout: PinLayout,
+    hooks: DatapathHooks,
+    flows: Swappable<FlowKey, FlowStats>,
+    overflow: Swappable<OverflowKey, FlowStats>,
+    rtt: Swappable<RttKey, u64>,
+    rules: Swappable<RuleCounterKey, RuleCounters>,
+    generation: u32,
+    /// Tables written to each generation by this agent (None: unknown).
+    written: [Option<Arc<Tables>>; 2],
+    cgroups: Option<BTreeMap<u64, CgroupEndpoint>>,
+    rtt_sample_interval_ns: u64,
+    /// Drained from spare tables at start: counts a dead agent did not report.
+    leftovers: Option<Drained>,
+    pub fill: TableFill,
+}
+
+/// A stable hash of a revision string (kept in the kernel per generation).
+pub fn revision_hash(revision: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    revision.hash(&mut h);
+    h.finish() | 1
+}
+
+impl Datapath {
+    /// Loads the programs and maps, adopting whatever a previous agent pinned.
+    pub fn open(opts: &DatapathOptions) -> Result<Datapath> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoEbpfObject);
+        }
+        let layout = PinLayout::new(&opts.bpffs_root);
+        layout.prepare().map_err(|e| {
+            DatapathError::io(
+                format!("preparing pins under {}", layout.dir().display()),
+                e,
+            )
+        })?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        attach::load_programs(&mut ebpf)?;
+
+        let flows = Swappable::open(
+            &mut ebpf,
+            &layout,
+            "FL_FLOWS",
+            "flows",
+            opts.flow_table_size,
+        )?;
+        let overflow = Swappable::open(&mut ebpf, &layout, "FL_OVERFLOW", "overflow", 8192)?;
+        let rtt = Swappable::open(&mut ebpf, &layout, "FL_RTT", "rtt", opts.rtt_table_size)?;
+        let rules = Swappable::open(&mut ebpf, &layout, "FL_RULE_CNT", "rules", 16384)?;
+
+        let config = read_config(&mut ebpf)?;
+        let mut dp = Datapath {
+            ebpf,
+            layout,
+            hooks: DatapathHooks::default(),
+            flows,
+            overflow,
+            rtt,
+            rules,
+            generation: config.generation & 1,
+            written: [None, None],
+            cgroups: None,
+            rtt_sample_interval_ns: opts.rtt_sample_interval.as_nanos() as u64,
+            leftovers: None,
+            fill: TableFill::default(),
+        };
+        let leftovers = Drained {
+            flows: dp.flows.drain_spare()?,
+            overflow: dp.overflow.drain_spare()?,
+            rtt: dp.rtt.drain_spare()?,
+            rules: dp.rules.drain_spare()?,
+        };
+        dp.leftovers = Some(leftovers);
+        dp.attach_global_hooks(opts);
+        Ok(dp)
+    }
+
+    fn attach_global_hooks(&mut self, opts: &DatapathOptions) {
+        self.hooks.flows = if aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        {
+            "tcx".into()
+        } else {
+            "tc".into()
+        };
+        let tracefs = pins::ensure_tracefs();
+        if let Err(e) = &tracefs {
+            warn!(error = %e, "tracefs is not available: no tracepoint hooks");
+        }
+        let fentry =
+            aya::sys::is_program_supported(aya::programs::ProgramType::Tracing).unwrap_or(false);
+        info!(
+            fentry_supported = fentry,
+            "probed kernel: fentry/fexit (BPF tracing programs) {}",
+            if fentry { "available" } else { "unavailable" }
+        );
+
+        // RTT: sock_ops when a cgroup v2 root is known, else tcp_probe.
+        let mut rtt = "none".to_owned();
+        let want_sockops = matches!(opts.rtt_hook, RttHook::Auto | RttHook::SockOps);
+        if want_sockops {
+            if let Some(cg) = &opts.cgroup_root {
+                match attach::cgroup_hook(
+                    &mut self.ebpf,
+                    &self.layout,
+                    attach::PROG_SOCKOPS,
+                    cg,
+                    "sockops",
+                ) {
+                    Ok(()) => rtt = "sock_ops".into(),
+                    Err(e) => warn!(error = %e, "sock_ops RTT hook unavailable"),
+                }
+            }
+        }
+        if rtt == "sock_ops" {
+            attach::unpin(&self.layout, "tp_tcp_probe");
+        } else {
+            attach::unpin(&self.layout, "sockops");
+            if matches!(opts.rtt_hook, RttHook::Auto | RttHook::TcpProbe) && tracefs.is_ok() {
+                match attach::tracepoint_hook(
+                    &mut self.ebpf,
+                    &self.layout,
+                    attach::PROG_TCP_PROBE,
+                    "tcp",
+                    "tcp_probe",
+                    "tp_tcp_probe",
+                ) {
+                    Ok(()) => rtt = "tracepoint/tcp/tcp_probe".into(),
+                    Err(e) => warn!(error = %e, "tcp_probe RTT hook unavailable"),
+                }
+            }
+        }
+        self.hooks.rtt = rtt;
+
+        let mut connect = "none".to_owned();
+        if let Some(cg) = &opts.cgroup_root {
+            let c4 = attach::cgroup_hook(
+                &mut self.ebpf,
+                &self.layout,
+                attach::PROG_CONNECT4,
+                cg,
+                "connect4",
+            );
+            let c6 = attach::cgroup_hook(
+                &mut self.ebpf,
+                &self.layout,
+                attach::PROG_CONNECT6,
+                cg,
+                "connect6",
+            );
+            match (c4, c6) {
+                (Ok(()), Ok(())) => connect = "cgroup/connect4+connect6".into(),
+                (a, b) => {
+                    warn!(connect4 = ?a.err(), connect6 = ?b.err(), "connect-time rejection unavailable")
+                }
+            }
+        }
+        self.hooks.connect = connect;
+
+        self.hooks.retransmits = if tracefs.is_ok() {
+            match attach::tracepoint_hook(
+                &mut self.ebpf,
+                &self.layout,
+                attach::PROG_TCP_RETRANS,
+                "tcp",
+                "tcp_retransmit_skb",
+                "tp_tcp_retransmit_skb",
+            ) {
+                Ok(()) => "tracepoint/tcp/tcp_retransmit_skb".into(),
+                Err(e) => {
+                    warn!(error = %e, "retransmit hook unavailable");
+                    "none".into()
+                }
+            }
+        } else {
+            "none".into()
+        };
+        info!(flows = %self.hooks.flows, rtt = %self.hooks.rtt, connect = %self.hooks.connect, retransmits = %self.hooks.retransmits, "kernel hooks in use");
+    }
+
+    /// The hooks in use, by purpose.
+    pub fn hooks(&self) -> &DatapathHooks {
+        &self.hooks
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// The revision hash the kernel enforces now (0 when never configured).
+    pub fn active_revision_hash(&mut self) -> Result<u64> {
+        let c = read_config(&mut self.ebpf)?;
+        Ok(c.revision_hash[(c.generation & 1) as usize])
+    }
+
+    /// Writes `tables` into the inactive generation, then makes it active
+    /// with one array update. Lookups see either the old or the new tables in
+    /// full, never a mix. Old entries are deleted after an RCU barrier.
+    pub fn apply(&mut self, tables: Arc<Tables>, revision: &str) -> Result<()> {
+        let next = self.generation ^ 1;
+        self.clear_generation(next)?;
+        {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointInfo> =
+                typed(&mut self.ebpf, "FL_ENDPOINTS")?;
+            for (addr, info) in &tables.endpoints {
+                endpoints
+                    .insert(
+                        EndpointKey {
+                            generation: next,
+                            addr: *addr,
+                        },
+                        *info,
+                        0,
+                    )
+                    .map_err(|e| DatapathError::map("FL_ENDPOINTS (is the table full?)", e))?;
+            }
+        }
+        {
+            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
+            for (dir, id, prefix, mask) in &tables.peers {
+                let key = Key::new(
+                    PEER_SCOPE_BITS + u32::from(prefix.len),
+                    PeerKey {
+                        scope: rule_scope(next, *dir, *id),
+                        addr: prefix.bytes(),
+                        _pad: [0; 4],
+                    },
+                );
+                peers
+                    .insert(&key, *mask, 0)
+                    .map_err(|e| DatapathError::map("FL_PEERS (is the table full?)", e))?;
+            }
+        }
+        {
+            let mut ports: LpmTrie<&mut MapData, PortKey, u64> = typed(&mut self.ebpf, "FL_PORTS")?;
+            for (dir, id, prefix, mask) in &tables.ports {
+                let key = Key::new(
+                    PORT_SCOPE_BITS + u32::from(prefix.len),
+                    PortKey {
+                        scope: rule_scope(next, *dir, *id),
+                        protocol: prefix.protocol,
+                        port: prefix.port.to_be_bytes(),
+                        _pad: 0,
+                    },
+                );
+                ports
+                    .insert(&key, *mask, 0)
+                    .map_err(|e| DatapathError::map("FL_PORTS (is the table full?)", e))?;
+            }
+        }
+        // The flip.
+        let mut config = read_config(&mut self.ebpf)?;
+        config.generation = next;
+        config.revision_hash[next as usize] = revision_hash(revision);
+        config.rtt_sample_interval_ns = self.rtt_sample_interval_ns;
+        write_config(&mut self.ebpf, &config)?;
+        // Wait until no program can still be reading the old generation.
+        self.flows.barrier(&mut self.ebpf)?;
+        let old = self.generation;
+        self.generation = next;
+        self.written[next as usize] = Some(tables);
+        self.clear_generation(old)?;
+        Ok(())
+    }
+
+    /// Deletes every table entry of generation `g`.
+    fn clear_generation(&mut self, g: u32) -> Result<()> {
+        if let Some(t) = self.written[g as usize].take() {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointInfo> =
+                typed(&mut self.ebpf, "FL_ENDPOINTS")?;
+            for (addr, _) in &t.endpoints {
+                let _ = endpoints.remove(&EndpointKey {
+                    generation: g,
+                    addr: *addr,
+                });
+            }
+            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
+            for (dir, id, prefix, _) in &t.peers {
+                let _ = peers.remove(&Key::new(
+                    PEER_SCOPE_BITS + u32::from(prefix.len),
+                    PeerKey {
+                        scope: rule_scope(g, *dir, *id),
+                        addr: prefix.bytes(),
+                        _pad: [0; 4],
+                    },
+                ));
+            }
+            let mut ports: LpmTrie<&mut MapData, PortKey, u64> = typed(&mut self.ebpf, "FL_PORTS")?;
+            for (dir, id, prefix, _) in &t.ports {
+                let _ = ports.remove(&Key::new(
+                    PORT_SCOPE_BITS + u32::from(prefix.len),
+                    PortKey {
+                        scope: rule_scope(g, *dir, *id),
+                        protocol: prefix.protocol,
+                        port: prefix.port.to_be_bytes(),
+                        _pad: 0,
+                    },
+                ));
+            }
+            return Ok(());
+        }
+        // Unknown content (written by a previous agent): scan.
+        let gen_bit = |scope: [u8; 4]| u32::from_be_bytes(scope) >> 31;
+        {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointInfo> =
+                typed(&mut self.ebpf, "FL_ENDPOINTS")?;
+            let keys: Vec<EndpointKey> = endpoints
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.generation == g)
+                .collect();
+            for k in keys {
+                let _ = endpoints.remove(&k);
+            }
+        }
+        {
+            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
+            let keys: Vec<Key<PeerKey>> = peers
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| gen_bit(k.data().scope) == g)
+                .collect();
+            for k in keys {
+                let _ = peers.remove(&k);
+            }
+        }
+        {
+            let mut ports: LpmTrie<&mut MapData, PortKey, u64> = typed(&mut self.ebpf, "FL_PORTS")?;
+            let keys: Vec<Key<PortKey>> = ports
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| gen_bit(k.data().scope) == g)
+                .collect();
+            for k in keys {
+                let _ = ports.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the cgroup table equal to `wanted` (cgroup id -> pod addresses).
+    pub fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, CgroupEndpoint>) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u64, CgroupEndpoint> =
+            typed(&mut self.ebpf, "FL_CGROUPS")?;
+        let current = match &self.cgroups {
+            Some(c) => c.clone(),
+            None => map.iter().filter_map(|r| r.ok()).collect(),
+        };
+        for (id, e) in wanted {
+            if current.get(id) != Some(e) {
+                map.insert(id, e, 0)
+                    .map_err(|e| DatapathError::map("FL_CGROUPS", e))?;
+            }
+        }
+        for id in current.keys() {
+            if !wanted.contains_key(id) {
+                let _ = map.remove(id);
+            }
+        }
+        self.cgroups = Some(wanted.clone());
+        Ok(())
+    }
+
+    /// Makes the set of interfaces carrying the TC programs equal to `wanted`.
+    pub fn sync_interfaces(
+        &mut self,
+        wanted: &BTreeSet<attach::Interface>,
+    ) -> Result<BTreeSet<attach::Interface>> {
+        attach::sync_tc(&mut self.ebpf, &self.layout, wanted)
+    }
+
+    /// Swaps out and empties every result table.
+    pub fn drain(&mut self) -> Result<Drained> {
+        let mut d = self.leftovers.take().unwrap_or_default();
+        let flows = self.flows.swap_and_drain(&mut self.ebpf)?;
+        let overflow = self.overflow.swap_and_drain(&mut self.ebpf)?;
+        let rtt = self.rtt.swap_and_drain(&mut self.ebpf)?;
+        let rules = self.rules.swap_and_drain(&mut self.ebpf)?;
+        self.fill = TableFill {
+            flows: (flows.len(), self.flows.capacity()),
+            rtt: (rtt.len(), self.rtt.capacity()),
+            overflow: (overflow.len(), self.overflow.capacity()),
+            rules: (rules.len(), self.rules.capacity()),
+        };
+        d.flows.extend(flows);
+        d.overflow.extend(overflow);
+        d.rtt.extend(rtt);
+        d.rules.extend(rules);
+        Ok(d)
+    }
+
+    /// The live tables, read without draining (for `dump`).
+    pub fn peek(&self) -> Result<Drained> {
+        Ok(Drained {
+            flows: self.flows.peek()?,
+            overflow: self.overflow.peek()?,
+            rtt: self.rtt.peek()?,
+            rules: self.rules.peek()?,
+        })
+    }
+
+    /// The global counters, summed over CPUs (cumulative since the maps were created).
+    pub fn counters(&mut self) -> Result<KernelCounters> {
+        let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_COUNTERS")?;
+        let mut v = [0u64; NUM_COUNTERS as usize];
+        for (i, slot) in v.iter_mut().enumerate() {
+            if let Ok(per_cpu) = map.get(&(i as u32), 0) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        Ok(KernelCounters {
+            flow_table_full: v[flowlens_agent_common::COUNTER_FLOW_TABLE_FULL as usize],
+            rtt_table_full: v[flowlens_agent_common::COUNTER_RTT_TABLE_FULL as usize],
+            conn_table_full: v[flowlens_agent_common::COUNTER_CONN_TABLE_FULL as usize],
+            rtt_samples: v[flowlens_agent_common::COUNTER_RTT_SAMPLES as usize],
+            connect_denied: v[flowlens_agent_common::COUNTER_CONNECT_DENIED as usize],
+        })
+    }
+}
+
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or_else(|| {
+        DatapathError::map(name, aya::maps::MapError::InvalidName { name: name.into() })
+    })?;
+    T::try_from(map).map_err(|e| DatapathError::map(name, e))
+}
+
+fn read_config(ebpf: &mut Ebpf) -> Result<DatapathConfig> {
+    let a: Array<&mut MapData, DatapathConfig> = typed(ebpf, "FL_CONFIG")?;
+    a.get(&0, 0).map_err(|e| DatapathError::map("FL_CONFIG", e))
+}
+
+fn write_config(ebpf: &mut Ebpf, c: &DatapathConfig) -> Result<()> {
+    let mut a: Array<&mut MapData, DatapathConfig> = typed(ebpf, "FL_CONFIG")?;
+    a.set(0, c, 0)
+        .map_err(|e| DatapathError::map("FL_CONFIG", e))
+}
+
+/// Removes every pin of a layout (detaching programs, freeing maps).
+pub fn remove_pins(bpffs_root: &Path) -> std::io::Result<usize> {
+    attach::remove_all(&PinLayout::new(bpffs_root))
+}

@@ -1,0 +1,172 @@
+//! Where the datapath pins its maps and links on the BPF file system, in one
+//! place. The layout is versioned: a new layout gets a new directory, so an
+//! agent never reinterprets maps of another layout.
+//!
+//! ```text
+//! <root>/v1/maps/FL_*              maps of the eBPF object
+//! <root>/v1/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
+//! <root>/v1/links/tc_<ifindex>_<ingress|egress>_<ifname>
+//! <root>/v1/links/<hook>           cgroup and tracepoint links
+//! ```
+//!
+//! bpffs reserves `.` in names, so interface names store it as `~`.
+
+use std::{
+    ffi::CString,
+    io,
+    path::{Path, PathBuf},
+};
+
+/// Bump when a map's key, value or meaning changes.
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// The default pin root.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/flowlens";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const TRACEFS_MAGIC: i64 = 0x74726163;
+
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> Self {
+        PinLayout {
+            dir: root.join(LAYOUT_VERSION),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.links().join(name)
+    }
+
+    /// The pin of a TC link.
+    pub fn tc_link(&self, ifname: &str, ifindex: u32, ingress: bool) -> PathBuf {
+        let dir = if ingress { "ingress" } else { "egress" };
+        self.links()
+            .join(format!("tc_{ifindex}_{dir}_{}", ifname.replace('.', "~")))
+    }
+
+    /// Parses a TC link pin name back into (ifname, ifindex, ingress).
+    pub fn parse_tc_link(name: &str) -> Option<(String, u32, bool)> {
+        let mut parts = name.splitn(4, '_');
+        if parts.next()? != "tc" {
+            return None;
+        }
+        let ifindex = parts.next()?.parse().ok()?;
+        let ingress = match parts.next()? {
+            "ingress" => true,
+            "egress" => false,
+            _ => return None,
+        };
+        Some((parts.next()?.replace('~', "."), ifindex, ingress))
+    }
+
+    /// Creates the directories (mounting bpffs first if needed).
+    pub fn prepare(&self) -> io::Result<()> {
+        ensure_bpffs(&self.dir)?;
+        std::fs::create_dir_all(self.maps())?;
+        std::fs::create_dir_all(self.links())?;
+        Ok(())
+    }
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+fn mount(fstype: &str, target: &Path) -> io::Result<()> {
+    let t = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let f = CString::new(fstype).unwrap();
+    // SAFETY: valid C strings; no data argument.
+    if unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes sure `path` is on a BPF file system, mounting one at
+/// `/sys/fs/bpf` when none is there.
+pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
+    // Find the nearest existing ancestor and check its file system.
+    let mut probe = path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if fs_magic(&probe).ok() == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    let bpffs = Path::new("/sys/fs/bpf");
+    if fs_magic(bpffs).ok() != Some(BPF_FS_MAGIC) {
+        std::fs::create_dir_all(bpffs)?;
+        mount("bpf", bpffs)
+            .map_err(|e| io::Error::new(e.kind(), format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
+    }
+    if !path.starts_with(bpffs) && fs_magic(&probe).ok() != Some(BPF_FS_MAGIC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not on a BPF file system: use a --bpffs-root under /sys/fs/bpf",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes sure tracefs is mounted (tracepoint attachment reads event ids from it).
+pub fn ensure_tracefs() -> io::Result<()> {
+    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if fs_magic(Path::new(p)).ok() == Some(TRACEFS_MAGIC) {
+            return Ok(());
+        }
+    }
+    mount("tracefs", Path::new("/sys/kernel/tracing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tc_link_names_round_trip() {
+        let l = PinLayout::new(Path::new("/sys/fs/bpf/x"));
+        let p = l.tc_link("veth.a_b", 42, true);
+        assert_eq!(
+            p,
+            Path::new("/sys/fs/bpf/x/v1/links/tc_42_ingress_veth~a_b")
+        );
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            PinLayout::parse_tc_link(name),
+            Some(("veth.a_b".into(), 42, true))
+        );
+        assert_eq!(PinLayout::parse_tc_link("sockops"), None);
+    }
+}

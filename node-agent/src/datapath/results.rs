@@ -1,0 +1,156 @@
+//! Result tables (flows, overflow, RTT, rule counters), each a pair of pinned
+//! hash maps behind a one-slot array of maps.
+//!
+//! Draining swaps the spare map into the slot. The kernel's map-in-map update
+//! waits for every running BPF program (`synchronize_rcu`), so afterwards no
+//! program writes the old map: it is read and emptied in batches, exactly.
+
+use std::{marker::PhantomData, os::fd::AsFd, path::Path};
+
+use aya::{
+    Ebpf, Pod,
+    maps::{ArrayOfMaps, HashMap, Map, MapData, MapError},
+};
+
+use super::{
+    error::{DatapathError, Result},
+    pins::PinLayout,
+    sys,
+};
+
+/// Entries read per batch syscall.
+const BATCH: usize = 4096;
+
+pub struct Swappable<K, V> {
+    outer: &'static str,
+    a: MapData,
+    b: MapData,
+    /// Whether `a` is the map in the datapath.
+    a_active: bool,
+    capacity: u32,
+    _p: PhantomData<(K, V)>,
+}
+
+fn open_or_create<K: Pod, V: Pod>(path: &Path, capacity: u32) -> Result<MapData> {
+    if !path.exists() {
+        let m = HashMap::<MapData, K, V>::create(capacity, 0)
+            .map_err(|e| DatapathError::map(path.display().to_string(), e))?;
+        m.pin(path).map_err(|e| DatapathError::Link {
+            path: path.to_path_buf(),
+            message: format!("pinning: {}", error_chain(&e)),
+        })?;
+    }
+    MapData::from_pin(path).map_err(|e| DatapathError::map(path.display().to_string(), e))
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn map_id(m: &MapData) -> Result<u32> {
+    Ok(m.info().map_err(|e| DatapathError::map("info", e))?.id())
+}
+
+impl<K: Pod, V: Pod> Swappable<K, V> {
+    /// Opens (or creates) the two maps `<stem>_a` and `<stem>_b` and makes
+    /// sure one of them is in the outer map `outer`.
+    pub fn open(
+        ebpf: &mut Ebpf,
+        layout: &PinLayout,
+        outer: &'static str,
+        stem: &str,
+        capacity: u32,
+    ) -> Result<Self> {
+        let a = open_or_create::<K, V>(&layout.map(&format!("{stem}_a")), capacity)?;
+        let b = open_or_create::<K, V>(&layout.map(&format!("{stem}_b")), capacity)?;
+        let capacity = a.info().map(|i| i.max_entries()).unwrap_or(capacity);
+        let (a_id, b_id) = (map_id(&a)?, map_id(&b)?);
+        let mut s = Swappable {
+            outer,
+            a,
+            b,
+            a_active: true,
+            capacity,
+            _p: PhantomData,
+        };
+        let current = {
+            let outer_map = outer_map(ebpf, outer)?;
+            match outer_map.get(&0, 0) {
+                Ok(m) => Some(map_id(&m)?),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => return Err(DatapathError::map(outer, e)),
+            }
+        };
+        match current {
+            Some(id) if id == a_id => s.a_active = true,
+            Some(id) if id == b_id => s.a_active = false,
+            _ => {
+                let mut outer_map = outer_map(ebpf, outer)?;
+                outer_map
+                    .set(0, &s.a, 0)
+                    .map_err(|e| DatapathError::map(outer, e))?;
+                s.a_active = true;
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Empties the spare map (left over when an agent died mid-drain: real,
+    /// unreported counts) without touching the active one.
+    pub fn drain_spare(&mut self) -> Result<Vec<(K, V)>> {
+        let spare = if self.a_active { &self.b } else { &self.a };
+        sys::lookup_and_delete_all(spare.fd().as_fd(), BATCH)
+            .map_err(|e| DatapathError::io(format!("draining {}", self.outer), e))
+    }
+
+    /// Reads the active map without draining it.
+    pub fn peek(&self) -> Result<Vec<(K, V)>> {
+        let active = if self.a_active { &self.a } else { &self.b };
+        sys::lookup_all(active.fd().as_fd(), BATCH)
+            .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
+    }
+
+    /// Swaps the spare map in, then empties the one swapped out.
+    pub fn swap_and_drain(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
+        {
+            let mut outer = outer_map(ebpf, self.outer)?;
+            let next = if self.a_active { &self.b } else { &self.a };
+            outer
+                .set(0, next, 0)
+                .map_err(|e| DatapathError::map(self.outer, e))?;
+        }
+        self.a_active = !self.a_active;
+        self.drain_spare()
+    }
+
+    /// Re-sets the active map: a no-op for the data, but the kernel waits for
+    /// every running BPF program before returning (an RCU barrier).
+    pub fn barrier(&self, ebpf: &mut Ebpf) -> Result<()> {
+        let mut outer = outer_map(ebpf, self.outer)?;
+        let active = if self.a_active { &self.a } else { &self.b };
+        outer
+            .set(0, active, 0)
+            .map_err(|e| DatapathError::map(self.outer, e))
+    }
+}
+
+fn outer_map<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<ArrayOfMaps<&'a mut MapData, MapData>> {
+    let map: &mut Map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| DatapathError::map(name, MapError::InvalidName { name: name.into() }))?;
+    ArrayOfMaps::try_from(map).map_err(|e| DatapathError::map(name, e))
+}

@@ -1,0 +1,144 @@
+//! The two `bpf(2)` commands aya 0.14 does not wrap: batched
+//! lookup-and-delete (to drain a swapped-out table in a few syscalls) and
+//! link update (to replace a pinned link's program atomically on upgrade).
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `union bpf_attr`, large enough for every command used here (the kernel
+/// reads `size` bytes and requires unused ones to be zero).
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn zeroed() -> Self {
+        Attr([0; 128])
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, off: usize) -> u32 {
+        u32::from_ne_bytes(self.0[off..off + 4].try_into().unwrap())
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr of the declared size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Opens a pinned BPF object (map, program or link).
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = Attr::zeroed();
+    // struct { pathname: u64; bpf_fd, file_flags: u32 }
+    attr.put_u64(0, c.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Reads and deletes every entry of a hash map, `chunk` entries per syscall.
+/// Meant for maps with no concurrent writer (swapped out of the datapath).
+pub fn lookup_and_delete_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    batch_all(map, chunk, BPF_MAP_LOOKUP_AND_DELETE_BATCH)
+}
+
+/// Reads every entry of a hash map without changing it (a racy snapshot
+/// when programs write concurrently: good for a debug view).
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    batch_all(map, chunk, BPF_MAP_LOOKUP_BATCH)
+}
+
+fn batch_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    cmd: libc::c_long,
+) -> io::Result<Vec<(K, V)>> {
+    let mut chunk = chunk.max(16);
+    let mut out = Vec::new();
+    let mut in_batch: u64 = 0;
+    let mut out_batch: u64 = 0;
+    let mut first = true;
+    loop {
+        let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk);
+        let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe {
+            keys.set_len(chunk);
+            values.set_len(chunk);
+        }
+        let mut attr = Attr::zeroed();
+        // struct { in_batch, out_batch, keys, values: u64; count, map_fd: u32; elem_flags, flags: u64 }
+        attr.put_u64(
+            0,
+            if first {
+                0
+            } else {
+                &in_batch as *const u64 as u64
+            },
+        );
+        attr.put_u64(8, &mut out_batch as *mut u64 as u64);
+        attr.put_u64(16, keys.as_mut_ptr() as u64);
+        attr.put_u64(24, values.as_mut_ptr() as u64);
+        attr.put_u32(32, chunk as u32);
+        attr.put_u32(36, map.as_raw_fd() as u32);
+        let res = bpf(cmd, &mut attr).map(|_| ());
+        let n = (attr.get_u32(32) as usize).min(chunk);
+        for i in 0..n {
+            // SAFETY: the kernel initialised the first `n` entries.
+            out.push(unsafe { (keys[i].assume_init(), values[i].assume_init()) });
+        }
+        match res {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // A bucket holds more entries than fit: retry it with more room.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
+/// Atomically replaces the program of a BPF link.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::zeroed();
+    // struct { link_fd, new_prog_fd, flags, old_prog_fd: u32 }
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, new_prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}

@@ -1,0 +1,191 @@
+//! `flowlens-agent dump`: prints a running agent's current windows, RTT
+//! percentiles and block counters, from its `/debug/window` endpoint.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use flowlens_api::{
+    format,
+    histogram::Histogram,
+    report::{ObservationWindow, Role, protocol_name},
+};
+
+use crate::http::DebugWindow;
+
+/// Fetches `/debug/window` from `addr` (`host:port`).
+pub fn fetch(addr: &str) -> anyhow::Result<DebugWindow> {
+    let mut s = TcpStream::connect(addr).with_context(|| {
+        format!("connecting to the agent at {addr} (is it running? see --http-addr)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /debug/window HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let Some((head, json)) = body.split_once("\r\n\r\n") else {
+        bail!("malformed HTTP response from {addr}");
+    };
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!(
+            "{addr} answered: {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    serde_json::from_str(json).context("decoding /debug/window")
+}
+
+fn endpoint(s: &flowlens_api::report::Series) -> String {
+    let d = &s.local;
+    if d.other {
+        return "(other)".into();
+    }
+    let mut parts = Vec::new();
+    for v in [&d.namespace, &d.workload, &d.pod, &d.node, &d.zone]
+        .into_iter()
+        .flatten()
+    {
+        parts.push(v.clone());
+    }
+    for (k, v) in &d.labels {
+        parts.push(format!("{k}={v}"));
+    }
+    parts.join("/")
+}
+
+/// Prints a window as text.
+pub fn print_window(
+    w: &ObservationWindow,
+    top: usize,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let (mut flows, mut packets, mut bytes, mut payload, mut retrans) = (0, 0, 0, 0, 0);
+    let mut rtt = Histogram::default();
+    for s in &w.series {
+        flows += s.flows;
+        packets += s.tx.packets + s.rx.packets;
+        bytes += s.tx.bytes + s.rx.bytes;
+        payload += s.tx.payload_bytes + s.rx.payload_bytes;
+        retrans += s.retransmits;
+        rtt.merge(&s.rtt);
+    }
+    writeln!(
+        out,
+        "observation {} ({}s window from {}, {})",
+        w.observation,
+        w.window_seconds,
+        w.start,
+        if w.complete { "complete" } else { "partial" }
+    )?;
+    let q = |p| {
+        rtt.quantile(p)
+            .map(format::micros)
+            .unwrap_or_else(|| "-".into())
+    };
+    writeln!(
+        out,
+        "  flows {flows}  packets {}  bytes {} (payload {})  retransmits {retrans}  rtt p50 {} p95 {} p99 {} ({} samples)",
+        format::count(packets),
+        format::bytes(bytes),
+        format::bytes(payload),
+        q(0.5),
+        q(0.95),
+        q(0.99),
+        rtt.count()
+    )?;
+    if w.series.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  {:<40} {:<28} {:>6} {:<6} {:>10} {:>9} {:>9} {:>9}",
+        "LOCAL", "REMOTE", "PORT", "PROTO", "BYTES", "PACKETS", "RTT-P50", "RTT-P99"
+    )?;
+    for s in w.series.iter().take(top) {
+        let arrow = match s.role {
+            Role::Client => "->",
+            Role::Server => "<-",
+        };
+        writeln!(
+            out,
+            "  {:<40} {:<28} {:>6} {:<6} {:>10} {:>9} {:>9} {:>9}",
+            endpoint(s),
+            format!("{arrow} {}", s.remote.as_deref().unwrap_or("(other)")),
+            s.port,
+            protocol_name(s.protocol),
+            format::bytes(s.tx.bytes + s.rx.bytes),
+            s.tx.packets + s.rx.packets,
+            s.rtt
+                .quantile(0.5)
+                .map(format::micros)
+                .unwrap_or_else(|| "-".into()),
+            s.rtt
+                .quantile(0.99)
+                .map(format::micros)
+                .unwrap_or_else(|| "-".into()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Prints the whole dump as text.
+pub fn print(d: &DebugWindow, top: usize, out: &mut impl Write) -> std::io::Result<()> {
+    let s = &d.snapshot;
+    writeln!(
+        out,
+        "node {}  revision {}  hooks: flows={} rtt={} connect={} retransmits={}",
+        s.node,
+        s.applied_revision.as_deref().unwrap_or("(none)"),
+        s.hooks.flows,
+        s.hooks.rtt,
+        s.hooks.connect,
+        s.hooks.retransmits
+    )?;
+    writeln!(
+        out,
+        "endpoints attached {}{}  flow table {}/{}  rtt samples {}  connects denied {}",
+        s.endpoints.attached,
+        if s.endpoints.missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (missing: {})", s.endpoints.missing.join(", "))
+        },
+        s.kernel.flow_entries,
+        s.kernel.flow_capacity,
+        s.kernel.rtt_samples,
+        s.kernel.connect_denied
+    )?;
+    for p in &s.problems {
+        writeln!(out, "problem {}: {}", p.reason, p.message)?;
+    }
+    writeln!(out, "\n== current windows (live)")?;
+    for w in &d.live {
+        print_window(w, top, out)?;
+    }
+    if !s.last_windows.is_empty() {
+        writeln!(out, "\n== last completed windows")?;
+        for w in s.last_windows.values() {
+            print_window(w, top, out)?;
+        }
+    }
+    writeln!(out, "\n== policies (since the agent started, live)")?;
+    writeln!(
+        out,
+        "  {:<40} {:>16} {:>16} {:>16} {:>16}",
+        "POLICY", "BLOCKED-PKTS", "BLOCKED-CONNS", "AUDITED-PKTS", "AUDITED-CONNS"
+    )?;
+    for p in &d.live_policies {
+        writeln!(
+            out,
+            "  {:<40} {:>16} {:>16} {:>16} {:>16}",
+            format!("{}/{}", p.namespace, p.name),
+            p.blocked.packets,
+            p.blocked.connections,
+            p.audited.packets,
+            p.audited.connections
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Prometheus metrics of the agent. Labels are bounded: direction, table,
+//! verdict, and policy (bounded by the config), never pods or addresses.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub namespace: String,
+    pub policy: String,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub packets: Family<DirectionLabels, Counter>,
+    pub flows: Gauge,
+    pub rtt: Histogram,
+    pub policy_packets: Family<PolicyLabels, Counter>,
+    pub policy_connections: Family<PolicyLabels, Counter>,
+    pub table_entries: Family<TableLabels, Gauge>,
+    pub table_capacity: Family<TableLabels, Gauge>,
+    pub table_full: Family<TableLabels, Counter>,
+    pub drain_seconds: Histogram,
+    pub applies: Family<ResultLabels, Counter>,
+    pub attached_interfaces: Gauge,
+    pub windows_reported: Counter,
+    pub windows_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flowlens_agent");
+        let m = Metrics {
+            bytes: Family::default(),
+            packets: Family::default(),
+            flows: Gauge::default(),
+            rtt: Histogram::new(
+                [
+                    50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5,
+                    1e6,
+                ]
+                .into_iter(),
+            ),
+            policy_packets: Family::default(),
+            policy_connections: Family::default(),
+            table_entries: Family::default(),
+            table_capacity: Family::default(),
+            table_full: Family::default(),
+            drain_seconds: Histogram::new(
+                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0].into_iter(),
+            ),
+            applies: Family::default(),
+            attached_interfaces: Gauge::default(),
+            windows_reported: Counter::default(),
+            windows_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "bytes",
+            "IP-layer bytes seen at traced pod interfaces",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "packets",
+            "Packets seen at traced pod interfaces",
+            m.packets.clone(),
+        );
+        registry.register(
+            "flows",
+            "Flow-table entries in the last drain",
+            m.flows.clone(),
+        );
+        registry.register(
+            "rtt_microseconds",
+            "TCP smoothed RTT samples of traced pods",
+            m.rtt.clone(),
+        );
+        registry.register(
+            "policy_packets",
+            "Packets matched by policies",
+            m.policy_packets.clone(),
+        );
+        registry.register(
+            "policy_connections",
+            "Connection attempts matched by policies",
+            m.policy_connections.clone(),
+        );
+        registry.register(
+            "table_entries",
+            "Entries of a kernel table at the last drain",
+            m.table_entries.clone(),
+        );
+        registry.register(
+            "table_capacity",
+            "Capacity of a kernel table",
+            m.table_capacity.clone(),
+        );
+        registry.register(
+            "table_full",
+            "Updates a full kernel table could not store",
+            m.table_full.clone(),
+        );
+        registry.register(
+            "drain_duration_seconds",
+            "Time to swap and drain the kernel tables",
+            m.drain_seconds.clone(),
+        );
+        registry.register(
+            "config_applies",
+            "Configurations applied to the datapath",
+            m.applies.clone(),
+        );
+        registry.register(
+            "attached_interfaces",
+            "Pod interfaces carrying the TC programs",
+            m.attached_interfaces.clone(),
+        );
+        registry.register(
+            "windows_reported",
+            "Observation windows acknowledged by the operator",
+            m.windows_reported.clone(),
+        );
+        registry.register(
+            "windows_dropped",
+            "Observation windows dropped because the report buffer was full",
+            m.windows_dropped.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}

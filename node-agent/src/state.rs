@@ -1,0 +1,94 @@
+//! What the control loop publishes for HTTP, `dump` and the status writer.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use flowlens_api::{
+    node_agent_config::{DatapathHooks, EndpointAttachment, PolicyRef},
+    report::{ObservationWindow, PolicyMatches},
+};
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of the agent, served at `/debug/window` and printed by `dump`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSnapshot {
+    pub node: String,
+    /// The config revision the datapath enforces.
+    pub applied_revision: Option<String>,
+    /// The revision last received (may differ while applying or on error).
+    pub desired_revision: Option<String>,
+    pub apply_error: Option<String>,
+    pub hooks: DatapathHooks,
+    pub generation: u32,
+    /// Open (partial) windows, one per observation.
+    pub open_windows: Vec<ObservationWindow>,
+    /// The last completed window of each observation, by UID.
+    pub last_windows: BTreeMap<String, ObservationWindow>,
+    /// The most recent completed windows (parts) of every observation,
+    /// oldest first, at most [`HISTORY`].
+    pub history: Vec<ObservationWindow>,
+    /// Policy matches since the agent started.
+    pub policy_totals: Vec<PolicyMatches>,
+    /// Policies in force, at their revision.
+    pub policies: Vec<PolicyRef>,
+    pub endpoints: EndpointAttachment,
+    /// Problems of the current config (compile problems, missing interfaces, full tables).
+    pub problems: Vec<Problem>,
+    pub kernel: KernelState,
+}
+
+/// Completed windows kept in [`AgentSnapshot::history`].
+pub const HISTORY: usize = 64;
+
+/// A problem with a reason usable in a condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    pub reason: String,
+    pub message: String,
+}
+
+/// Kernel table state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelState {
+    pub flow_entries: usize,
+    pub flow_capacity: u32,
+    pub rtt_entries: usize,
+    pub rtt_capacity: u32,
+    pub flow_table_full: u64,
+    pub rtt_table_full: u64,
+    pub conn_table_full: u64,
+    pub rtt_samples: u64,
+    pub connect_denied: u64,
+    pub last_drain_micros: u64,
+}
+
+/// The snapshot, shared between the control loop (writer) and readers.
+#[derive(Clone, Default)]
+pub struct Shared {
+    inner: Arc<RwLock<AgentSnapshot>>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shared {
+    pub fn read(&self) -> AgentSnapshot {
+        self.inner.read().expect("snapshot lock").clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut AgentSnapshot)) {
+        f(&mut self.inner.write().expect("snapshot lock"));
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

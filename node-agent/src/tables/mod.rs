@@ -1,0 +1,512 @@
+//! Compiles a `NodeAgentConfig` spec into the contents of the kernel tables
+//! (endpoints, peer and port LPM entries) and the slot map used to attribute
+//! rule counters. Pure: no I/O, no kernel.
+
+pub mod prefix;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use flowlens_agent_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DirectionRules, ENDPOINT_POLICY_EGRESS,
+    ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo,
+};
+use flowlens_api::{
+    flow_policy::PolicyMode,
+    node_agent_config::{BlockRule, Direction, NodeAgentConfigSpec},
+};
+
+use prefix::{AddrEntry, AddrPrefix, PortPrefix, PortSpan, addr_bytes, peer_masks, port_masks};
+
+/// Rule slots per endpoint and direction (bits of a `u64`).
+pub const MAX_SLOTS: usize = 64;
+
+/// A local endpoint as the datapath sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointRef {
+    /// `namespace/pod`.
+    pub key: String,
+    pub uid: String,
+    pub id: u32,
+    pub ips: Vec<IpAddr>,
+    pub traced: bool,
+    pub has_rules: bool,
+}
+
+/// What a rule slot stands for (to attribute counters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRule {
+    pub rule_id: String,
+    pub namespace: String,
+    pub policy: String,
+    pub mode: PolicyMode,
+}
+
+/// A problem found while compiling, reported in status and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// More than 64 rules for one endpoint and direction; `dropped` rules are
+    /// not in force (Audit rules are dropped first).
+    TooManyRules {
+        endpoint: String,
+        direction: Direction,
+        dropped: Vec<String>,
+    },
+    /// A rule names an address set the config does not define.
+    UnknownAddressSet { rule: String, set: String },
+    /// An address set entry that is not a CIDR.
+    BadCidr { set: String, value: String },
+    /// A rule names an endpoint the config does not define.
+    UnknownEndpoint { rule: String, endpoint: String },
+    /// An endpoint IP that does not parse.
+    BadEndpointIp { endpoint: String, value: String },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::TooManyRules {
+                endpoint,
+                direction,
+                dropped,
+            } => write!(
+                f,
+                "{endpoint} has more than {MAX_SLOTS} {direction:?} rules; not in force: {}",
+                dropped.join(", ")
+            ),
+            Problem::UnknownAddressSet { rule, set } => {
+                write!(
+                    f,
+                    "rule {rule} names address set {set}, which the config does not define"
+                )
+            }
+            Problem::BadCidr { set, value } => {
+                write!(f, "address set {set}: {value:?} is not a CIDR")
+            }
+            Problem::UnknownEndpoint { rule, endpoint } => {
+                write!(
+                    f,
+                    "rule {rule} names endpoint {endpoint}, which the config does not define"
+                )
+            }
+            Problem::BadEndpointIp { endpoint, value } => {
+                write!(f, "endpoint {endpoint}: {value:?} is not an IP address")
+            }
+        }
+    }
+}
+
+/// The compiled tables, without generation (added when written).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tables {
+    /// Kernel endpoint entries: address -> info.
+    pub endpoints: Vec<([u8; 16], EndpointInfo)>,
+    /// Peer LPM entries: (direction, endpoint id, prefix, mask).
+    pub peers: Vec<(u8, u32, AddrPrefix, u64)>,
+    /// Port LPM entries: (direction, endpoint id, prefix, mask).
+    pub ports: Vec<(u8, u32, PortPrefix, u64)>,
+    /// (endpoint id, direction, slot) -> rule.
+    pub slots: BTreeMap<(u32, u8, u8), SlotRule>,
+    pub endpoint_refs: Vec<EndpointRef>,
+    pub problems: Vec<Problem>,
+}
+
+impl Tables {
+    /// The endpoint with this id.
+    pub fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
+        self.endpoint_refs.iter().find(|e| e.id == id)
+    }
+}
+
+fn kernel_direction(d: Direction) -> u8 {
+    match d {
+        Direction::Egress => DIRECTION_EGRESS,
+        Direction::Ingress => DIRECTION_INGRESS,
+    }
+}
+
+/// Compiles a config. Never fails: problems are collected in `Tables::problems`.
+pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
+    let mut t = Tables::default();
+
+    // Address sets.
+    let mut sets: HashMap<&str, Vec<AddrEntry>> = HashMap::new();
+    for set in &spec.address_sets {
+        let mut entries = Vec::new();
+        for e in &set.entries {
+            let cidr = match e.cidr.parse() {
+                Ok(n) => AddrPrefix::from_net(&n),
+                Err(_) => {
+                    t.problems.push(Problem::BadCidr {
+                        set: set.name.clone(),
+                        value: e.cidr.clone(),
+                    });
+                    continue;
+                }
+            };
+            let mut except = Vec::new();
+            for x in &e.except {
+                match x.parse() {
+                    Ok(n) => except.push(AddrPrefix::from_net(&n)),
+                    Err(_) => t.problems.push(Problem::BadCidr {
+                        set: set.name.clone(),
+                        value: x.clone(),
+                    }),
+                }
+            }
+            entries.push(AddrEntry { cidr, except });
+        }
+        sets.insert(set.name.as_str(), entries);
+    }
+
+    // Endpoints, with ids in sorted order.
+    let traced: BTreeSet<&str> = spec
+        .observations
+        .iter()
+        .flat_map(|o| o.endpoints.iter().map(String::as_str))
+        .collect();
+    let mut endpoints: Vec<_> = spec.endpoints.iter().collect();
+    endpoints.sort_by_key(|e| e.key());
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    for (i, e) in endpoints.iter().enumerate() {
+        let key = e.key();
+        let id = i as u32 + 1;
+        ids.insert(key.clone(), id);
+        let mut ips = Vec::new();
+        for s in &e.ips {
+            match s.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => t.problems.push(Problem::BadEndpointIp {
+                    endpoint: key.clone(),
+                    value: s.clone(),
+                }),
+            }
+        }
+        t.endpoint_refs.push(EndpointRef {
+            traced: traced.contains(key.as_str()),
+            key,
+            uid: e.uid.clone(),
+            id,
+            ips,
+            has_rules: false,
+        });
+    }
+
+    // Rules per (endpoint id, direction).
+    let mut per_endpoint: BTreeMap<(u32, u8), Vec<&BlockRule>> = BTreeMap::new();
+    for rule in &spec.rules {
+        for ep in &rule.endpoints {
+            match ids.get(ep) {
+                Some(&id) => per_endpoint
+                    .entry((id, kernel_direction(rule.direction)))
+                    .or_default()
+                    .push(rule),
+                None => t.problems.push(Problem::UnknownEndpoint {
+                    rule: rule.id.clone(),
+                    endpoint: ep.clone(),
+                }),
+            }
+        }
+    }
+    let mut reported_sets = BTreeSet::new();
+    let mut info: HashMap<u32, EndpointInfo> = HashMap::new();
+    // Endpoints with the same rule list share the computed LPM contents.
+    let mut cache: HashMap<Vec<&str>, (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>)> =
+        HashMap::new();
+    for ((id, dir), mut rules) in per_endpoint {
+        rules.sort_by(|a, b| {
+            let rank = |r: &BlockRule| if r.mode == PolicyMode::Enforce { 0 } else { 1 };
+            rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
+        });
+        rules.dedup_by(|a, b| a.id == b.id);
+        if rules.len() > MAX_SLOTS {
+            let dropped = rules
+                .split_off(MAX_SLOTS)
+                .into_iter()
+                .map(|r| r.id.clone())
+                .collect();
+            let endpoint = t.endpoint(id).map(|e| e.key.clone()).unwrap_or_default();
+            let direction = if dir == DIRECTION_EGRESS {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+            t.problems.push(Problem::TooManyRules {
+                endpoint,
+                direction,
+                dropped,
+            });
+        }
+        let mut rules_info = DirectionRules::default();
+        for (slot, r) in rules.iter().enumerate() {
+            if r.mode == PolicyMode::Enforce {
+                rules_info.enforce_mask |= 1 << slot;
+            }
+            if r.ports.is_empty() {
+                rules_info.any_port_mask |= 1 << slot;
+            }
+            t.slots.insert(
+                (id, dir, slot as u8),
+                SlotRule {
+                    rule_id: r.id.clone(),
+                    namespace: r.policy.namespace.clone(),
+                    policy: r.policy.name.clone(),
+                    mode: r.mode,
+                },
+            );
+        }
+        let signature: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+        let (peers, ports) = cache
+            .entry(signature)
+            .or_insert_with(|| {
+                let all = [AddrEntry {
+                    cidr: AddrPrefix::new(0, 0),
+                    except: Vec::new(),
+                }];
+                let empty: [AddrEntry; 0] = [];
+                let peer_slots: Vec<(u8, &[AddrEntry])> = rules
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, r)| {
+                        let entries: &[AddrEntry] = if r.any_peer {
+                            &all
+                        } else {
+                            match r.address_set.as_deref().and_then(|n| sets.get(n)) {
+                                Some(e) => e.as_slice(),
+                                None => &empty,
+                            }
+                        };
+                        (slot as u8, entries)
+                    })
+                    .collect();
+                let spans: Vec<Vec<PortSpan>> = rules
+                    .iter()
+                    .map(|r| {
+                        r.ports
+                            .iter()
+                            .map(|p| PortSpan {
+                                protocol: p.protocol.number(),
+                                first: p.first,
+                                last: p.last,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let port_slots: Vec<(u8, &[PortSpan])> = spans
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(slot, s)| (slot as u8, s.as_slice()))
+                    .collect();
+                (peer_masks(&peer_slots), port_masks(&port_slots))
+            })
+            .clone();
+        for r in &rules {
+            if !r.any_peer {
+                if let Some(name) = &r.address_set {
+                    if !sets.contains_key(name.as_str()) && reported_sets.insert(name.clone()) {
+                        t.problems.push(Problem::UnknownAddressSet {
+                            rule: r.id.clone(),
+                            set: name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        t.peers
+            .extend(peers.into_iter().map(|(p, m)| (dir, id, p, m)));
+        t.ports
+            .extend(ports.into_iter().map(|(p, m)| (dir, id, p, m)));
+        let e = info.entry(id).or_insert(EndpointInfo {
+            id,
+            ..Default::default()
+        });
+        if dir == DIRECTION_EGRESS {
+            e.egress = rules_info;
+            e.flags |= ENDPOINT_POLICY_EGRESS;
+        } else {
+            e.ingress = rules_info;
+            e.flags |= ENDPOINT_POLICY_INGRESS;
+        }
+    }
+
+    for ep in &mut t.endpoint_refs {
+        let mut i = info.remove(&ep.id).unwrap_or(EndpointInfo {
+            id: ep.id,
+            ..Default::default()
+        });
+        ep.has_rules = i.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0;
+        if ep.traced {
+            i.flags |= ENDPOINT_TRACE;
+        }
+        if i.flags == 0 {
+            continue;
+        }
+        for ip in &ep.ips {
+            t.endpoints.push((addr_bytes(*ip), i));
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> NodeAgentConfigSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const BASE: &str = r#"
+nodeName: n1
+revision: r1
+endpoints:
+- {namespace: a, pod: client, uid: u1, workload: {kind: Deployment, name: client}, ips: [10.0.0.1, "fd00::1"]}
+- {namespace: a, pod: db, uid: u2, workload: {kind: StatefulSet, name: db}, ips: [10.0.0.2]}
+- {namespace: a, pod: idle, uid: u3, workload: {kind: Pod, name: idle}, ips: [10.0.0.3]}
+observations:
+- {name: o, uid: ou, generation: 1, windowSeconds: 30, groupBy: [namespace], topN: 10, maxSeries: 100, endpoints: [a/client, a/db]}
+addressSets:
+- name: dbs
+  entries: [{cidr: 10.0.0.2/32}, {cidr: 10.9.0.0/16, except: [10.9.1.0/24]}]
+rules:
+- id: a/p/egress/0
+  policy: {namespace: a, name: p, revision: x}
+  direction: Egress
+  mode: Enforce
+  endpoints: [a/client]
+  anyPeer: false
+  addressSet: dbs
+  ports: [{protocol: TCP, first: 5432, last: 5432}]
+- id: a/q/ingress/0
+  policy: {namespace: a, name: q, revision: y}
+  direction: Ingress
+  mode: Audit
+  endpoints: [a/db]
+  anyPeer: true
+"#;
+
+    #[test]
+    fn endpoints_get_flags_and_one_entry_per_ip() {
+        let t = compile(&spec(BASE));
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let client: Vec<_> = t.endpoints.iter().filter(|(_, i)| i.id == 1).collect();
+        assert_eq!(client.len(), 2, "IPv4 and IPv6 entries");
+        assert_eq!(client[0].1.flags, ENDPOINT_TRACE | ENDPOINT_POLICY_EGRESS);
+        assert_eq!(client[0].1.egress.enforce_mask, 1);
+        assert_eq!(client[0].1.egress.any_port_mask, 0);
+        let db = t.endpoints.iter().find(|(_, i)| i.id == 2).unwrap().1;
+        assert_eq!(db.flags, ENDPOINT_TRACE | ENDPOINT_POLICY_INGRESS);
+        assert_eq!(db.ingress.enforce_mask, 0, "audit");
+        assert_eq!(db.ingress.any_port_mask, 1);
+        assert!(
+            t.endpoints.iter().all(|(_, i)| i.id != 3),
+            "idle pod has nothing to do"
+        );
+    }
+
+    #[test]
+    fn peers_and_ports_are_scoped_to_their_endpoint() {
+        let t = compile(&spec(BASE));
+        let client_peers: Vec<_> = t
+            .peers
+            .iter()
+            .filter(|(d, id, _, _)| *d == DIRECTION_EGRESS && *id == 1)
+            .collect();
+        assert_eq!(client_peers.len(), 3, "/32, /16 and the except /24");
+        let except = client_peers
+            .iter()
+            .find(|(_, _, p, _)| p.len == 96 + 24)
+            .unwrap();
+        assert_eq!(except.3, 0);
+        let ports: Vec<_> = t.ports.iter().filter(|(_, id, _, _)| *id == 1).collect();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(
+            (
+                ports[0].2.protocol,
+                ports[0].2.port,
+                ports[0].2.len,
+                ports[0].3
+            ),
+            (6, 5432, 16, 1)
+        );
+        let db_peers: Vec<_> = t.peers.iter().filter(|(_, id, _, _)| *id == 2).collect();
+        assert_eq!(db_peers.len(), 1);
+        assert_eq!(
+            (db_peers[0].0, db_peers[0].2.len, db_peers[0].3),
+            (DIRECTION_INGRESS, 0, 1)
+        );
+        assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 0)].policy, "p");
+    }
+
+    #[test]
+    fn enforce_rules_take_the_first_slots_and_overflow_is_reported() {
+        let mut s = spec(BASE);
+        let template = s.rules[0].clone();
+        s.rules.clear();
+        for i in 0..70 {
+            let mut r = template.clone();
+            r.id = format!("a/p/egress/{i:02}");
+            r.mode = if i % 2 == 0 {
+                PolicyMode::Audit
+            } else {
+                PolicyMode::Enforce
+            };
+            s.rules.push(r);
+        }
+        let t = compile(&s);
+        let client = t.endpoints.iter().find(|(_, i)| i.id == 1).unwrap().1;
+        assert_eq!(
+            client.egress.enforce_mask.count_ones(),
+            35,
+            "every enforce rule kept"
+        );
+        match &t.problems[..] {
+            [Problem::TooManyRules { dropped, .. }] => {
+                assert_eq!(dropped.len(), 6);
+                assert!(
+                    dropped.iter().all(|r| {
+                        let i: u32 = r.rsplit('/').next().unwrap().parse().unwrap();
+                        i % 2 == 0
+                    }),
+                    "only audit rules dropped: {dropped:?}"
+                );
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn problems_instead_of_panics() {
+        let mut s = spec(BASE);
+        s.rules[0].address_set = Some("missing".into());
+        s.rules[1].endpoints.push("a/ghost".into());
+        s.address_sets[0]
+            .entries
+            .push(flowlens_api::node_agent_config::CidrEntry {
+                cidr: "nope".into(),
+                except: vec![],
+            });
+        s.endpoints[2].ips.push("not-an-ip".into());
+        let t = compile(&s);
+        assert_eq!(t.problems.len(), 4, "{:?}", t.problems);
+        // The rule with a missing set matches no peer: no peer entries for it.
+        assert!(t.peers.iter().all(|(_, id, _, m)| *id != 1 || *m == 0));
+    }
+
+    #[test]
+    fn identical_rule_lists_compile_once_and_replicate() {
+        let mut s = spec(BASE);
+        s.rules[1].endpoints = vec!["a/db".into(), "a/idle".into()];
+        let t = compile(&s);
+        let ingress: Vec<_> = t
+            .peers
+            .iter()
+            .filter(|(d, _, _, _)| *d == DIRECTION_INGRESS)
+            .collect();
+        assert_eq!(ingress.len(), 2);
+        assert_ne!(ingress[0].1, ingress[1].1);
+    }
+}
