@@ -77,11 +77,12 @@ impl Agent {
             config_path.display().to_string(),
             "--bpffs-root".to_owned(),
             topo.bpffs_root(node).display().to_string(),
-            "--cgroup-root".to_owned(),
-            n.cgroup.display().to_string(),
             "--http-addr".to_owned(),
             AGENT_HTTP.to_owned(),
         ];
+        if !extra.contains(&"--cgroup-root") {
+            args.extend(["--cgroup-root".to_owned(), n.cgroup.display().to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Agent {
             proc: spawn(topo, node, &args, 0),

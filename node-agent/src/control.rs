@@ -115,8 +115,11 @@ impl ControlLoop {
             metrics,
             completed,
             last_kernel,
-            next_flow_drain: now,
-            next_rule_drain: now,
+            // No drain before the first config: records drained without
+            // observations to attribute them to would be lost, while the
+            // kernel keeps them safely until then.
+            next_flow_drain: i64::MAX,
+            next_rule_drain: i64::MAX,
             policy_totals: BTreeMap::new(),
         }
     }
@@ -127,7 +130,8 @@ impl ControlLoop {
         loop {
             let now = now_ms();
             let next_drain = self.next_flow_drain.min(self.next_rule_drain);
-            let until_drain = Duration::from_millis((next_drain - now).max(0) as u64);
+            let until_drain =
+                Duration::from_millis((next_drain.saturating_sub(now)).clamp(0, 3_600_000) as u64);
             let until_reconcile = next_reconcile.saturating_duration_since(Instant::now());
             match events.recv_timeout(until_drain.min(until_reconcile)) {
                 Ok(Event::Config(spec)) => self.apply(spec),
@@ -522,6 +526,9 @@ impl ControlLoop {
     }
 
     fn shutdown(&mut self) {
+        if self.spec.is_none() {
+            return;
+        }
         let now = now_ms();
         if let Ok(d) = self.datapath.drain() {
             self.agg.ingest(&d, now);

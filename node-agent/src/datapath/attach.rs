@@ -100,6 +100,8 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 /// Attaches (or adopts) a cgroup program at `cgroup`, pinned as `pin_name`.
+/// Link-based cgroup attachments take no mode flags (the kernel rejects
+/// `BPF_F_ALLOW_MULTI` there) and coexist with other programs anyway.
 pub fn cgroup_hook(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
@@ -117,7 +119,7 @@ pub fn cgroup_hook(
     let link: FdLink = match program(ebpf, name)? {
         Program::SockOps(p) => {
             let id = p
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
             p.take_link(id)
                 .map_err(prog_err(name))?
@@ -126,7 +128,7 @@ pub fn cgroup_hook(
         }
         Program::CgroupSockAddr(p) => {
             let id = p
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
             p.take_link(id)
                 .map_err(prog_err(name))?
