@@ -53,3 +53,8 @@ test: setup up
 e2e: setup up
     cargo build --workspace --exclude flowlens-agent-ebpf --bins
     cargo nextest run -p flowlens-e2e --no-fail-fast
+
+# Benchmarks (release build, root): the datapath overhead; see docs/benchmarks.md.
+bench: setup up
+    cargo build --release --workspace --exclude flowlens-agent-ebpf --bins
+    ./target/release/flowlens-bench datapath --rounds 5 --seconds 3

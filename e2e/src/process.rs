@@ -141,18 +141,21 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// A binary of this workspace (built by `cargo build --workspace --bins`).
+/// A binary of this workspace (built by `just build`), next to the running
+/// test (`target/<profile>/deps/`) or binary (`target/<profile>/`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `just test` does)",
-        p.display()
+    let dir = exe.parent().expect("exe dir");
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let p = d.join(name);
+        if p.is_file() && d.file_name().is_some_and(|n| n != "deps") {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is missing next to {}: build the binaries first (`just build`, which `just test` does)",
+        exe.display()
     );
-    p
 }
 
 /// Fails the test unless running as root (eBPF, namespaces, cgroups).

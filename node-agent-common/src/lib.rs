@@ -20,9 +20,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// `FlowStats::flags`: a TCP SYN without ACK was seen (the sender is the client).
+/// `FlowStats::flags`: a TCP SYN without ACK, or an ICMP echo request, was
+/// seen (the sender is the client).
 pub const FLOW_FLAG_SYN: u32 = 1;
-/// A TCP SYN with ACK was seen (the sender is the server).
+/// A TCP SYN with ACK, or an ICMP echo reply, was seen (the sender is the server).
+
 pub const FLOW_FLAG_SYN_ACK: u32 = 2;
 /// A TCP FIN was seen.
 pub const FLOW_FLAG_FIN: u32 = 4;
@@ -31,7 +33,7 @@ pub const FLOW_FLAG_RST: u32 = 8;
 
 /// One direction of one 5-tuple, seen at a local endpoint's interface.
 /// Ports are in host byte order (0 for protocols without ports).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub local_addr: [u8; 16],
@@ -48,7 +50,7 @@ pub struct FlowKey {
 /// `packets` counts wire packets: a GSO/GRO super-packet of N segments counts
 /// N. `bytes` are IP-layer bytes (IP header + payload of every segment);
 /// `payload_bytes` the transport payload within them.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
     pub packets: u64,
@@ -62,7 +64,7 @@ pub struct FlowStats {
 
 /// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
 /// because the flow table was full. Keeps totals exact under overflow.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OverflowKey {
     pub local_addr: [u8; 16],
@@ -71,7 +73,7 @@ pub struct OverflowKey {
 }
 
 /// One bucket of a connection's smoothed-RTT histogram.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RttKey {
     pub local_addr: [u8; 16],
@@ -84,7 +86,7 @@ pub struct RttKey {
 }
 
 /// Key of the endpoint table: a local pod address in one configuration generation.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
     pub generation: u32,
@@ -164,7 +166,7 @@ pub struct PortKey {
 pub const PORT_SCOPE_BITS: u32 = 40;
 
 /// Key of per-rule match counters.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleCounterKey {
     /// [`rule_scope`] of the endpoint and direction.
@@ -215,7 +217,7 @@ pub struct ConnState {
 
 /// Value of the cgroup table: the addresses of the pod whose cgroup it is,
 /// for connect-time checks (all-zero when the pod has no such address).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupEndpoint {
     pub addr4: [u8; 16],

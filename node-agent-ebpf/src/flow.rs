@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use flowlens_agent_common::{
     COUNTER_FLOW_TABLE_FULL, FLOW_FLAG_FIN, FLOW_FLAG_RST, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK,
-    FlowKey, FlowStats, OverflowKey, PROTO_TCP,
+    FlowKey, FlowStats, OverflowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
 };
 
 use crate::{
@@ -12,8 +12,17 @@ use crate::{
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// Flags that tell who opened the flow: TCP SYN / SYN-ACK, and ICMP echo
+/// request / reply (which play the same roles for ping).
 #[inline(always)]
 fn tcp_flow_flags(p: &Packet) -> u32 {
+    if p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6 {
+        return match p.icmp_type {
+            8 | 128 => FLOW_FLAG_SYN,
+            0 | 129 => FLOW_FLAG_SYN_ACK,
+            _ => 0,
+        };
+    }
     if p.protocol != PROTO_TCP {
         return 0;
     }

@@ -58,10 +58,14 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let generation = cfg.generation;
-    let mut p = packet::Packet::EMPTY;
-    if !packet::parse(ctx, &mut p) {
+    // Not zero-initialised: `parse` writes every field it returns.
+    let mut slot = core::mem::MaybeUninit::<packet::Packet>::uninit();
+    // SAFETY: parse() writes every field before returning true; nothing is
+    // read when it returns false.
+    if !packet::parse(ctx, unsafe { &mut *slot.as_mut_ptr() }) {
         return TC_ACT_UNSPEC;
     }
+    let p = unsafe { slot.assume_init() };
     let egress = direction == DIRECTION_EGRESS;
     // The flow as seen from the local endpoint; `direction` 0 makes it the
     // connection key first.

@@ -19,7 +19,9 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// What the datapath needs of one packet.
+/// What the datapath needs of one packet. Aligned so that addresses move
+/// as words, not bytes.
+#[repr(C, align(8))]
 pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -60,12 +62,165 @@ impl Packet {
 
 /// Parses an IPv4 or IPv6 packet into `out`; false for anything else (ARP, ...).
 /// A call of its own so that its temporaries do not add to the caller's stack.
+///
+/// The common case (headers in the linear part, no IPv6 extension headers)
+/// reads the packet directly; anything else goes through the helper-based
+/// parser.
+///
+/// Every field of `out` is written before returning true, so the caller
+/// needs no (costly) zero-initialisation.
 #[inline(never)]
 pub fn parse(ctx: &TcContext, out: &mut Packet) -> bool {
+    // Volatile: plain stores get merged into a `memset` call, which the BPF
+    // backend turns into a byte loop.
+    unsafe {
+        core::ptr::write_volatile(&mut out.sport, 0);
+        core::ptr::write_volatile(&mut out.dport, 0);
+        core::ptr::write_volatile(&mut out.tcp_flags, 0);
+        core::ptr::write_volatile(&mut out.icmp_type, 0);
+        core::ptr::write_volatile(&mut out.protocol, 0);
+    }
+    if parse_direct(ctx, out) {
+        return true;
+    }
     match parse_inner(ctx, out) {
         Some(()) => true,
         None => false,
     }
+}
+
+/// A pointer to `len` bytes at `off`, if they are in the linear data.
+#[inline(always)]
+fn bytes_at(ctx: &TcContext, off: usize, len: usize) -> Option<*const u8> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + len > end {
+        return None;
+    }
+    Some((start + off) as *const u8)
+}
+
+#[inline(always)]
+fn be16(p: *const u8, off: usize) -> u16 {
+    u16::from_be(unsafe { *(p.add(off) as *const u16) })
+}
+
+/// The IPv4 header without options, read with word loads.
+#[repr(C)]
+struct Ipv4Header {
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// Writes the IPv4-mapped form of a network-order IPv4 address with word stores.
+#[inline(always)]
+fn write_v4_mapped(dst: &mut [u8; 16], addr: u32) {
+    let p = dst.as_mut_ptr();
+    unsafe {
+        *(p as *mut u64) = 0;
+        *(p.add(8) as *mut u32) = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        *(p.add(12) as *mut u32) = addr;
+    }
+}
+
+/// The fast path: direct packet access.
+#[inline(always)]
+fn parse_direct(ctx: &TcContext, p: &mut Packet) -> bool {
+    let skb = skb(ctx);
+    let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
+    let skb_len = unsafe { (*skb).len } as u64;
+    let gso_segs = unsafe { (*skb).gso_segs } as u64;
+    let segs = if gso_segs > 1 { gso_segs } else { 1 };
+    if skb_len <= ETH_HLEN as u64 {
+        return false;
+    }
+    let l3_len_skb = skb_len - ETH_HLEN as u64;
+    let (l4_off, l3_hdr, l3_total) = if ethertype == ETH_P_IP {
+        let Some(h) = bytes_at(ctx, ETH_HLEN, 20) else {
+            return false;
+        };
+        let h = unsafe { &*(h as *const Ipv4Header) };
+        if h.vihl != 0x45 {
+            // IP options (rare): the slow path handles them.
+            return false;
+        }
+        if u16::from_be(h.frag_off) & 0x1fff != 0 {
+            return false;
+        }
+        p.protocol = h.protocol;
+        write_v4_mapped(&mut p.src, h.saddr);
+        write_v4_mapped(&mut p.dst, h.daddr);
+        (ETH_HLEN + 20, 20u64, u16::from_be(h.tot_len) as u64)
+    } else if ethertype == ETH_P_IPV6 {
+        let Some(h) = bytes_at(ctx, ETH_HLEN, 40) else {
+            return false;
+        };
+        let next = unsafe { *h.add(6) };
+        if !matches!(next, PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_ICMPV6) {
+            // Extension headers: the slow path walks them.
+            return false;
+        }
+        p.protocol = next;
+        // Word copies (x86 and arm64 JITs allow unaligned packet loads).
+        unsafe {
+            let (s, d) = (
+                p.src.as_mut_ptr() as *mut u64,
+                p.dst.as_mut_ptr() as *mut u64,
+            );
+            *s = *(h.add(8) as *const u64);
+            *s.add(1) = *(h.add(16) as *const u64);
+            *d = *(h.add(24) as *const u64);
+            *d.add(1) = *(h.add(32) as *const u64);
+        }
+        (ETH_HLEN + 40, 40u64, be16(h, 4) as u64 + 40)
+    } else {
+        return false;
+    };
+    let l4_hdr: u64 = match p.protocol {
+        PROTO_TCP => {
+            let Some(t) = bytes_at(ctx, l4_off, 14) else {
+                return false;
+            };
+            p.sport = be16(t, 0);
+            p.dport = be16(t, 2);
+            p.tcp_flags = unsafe { *t.add(13) };
+            ((unsafe { *t.add(12) } >> 4) as u64) * 4
+        }
+        PROTO_UDP | PROTO_SCTP => {
+            let Some(u) = bytes_at(ctx, l4_off, 4) else {
+                return false;
+            };
+            p.sport = be16(u, 0);
+            p.dport = be16(u, 2);
+            if p.protocol == PROTO_UDP { 8 } else { 12 }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let Some(i) = bytes_at(ctx, l4_off, 1) else {
+                return false;
+            };
+            p.icmp_type = unsafe { *i };
+            8
+        }
+        _ => 0,
+    };
+    let l3_super = if segs > 1 || l3_total == 0 || l3_total > l3_len_skb {
+        l3_len_skb
+    } else {
+        l3_total
+    };
+    let hdrs = l3_hdr + l4_hdr;
+    p.packets = segs;
+    p.bytes = l3_super + (segs - 1) * hdrs;
+    p.payload_bytes = if l3_super > hdrs { l3_super - hdrs } else { 0 };
+    true
 }
 
 #[inline(always)]

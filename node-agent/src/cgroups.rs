@@ -32,7 +32,7 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 
 /// The pod UID a cgroup directory name belongs to, if it is a pod cgroup.
 pub fn pod_uid_of(dir_name: &str) -> Option<String> {
-    let i = dir_name.find("pod")?;
+    let i = dir_name.rfind("pod")?;
     let rest = &dir_name[i + 3..];
     let rest = rest.strip_suffix(".slice").unwrap_or(rest);
     let uid = rest.replace('_', "-");

@@ -19,14 +19,16 @@ use tracing::{info, warn};
 use crate::control::Event;
 
 /// Parses a config file: a whole `NodeAgentConfig` object (as written by the
-/// operator, or `kubectl get -o yaml`) or just its spec.
+/// operator, or `kubectl get -o yaml`) or just its spec. Errors name the
+/// field (`rules[0]: missing field `policy``).
 pub fn parse_config(text: &str) -> Result<NodeAgentConfigSpec, String> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-    let spec = match value.get("spec") {
-        Some(spec) if value.get("kind").is_some() => spec.clone(),
-        _ => value,
+    let (spec, prefix) = match value.get("spec") {
+        Some(spec) if value.get("kind").is_some() => (spec.clone(), "spec."),
+        _ => (value, ""),
     };
-    serde_yaml::from_value(spec).map_err(|e| e.to_string())
+    serde_path_to_error::deserialize(spec)
+        .map_err(|e| format!("{prefix}{}: {}", e.path(), e.inner()))
 }
 
 /// The config of an agent with nothing to do (its `NodeAgentConfig` was deleted).
@@ -122,7 +124,7 @@ mod tests {
             "r2"
         );
         let err = parse_config("nodeName: n\nrevision: r\nrules: [{id: x}]\n").unwrap_err();
-        assert!(err.contains("rules"), "{err}");
+        assert!(err.starts_with("rules[0]: missing field `policy`"), "{err}");
     }
 
     #[test]

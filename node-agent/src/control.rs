@@ -198,6 +198,9 @@ impl ControlLoop {
                 }
                 self.spec = Some(spec.clone());
                 self.tables = Some(tables);
+                // Attach to the pods' interfaces before saying the revision
+                // is applied: "applied" means counted and enforced.
+                self.reconcile();
                 self.shared.set_ready(true);
                 self.shared.update(|s| {
                     s.applied_revision = Some(spec.revision.clone());
@@ -205,7 +208,6 @@ impl ControlLoop {
                     s.generation = self.datapath.generation();
                     s.policies = spec.policies.clone();
                 });
-                self.reconcile();
                 self.schedule_flow_drain(now_ms());
             }
             Err(e) => {
@@ -346,6 +348,7 @@ impl ControlLoop {
                 return;
             }
         };
+
         self.metrics
             .drain_seconds
             .observe(started.elapsed().as_secs_f64());

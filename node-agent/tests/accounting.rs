@@ -23,12 +23,16 @@ fn series<'a>(
         .filter(move |s| pred(s))
 }
 
-/// The TCP payload iperf3 put on the wire: the bytes it sent plus its
-/// retransmitted segments (full-size, 1448 bytes with timestamps on a 1500
-/// MTU). Flowlens counts wire payload, so retransmissions count again.
+/// What iperf3 says it moved. `bytes` counts `write()`s; the wire payload is
+/// that plus retransmitted segments (full-size, 1448 bytes with timestamps
+/// on a 1500 MTU), minus whatever was still in flight when the server reset
+/// the connection at the end of the test (iperf3's server closes with unread
+/// data, which the kernel answers with an RST). `received` (the server's
+/// count) is a floor for the wire payload.
 struct Sent {
     bytes: u64,
     retransmits: u64,
+    received: u64,
 }
 
 impl Sent {
@@ -63,6 +67,7 @@ fn iperf3(topo: &Topology, server: usize, client: usize, server_ip: &str, bytes:
             .as_u64()
             .expect("iperf3 JSON has end.sum_sent.bytes"),
         retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        received: v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0),
     }
 }
 
@@ -112,6 +117,11 @@ fn iperf3_bytes_match_and_a_same_node_pair_counts_once() {
         err < 0.01,
         "payload {payload} vs iperf3 {expected}: {:.3}% off",
         err * 100.0
+    );
+    assert!(
+        payload >= sent.received,
+        "less payload on the wire ({payload}) than the server received ({})",
+        sent.received
     );
 
     // Wire (IP-layer) bytes: payload plus one IPv4+TCP header per segment
@@ -168,4 +178,9 @@ fn iperf3_bytes_match_and_a_same_node_pair_counts_once() {
         err6 * 100.0
     );
     assert!(err6 < 0.01, "IPv6 payload {payload6} vs {expected6}");
+    assert!(
+        payload6 >= sent6.received,
+        "IPv6: less payload on the wire ({payload6}) than received ({})",
+        sent6.received
+    );
 }
