@@ -13,5 +13,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod config;
+pub mod objects;
+pub mod operator;
 pub mod process;
 pub mod topology;

@@ -1,0 +1,87 @@
+//! Running a real `flowlens-operator` against the test cluster.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    cluster::kubeconfig_path,
+    process::{Proc, wait_for, workspace_bin},
+};
+
+/// An operator process; killed on drop.
+pub struct Operator {
+    pub proc: Proc,
+    pub metrics: SocketAddr,
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0; `(status, body)`.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+impl Operator {
+    /// Starts the operator with `extra` arguments and waits until it is ready.
+    pub fn start(name: &str, extra: &[&str]) -> Operator {
+        let port = free_port();
+        let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = Command::new(workspace_bin("flowlens-operator"));
+        cmd.arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,flowlens_operator=debug")
+            .env("RUST_BACKTRACE", "0");
+        let log = std::env::temp_dir().join(format!("flowlens-operator-{name}-{port}.log"));
+        let mut op = Operator {
+            proc: Proc::spawn("operator", cmd, Some(log)),
+            metrics,
+        };
+        let ready = wait_for(Duration::from_secs(30), || {
+            http_get(metrics, "/readyz").filter(|(s, _)| *s == 200)
+        });
+        if ready.is_none() {
+            panic!(
+                "the operator did not become ready; running: {}\n{}",
+                op.proc.is_running(),
+                op.proc.log_text()
+            );
+        }
+        op
+    }
+
+    /// The value of a counter family summed over labels matching `filter`.
+    pub fn metric_sum(&self, name: &str, filter: &str) -> f64 {
+        let Some((_, body)) = http_get(self.metrics, "/metrics") else {
+            return f64::NAN;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Writes made to the API server so far.
+    pub fn writes(&self) -> f64 {
+        self.metric_sum("flowlens_operator_api_writes_total", "")
+    }
+}

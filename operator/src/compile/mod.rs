@@ -1,0 +1,887 @@
+//! The compilation core: cluster state in, one `NodeAgentConfig` spec per
+//! node out. Pure (no I/O, no async) and incremental: every change reports
+//! which nodes it can affect, and only those are recompiled.
+//!
+//! - A pod change updates the memberships it can change (observations,
+//!   policy targets, rule peers) one pod at a time, without rescanning.
+//! - A namespace label change re-resolves the selectors that use namespace
+//!   labels; a policy or observation change re-resolves that object only.
+//! - An invalid spec keeps its last valid version in force (enforcement is
+//!   never dropped by a bad edit) and is reported, never acted on.
+
+pub mod assemble;
+pub mod selector;
+pub mod workload;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use flowlens_api::{
+    flow_policy::{FlowPolicySpec, Peer},
+    network_observation::NetworkObservationSpec,
+    node_agent_config::{CidrEntry, CollectorEndpoint, Direction, NodeAgentConfigSpec},
+    validate::{self, FieldErrors},
+};
+use sha2::{Digest, Sha256};
+
+use crate::model::{NamespaceInfo, NodeInfo, PodInfo, PodKey};
+
+/// A content hash: the first 16 hex digits of SHA-256.
+pub fn content_hash(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Identifies a policy: (namespace, name).
+pub type PolicyKey = (String, String);
+
+/// An observation as compiled.
+pub struct Observation {
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    /// The spec in force (the last valid one) and its generation.
+    pub spec: Option<NetworkObservationSpec>,
+    pub spec_generation: i64,
+    /// Problems of the latest spec (its generation may be newer than `spec`'s).
+    pub error: Option<FieldErrors>,
+    pub window_seconds: u32,
+    /// Selected pods that can be traced.
+    pub selected: BTreeSet<PodKey>,
+    /// Selected pods that cannot (host network).
+    pub untraceable: BTreeSet<PodKey>,
+    pub by_node: BTreeMap<String, BTreeSet<PodKey>>,
+}
+
+/// One rule of a compiled policy.
+pub struct Rule {
+    pub direction: Direction,
+    pub index: usize,
+    pub any_peer: bool,
+    pub peers: Vec<Peer>,
+    /// Pods matched by the rule's selector peers, with their addresses.
+    pub peer_pods: BTreeMap<PodKey, Vec<IpAddr>>,
+    pub ports: Vec<flowlens_api::node_agent_config::PortRange>,
+    /// The address set, built on demand and kept until the peers change.
+    pub address_set: Option<Arc<BuiltSet>>,
+}
+
+/// A named, canonical address set.
+#[derive(Debug)]
+pub struct BuiltSet {
+    pub name: String,
+    pub entries: Vec<CidrEntry>,
+}
+
+/// A policy as compiled.
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    /// The spec in force (the last valid one) and its revision.
+    pub spec: Option<FlowPolicySpec>,
+    pub revision: Option<String>,
+    pub error: Option<FieldErrors>,
+    pub targets: BTreeSet<PodKey>,
+    pub unenforceable: BTreeSet<PodKey>,
+    pub by_node: BTreeMap<String, BTreeSet<PodKey>>,
+    pub rules: Vec<Rule>,
+}
+
+/// What a status controller needs to know about a policy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyView {
+    pub revision: Option<String>,
+    pub error: Option<FieldErrors>,
+    pub generation: i64,
+    pub targeted_nodes: BTreeSet<String>,
+    pub selected_pods: usize,
+    pub unenforceable_pods: Vec<PodKey>,
+}
+
+/// What a status controller needs to know about an observation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservationView {
+    pub error: Option<FieldErrors>,
+    pub generation: i64,
+    /// The generation of the spec in force.
+    pub spec_generation: i64,
+    pub window_seconds: u32,
+    pub selected_nodes: BTreeSet<String>,
+    pub traced_pods: usize,
+    pub untraceable_pods: Vec<PodKey>,
+}
+
+#[derive(Default)]
+pub struct Compiler {
+    nodes: BTreeMap<String, NodeInfo>,
+    namespaces: HashMap<String, NamespaceInfo>,
+    pods: HashMap<PodKey, PodInfo>,
+    by_ns: HashMap<String, BTreeSet<PodKey>>,
+    /// (namespace, label key, label value) -> pods.
+    label_index: HashMap<(String, String, String), BTreeSet<PodKey>>,
+    /// Pod IP -> pod (isolatable pods only).
+    by_ip: HashMap<IpAddr, PodKey>,
+    observations: BTreeMap<String, Observation>,
+    policies: BTreeMap<PolicyKey, Policy>,
+    collector: Option<CollectorEndpoint>,
+    dirty: BTreeSet<String>,
+    dirty_policies: BTreeSet<PolicyKey>,
+    dirty_observations: BTreeSet<String>,
+    bulk: bool,
+}
+
+fn empty_labels() -> &'static BTreeMap<String, String> {
+    static EMPTY: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(BTreeMap::new)
+}
+
+impl Compiler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a bulk load (initial sync): changes are recorded without
+    /// incremental bookkeeping until [`Self::finish_bulk`] rebuilds everything.
+    pub fn begin_bulk(&mut self) {
+        self.bulk = true;
+    }
+
+    /// Ends a bulk load: resolves every observation and policy, marks every node dirty.
+    pub fn finish_bulk(&mut self) {
+        self.bulk = false;
+        let names: Vec<String> = self.observations.keys().cloned().collect();
+        for n in names {
+            self.resolve_observation(&n);
+        }
+        let keys: Vec<PolicyKey> = self.policies.keys().cloned().collect();
+        for k in keys {
+            self.resolve_policy(&k);
+        }
+        self.dirty.extend(self.nodes.keys().cloned());
+        self.dirty_policies.extend(self.policies.keys().cloned());
+        self.dirty_observations
+            .extend(self.observations.keys().cloned());
+    }
+
+    pub fn set_collector(&mut self, c: Option<CollectorEndpoint>) {
+        if self.collector != c {
+            self.collector = c;
+            self.dirty.extend(self.nodes.keys().cloned());
+        }
+    }
+
+    /// Marks nodes for recompilation (a failed write, a config edited by someone else).
+    pub fn mark_dirty(&mut self, nodes: impl IntoIterator<Item = String>) {
+        self.dirty.extend(nodes);
+    }
+
+    /// Nodes whose config may have changed since the last call.
+
+    pub fn take_dirty_nodes(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Policies whose targets, validity or revision may have changed.
+    pub fn take_dirty_policies(&mut self) -> BTreeSet<PolicyKey> {
+        std::mem::take(&mut self.dirty_policies)
+    }
+
+    /// Observations whose selection or validity may have changed.
+    pub fn take_dirty_observations(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.dirty_observations)
+    }
+
+    pub fn node_names(&self) -> impl Iterator<Item = &String> {
+        self.nodes.keys()
+    }
+
+    pub fn namespace_names(&self) -> impl Iterator<Item = &String> {
+        self.namespaces.keys()
+    }
+
+    pub fn pod_keys(&self) -> impl Iterator<Item = &PodKey> {
+        self.pods.keys()
+    }
+
+    pub fn policy_keys(&self) -> impl Iterator<Item = &PolicyKey> {
+        self.policies.keys()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    pub fn pod(&self, key: &str) -> Option<&PodInfo> {
+        self.pods.get(key)
+    }
+
+    /// The isolatable pod owning an IP.
+    pub fn pod_by_ip(&self, ip: &IpAddr) -> Option<&PodInfo> {
+        self.by_ip.get(ip).and_then(|k| self.pods.get(k))
+    }
+
+    pub fn observation(&self, name: &str) -> Option<&Observation> {
+        self.observations.get(name)
+    }
+
+    pub fn observations(&self) -> impl Iterator<Item = &Observation> {
+        self.observations.values()
+    }
+
+    pub fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
+        self.policies.get(key)
+    }
+
+    // ---- nodes and namespaces ----
+
+    pub fn upsert_node(&mut self, n: NodeInfo) {
+        if self.nodes.get(&n.name) != Some(&n) {
+            self.dirty.insert(n.name.clone());
+            self.nodes.insert(n.name.clone(), n);
+        }
+    }
+
+    pub fn delete_node(&mut self, name: &str) {
+        if self.nodes.remove(name).is_some() {
+            self.dirty.insert(name.to_owned());
+        }
+    }
+
+    pub fn upsert_namespace(&mut self, ns: NamespaceInfo) {
+        let changed = self
+            .namespaces
+            .get(&ns.name)
+            .is_none_or(|old| old.labels != ns.labels);
+        self.namespaces.insert(ns.name.clone(), ns);
+        if changed && !self.bulk {
+            self.namespace_labels_changed();
+        }
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) {
+        if self.namespaces.remove(name).is_some() && !self.bulk {
+            self.namespace_labels_changed();
+        }
+    }
+
+    /// Re-resolves everything that selects by namespace labels.
+    fn namespace_labels_changed(&mut self) {
+        let obs: Vec<String> = self
+            .observations
+            .values()
+            .filter(|o| {
+                o.spec
+                    .as_ref()
+                    .is_some_and(|s| s.namespace_selector.is_some())
+            })
+            .map(|o| o.name.clone())
+            .collect();
+        for n in obs {
+            self.resolve_observation(&n);
+        }
+        let pols: Vec<PolicyKey> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| {
+                p.rules
+                    .iter()
+                    .any(|r| r.peers.iter().any(|x| x.namespace_selector.is_some()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in pols {
+            self.resolve_policy(&k);
+        }
+    }
+
+    fn ns_labels(&self, ns: &str) -> &BTreeMap<String, String> {
+        self.namespaces
+            .get(ns)
+            .map(|n| &n.labels)
+            .unwrap_or_else(|| empty_labels())
+    }
+
+    // ---- pods ----
+
+    fn index_pod(&mut self, p: &PodInfo, add: bool) {
+        let key = p.key();
+        let set = self.by_ns.entry(p.namespace.clone()).or_default();
+        if add {
+            set.insert(key.clone());
+        } else {
+            set.remove(&key);
+        }
+        for (k, v) in &p.labels {
+            let e = self
+                .label_index
+                .entry((p.namespace.clone(), k.clone(), v.clone()))
+                .or_default();
+            if add {
+                e.insert(key.clone());
+            } else {
+                e.remove(&key);
+            }
+        }
+        if p.isolatable() {
+            for ip in &p.ips {
+                if add {
+                    self.by_ip.insert(*ip, key.clone());
+                } else if self.by_ip.get(ip) == Some(&key) {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    pub fn upsert_pod(&mut self, p: PodInfo) {
+        let key = p.key();
+        let old = self.pods.get(&key).cloned();
+        if old.as_ref() == Some(&p) {
+            return;
+        }
+        if let Some(o) = &old {
+            self.index_pod(o, false);
+        }
+        self.index_pod(&p, true);
+        self.pods.insert(key.clone(), p.clone());
+        if !self.bulk {
+            self.pod_changed(&key, old.as_ref(), Some(&p));
+        }
+    }
+
+    pub fn delete_pod(&mut self, key: &str) {
+        if let Some(old) = self.pods.remove(key) {
+            self.index_pod(&old, false);
+            if !self.bulk {
+                self.pod_changed(key, Some(&old), None);
+            }
+        }
+    }
+
+    fn obs_selects(
+        spec: &NetworkObservationSpec,
+        p: &PodInfo,
+        ns_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        let ns_ok = spec.namespaces.iter().any(|n| *n == p.namespace)
+            || spec
+                .namespace_selector
+                .as_ref()
+                .is_some_and(|s| selector::matches(s, ns_labels));
+        ns_ok
+            && spec
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector::matches(s, &p.labels))
+    }
+
+    fn peer_selects(
+        peer: &Peer,
+        policy_ns: &str,
+        p: &PodInfo,
+        ns_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        if peer.ip_block.is_some() {
+            return false;
+        }
+        let ns_ok = match &peer.namespace_selector {
+            Some(s) => selector::matches(s, ns_labels),
+            None => p.namespace == policy_ns,
+        };
+        ns_ok
+            && peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector::matches(s, &p.labels))
+    }
+
+    /// A pod can be a peer when its addresses are its own.
+    fn peer_eligible(p: &PodInfo) -> bool {
+        !p.ips.is_empty() && !p.host_network && !p.finished
+    }
+
+    /// Incremental bookkeeping for one pod.
+    fn pod_changed(&mut self, key: &str, old: Option<&PodInfo>, new: Option<&PodInfo>) {
+        let mut touch = false;
+        let new_ns_labels = new.map(|p| self.ns_labels(&p.namespace).clone());
+
+        for obs in self.observations.values_mut() {
+            let Some(spec) = &obs.spec else { continue };
+            let was_selected = obs.selected.contains(key);
+            let was = was_selected || obs.untraceable.contains(key);
+            let now = match (new, &new_ns_labels) {
+                (Some(p), Some(l)) => Self::obs_selects(spec, p, l),
+                _ => false,
+            };
+            if !was && !now {
+                continue;
+            }
+            remove_member(
+                &mut obs.selected,
+                &mut obs.untraceable,
+                &mut obs.by_node,
+                key,
+                old,
+            );
+            if let (true, Some(p)) = (now, new) {
+                add_member(&mut obs.selected, &mut obs.untraceable, &mut obs.by_node, p);
+            }
+            // Only traced pods appear in configs.
+            if was_selected || obs.selected.contains(key) {
+                touch = true;
+            }
+            self.dirty_observations.insert(obs.name.clone());
+        }
+
+        for (pkey, pol) in self.policies.iter_mut() {
+            let Some(spec) = &pol.spec else { continue };
+            // Targets: pods of the policy's namespace.
+            let in_ns = |p: &PodInfo| p.namespace == pol.namespace;
+            let was_target = pol.targets.contains(key);
+            let was = was_target || pol.unenforceable.contains(key);
+            let now =
+                new.is_some_and(|p| in_ns(p) && selector::matches(&spec.pod_selector, &p.labels));
+            if was || now {
+                let before = pol.by_node.keys().cloned().collect::<BTreeSet<_>>();
+                remove_member(
+                    &mut pol.targets,
+                    &mut pol.unenforceable,
+                    &mut pol.by_node,
+                    key,
+                    old,
+                );
+                if let (true, Some(p)) = (now, new) {
+                    add_member(
+                        &mut pol.targets,
+                        &mut pol.unenforceable,
+                        &mut pol.by_node,
+                        p,
+                    );
+                }
+                if pol.targets.contains(key) || was_target {
+                    touch = true;
+                }
+
+                let after = pol.by_node.keys().cloned().collect::<BTreeSet<_>>();
+                if before != after {
+                    self.dirty_policies.insert(pkey.clone());
+                }
+                self.dirty_policies.insert(pkey.clone());
+            }
+            // Peers: pods anywhere.
+            let mut peers_changed = false;
+            for rule in &mut pol.rules {
+                if rule.any_peer {
+                    continue;
+                }
+                let was = rule.peer_pods.get(key).cloned();
+                let now = match (new, &new_ns_labels) {
+                    (Some(p), Some(l))
+                        if Self::peer_eligible(p)
+                            && rule
+                                .peers
+                                .iter()
+                                .any(|x| Self::peer_selects(x, &pol.namespace, p, l)) =>
+                    {
+                        Some(p.ips.clone())
+                    }
+                    _ => None,
+                };
+                if was != now {
+                    match now {
+                        Some(ips) => rule.peer_pods.insert(key.to_owned(), ips),
+                        None => rule.peer_pods.remove(key),
+                    };
+                    rule.address_set = None;
+                    peers_changed = true;
+                }
+            }
+            if peers_changed {
+                self.dirty.extend(pol.by_node.keys().cloned());
+            }
+        }
+
+        if touch {
+            for p in [old, new].into_iter().flatten() {
+                if let Some(n) = &p.node {
+                    self.dirty.insert(n.clone());
+                }
+            }
+        }
+    }
+
+    /// Pods of namespace `ns` that may match `sel` (an index lookup when the
+    /// selector requires a label, else every pod of the namespace).
+    fn candidates(&self, ns: &str, sel: Option<&flowlens_api::LabelSelector>) -> Vec<&PodInfo> {
+        let keys: Option<&BTreeSet<PodKey>> = match sel.and_then(selector::required_pair) {
+            Some((k, v)) => self
+                .label_index
+                .get(&(ns.to_owned(), k.to_owned(), v.to_owned())),
+            None => self.by_ns.get(ns),
+        };
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.pods.get(k))
+            .filter(|p| sel.is_none_or(|s| selector::matches(s, &p.labels)))
+            .collect()
+    }
+
+    // ---- observations ----
+
+    pub fn upsert_observation(
+        &mut self,
+        name: &str,
+        uid: &str,
+        generation: i64,
+        spec: NetworkObservationSpec,
+    ) {
+        let error = validate::network_observation(&spec).err();
+        let o = self
+            .observations
+            .entry(name.to_owned())
+            .or_insert_with(|| Observation {
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+                generation,
+                spec: None,
+                spec_generation: 0,
+                error: None,
+                window_seconds: 30,
+                selected: BTreeSet::new(),
+                untraceable: BTreeSet::new(),
+                by_node: BTreeMap::new(),
+            });
+        let same =
+            o.generation == generation && o.uid == uid && o.spec.is_some() == error.is_none();
+        o.uid = uid.to_owned();
+        o.generation = generation;
+        o.error = error.clone();
+        if error.is_none() {
+            o.window_seconds = flowlens_api::duration::parse_window(&spec.window)
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(30);
+            o.spec = Some(spec);
+            o.spec_generation = generation;
+        }
+        self.dirty_observations.insert(name.to_owned());
+        if same && !self.bulk {
+            return;
+        }
+        if !self.bulk {
+            self.resolve_observation(name);
+        }
+    }
+
+    pub fn delete_observation(&mut self, name: &str) {
+        if let Some(o) = self.observations.remove(name) {
+            self.dirty.extend(o.by_node.into_keys());
+            self.dirty_observations.insert(name.to_owned());
+        }
+    }
+
+    fn resolve_observation(&mut self, name: &str) {
+        let Some(o) = self.observations.get(name) else {
+            return;
+        };
+        let Some(spec) = o.spec.clone() else { return };
+        let mut namespaces: BTreeSet<String> = spec.namespaces.iter().cloned().collect();
+        if let Some(sel) = &spec.namespace_selector {
+            namespaces.extend(
+                self.namespaces
+                    .values()
+                    .filter(|n| selector::matches(sel, &n.labels))
+                    .map(|n| n.name.clone()),
+            );
+        }
+        let mut selected = BTreeSet::new();
+        let mut untraceable = BTreeSet::new();
+        let mut by_node: BTreeMap<String, BTreeSet<PodKey>> = BTreeMap::new();
+        for ns in &namespaces {
+            for p in self.candidates(ns, spec.pod_selector.as_ref()) {
+                add_member(&mut selected, &mut untraceable, &mut by_node, p);
+            }
+        }
+        let o = self.observations.get_mut(name).unwrap();
+        let old_nodes: Vec<String> = o.by_node.keys().cloned().collect();
+        self.dirty.extend(old_nodes);
+        self.dirty.extend(by_node.keys().cloned());
+        o.selected = selected;
+        o.untraceable = untraceable;
+        o.by_node = by_node;
+        self.dirty_observations.insert(name.to_owned());
+    }
+
+    pub fn observation_view(&self, name: &str) -> Option<ObservationView> {
+        let o = self.observations.get(name)?;
+        Some(ObservationView {
+            error: o.error.clone(),
+            generation: o.generation,
+            spec_generation: o.spec_generation,
+            window_seconds: o.window_seconds,
+
+            selected_nodes: o.by_node.keys().cloned().collect(),
+            traced_pods: o.selected.len(),
+            untraceable_pods: o.untraceable.iter().cloned().collect(),
+        })
+    }
+
+    /// Addresses of every pod an observation traces (cluster-wide).
+    pub fn traced_addresses(&self, name: &str) -> BTreeSet<IpAddr> {
+        self.observations
+            .get(name)
+            .map(|o| {
+                o.selected
+                    .iter()
+                    .filter_map(|k| self.pods.get(k))
+                    .flat_map(|p| p.ips.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    // ---- policies ----
+
+    pub fn upsert_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        generation: i64,
+        spec: FlowPolicySpec,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let error = validate::flow_policy(&spec).err();
+        let p = self.policies.entry(key.clone()).or_insert_with(|| Policy {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            generation,
+            spec: None,
+            revision: None,
+            error: None,
+            targets: BTreeSet::new(),
+            unenforceable: BTreeSet::new(),
+            by_node: BTreeMap::new(),
+            rules: Vec::new(),
+        });
+        p.uid = uid.to_owned();
+        p.generation = generation;
+        p.error = error.clone();
+        self.dirty_policies.insert(key.clone());
+        if error.is_some() {
+            // The last valid spec (if any) stays in force.
+            return;
+        }
+        let revision = content_hash(&serde_json::to_vec(&spec).expect("a spec serializes"));
+        if p.revision.as_deref() == Some(revision.as_str()) {
+            return;
+        }
+        p.revision = Some(revision);
+        p.spec = Some(spec);
+        if !self.bulk {
+            self.resolve_policy(&key);
+        }
+    }
+
+    pub fn delete_policy(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(p) = self.policies.remove(&key) {
+            self.dirty.extend(p.by_node.into_keys());
+            self.dirty_policies.insert(key);
+        }
+    }
+
+    fn resolve_policy(&mut self, key: &PolicyKey) {
+        let Some(pol) = self.policies.get(key) else {
+            return;
+        };
+        let Some(spec) = pol.spec.clone() else { return };
+        let ns = pol.namespace.clone();
+
+        let mut targets = BTreeSet::new();
+        let mut unenforceable = BTreeSet::new();
+        let mut by_node: BTreeMap<String, BTreeSet<PodKey>> = BTreeMap::new();
+        for p in self.candidates(&ns, Some(&spec.pod_selector)) {
+            add_member(&mut targets, &mut unenforceable, &mut by_node, p);
+        }
+
+        let mut rules = Vec::new();
+        let specs = spec
+            .egress
+            .iter()
+            .map(|r| (Direction::Egress, &r.to, &r.ports))
+            .chain(
+                spec.ingress
+                    .iter()
+                    .map(|r| (Direction::Ingress, &r.from, &r.ports)),
+            );
+        let mut counters = [0usize; 2];
+        for (direction, peers, ports) in specs {
+            let index = &mut counters[direction as usize];
+            let mut peer_pods = BTreeMap::new();
+            for peer in peers.iter().filter(|p| p.ip_block.is_none()) {
+                let namespaces: Vec<String> = match &peer.namespace_selector {
+                    Some(sel) => self
+                        .namespaces
+                        .values()
+                        .filter(|n| selector::matches(sel, &n.labels))
+                        .map(|n| n.name.clone())
+                        .collect(),
+                    None => vec![ns.clone()],
+                };
+                for n in &namespaces {
+                    for p in self.candidates(n, peer.pod_selector.as_ref()) {
+                        if Self::peer_eligible(p) {
+                            peer_pods.insert(p.key(), p.ips.clone());
+                        }
+                    }
+                }
+            }
+            rules.push(Rule {
+                direction,
+                index: *index,
+                any_peer: peers.is_empty(),
+                peers: peers.clone(),
+                peer_pods,
+                ports: ports.iter().map(port_range).collect(),
+                address_set: None,
+            });
+            *index += 1;
+        }
+
+        let pol = self.policies.get_mut(key).unwrap();
+        let old_nodes: Vec<String> = pol.by_node.keys().cloned().collect();
+        self.dirty.extend(old_nodes);
+        self.dirty.extend(by_node.keys().cloned());
+        pol.targets = targets;
+        pol.unenforceable = unenforceable;
+        pol.by_node = by_node;
+        pol.rules = rules;
+        self.dirty_policies.insert(key.clone());
+    }
+
+    pub fn policy_view(&self, key: &PolicyKey) -> Option<PolicyView> {
+        let p = self.policies.get(key)?;
+        Some(PolicyView {
+            revision: p.revision.clone(),
+            error: p.error.clone(),
+            generation: p.generation,
+            targeted_nodes: p.by_node.keys().cloned().collect(),
+            selected_pods: p.targets.len(),
+            unenforceable_pods: p.unenforceable.iter().cloned().collect(),
+        })
+    }
+
+    /// The config of one node, or `None` when the node does not exist.
+    pub fn node_config(&mut self, node: &str) -> Option<NodeAgentConfigSpec> {
+        let info = self.nodes.get(node)?.clone();
+        Some(assemble::node_config(self, &info))
+    }
+
+    /// Builds (or returns the cached) address set of a rule.
+    fn rule_set(rule: &mut Rule) -> Arc<BuiltSet> {
+        if let Some(s) = &rule.address_set {
+            return s.clone();
+        }
+        let mut entries: BTreeSet<CidrEntry> = BTreeSet::new();
+        for ips in rule.peer_pods.values() {
+            for ip in ips {
+                let len = if ip.is_ipv4() { 32 } else { 128 };
+                entries.insert(CidrEntry {
+                    cidr: format!("{ip}/{len}"),
+                    except: Vec::new(),
+                });
+            }
+        }
+        for peer in &rule.peers {
+            if let Some(b) = &peer.ip_block {
+                entries.insert(CidrEntry {
+                    cidr: b.cidr.clone(),
+                    except: b.except.clone(),
+                });
+            }
+        }
+        let entries: Vec<CidrEntry> = entries.into_iter().collect();
+        let name = format!(
+            "as-{}",
+            content_hash(&serde_json::to_vec(&entries).expect("entries serialize"))
+        );
+        let s = Arc::new(BuiltSet { name, entries });
+        rule.address_set = Some(s.clone());
+        s
+    }
+}
+
+fn port_range(
+    p: &flowlens_api::flow_policy::PortSpec,
+) -> flowlens_api::node_agent_config::PortRange {
+    let (first, last) = match (p.port, p.end_port) {
+        (None, _) => (0, u16::MAX),
+        (Some(a), None) => (a, a),
+        (Some(a), Some(b)) => (a, b.max(a)),
+    };
+    flowlens_api::node_agent_config::PortRange {
+        protocol: p.protocol,
+        first,
+        last,
+    }
+}
+
+fn add_member(
+    selected: &mut BTreeSet<PodKey>,
+    untraceable: &mut BTreeSet<PodKey>,
+    by_node: &mut BTreeMap<String, BTreeSet<PodKey>>,
+    p: &PodInfo,
+) {
+    let key = p.key();
+    if p.isolatable() {
+        selected.insert(key.clone());
+        by_node
+            .entry(p.node.clone().unwrap())
+            .or_default()
+            .insert(key);
+    } else if p.host_network && !p.finished {
+        untraceable.insert(key);
+    }
+}
+
+fn remove_member(
+    selected: &mut BTreeSet<PodKey>,
+    untraceable: &mut BTreeSet<PodKey>,
+    by_node: &mut BTreeMap<String, BTreeSet<PodKey>>,
+    key: &str,
+    old: Option<&PodInfo>,
+) {
+    selected.remove(key);
+    untraceable.remove(key);
+    let node = old.and_then(|p| p.node.clone());
+    let mut drop_node = None;
+    match node {
+        Some(n) => {
+            if let Some(s) = by_node.get_mut(&n) {
+                s.remove(key);
+                if s.is_empty() {
+                    drop_node = Some(n);
+                }
+            }
+        }
+        None => {
+            for (n, s) in by_node.iter_mut() {
+                if s.remove(key) && s.is_empty() {
+                    drop_node = Some(n.clone());
+                }
+            }
+        }
+    }
+    if let Some(n) = drop_node {
+        by_node.remove(&n);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,556 @@
+use std::collections::BTreeMap;
+
+use flowlens_api::{
+    flow_policy::{FlowPolicySpec, PolicyMode, Protocol},
+    network_observation::NetworkObservationSpec,
+    node_agent_config::{Direction, NodeAgentConfigSpec, PortRange, WorkloadRef},
+};
+
+use super::*;
+use crate::model::{NamespaceInfo, NodeInfo, PodInfo};
+
+fn node(name: &str, zone: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        zone: Some(zone.into()),
+    }
+}
+
+fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+    NamespaceInfo {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> PodInfo {
+    PodInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("uid-{ns}-{name}"),
+        node: Some(node.into()),
+        ips: ip
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        host_network: false,
+        workload: WorkloadRef {
+            kind: "Deployment".into(),
+            name: name.split('-').next().unwrap().into(),
+        },
+        finished: false,
+    }
+}
+
+fn obs(yaml: &str) -> NetworkObservationSpec {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn pol(yaml: &str) -> FlowPolicySpec {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+/// A small shop: web and api in `shop` (zone a), db in `data` (zone b).
+fn shop() -> Compiler {
+    let mut c = Compiler::new();
+    c.upsert_node(node("n1", "a"));
+    c.upsert_node(node("n2", "b"));
+    c.upsert_namespace(ns("shop", &[("team", "store")]));
+    c.upsert_namespace(ns("data", &[("team", "data")]));
+    c.upsert_pod(pod(
+        "shop",
+        "web-1",
+        "n1",
+        "10.0.1.1,fd00::1:1",
+        &[("app", "web"), ("version", "v1"), ("secret", "x")],
+    ));
+    c.upsert_pod(pod("shop", "api-1", "n1", "10.0.1.2", &[("app", "api")]));
+    c.upsert_pod(pod("data", "db-1", "n2", "10.0.2.1", &[("app", "db")]));
+    c.take_dirty_nodes();
+    c
+}
+
+fn cfg(c: &mut Compiler, n: &str) -> NodeAgentConfigSpec {
+    c.node_config(n).unwrap()
+}
+
+#[test]
+fn observations_list_only_local_pods_and_keep_only_kept_labels() {
+    let mut c = shop();
+    c.upsert_observation("o", "ou", 1, obs("namespaces: [shop, data]\nkeepLabels: [version]\ngroupBy: [namespace, 'label:version']"));
+    assert_eq!(
+        c.take_dirty_nodes(),
+        BTreeSet::from(["n1".to_string(), "n2".to_string()])
+    );
+    let n1 = cfg(&mut c, "n1");
+    assert_eq!(n1.zone.as_deref(), Some("a"));
+    assert_eq!(n1.observations.len(), 1);
+    assert_eq!(
+        n1.observations[0].endpoints,
+        vec!["shop/api-1", "shop/web-1"]
+    );
+    let web = n1.endpoints.iter().find(|e| e.pod == "web-1").unwrap();
+    assert_eq!(
+        web.labels,
+        BTreeMap::from([("version".to_string(), "v1".to_string())]),
+        "only kept labels leave the operator"
+    );
+    assert_eq!(web.ips, vec!["10.0.1.1", "fd00::1:1"]);
+    assert_eq!(web.workload.to_string(), "Deployment/web");
+    assert_eq!(
+        cfg(&mut c, "n2").observations[0].endpoints,
+        vec!["data/db-1"]
+    );
+}
+
+#[test]
+fn namespace_selector_and_pod_selector() {
+    let mut c = shop();
+    c.upsert_observation("o", "ou", 1, obs("namespaceSelector: {matchLabels: {team: store}}\npodSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}"));
+    assert_eq!(
+        c.observation_view("o").unwrap().selected_nodes,
+        BTreeSet::from(["n1".to_string()])
+    );
+    assert_eq!(
+        cfg(&mut c, "n1").observations[0].endpoints,
+        vec!["shop/web-1"]
+    );
+    assert!(cfg(&mut c, "n2").observations.is_empty());
+    // Relabel the data namespace into the selection.
+    c.take_dirty_nodes();
+    c.upsert_namespace(ns("data", &[("team", "store")]));
+    assert!(c.take_dirty_nodes().contains("n2") || cfg(&mut c, "n2").observations.is_empty());
+    c.upsert_pod(pod("data", "db-1", "n2", "10.0.2.1", &[("app", "web")]));
+    assert_eq!(
+        cfg(&mut c, "n2").observations[0].endpoints,
+        vec!["data/db-1"]
+    );
+}
+
+#[test]
+fn pods_without_ip_are_picked_up_when_they_get_one() {
+    let mut c = shop();
+    c.upsert_observation("o", "ou", 1, obs("namespaces: [shop]"));
+    c.take_dirty_nodes();
+    c.upsert_pod(pod("shop", "new-1", "n2", "", &[]));
+    assert!(
+        c.take_dirty_nodes().is_empty(),
+        "a pod without IP changes nothing"
+    );
+    c.upsert_pod(pod("shop", "new-1", "n2", "10.0.2.9", &[]));
+    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n2".to_string()]));
+    assert_eq!(
+        cfg(&mut c, "n2").observations[0].endpoints,
+        vec!["shop/new-1"]
+    );
+}
+
+#[test]
+fn host_network_pods_are_reported_never_pretended() {
+    let mut c = shop();
+    let mut hn = pod("shop", "ds-1", "n1", "192.168.0.1", &[("app", "web")]);
+    hn.host_network = true;
+    c.upsert_pod(hn);
+    c.upsert_observation("o", "ou", 1, obs("namespaces: [shop]"));
+    c.upsert_policy(
+        "shop",
+        "p",
+        "pu",
+        1,
+        pol("podSelector: {matchLabels: {app: web}}\negress: [{}]"),
+    );
+    c.upsert_policy(
+        "data",
+        "q",
+        "qu",
+        1,
+        pol("podSelector: {}\negress: [{to: [{namespaceSelector: {}}]}]"),
+    );
+    let v = c.observation_view("o").unwrap();
+    assert_eq!(v.untraceable_pods, vec!["shop/ds-1"]);
+    assert_eq!(v.traced_pods, 2);
+    let p = c.policy_view(&("shop".into(), "p".into())).unwrap();
+    assert_eq!(p.unenforceable_pods, vec!["shop/ds-1"]);
+    assert_eq!(p.selected_pods, 1);
+    let n1 = cfg(&mut c, "n1");
+    assert!(n1.endpoints.iter().all(|e| e.pod != "ds-1"));
+    // Not a peer either: its address is the node's.
+    let n2 = cfg(&mut c, "n2");
+    let set = &n2.address_sets[0];
+    assert!(
+        set.entries.iter().all(|e| e.cidr != "192.168.0.1/32"),
+        "{set:?}"
+    );
+}
+
+#[test]
+fn policies_compile_to_local_targets_and_remote_address_sets() {
+    let mut c = shop();
+    c.upsert_policy(
+        "shop",
+        "web-no-db",
+        "pu",
+        1,
+        pol("podSelector: {matchLabels: {app: web}}\negress:\n- to: [{namespaceSelector: {matchLabels: {team: data}}, podSelector: {matchLabels: {app: db}}}, {ipBlock: {cidr: 172.16.0.0/12, except: [172.16.1.0/24]}}]\n  ports: [{port: 5432}, {protocol: UDP}]"),
+    );
+    assert_eq!(
+        c.take_dirty_nodes(),
+        BTreeSet::from(["n1".to_string()]),
+        "only the node of the selected pod"
+    );
+    let n1 = cfg(&mut c, "n1");
+    assert_eq!(n1.rules.len(), 1);
+    let r = &n1.rules[0];
+    assert_eq!(r.id, "shop/web-no-db/egress/0");
+    assert_eq!(r.endpoints, vec!["shop/web-1"]);
+    assert_eq!(
+        (r.direction, r.mode, r.any_peer),
+        (Direction::Egress, PolicyMode::Enforce, false)
+    );
+    assert_eq!(
+        r.ports,
+        vec![
+            PortRange {
+                protocol: Protocol::Tcp,
+                first: 5432,
+                last: 5432
+            },
+            PortRange {
+                protocol: Protocol::Udp,
+                first: 0,
+                last: 65535
+            }
+        ]
+    );
+    let set = n1
+        .address_sets
+        .iter()
+        .find(|s| Some(&s.name) == r.address_set.as_ref())
+        .unwrap();
+    let cidrs: Vec<&str> = set.entries.iter().map(|e| e.cidr.as_str()).collect();
+    assert_eq!(cidrs, vec!["10.0.2.1/32", "172.16.0.0/12"]);
+    assert_eq!(set.entries[1].except, vec!["172.16.1.0/24"]);
+    assert_eq!(n1.policies[0].name, "web-no-db");
+    assert!(
+        cfg(&mut c, "n2").rules.is_empty(),
+        "the peer's node does not carry the rule"
+    );
+    assert_eq!(
+        n1.endpoints
+            .iter()
+            .find(|e| e.pod == "web-1")
+            .unwrap()
+            .labels
+            .len(),
+        0,
+        "policy-only endpoints carry no labels"
+    );
+}
+
+#[test]
+fn peer_changes_reach_every_node_that_carries_the_rule_and_only_those() {
+    let mut c = shop();
+    c.upsert_policy("shop", "p", "pu", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]}]"));
+    c.take_dirty_nodes();
+    // A new db pod on n2 changes n1's address set.
+    c.upsert_pod(pod("data", "db-2", "n2", "10.0.2.2", &[("app", "db")]));
+    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n1".to_string()]));
+    let entries = |c: &mut Compiler| {
+        cfg(c, "n1").address_sets[0]
+            .entries
+            .iter()
+            .map(|e| e.cidr.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(entries(&mut c), vec!["10.0.2.1/32", "10.0.2.2/32"]);
+    // Deleting a pod removes its address everywhere.
+    c.delete_pod("data/db-1");
+    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n1".to_string()]));
+    assert_eq!(entries(&mut c), vec!["10.0.2.2/32"]);
+    // An unrelated pod touches nothing.
+    c.upsert_pod(pod(
+        "data",
+        "cache-1",
+        "n2",
+        "10.0.2.3",
+        &[("app", "cache")],
+    ));
+    assert!(c.take_dirty_nodes().is_empty());
+}
+
+#[test]
+fn a_selector_matching_nothing_blocks_nothing_and_every_peer_is_explicit() {
+    let mut c = shop();
+    c.upsert_policy(
+        "shop",
+        "none",
+        "u1",
+        1,
+        pol("podSelector: {}\negress: [{to: [{podSelector: {matchLabels: {app: ghost}}}]}]"),
+    );
+    c.upsert_policy(
+        "shop",
+        "all",
+        "u2",
+        1,
+        pol("podSelector: {matchLabels: {app: api}}\ningress: [{}]\negress: [{}]"),
+    );
+    let n1 = cfg(&mut c, "n1");
+    let none = n1.rules.iter().find(|r| r.policy.name == "none").unwrap();
+    assert!(!none.any_peer);
+    let set = n1
+        .address_sets
+        .iter()
+        .find(|s| Some(&s.name) == none.address_set.as_ref())
+        .unwrap();
+    assert!(set.entries.is_empty(), "an empty set: blocks nothing");
+    let all: Vec<_> = n1.rules.iter().filter(|r| r.policy.name == "all").collect();
+    assert_eq!(all.len(), 2);
+    assert!(
+        all.iter()
+            .all(|r| r.any_peer && r.address_set.is_none() && r.endpoints == vec!["shop/api-1"])
+    );
+}
+
+#[test]
+fn overlapping_policies_keep_their_modes() {
+    let mut c = shop();
+    c.upsert_policy(
+        "shop",
+        "audit",
+        "u1",
+        1,
+        pol("mode: Audit\npodSelector: {}\negress: [{ports: [{port: 80}]}]"),
+    );
+    c.upsert_policy(
+        "shop",
+        "enforce",
+        "u2",
+        1,
+        pol("podSelector: {matchLabels: {app: web}}\negress: [{ports: [{port: 80}]}]"),
+    );
+    let n1 = cfg(&mut c, "n1");
+    let modes: Vec<(String, PolicyMode, Vec<String>)> = n1
+        .rules
+        .iter()
+        .map(|r| (r.policy.name.clone(), r.mode, r.endpoints.clone()))
+        .collect();
+    assert_eq!(
+        modes,
+        vec![
+            (
+                "audit".into(),
+                PolicyMode::Audit,
+                vec!["shop/api-1".into(), "shop/web-1".into()]
+            ),
+            (
+                "enforce".into(),
+                PolicyMode::Enforce,
+                vec!["shop/web-1".into()]
+            )
+        ]
+    );
+}
+
+#[test]
+fn revisions_change_only_with_content() {
+    let mut c = shop();
+    c.upsert_observation("o", "ou", 1, obs("namespaces: [shop]"));
+    let a = cfg(&mut c, "n1");
+    let b = cfg(&mut c, "n1");
+    assert_eq!(a, b);
+    c.upsert_pod(pod("data", "other", "n1", "10.0.1.99", &[]));
+    assert_eq!(
+        cfg(&mut c, "n1").revision,
+        a.revision,
+        "an untraced pod is not in the config"
+    );
+    c.upsert_pod(pod(
+        "shop",
+        "web-1",
+        "n1",
+        "10.0.1.1,fd00::1:1",
+        &[("app", "web"), ("version", "v2")],
+    ));
+    assert_eq!(
+        cfg(&mut c, "n1").revision,
+        a.revision,
+        "a label nobody keeps is not in the config"
+    );
+    c.upsert_pod(pod("shop", "web-1", "n1", "10.0.1.7", &[("app", "web")]));
+    assert_ne!(cfg(&mut c, "n1").revision, a.revision);
+}
+
+#[test]
+fn an_invalid_update_keeps_the_last_valid_policy_in_force() {
+    let mut c = shop();
+    c.upsert_policy(
+        "shop",
+        "p",
+        "pu",
+        1,
+        pol("podSelector: {}\negress: [{ports: [{port: 5432}]}]"),
+    );
+    let before = cfg(&mut c, "n1");
+    c.upsert_policy("shop", "p", "pu", 2, pol("podSelector: {}\negress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]"));
+    let v = c.policy_view(&("shop".into(), "p".into())).unwrap();
+    let err = v.error.unwrap();
+    assert_eq!(err.0[0].field, "spec.egress[0].to[0].ipBlock.except[0]");
+    assert_eq!(
+        cfg(&mut c, "n1").rules,
+        before.rules,
+        "still enforcing generation 1"
+    );
+    c.upsert_policy(
+        "shop",
+        "p",
+        "pu",
+        3,
+        pol("podSelector: {}\negress: [{ports: [{port: 6432}]}]"),
+    );
+    assert!(
+        c.policy_view(&("shop".into(), "p".into()))
+            .unwrap()
+            .error
+            .is_none()
+    );
+    assert_eq!(cfg(&mut c, "n1").rules[0].ports[0].first, 6432);
+}
+
+#[test]
+fn deleting_things_cleans_up() {
+    let mut c = shop();
+    c.upsert_policy("shop", "p", "pu", 1, pol("podSelector: {}\negress: [{}]"));
+    c.upsert_observation("o", "ou", 1, obs("namespaces: [data]"));
+    c.take_dirty_nodes();
+    c.delete_policy("shop", "p");
+    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n1".to_string()]));
+    assert!(cfg(&mut c, "n1").rules.is_empty());
+    c.delete_observation("o");
+    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n2".to_string()]));
+    c.delete_node("n2");
+    assert!(c.node_config("n2").is_none());
+}
+
+/// A tiny deterministic generator (no external crates needed for a test).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// The incremental compiler agrees with a bulk compile of the final state
+/// after any sequence of events.
+#[test]
+fn incremental_equals_bulk() {
+    for seed in 1..=20u64 {
+        let mut rng = Lcg(seed);
+        let mut inc = Compiler::new();
+        let nss = ["a", "b", "c"];
+        let apps = ["web", "api", "db"];
+        for n in ["n1", "n2", "n3"] {
+            inc.upsert_node(node(n, if n == "n3" { "z2" } else { "z1" }));
+        }
+        for (i, n) in nss.iter().enumerate() {
+            inc.upsert_namespace(ns(n, &[("team", if i == 0 { "x" } else { "y" })]));
+        }
+        inc.upsert_observation(
+            "o1",
+            "u1",
+            1,
+            obs("namespaceSelector: {matchLabels: {team: y}}\nkeepLabels: [app]"),
+        );
+        inc.upsert_policy("a", "p1", "pu1", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]"));
+        inc.upsert_policy("b", "p2", "pu2", 1, pol("mode: Audit\npodSelector: {}\ningress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}}]}]"));
+        for step in 0..300 {
+            match rng.next(10) {
+                0..=5 => {
+                    let n = nss[rng.next(3) as usize];
+                    let name = format!("p{}", rng.next(12));
+                    let nd = format!("n{}", rng.next(3) + 1);
+                    let ip = if rng.next(5) == 0 {
+                        String::new()
+                    } else {
+                        format!("10.{}.{}.{}", rng.next(3), rng.next(3), rng.next(250) + 1)
+                    };
+                    let mut p = pod(n, &name, &nd, &ip, &[("app", apps[rng.next(3) as usize])]);
+                    p.host_network = rng.next(15) == 0;
+                    inc.upsert_pod(p);
+                }
+                6 => {
+                    let key = format!("{}/p{}", nss[rng.next(3) as usize], rng.next(12));
+                    inc.delete_pod(&key);
+                }
+                7 => {
+                    let n = nss[rng.next(3) as usize];
+                    inc.upsert_namespace(ns(
+                        n,
+                        &[("team", if rng.next(2) == 0 { "x" } else { "y" })],
+                    ));
+                }
+                8 => {
+                    let app = apps[rng.next(3) as usize];
+                    inc.upsert_policy("c", "p3", "pu3", step, pol(&format!("podSelector: {{matchLabels: {{app: {app}}}}}\negress: [{{to: [{{namespaceSelector: {{}}}}]}}]")));
+                }
+                _ => {
+                    inc.upsert_observation(
+                        "o2",
+                        "u2",
+                        step,
+                        obs(&format!(
+                            "namespaces: [{}]\npodSelector: {{matchLabels: {{app: {}}}}}",
+                            nss[rng.next(3) as usize],
+                            apps[rng.next(3) as usize]
+                        )),
+                    );
+                }
+            }
+        }
+        // The same final state, loaded in bulk.
+        let mut bulk = Compiler::new();
+        bulk.begin_bulk();
+        for n in inc.nodes.values() {
+            bulk.upsert_node(n.clone());
+        }
+        for n in inc.namespaces.values() {
+            bulk.upsert_namespace(n.clone());
+        }
+        for p in inc.pods.values() {
+            bulk.upsert_pod(p.clone());
+        }
+        for o in inc.observations.values() {
+            bulk.upsert_observation(&o.name, &o.uid, o.generation, o.spec.clone().unwrap());
+        }
+        for p in inc.policies.values() {
+            bulk.upsert_policy(
+                &p.namespace,
+                &p.name,
+                &p.uid,
+                p.generation,
+                p.spec.clone().unwrap(),
+            );
+        }
+        bulk.finish_bulk();
+        for n in ["n1", "n2", "n3"] {
+            assert_eq!(
+                inc.node_config(n),
+                bulk.node_config(n),
+                "seed {seed}, node {n}"
+            );
+        }
+    }
+}

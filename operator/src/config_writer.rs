@@ -1,0 +1,194 @@
+//! Writes each node's `NodeAgentConfig` (server-side apply) when, and only
+//! when, its content changed; deletes the configs of nodes that are gone.
+//!
+//! Nothing is written before every watched kind has been listed once: a
+//! half-synced view would drop rules for pods not seen yet.
+
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use flowlens_api::{NodeAgentConfig, node_agent_config::NodeAgentConfigSpec};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    context::Context,
+    error::Result,
+    metrics::{ControllerLabels, ErrorLabels},
+};
+
+/// The field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "flowlens-operator";
+const CONTROLLER: &str = "node-agent-config";
+
+/// How long to wait for more events before compiling (coalesces bursts).
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+
+fn object(spec: &NodeAgentConfigSpec, node_uid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "flowlens.dev/v1alpha1",
+        "kind": "NodeAgentConfig",
+        "metadata": {
+            "name": spec.node_name,
+            "labels": {"app.kubernetes.io/managed-by": "flowlens-operator"},
+            // Garbage-collected with its Node even when the operator is gone.
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Node", "name": spec.node_name, "uid": node_uid,
+            }],
+        },
+        "spec": spec,
+    })
+}
+
+/// Runs until the process ends.
+pub async fn run(ctx: Arc<Context>) {
+    let api: Api<NodeAgentConfig> = Api::all(ctx.client.clone());
+    // Wait for the initial sync of every input and of the configs themselves.
+    while !ctx.sync.is_synced() {
+        let notified = ctx.sync.notify.notified();
+        if ctx.sync.is_synced() {
+            break;
+        }
+        notified.await;
+    }
+    ctx.configs.wait_until_ready().await.ok();
+    loop {
+        let started = Instant::now();
+        let (mut work, node_uids) = ctx.with_compiler(|c| {
+            let mut dirty = c.take_dirty_nodes();
+            // Configs whose node is gone.
+            for nac in ctx.configs.state() {
+                if c.node(&nac.name_any()).is_none() {
+                    dirty.insert(nac.name_any());
+                }
+            }
+            let work: Vec<(String, Option<NodeAgentConfigSpec>)> = dirty
+                .into_iter()
+                .map(|n| {
+                    let cfg = c.node_config(&n);
+                    (n, cfg)
+                })
+                .collect();
+            let uids: std::collections::BTreeMap<String, String> = work
+                .iter()
+                .filter_map(|(n, _)| c.node(n).map(|i| (n.clone(), i.uid.clone())))
+                .collect();
+            (work, uids)
+        });
+        ctx.metrics
+            .compile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut failed = BTreeSet::new();
+        for (node, spec) in work.drain(..) {
+            let current = ctx
+                .configs
+                .get(&kube::runtime::reflector::ObjectRef::new(&node));
+            let written = ctx
+                .written
+                .lock()
+                .expect("written lock")
+                .get(&node)
+                .cloned();
+            let outcome = match (&spec, &current) {
+                // Already written by us (the reflector may lag behind), or already there.
+                (Some(s), _) if written.as_deref() == Some(s.revision.as_str()) => continue,
+                (Some(s), Some(cur)) if cur.spec == *s => {
+                    ctx.written
+                        .lock()
+                        .expect("written lock")
+                        .insert(node.clone(), s.revision.clone());
+                    continue;
+                }
+                (None, None) => continue,
+                (Some(s), _) => {
+                    write(
+                        &ctx,
+                        &api,
+                        s,
+                        node_uids.get(&node).map(String::as_str).unwrap_or_default(),
+                    )
+                    .await
+                }
+                (None, Some(_)) => delete(&ctx, &api, &node).await,
+            };
+            ctx.metrics
+                .reconciles
+                .get_or_create(&ControllerLabels {
+                    controller: CONTROLLER,
+                })
+                .inc();
+            if let Err(e) = outcome {
+                warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        controller: CONTROLLER,
+                        reason: e.metric_label(),
+                    })
+                    .inc();
+                failed.insert(node);
+            }
+        }
+        ctx.metrics
+            .reconcile_seconds
+            .get_or_create(&ControllerLabels {
+                controller: CONTROLLER,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        if !failed.is_empty() {
+            // Retry after a pause.
+            let ctx2 = ctx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                ctx2.with_compiler(|c| c.mark_dirty(failed));
+            });
+        }
+        ctx.changed.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+async fn write(
+    ctx: &Context,
+    api: &Api<NodeAgentConfig>,
+    spec: &NodeAgentConfigSpec,
+    node_uid: &str,
+) -> Result<()> {
+    let obj = object(spec, node_uid);
+    api.patch(
+        &spec.node_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await?;
+    ctx.metrics.wrote("nodeagentconfigs", "apply");
+    ctx.written
+        .lock()
+        .expect("written lock")
+        .insert(spec.node_name.clone(), spec.revision.clone());
+    debug!(node = %spec.node_name, revision = %spec.revision, "wrote NodeAgentConfig");
+    Ok(())
+}
+
+async fn delete(ctx: &Context, api: &Api<NodeAgentConfig>, node: &str) -> Result<()> {
+    match api.delete(node, &DeleteParams::default()).await {
+        Ok(_) => {
+            ctx.metrics.wrote("nodeagentconfigs", "delete");
+            ctx.written.lock().expect("written lock").remove(node);
+
+            info!(
+                node,
+                "deleted the NodeAgentConfig of a node that no longer exists"
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,107 @@
+//! State shared by the operator's tasks.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU8, Ordering},
+};
+
+use flowlens_api::NodeAgentConfig;
+use kube::{
+    Client,
+    runtime::{events::Recorder, reflector::Store},
+};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{compile::Compiler, metrics::Metrics};
+
+impl SyncState {
+    /// For tests and tools that run without watchers.
+    pub fn mark_all(&self) {
+        for k in [
+            Kind::Node,
+            Kind::Namespace,
+            Kind::Pod,
+            Kind::Observation,
+            Kind::Policy,
+        ] {
+            self.mark(k);
+        }
+    }
+}
+
+/// Kinds fed into the compiler; all must finish their initial list before
+/// the first config is written.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Node = 1,
+    Namespace = 2,
+    Pod = 4,
+    Observation = 8,
+    Policy = 16,
+}
+
+const ALL_KINDS: u8 = 1 | 2 | 4 | 8 | 16;
+
+/// Tracks the initial sync of every watched kind.
+#[derive(Default)]
+pub struct SyncState {
+    done: AtomicU8,
+    pub notify: Notify,
+}
+
+impl SyncState {
+    /// Marks a kind synced; returns true when this completes the initial sync.
+    pub fn mark(&self, kind: Kind) -> bool {
+        let before = self.done.fetch_or(kind as u8, Ordering::SeqCst);
+        let complete = before | kind as u8 == ALL_KINDS && before != ALL_KINDS;
+        if complete {
+            self.notify.notify_waiters();
+        }
+        complete
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.done.load(Ordering::SeqCst) == ALL_KINDS
+    }
+}
+
+/// Wake-ups for the status controllers.
+pub struct Triggers {
+    pub policies: mpsc::UnboundedSender<(String, String)>,
+    pub observations: mpsc::UnboundedSender<String>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub compiler: Mutex<Compiler>,
+    pub sync: SyncState,
+    /// Wakes the config writer.
+    pub changed: Notify,
+    pub configs: Store<NodeAgentConfig>,
+    /// Node -> revision of the config the writer last wrote.
+    pub written: Mutex<std::collections::HashMap<String, String>>,
+
+    pub metrics: Arc<Metrics>,
+    pub results: crate::results::ResultStore,
+    pub recorder: Recorder,
+    pub triggers: Triggers,
+}
+
+impl Context {
+    /// Runs `f` on the compiler, then wakes whoever its changes concern.
+    pub fn with_compiler<T>(&self, f: impl FnOnce(&mut Compiler) -> T) -> T {
+        let mut c = self.compiler.lock().expect("compiler lock");
+        let out = f(&mut c);
+        if self.sync.is_synced() {
+            for p in c.take_dirty_policies() {
+                let _ = self.triggers.policies.send(p);
+            }
+            for o in c.take_dirty_observations() {
+                let _ = self.triggers.observations.send(o);
+            }
+        }
+        drop(c);
+        self.changed.notify_one();
+        out
+    }
+}

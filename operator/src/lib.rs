@@ -1,0 +1,21 @@
+//! The Flowlens operator.
+//!
+//! - [`model`]: the compiler's view of Pods, Nodes and Namespaces.
+//! - [`compile`]: the pure, incremental compiler (cluster state ->
+//!   per-node `NodeAgentConfig` specs).
+//! - [`feed`]: watch events into the compiler; [`config_writer`]: configs out.
+//! - [`policy_status`], [`observation_status`]: status controllers (pure
+//!   status functions plus a kube-runtime `Controller` each).
+//! - [`results`]: finalized observation windows on their way to status.
+
+pub mod compile;
+pub mod config_writer;
+pub mod context;
+pub mod error;
+pub mod feed;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod observation_status;
+pub mod policy_status;
+pub mod results;

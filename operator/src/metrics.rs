@@ -1,0 +1,124 @@
+//! Prometheus metrics of the operator.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub resource: &'static str,
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ControllerLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_seconds: Family<ControllerLabels, Histogram>,
+    /// Every write the operator makes to the API server.
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub compile_seconds: Histogram,
+    pub watch_events: Family<KindLabels, Counter>,
+    pub reports: Family<KindLabels, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5].into_iter())
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flowlens_operator");
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_seconds = Family::<ControllerLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        let compile_seconds = duration_histogram();
+        let watch_events = Family::<KindLabels, Counter>::default();
+        let reports = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciliations, by controller",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciliations, by controller and reason",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconciliation time, by controller",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes to the API server, by resource and verb",
+            api_writes.clone(),
+        );
+        registry.register(
+            "compile_duration_seconds",
+            "Time to compile the configs of the changed nodes",
+            compile_seconds.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Watch events received, by kind",
+            watch_events.clone(),
+        );
+        registry.register(
+            "reports",
+            "Agent reports received, by outcome",
+            reports.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            api_writes,
+            compile_seconds,
+            watch_events,
+            reports,
+        }
+    }
+
+    pub fn wrote(&self, resource: &'static str, verb: &'static str) {
+        self.api_writes
+            .get_or_create(&WriteLabels { resource, verb })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}

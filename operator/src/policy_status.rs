@@ -1,0 +1,555 @@
+//! `FlowPolicy` status: what is in force where, told truthfully.
+//!
+//! `Ready` says whether the spec is valid and compiled; `Enforced` whether
+//! every targeted node's agent reports this revision applied; `Degraded`
+//! names the nodes and pods where enforcement is partial.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use flowlens_api::{
+    FlowPolicy, NodeAgentConfig,
+    conditions::{self, reason},
+    flow_policy::{FlowPolicyStatus, PolicyNodes, PolicyPods, PolicySummary},
+};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType},
+        predicates, reflector,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{info, instrument, warn};
+
+use crate::{
+    compile::PolicyView,
+    config_writer::FIELD_MANAGER,
+    context::Context,
+    error::{Error, Result},
+    metrics::{ControllerLabels, ErrorLabels},
+};
+
+const CONTROLLER: &str = "flowpolicy-status";
+
+/// Names in messages are cut after this many.
+const LIST_LIMIT: usize = 5;
+
+fn list(items: &[String]) -> String {
+    let mut s = items
+        .iter()
+        .take(LIST_LIMIT)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > LIST_LIMIT {
+        s.push_str(&format!(" and {} more", items.len() - LIST_LIMIT));
+    }
+    s
+}
+
+/// The status of a policy, from the compiler's view and the agents' reports
+/// (`configs`: node name -> its NodeAgentConfig). Keeps `current`'s match
+/// counters and condition transition times.
+pub fn policy_status(
+    namespace: &str,
+    name: &str,
+    view: &PolicyView,
+    configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
+    current: &FlowPolicyStatus,
+    now: Timestamp,
+) -> FlowPolicyStatus {
+    let mut s = current.clone();
+    let generation = Some(view.generation);
+    s.observed_generation = generation;
+    s.revision = view.revision.clone();
+
+    // Ready.
+    match (&view.error, &view.revision) {
+        (Some(e), Some(rev)) => conditions::set(
+            &mut s.conditions,
+            conditions::READY,
+            false,
+            reason::INVALID_SPEC,
+            format!("{e}; the previous valid revision {rev} stays in force"),
+            generation,
+            now,
+        ),
+        (Some(e), None) => conditions::set(
+            &mut s.conditions,
+            conditions::READY,
+            false,
+            reason::INVALID_SPEC,
+            e.to_string(),
+            generation,
+            now,
+        ),
+        (None, _) => conditions::set(
+            &mut s.conditions,
+            conditions::READY,
+            true,
+            reason::COMPILED,
+            format!(
+                "compiled for {} pod(s) on {} node(s)",
+                view.selected_pods,
+                view.targeted_nodes.len()
+            ),
+            generation,
+            now,
+        ),
+    };
+
+    // Enforced: each targeted node's agent reports this revision applied.
+    let mut enforcing = Vec::new();
+    let mut waiting = Vec::new();
+    let mut degraded = Vec::new();
+    for node in &view.targeted_nodes {
+        let nac = configs.get(node);
+        let status = nac.and_then(|n| n.status.as_ref());
+        let applied = status.is_some_and(|st| {
+            st.policies.iter().any(|p| {
+                p.namespace == namespace
+                    && p.name == name
+                    && Some(&p.revision) == view.revision.as_ref()
+            })
+        });
+        if applied {
+            enforcing.push(node.clone());
+        } else {
+            waiting.push(node.clone());
+        }
+        if let Some(c) = status
+            .and_then(|st| conditions::get(&st.conditions, conditions::DEGRADED))
+            .filter(|c| c.status == "True")
+        {
+            degraded.push(format!("node {node}: {}: {}", c.reason, c.message));
+        }
+    }
+    let targeted = view.targeted_nodes.len();
+    match (targeted, waiting.is_empty(), &view.revision) {
+        (0, _, _) => conditions::set(
+            &mut s.conditions,
+            conditions::ENFORCED,
+            false,
+            reason::NO_TARGETS,
+            "no running pod with an IP matches podSelector: nothing to enforce",
+            generation,
+            now,
+        ),
+        (_, true, Some(rev)) => conditions::set(
+            &mut s.conditions,
+            conditions::ENFORCED,
+            true,
+            reason::ENFORCED,
+            format!("revision {rev} is in force on {targeted} node(s)"),
+            generation,
+            now,
+        ),
+        _ => conditions::set(
+            &mut s.conditions,
+            conditions::ENFORCED,
+            false,
+            reason::PENDING,
+            format!(
+                "{} of {targeted} node(s) enforce revision {}; waiting for: {}",
+                enforcing.len(),
+                view.revision.as_deref().unwrap_or("-"),
+                list(&waiting)
+            ),
+            generation,
+            now,
+        ),
+    };
+
+    // Degraded: host-network pods (cannot be isolated) and degraded nodes.
+    let (d, r, m) = if !view.unenforceable_pods.is_empty() {
+        let mut m = format!(
+            "{} selected pod(s) use the host network and cannot be isolated per pod (not enforced for them): {}",
+            view.unenforceable_pods.len(),
+            list(&view.unenforceable_pods)
+        );
+        if !degraded.is_empty() {
+            m.push_str(&format!("; {}", list(&degraded)));
+        }
+        (true, reason::HOST_NETWORK_POD, m)
+    } else if !degraded.is_empty() {
+        (true, reason::NODE_DEGRADED, list(&degraded))
+    } else {
+        (
+            false,
+            reason::AS_EXPECTED,
+            "enforced as specified wherever it applies".to_owned(),
+        )
+    };
+    conditions::set(
+        &mut s.conditions,
+        conditions::DEGRADED,
+        d,
+        r,
+        m,
+        generation,
+        now,
+    );
+
+    s.nodes = Some(PolicyNodes {
+        targeted: targeted as u32,
+        enforcing: enforcing.len() as u32,
+    });
+    s.pods = Some(PolicyPods {
+        selected: view.selected_pods as u32,
+        unenforceable: view.unenforceable_pods.len() as u32,
+    });
+    s.summary = Some(PolicySummary {
+        nodes: format!("{}/{targeted}", enforcing.len()),
+    });
+    s
+}
+
+fn configs_by_node(store: &Store<NodeAgentConfig>) -> BTreeMap<String, Arc<NodeAgentConfig>> {
+    store
+        .state()
+        .into_iter()
+        .map(|n| (n.name_any(), n))
+        .collect()
+}
+
+#[instrument(skip(policy, ctx), fields(policy = %format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any())))]
+async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    // Before every input is listed once, the compiler's view is partial:
+    // reporting it would tell users a wrong story. The end of the initial
+    // sync triggers every policy.
+    if !ctx.sync.is_synced() {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let started = std::time::Instant::now();
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ControllerLabels {
+            controller: CONTROLLER,
+        })
+        .inc();
+    let ns = policy.namespace().unwrap_or_default();
+
+    let name = policy.name_any();
+    let key = (ns.clone(), name.clone());
+    let Some(view) = ctx.with_compiler(|c| c.policy_view(&key)) else {
+        // Not compiled yet (or deleted): the compiler triggers us when it is.
+        return Ok(Action::await_change());
+    };
+    let current = policy.status.clone().unwrap_or_default();
+    let status = policy_status(
+        &ns,
+        &name,
+        &view,
+        &configs_by_node(&ctx.configs),
+        &current,
+        Timestamp::now(),
+    );
+    if status != current {
+        publish_transitions(&ctx, &policy, &current, &status).await;
+        let api: Api<FlowPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({"apiVersion": "flowlens.dev/v1alpha1", "kind": "FlowPolicy", "status": status});
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        ctx.metrics.wrote("flowpolicies/status", "apply");
+        tracing::debug!(before = ?current, after = ?status, "wrote FlowPolicy status");
+    }
+    ctx.metrics
+        .reconcile_seconds
+        .get_or_create(&ControllerLabels {
+            controller: CONTROLLER,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Action::await_change())
+}
+
+/// Kubernetes Events for the transitions that matter to a user.
+async fn publish_transitions(
+    ctx: &Context,
+    policy: &FlowPolicy,
+    before: &FlowPolicyStatus,
+    after: &FlowPolicyStatus,
+) {
+    let flipped = |t: &str| {
+        let b =
+            conditions::get(&before.conditions, t).map(|c| (c.status.clone(), c.reason.clone()));
+        let a = conditions::get(&after.conditions, t).map(|c| (c.status.clone(), c.reason.clone()));
+        (b != a)
+            .then(|| conditions::get(&after.conditions, t).cloned())
+            .flatten()
+    };
+    let mut events = Vec::new();
+    if let Some(c) = flipped(conditions::READY).filter(|c| c.status == "False") {
+        events.push((EventType::Warning, c.reason, c.message));
+    }
+    if let Some(c) = flipped(conditions::ENFORCED).filter(|c| c.status == "True") {
+        events.push((EventType::Normal, c.reason, c.message));
+    }
+    if let Some(c) = flipped(conditions::DEGRADED).filter(|c| c.status == "True") {
+        events.push((EventType::Warning, c.reason, c.message));
+    }
+    for (type_, reason, note) in events {
+        let ev = Event {
+            type_,
+            reason,
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &policy.object_ref(&())).await {
+            warn!(error = %e, "cannot publish an Event");
+        } else {
+            ctx.metrics.wrote("events", "create");
+            tracing::debug!(reason = %ev.reason, "published an Event");
+        }
+    }
+}
+
+fn error_policy(_: Arc<FlowPolicy>, e: &Error, ctx: Arc<Context>) -> Action {
+    warn!(error = %e, "FlowPolicy status reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            controller: CONTROLLER,
+            reason: e.metric_label(),
+        })
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the controller until the process ends. `nacs` is a subscription to
+/// the shared NodeAgentConfig stream; `triggers` carries policies whose
+/// compiled state changed.
+pub async fn run(
+    ctx: Arc<Context>,
+    nacs: impl futures::Stream<Item = Arc<NodeAgentConfig>> + Send + 'static,
+    triggers: impl futures::Stream<Item = (String, String)> + Send + 'static,
+) {
+    let api: Api<FlowPolicy> = Api::all(ctx.client.clone());
+    let (reader, writer) = reflector::store();
+    // Status-only changes (our own writes) do not retrigger.
+    let policies = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(policies, reader)
+        .watches_shared_stream(nacs, |nac| {
+            let mut refs: Vec<ObjectRef<FlowPolicy>> = nac
+                .spec
+                .policies
+                .iter()
+                .map(|p| ObjectRef::new(&p.name).within(&p.namespace))
+                .collect();
+            if let Some(st) = &nac.status {
+                refs.extend(
+                    st.policies
+                        .iter()
+                        .map(|p| ObjectRef::new(&p.name).within(&p.namespace)),
+                );
+            }
+            refs
+        })
+        .reconcile_on(triggers.map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "FlowPolicy controller event");
+            }
+        })
+        .await;
+    info!("FlowPolicy status controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use flowlens_api::{
+        conditions::get,
+        node_agent_config::{NodeAgentConfigSpec, NodeAgentConfigStatus, PolicyRef},
+        validate,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    use super::*;
+
+    fn nac(
+        node: &str,
+        policies: &[(&str, &str, &str)],
+        degraded: Option<(&str, &str)>,
+    ) -> Arc<NodeAgentConfig> {
+        let mut n = NodeAgentConfig::new(
+            node,
+            NodeAgentConfigSpec {
+                node_name: node.into(),
+                revision: "r".into(),
+                ..Default::default()
+            },
+        );
+        let mut st = NodeAgentConfigStatus {
+            policies: policies
+                .iter()
+                .map(|(ns, n, r)| PolicyRef {
+                    namespace: ns.to_string(),
+                    name: n.to_string(),
+                    revision: r.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        if let Some((reason, message)) = degraded {
+            st.conditions.push(Condition {
+                type_: "Degraded".into(),
+                status: "True".into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    Timestamp::UNIX_EPOCH,
+                ),
+            });
+        }
+        n.status = Some(st);
+        Arc::new(n)
+    }
+
+    fn view(nodes: &[&str]) -> PolicyView {
+        PolicyView {
+            revision: Some("rev1".into()),
+            error: None,
+            generation: 3,
+            targeted_nodes: nodes.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+            selected_pods: 4,
+            unenforceable_pods: vec![],
+        }
+    }
+
+    fn configs(v: Vec<Arc<NodeAgentConfig>>) -> BTreeMap<String, Arc<NodeAgentConfig>> {
+        v.into_iter().map(|n| (n.name_any(), n)).collect()
+    }
+
+    #[test]
+    fn enforced_when_every_targeted_node_applied_this_revision() {
+        let cfgs = configs(vec![
+            nac("n1", &[("shop", "p", "rev1")], None),
+            nac("n2", &[("shop", "p", "rev0")], None),
+        ]);
+        let s = policy_status(
+            "shop",
+            "p",
+            &view(&["n1", "n2"]),
+            &cfgs,
+            &Default::default(),
+            Timestamp::now(),
+        );
+        let e = get(&s.conditions, "Enforced").unwrap();
+        assert_eq!((e.status.as_str(), e.reason.as_str()), ("False", "Pending"));
+        assert!(
+            e.message.contains("1 of 2") && e.message.contains("n2"),
+            "{}",
+            e.message
+        );
+        assert_eq!(s.summary.as_ref().unwrap().nodes, "1/2");
+        assert_eq!(s.observed_generation, Some(3));
+
+        let cfgs = configs(vec![
+            nac("n1", &[("shop", "p", "rev1")], None),
+            nac("n2", &[("shop", "p", "rev1")], None),
+        ]);
+        let s2 = policy_status(
+            "shop",
+            "p",
+            &view(&["n1", "n2"]),
+            &cfgs,
+            &s,
+            Timestamp::now(),
+        );
+        assert_eq!(get(&s2.conditions, "Enforced").unwrap().status, "True");
+        assert_eq!(
+            s2.nodes,
+            Some(PolicyNodes {
+                targeted: 2,
+                enforcing: 2
+            })
+        );
+    }
+
+    #[test]
+    fn nothing_changes_when_nothing_changed() {
+        let cfgs = configs(vec![nac("n1", &[("shop", "p", "rev1")], None)]);
+        let s = policy_status(
+            "shop",
+            "p",
+            &view(&["n1"]),
+            &cfgs,
+            &Default::default(),
+            Timestamp::now(),
+        );
+        let again = policy_status("shop", "p", &view(&["n1"]), &cfgs, &s, Timestamp::now());
+        assert_eq!(s, again, "an idle cluster must produce no status write");
+    }
+
+    #[test]
+    fn invalid_specs_and_degraded_nodes_are_named() {
+        let mut v = view(&["n1"]);
+        let spec: flowlens_api::FlowPolicySpec =
+            serde_yaml::from_str("podSelector: {}\negress: [{ports: [{port: 10, endPort: 5}]}]")
+                .unwrap();
+        v.error = validate::flow_policy(&spec).err();
+        v.unenforceable_pods = vec!["shop/hostnet-1".into()];
+        let cfgs = configs(vec![nac(
+            "n1",
+            &[("shop", "p", "rev1")],
+            Some(("TooManyRules", "shop/web-1 has more than 64 Egress rules")),
+        )]);
+        let s = policy_status(
+            "shop",
+            "p",
+            &v,
+            &cfgs,
+            &Default::default(),
+            Timestamp::now(),
+        );
+        let r = get(&s.conditions, "Ready").unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(
+            r.message.contains("spec.egress[0].ports[0].endPort")
+                && r.message.contains("rev1 stays in force"),
+            "{}",
+            r.message
+        );
+        let d = get(&s.conditions, "Degraded").unwrap();
+        assert_eq!(d.reason, "HostNetworkPod");
+        assert!(
+            d.message.contains("shop/hostnet-1") && d.message.contains("node n1: TooManyRules"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn no_targets() {
+        let s = policy_status(
+            "shop",
+            "p",
+            &view(&[]),
+            &BTreeMap::new(),
+            &Default::default(),
+            Timestamp::now(),
+        );
+        assert_eq!(get(&s.conditions, "Enforced").unwrap().reason, "NoTargets");
+    }
+}
