@@ -1,6 +1,9 @@
 //! `FlowPolicy`: connections to block (or audit), enforced in the kernel.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+// kube's `printcolumn(...)` attributes repeat keys by design.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -34,14 +37,21 @@ use crate::{label_selector::LabelSelector, patterns};
     printcolumn(
         name = "Blocked",
         type_ = "integer",
-        json_path = ".status.blocked.packets",
-        description = "Packets blocked since the policy was created"
+        json_path = ".status.blocked.connections",
+        description = "Connection attempts blocked since the policy was created"
     ),
     printcolumn(
         name = "Audited",
         type_ = "integer",
-        json_path = ".status.audited.packets",
-        description = "Packets that matched in Audit mode",
+        json_path = ".status.audited.connections",
+        description = "Connection attempts that matched in Audit mode",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Blocked-Packets",
+        type_ = "integer",
+        json_path = ".status.blocked.packets",
+        description = "Packets dropped since the policy was created",
         priority = 1
     ),
     printcolumn(
@@ -245,7 +255,13 @@ pub struct FlowPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audited: Option<MatchCounters>,
 
+    /// End of the last policy-counter window included in `blocked` and
+    /// `audited` (counters are updated at most once per window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_until: Option<Time>,
+
     /// Human-readable figures for `kubectl get flowpolicies`.
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<PolicySummary>,
 }

@@ -1,5 +1,8 @@
 //! `NetworkObservation`: which pods to trace, how to aggregate, and the results.
 
+// kube's `printcolumn(...)` attributes repeat keys by design.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -238,7 +241,14 @@ pub struct WindowTraffic {
 #[serde(rename_all = "camelCase")]
 pub struct TrafficTotal {
     pub packets: u64,
+    /// IP-layer bytes.
     pub bytes: u64,
+    /// Transport payload bytes (what applications sent).
+    #[serde(default)]
+    pub payload_bytes: u64,
+    /// Bytes between pods of different zones.
+    #[serde(default)]
+    pub cross_zone_bytes: u64,
     /// When counting began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,

@@ -1,6 +1,9 @@
 //! `NodeAgentConfig`: everything one node's agent needs, fully resolved by the
 //! operator (spec), and what the agent applied (status).
 
+// kube's `printcolumn(...)` attributes repeat keys by design.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

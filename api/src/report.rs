@@ -1,9 +1,9 @@
 //! What an agent reports to the operator (and prints with `flowlens-agent dump`).
 //!
 //! A report carries completed windows. A window *part* is identified by node,
-//! agent (one id per agent process), observation UID and window start, so
-//! resending it is harmless, and an agent restarted within a window reports a
-//! second part that the operator adds to the first. The agent keeps every part
+//! agent (one id per agent process), observation UID, window and part
+//! number, so resending it is harmless, and an agent restarted within a
+//! window reports a second part that the operator adds to the first. The agent keeps every part
 //! until the operator answers that its window is committed (written to status);
 //! the operator ignores parts of windows it has already committed.
 
@@ -32,6 +32,12 @@ pub struct ReportBatch {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportAck {
+    /// Identifies the collector process (changes when the operator
+    /// restarts): an agent resends what a previous collector received but
+    /// did not commit.
+    #[serde(default)]
+    pub collector: String,
+
     /// Observation UID -> end (unix seconds) of the last committed window.
     #[serde(default)]
     pub committed: BTreeMap<String, i64>,
@@ -59,6 +65,15 @@ pub struct ObservationWindow {
     /// full); they are still counted, in `other` series.
     #[serde(default)]
     pub overflow_packets: u64,
+    /// Numbers the parts of one agent process: a resent part has the same
+    /// number (and replaces itself), another part of the same window (the
+    /// observation changed mid-window) a new one.
+    #[serde(default)]
+    pub part: u64,
+    /// Closed before the window ended (agent stopping, observation
+    /// changed): more parts of this window may follow from this node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed_early: bool,
 }
 
 impl ObservationWindow {
@@ -190,6 +205,10 @@ pub struct PolicyMatches {
     pub blocked: Matches,
     pub audited: Matches,
 }
+
+/// The audience of the ServiceAccount tokens agents present to the
+/// operator's report endpoint (a token for it is useless elsewhere).
+pub const REPORT_AUDIENCE: &str = "flowlens.dev/collector";
 
 /// The length of policy-counter windows, in seconds.
 pub const POLICY_WINDOW_SECONDS: u32 = 10;

@@ -96,6 +96,46 @@ impl Agent {
         agent
     }
 
+    /// Starts an agent that takes its config from the API server (as in a
+    /// cluster): `kubeconfig` reaches the API server from the node's
+    /// namespace, `token_file` holds the token it reports with.
+    pub fn in_cluster(
+        topo: &Topology,
+        node: usize,
+        kubeconfig: &std::path::Path,
+        token_file: &std::path::Path,
+        extra: &[&str],
+    ) -> Agent {
+        let n = &topo.nodes[node];
+        let mut args = vec![
+            "--node-name".to_owned(),
+            n.name.clone(),
+            "--bpffs-root".to_owned(),
+            topo.bpffs_root(node).display().to_string(),
+            "--http-addr".to_owned(),
+            AGENT_HTTP.to_owned(),
+            "--cgroup-root".to_owned(),
+            n.cgroup.display().to_string(),
+            "--token-file".to_owned(),
+            token_file.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Agent {
+            proc: spawn_with_env(
+                topo,
+                node,
+                &args,
+                0,
+                &[("KUBECONFIG", kubeconfig.as_os_str())],
+            ),
+            node,
+            config_path: kubeconfig.to_path_buf(),
+            bpffs_root: topo.bpffs_root(node),
+            netns: n.netns.clone(),
+            args,
+        }
+    }
+
     /// Rewrites the config file (the agent re-reads it).
     pub fn set_config(&self, spec: &NodeAgentConfigSpec) {
         write_config(&self.config_path, spec);
@@ -181,16 +221,40 @@ impl Agent {
 
     /// Starts the agent again with the same arguments.
     pub fn restart(&mut self, topo: &Topology) {
-        self.proc = spawn(topo, self.node, &self.args, 1);
+        self.proc = if self.args.iter().any(|a| a == "--node-name") {
+            spawn_with_env(
+                topo,
+                self.node,
+                &self.args,
+                1,
+                &[("KUBECONFIG", self.config_path.as_os_str())],
+            )
+        } else {
+            spawn(topo, self.node, &self.args, 1)
+        };
     }
 }
 
 fn spawn(topo: &Topology, node: usize, args: &[String], run: u32) -> Proc {
+    spawn_with_env(topo, node, args, run, &[])
+}
+
+fn spawn_with_env(
+    topo: &Topology,
+    node: usize,
+    args: &[String],
+    run: u32,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Proc {
     let n = &topo.nodes[node];
     let bin = workspace_bin("flowlens-agent");
     let str_args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cmd = topo.node_cmd(node, &bin, &str_args);
-    cmd.env("RUST_BACKTRACE", "0").env("RUST_LOG", "info");
+    cmd.env("RUST_BACKTRACE", "0")
+        .env("RUST_LOG", "info,flowlens_agent=debug");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let log = topo.work_dir.join(format!("{}-agent-{run}.log", n.name));
     Proc::spawn(&format!("agent-{}", n.name), cmd, Some(log))
 }

@@ -6,6 +6,9 @@
 //!   veths, per-pod cgroups) and a delay line between zones.
 //! - [`agent`]: running a real `flowlens-agent` for a node and reading it back.
 //! - [`process`]: child processes that die with the test.
+//! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
+//!   operator), with [`proxy`] for the API server; [`traffic`]: iperf3 and
+//!   `flowlens-traffic` runs.
 //!
 //! Binaries: `flowlens-delay-line` (the delay line) and `flowlens-traffic`
 //! (echo server, ping-pong, connect loop, long-lived stream).
@@ -16,4 +19,7 @@ pub mod config;
 pub mod objects;
 pub mod operator;
 pub mod process;
+pub mod proxy;
+pub mod sim;
 pub mod topology;
+pub mod traffic;

@@ -111,6 +111,47 @@ impl TestObjects {
             .await?)
     }
 
+    /// Creates or updates (server-side apply) a NetworkObservation.
+    pub async fn observation(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> anyhow::Result<NetworkObservation> {
+        let obj = json!({
+            "apiVersion": "flowlens.dev/v1alpha1", "kind": "NetworkObservation",
+            "metadata": {"name": name, "labels": {TEST_LABEL: self.run}},
+            "spec": spec,
+        });
+        Ok(Api::<NetworkObservation>::all(self.client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&obj),
+            )
+            .await?)
+    }
+
+    /// Creates or updates (server-side apply) a FlowPolicy.
+    pub async fn policy(
+        &self,
+        ns: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> anyhow::Result<FlowPolicy> {
+        let obj = json!({
+            "apiVersion": "flowlens.dev/v1alpha1", "kind": "FlowPolicy",
+            "metadata": {"name": name, "labels": {TEST_LABEL: self.run}},
+            "spec": spec,
+        });
+        Ok(Api::<FlowPolicy>::namespaced(self.client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&obj),
+            )
+            .await?)
+    }
+
     /// Deletes what earlier runs left behind (a failed test skips its
     /// cleanup). Tests that share the API server run one at a time, so
     /// nothing of another live test is touched.

@@ -45,9 +45,12 @@ impl Operator {
         let port = free_port();
         let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(workspace_bin("flowlens-operator"));
-        cmd.arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .args(extra)
+        cmd.arg("--metrics-addr").arg(metrics.to_string());
+        if !extra.contains(&"--collector-addr") {
+            cmd.arg("--collector-addr")
+                .arg(format!("127.0.0.1:{}", free_port()));
+        }
+        cmd.args(extra)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,flowlens_operator=debug")
             .env("RUST_BACKTRACE", "0");

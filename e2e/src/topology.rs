@@ -677,6 +677,31 @@ impl Topology {
         cmd
     }
 
+    /// Gives a pod the UID the API server assigned to its Pod object: its
+    /// cgroup becomes `pod<uid>`, where agents look for it. Call it before
+    /// running anything in the pod.
+    pub fn set_pod_uid(&mut self, pod: usize, uid: &str) {
+        let p = &mut self.pods[pod];
+        let to = p.cgroup.with_file_name(format!("pod{uid}"));
+        // cgroup v2 has no rename: replace the (still empty) cgroup.
+        std::fs::remove_dir(&p.cgroup)
+            .and_then(|_| std::fs::create_dir(&to))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "replacing {} with {}: {e}",
+                    p.cgroup.display(),
+                    to.display()
+                )
+            });
+        p.cgroup = to;
+        p.uid = uid.to_owned();
+    }
+
+    /// The slot prefix of names (netns, interfaces).
+    pub fn name_prefix(&self) -> String {
+        self.prefix()
+    }
+
     pub fn pod_by_name(&self, name: &str) -> usize {
         self.pods
             .iter()

@@ -24,7 +24,6 @@ pub const PROTO_SCTP: u8 = 132;
 /// seen (the sender is the client).
 pub const FLOW_FLAG_SYN: u32 = 1;
 /// A TCP SYN with ACK, or an ICMP echo reply, was seen (the sender is the server).
-
 pub const FLOW_FLAG_SYN_ACK: u32 = 2;
 /// A TCP FIN was seen.
 pub const FLOW_FLAG_FIN: u32 = 4;

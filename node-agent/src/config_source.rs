@@ -52,10 +52,10 @@ pub fn watch_file(path: PathBuf, tx: mpsc::Sender<Event>) {
                     .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
                 if stamp.is_some() && stamp != last {
                     last = stamp;
-                    if let Some(spec) = read_file(&path) {
-                        if tx.send(Event::Config(Arc::new(spec))).is_err() {
-                            return;
-                        }
+                    if let Some(spec) = read_file(&path)
+                        && tx.send(Event::Config(Arc::new(spec))).is_err()
+                    {
+                        return;
                     }
                 }
                 std::thread::sleep(Duration::from_millis(250));

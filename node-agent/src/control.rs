@@ -169,11 +169,11 @@ impl ControlLoop {
         // A restarted agent finds the kernel enforcing some revision: when it
         // is this one, the tables it compiles are those in force (compilation
         // is deterministic), so counters of that generation stay attributable.
-        if let Ok(active) = self.datapath.active_revision_hash() {
-            if active == revision_hash(&spec.revision) {
-                self.agg
-                    .set_generation_tables(self.datapath.generation(), tables.clone());
-            }
+        if let Ok(active) = self.datapath.active_revision_hash()
+            && active == revision_hash(&spec.revision)
+        {
+            self.agg
+                .set_generation_tables(self.datapath.generation(), tables.clone());
         }
         self.shared
             .update(|s| s.desired_revision = Some(spec.revision.clone()));
@@ -207,6 +207,7 @@ impl ControlLoop {
                     s.apply_error = None;
                     s.generation = self.datapath.generation();
                     s.policies = spec.policies.clone();
+                    s.collector = spec.collector.clone();
                 });
                 self.schedule_flow_drain(now_ms());
             }
@@ -240,11 +241,11 @@ impl ControlLoop {
             }
             let mut found = false;
             for ip in &ep.ips {
-                if let Some(ifname) = interfaces::lookup(&routes, ip) {
-                    if let Some(idx) = interfaces::ifindex(ifname) {
-                        wanted.insert((ifname.to_owned(), idx));
-                        found = true;
-                    }
+                if let Some(ifname) = interfaces::lookup(&routes, ip)
+                    && let Some(idx) = interfaces::ifindex(ifname)
+                {
+                    wanted.insert((ifname.to_owned(), idx));
+                    found = true;
                 }
             }
             if !found {

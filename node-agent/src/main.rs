@@ -109,11 +109,12 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_COLLECTOR_URL")]
     collector_url: Option<String>,
 
-    /// ServiceAccount token presented to the collector.
+    /// ServiceAccount token presented to the collector: a projected token
+    /// with audience `flowlens.dev/collector`, bound to this agent's pod.
     #[arg(
         long,
         env = "FLOWLENS_TOKEN_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = "/var/run/secrets/flowlens/token"
     )]
     token_file: PathBuf,
 
@@ -237,14 +238,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(status::run(client.clone(), node.clone(), shared.clone()));
             Some(client)
         };
-        let reporter = report::Reporter::new(report::ReporterOptions {
-            node: node.clone(),
-            collector_url: args.collector_url.clone(),
-            token_file: args.token_file.clone(),
-            standalone: client.is_none(),
-        });
-        let reporter_task =
-            tokio::spawn(reporter.run(completed_rx, shared.clone(), metrics.clone()));
+        // Standalone without a collector: windows are served by
+        // /debug/window (and `dump`) only.
+        let reporter_task = if client.is_some() || args.collector_url.is_some() {
+            let reporter = report::Reporter::new(report::ReporterOptions {
+                node: node.clone(),
+                collector_url: args.collector_url.clone(),
+                token_file: args.token_file.clone(),
+            });
+            tokio::spawn(reporter.run(completed_rx, shared.clone(), metrics.clone()))
+        } else {
+            tokio::spawn(async move {
+                let mut rx = completed_rx;
+                while rx.recv().await.is_some() {}
+            })
+        };
 
         shutdown_signal().await;
         info!("shutting down: flushing open windows; pinned programs keep enforcing");

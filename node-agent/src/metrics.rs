@@ -45,6 +45,10 @@ pub struct Metrics {
     pub attached_interfaces: Gauge,
     pub windows_reported: Counter,
     pub windows_dropped: Counter,
+    /// Report requests, by result (ok, unreachable, refused).
+    pub reports: Family<ResultLabels, Counter>,
+    /// Windows waiting to be sent or committed.
+    pub report_buffer: Gauge,
 }
 
 impl Default for Metrics {
@@ -60,25 +64,21 @@ impl Metrics {
             bytes: Family::default(),
             packets: Family::default(),
             flows: Gauge::default(),
-            rtt: Histogram::new(
-                [
-                    50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5,
-                    1e6,
-                ]
-                .into_iter(),
-            ),
+            rtt: Histogram::new([
+                50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6,
+            ]),
             policy_packets: Family::default(),
             policy_connections: Family::default(),
             table_entries: Family::default(),
             table_capacity: Family::default(),
             table_full: Family::default(),
-            drain_seconds: Histogram::new(
-                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0].into_iter(),
-            ),
+            drain_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
             windows_reported: Counter::default(),
             windows_dropped: Counter::default(),
+            reports: Family::default(),
+            report_buffer: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +150,16 @@ impl Metrics {
             "windows_dropped",
             "Observation windows dropped because the report buffer was full",
             m.windows_dropped.clone(),
+        );
+        registry.register(
+            "reports",
+            "Report requests to the operator, by result",
+            m.reports.clone(),
+        );
+        registry.register(
+            "report_buffer_windows",
+            "Completed windows held until the operator commits them",
+            m.report_buffer.clone(),
         );
         Metrics { registry, ..m }
     }

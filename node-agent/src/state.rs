@@ -6,7 +6,7 @@ use std::{
 };
 
 use flowlens_api::{
-    node_agent_config::{DatapathHooks, EndpointAttachment, PolicyRef},
+    node_agent_config::{CollectorEndpoint, DatapathHooks, EndpointAttachment, PolicyRef},
     report::{ObservationWindow, PolicyMatches},
 };
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,9 @@ pub struct AgentSnapshot {
     /// Policies in force, at their revision.
     pub policies: Vec<PolicyRef>,
     pub endpoints: EndpointAttachment,
+    /// Where completed windows are reported (from the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<CollectorEndpoint>,
     /// Problems of the current config (compile problems, missing interfaces, full tables).
     pub problems: Vec<Problem>,
     pub kernel: KernelState,

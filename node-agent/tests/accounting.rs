@@ -4,7 +4,12 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flowlens_api::report::{ObservationWindow, Role, Series};
-use flowlens_e2e::{agent::Agent, config::SpecBuilder, process::Proc, topology::Topology};
+use flowlens_e2e::{
+    agent::Agent,
+    config::SpecBuilder,
+    topology::Topology,
+    traffic::{self, Iperf3},
+};
 
 fn now_s() -> i64 {
     SystemTime::now()
@@ -23,52 +28,9 @@ fn series<'a>(
         .filter(move |s| pred(s))
 }
 
-/// What iperf3 says it moved. `bytes` counts `write()`s; the wire payload is
-/// that plus retransmitted segments (full-size, 1448 bytes with timestamps
-/// on a 1500 MTU), minus whatever was still in flight when the server reset
-/// the connection at the end of the test (iperf3's server closes with unread
-/// data, which the kernel answers with an RST). `received` (the server's
-/// count) is a floor for the wire payload.
-struct Sent {
-    bytes: u64,
-    retransmits: u64,
-    received: u64,
-}
-
-impl Sent {
-    fn wire_payload(&self) -> u64 {
-        self.bytes + self.retransmits * 1448
-    }
-}
-
-/// Runs an iperf3 TCP transfer of `bytes` from `client` to `server_ip:5201`,
-/// paced at 4 Gbit/s (faster, this VM's veths drop and TCP retransmits).
-fn iperf3(topo: &Topology, server: usize, client: usize, server_ip: &str, bytes: &str) -> Sent {
-    let srv = Proc::spawn(
-        "iperf3-server",
-        topo.pod_cmd(server, "iperf3", &["-s", "-1", "-p", "5201"]),
-        None,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let out = topo.pod_output(
-        client,
-        "iperf3",
-        &["-c", server_ip, "-p", "5201", "-n", bytes, "-b", "4G", "-J"],
-    );
-    assert!(
-        out.status.success(),
-        "iperf3 failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    drop(srv);
-    Sent {
-        bytes: v["end"]["sum_sent"]["bytes"]
-            .as_u64()
-            .expect("iperf3 JSON has end.sum_sent.bytes"),
-        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        received: v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0),
-    }
+/// Runs an iperf3 TCP transfer paced at 4 Gbit/s.
+fn iperf3(topo: &Topology, server: usize, client: usize, server_ip: &str, bytes: &str) -> Iperf3 {
+    traffic::iperf3(topo, server, client, server_ip, 5201, bytes, "4G")
 }
 
 #[test]

@@ -34,14 +34,29 @@ fn pod(ns: usize, i: usize) -> PodInfo {
         name: format!("app{}-{i}", i % APPS),
         uid: format!("uid-{n}"),
         node: Some(format!("node-{}", n % NODES)),
-        ips: vec![IpAddr::V4(Ipv4Addr::new(10, (n / 65536) as u8, ((n / 256) % 256) as u8, (n % 256) as u8))],
+        ips: vec![IpAddr::V4(Ipv4Addr::new(
+            10,
+            (n / 65536) as u8,
+            ((n / 256) % 256) as u8,
+            (n % 256) as u8,
+        ))],
         labels: BTreeMap::from([
             ("app".to_string(), format!("app{}", i % APPS)),
-            ("tier".to_string(), if i % 2 == 0 { "front".into() } else { "back".into() }),
+            (
+                "tier".to_string(),
+                if i.is_multiple_of(2) {
+                    "front".into()
+                } else {
+                    "back".into()
+                },
+            ),
             ("pod-template-hash".to_string(), "abc".into()),
         ]),
         host_network: false,
-        workload: WorkloadRef { kind: "Deployment".into(), name: format!("app{}", i % APPS) },
+        workload: WorkloadRef {
+            kind: "Deployment".into(),
+            name: format!("app{}", i % APPS),
+        },
         finished: false,
     }
 }
@@ -63,7 +78,11 @@ fn load() -> Compiler {
     let mut c = Compiler::new();
     c.begin_bulk();
     for n in 0..NODES {
-        c.upsert_node(NodeInfo { name: format!("node-{n}"), uid: format!("n{n}"), zone: Some(format!("zone-{}", n % 3)) });
+        c.upsert_node(NodeInfo {
+            name: format!("node-{n}"),
+            uid: format!("n{n}"),
+            zone: Some(format!("zone-{}", n % 3)),
+        });
     }
     for ns in 0..NAMESPACES {
         c.upsert_namespace(NamespaceInfo {
@@ -75,11 +94,19 @@ fn load() -> Compiler {
         }
     }
     for k in 0..NAMESPACES * 2 {
-        c.upsert_policy(&format!("ns-{}", k / 2), &format!("p{k}"), &format!("pu{k}"), 1, policy(k));
+        c.upsert_policy(
+            &format!("ns-{}", k / 2),
+            &format!("p{k}"),
+            &format!("pu{k}"),
+            1,
+            policy(k),
+        );
     }
     for o in 0..TEAMS {
-        let spec: NetworkObservationSpec =
-            serde_yaml::from_str(&format!("namespaceSelector: {{matchLabels: {{team: t{o}}}}}\nkeepLabels: [app]")).unwrap();
+        let spec: NetworkObservationSpec = serde_yaml::from_str(&format!(
+            "namespaceSelector: {{matchLabels: {{team: t{o}}}}}\nkeepLabels: [app]"
+        ))
+        .unwrap();
         c.upsert_observation(&format!("obs-{o}"), &format!("ou{o}"), 1, spec);
     }
     c
@@ -88,7 +115,11 @@ fn load() -> Compiler {
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0)
+        })
         .unwrap_or(f64::NAN)
 }
 
@@ -134,9 +165,14 @@ fn main() {
 
     println!("| measure | result | goal |");
     println!("|---|---|---|");
-    println!("| full compile: 100 nodes, 10,000 pods, 200 policies, 10 observations (median of {runs}) | {median:.0} ms | < 200 ms |");
+    println!(
+        "| full compile: 100 nodes, 10,000 pods, 200 policies, 10 observations (median of {runs}) | {median:.0} ms | < 200 ms |"
+    );
     println!("| peak RSS of the process holding that state | {rss:.0} MB | < 150 MB |");
-    println!("| one peer pod's IP changes: nodes recompiled | {} of {NODES} ({one_pod_ms:.1} ms) | only affected |", dirty.len());
+    println!(
+        "| one peer pod's IP changes: nodes recompiled | {} of {NODES} ({one_pod_ms:.1} ms) | only affected |",
+        dirty.len()
+    );
     println!("| an unselected pod appears: nodes recompiled | {unrelated} of {NODES} | 0 |");
     println!(
         "{{\"bench\":\"compile\",\"median_ms\":{median:.1},\"peak_rss_mb\":{rss:.1},\"one_pod_nodes\":{},\"one_pod_ms\":{one_pod_ms:.2},\"unrelated_nodes\":{unrelated},\"rules\":{kernel_entries}}}",

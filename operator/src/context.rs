@@ -83,6 +83,8 @@ pub struct Context {
 
     pub metrics: Arc<Metrics>,
     pub results: crate::results::ResultStore,
+    pub policy_results: crate::results::PolicyResults,
+    pub collector: crate::collector::Collector,
     pub recorder: Recorder,
     pub triggers: Triggers,
 }

@@ -6,8 +6,13 @@
 //! - [`feed`]: watch events into the compiler; [`config_writer`]: configs out.
 //! - [`policy_status`], [`observation_status`]: status controllers (pure
 //!   status functions plus a kube-runtime `Controller` each).
-//! - [`results`]: finalized observation windows on their way to status.
+//! - [`collect`] (pure) and [`collector`] (HTTP, [`auth`]): agents' reports
+//!   into final windows.
+//! - [`results`]: final windows on their way to status.
 
+pub mod auth;
+pub mod collect;
+pub mod collector;
 pub mod compile;
 pub mod config_writer;
 pub mod context;

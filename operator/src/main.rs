@@ -2,12 +2,15 @@
 //! cluster's Pods, Namespaces and Nodes into one NodeAgentConfig per node,
 //! and writes what is in force (and what was observed) back into status.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use flowlens_api::{NetworkObservation, NodeAgentConfig};
+use flowlens_api::{NetworkObservation, NodeAgentConfig, node_agent_config::CollectorEndpoint};
 use flowlens_operator::{
+    auth::Authenticator,
+    collect::Timing,
+    collector::{self, Collector},
     compile::Compiler,
     config_writer,
     context::{Context, SyncState, Triggers},
@@ -29,7 +32,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -42,9 +45,91 @@ struct Args {
     #[arg(long, env = "FLOWLENS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
 
+    /// Address of the report endpoint agents send their windows to.
+    #[arg(long, env = "FLOWLENS_COLLECTOR_ADDR", default_value = "0.0.0.0:9443")]
+    collector_addr: SocketAddr,
+
+    /// The URL agents reach the report endpoint at (written into every
+    /// NodeAgentConfig). Default in a cluster (POD_NAMESPACE set):
+    /// `http[s]://flowlens-collector.<namespace>.svc:<port>`.
+    #[arg(long, env = "FLOWLENS_COLLECTOR_URL")]
+    collector_url: Option<String>,
+
+    /// Serve the report endpoint over TLS with this certificate (PEM)...
+    #[arg(
+        long,
+        env = "FLOWLENS_COLLECTOR_TLS_CERT",
+        requires = "collector_tls_key"
+    )]
+    collector_tls_cert: Option<PathBuf>,
+
+    /// ...and this private key (PEM).
+    #[arg(
+        long,
+        env = "FLOWLENS_COLLECTOR_TLS_KEY",
+        requires = "collector_tls_cert"
+    )]
+    collector_tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) agents verify the report endpoint with; default: the
+    /// certificate itself.
+    #[arg(long, env = "FLOWLENS_COLLECTOR_CA")]
+    collector_ca_file: Option<PathBuf>,
+
+    /// The ServiceAccount (`namespace/name`) agents authenticate as; `*`
+    /// accepts any account whose token is bound to a pod.
+    #[arg(
+        long,
+        env = "FLOWLENS_AGENT_SERVICE_ACCOUNT",
+        default_value = "flowlens-system/flowlens-agent"
+    )]
+    agent_service_account: String,
+
+    /// The audience agents' tokens must be issued for (empty: the API
+    /// server's own audience).
+    #[arg(long, env = "FLOWLENS_REPORT_AUDIENCE", default_value = flowlens_api::report::REPORT_AUDIENCE)]
+    report_audience: String,
+
+    /// Time a window waits for late nodes after it ends.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    report_grace: Duration,
+
+    /// After a start, time given to agents to resend what they hold before
+    /// windows are finalized without them.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    report_startup_grace: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    flowlens_api::duration::parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// Where agents send reports, and the CA they verify it with.
+    fn collector_endpoint(&self) -> anyhow::Result<Option<CollectorEndpoint>> {
+        let tls = self.collector_tls_cert.is_some();
+        let url = match (&self.collector_url, std::env::var("POD_NAMESPACE")) {
+            (Some(u), _) => u.clone(),
+            (None, Ok(ns)) => format!(
+                "{}://flowlens-collector.{ns}.svc:{}",
+                if tls { "https" } else { "http" },
+                self.collector_addr.port()
+            ),
+            (None, Err(_)) => return Ok(None),
+        };
+        let ca_bundle = match (&self.collector_ca_file, &self.collector_tls_cert) {
+            (Some(f), _) | (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the collector CA bundle {}", f.display()))?,
+            ),
+            (None, None) => None,
+        };
+        Ok(Some(CollectorEndpoint { url, ca_bundle }))
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -94,7 +179,30 @@ async fn main() -> anyhow::Result<()> {
     let (policy_tx, policy_rx) = mpsc::unbounded_channel();
     let (obs_tx, obs_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(Metrics::new());
+    let collector_endpoint = args.collector_endpoint()?;
+    if collector_endpoint.is_none() {
+        warn!(
+            "no --collector-url (and no POD_NAMESPACE): agents are not told where to report; observation results stay empty unless agents set --collector-url"
+        );
+    }
+    let mut compiler = Compiler::new();
+    compiler.set_collector(collector_endpoint);
+    let auth = Authenticator::new(
+        client.clone(),
+        Some(args.report_audience.clone())
+            .filter(|a| !a.is_empty())
+            .into_iter()
+            .collect(),
+        Some(args.agent_service_account.clone()).filter(|a| a != "*" && !a.is_empty()),
+    );
+    let timing = Timing {
+        started_ms: collector::now_ms(),
+        startup_grace_ms: args.report_startup_grace.as_millis() as i64,
+        grace_ms: args.report_grace.as_millis() as i64,
+    };
     let ctx = Arc::new(Context {
+        collector: Collector::new(auth, timing),
+        policy_results: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -103,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             },
         ),
         client: client.clone(),
-        compiler: std::sync::Mutex::new(Compiler::new()),
+        compiler: std::sync::Mutex::new(compiler),
         sync: SyncState::default(),
         changed: Default::default(),
         configs,
@@ -155,7 +263,18 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    let collector_router = collector::router(ctx.clone());
+    let tls = args
+        .collector_tls_cert
+        .clone()
+        .zip(args.collector_tls_key.clone())
+        .map(|(cert, key)| collector::TlsFiles { cert, key });
+    let collector_addr = args.collector_addr;
+    let collector_server = collector::serve(collector_addr, collector_router, tls);
+
     tokio::select! {
+        r = collector_server => error!(addr = %collector_addr, "report endpoint failed: {r:?}"),
+        _ = collector::finalize_loop(ctx.clone()) => error!("window finalizer ended"),
         _ = nac_watch => error!("NodeAgentConfig watch ended"),
         _ = feed::run_all(ctx.clone()) => error!("watch feeds ended"),
         _ = config_writer::run(ctx.clone()) => error!("config writer ended"),

@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -28,6 +28,12 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabels {
+    pub kind: &'static str,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ControllerLabels, Counter>,
@@ -37,11 +43,17 @@ pub struct Metrics {
     pub api_writes: Family<WriteLabels, Counter>,
     pub compile_seconds: Histogram,
     pub watch_events: Family<KindLabels, Counter>,
+    /// Report requests, by outcome.
     pub reports: Family<KindLabels, Counter>,
+    /// Window parts received, by kind and outcome (stored, late, unknown).
+    pub report_parts: Family<PartLabels, Counter>,
+    pub open_parts: Gauge,
+    pub windows_finalized: Counter,
+    pub merge_seconds: Histogram,
 }
 
 fn duration_histogram() -> Histogram {
-    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5].into_iter())
+    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
 }
 
 impl Default for Metrics {
@@ -62,6 +74,10 @@ impl Metrics {
         let compile_seconds = duration_histogram();
         let watch_events = Family::<KindLabels, Counter>::default();
         let reports = Family::<KindLabels, Counter>::default();
+        let report_parts = Family::<PartLabels, Counter>::default();
+        let open_parts = Gauge::default();
+        let windows_finalized = Counter::default();
+        let merge_seconds = duration_histogram();
         registry.register(
             "reconciles",
             "Reconciliations, by controller",
@@ -97,6 +113,26 @@ impl Metrics {
             "Agent reports received, by outcome",
             reports.clone(),
         );
+        registry.register(
+            "report_parts",
+            "Window parts received from agents, by kind and outcome (late: after the window was final)",
+            report_parts.clone(),
+        );
+        registry.register(
+            "open_window_parts",
+            "Window parts held until their window is final",
+            open_parts.clone(),
+        );
+        registry.register(
+            "windows_finalized",
+            "Observation windows merged across nodes",
+            windows_finalized.clone(),
+        );
+        registry.register(
+            "merge_duration_seconds",
+            "Time to merge one observation window",
+            merge_seconds.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -106,6 +142,10 @@ impl Metrics {
             compile_seconds,
             watch_events,
             reports,
+            report_parts,
+            open_parts,
+            windows_finalized,
+            merge_seconds,
         }
     }
 

@@ -64,13 +64,12 @@ pub fn pod_info(p: &Pod) -> PodInfo {
         .and_then(|s| s.pod_ips.as_ref())
         .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
         .unwrap_or_default();
-    if ips.is_empty() {
-        if let Some(ip) = status
+    if ips.is_empty()
+        && let Some(ip) = status
             .and_then(|s| s.pod_ip.as_ref())
             .and_then(|i| i.parse().ok())
-        {
-            ips.push(ip);
-        }
+    {
+        ips.push(ip);
     }
     let owner = p
         .metadata

@@ -31,7 +31,7 @@ use crate::{
     context::Context,
     error::{Error, Result},
     metrics::{ControllerLabels, ErrorLabels},
-    results::WindowResult,
+    results::{WindowResult, write_windows},
 };
 
 const CONTROLLER: &str = "networkobservation-status";
@@ -52,17 +52,20 @@ fn deployed(nac: Option<&Arc<NodeAgentConfig>>, name: &str, generation: i64) -> 
     in_spec && applied
 }
 
-/// The status of an observation. `result` is the last completed window, if
-/// any; fields it does not cover are kept from `current`.
+/// The status of an observation. `results` are final windows not yet in
+/// status, oldest first; fields they do not cover are kept from `current`.
 pub fn observation_status(
     name: &str,
     view: &ObservationView,
     configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
-    result: Option<&WindowResult>,
+    results: &[WindowResult],
     current: &NetworkObservationStatus,
     now: Timestamp,
 ) -> NetworkObservationStatus {
     let mut s = current.clone();
+    let result = results.last();
+    // Window figures first: conditions describe the window status shows.
+    write_windows(results, &mut s);
     let generation = Some(view.generation);
     s.observed_generation = generation;
     let selected = view.selected_nodes.len() as u32;
@@ -102,13 +105,13 @@ pub fn observation_status(
             reason::DEPLOYING,
             format!("{deployed_on} of {selected} node(s) run this observation{untraceable}"),
         ),
-        None => match result.filter(|r| r.folded_series > 0) {
-            Some(r) => (
+        None => match s.series.as_ref().filter(|u| u.folded > 0) {
+            Some(u) => (
                 true,
                 reason::SERIES_BUDGET_EXCEEDED,
                 format!(
                     "observing {} pod(s) on {selected} node(s); the last window had more series than maxSeries ({}): {} folded into 'other'{untraceable}",
-                    view.traced_pods, r.max_series, r.folded_series
+                    view.traced_pods, u.max_series, u.folded
                 ),
             ),
             None => (
@@ -142,9 +145,6 @@ pub fn observation_status(
         traced: view.traced_pods as u32,
         untraceable: view.untraceable_pods.len() as u32,
     });
-    if let Some(r) = result {
-        r.write_into(&mut s);
-    }
     let summary = s.summary.get_or_insert_with(ObservationSummary::default);
     summary.nodes = format!(
         "{}/{selected}",
@@ -185,13 +185,13 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     };
     let uid = obs.uid().unwrap_or_default();
-    let result = ctx.results.latest(&uid);
+    let results = ctx.results.pending(&uid);
     let current = obs.status.clone().unwrap_or_default();
     let status = observation_status(
         &name,
         &view,
         &configs_by_node(&ctx.configs),
-        result.as_ref(),
+        &results,
         &current,
         Timestamp::now(),
     );
@@ -207,10 +207,10 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
         ctx.metrics.wrote("networkobservations/status", "apply");
         tracing::debug!(before = ?current, after = ?status, "wrote NetworkObservation status");
 
-        if let Some(r) = &result {
+        if let Some(r) = results.last() {
             ctx.results.committed(&uid, r.end);
         }
-    } else if let Some(r) = &result {
+    } else if let Some(r) = results.last() {
         ctx.results.committed(&uid, r.end);
     }
     ctx.metrics
@@ -264,4 +264,109 @@ pub async fn run(
         })
         .await;
     info!("NetworkObservation status controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use flowlens_api::{
+        conditions::get,
+        node_agent_config::{NodeAgentConfigSpec, NodeAgentConfigStatus, ObservationConfig},
+    };
+
+    use super::*;
+
+    fn view() -> ObservationView {
+        ObservationView {
+            generation: 2,
+            spec_generation: 2,
+            window_seconds: 10,
+            selected_nodes: ["n1".to_string()].into(),
+            traced_pods: 3,
+            ..Default::default()
+        }
+    }
+
+    fn deployed_configs() -> BTreeMap<String, Arc<NodeAgentConfig>> {
+        let mut n = NodeAgentConfig::new(
+            "n1",
+            NodeAgentConfigSpec {
+                node_name: "n1".into(),
+                revision: "r1".into(),
+                observations: vec![ObservationConfig {
+                    name: "o".into(),
+                    generation: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        n.status = Some(NodeAgentConfigStatus {
+            applied_revision: Some("r1".into()),
+            ..Default::default()
+        });
+        [("n1".to_string(), Arc::new(n))].into()
+    }
+
+    fn window(start: i64, folded: u64) -> WindowResult {
+        WindowResult {
+            start,
+            end: start + 10,
+            nodes_reporting: 1,
+            bytes: 1000,
+            packets: 10,
+            series: 2,
+            max_series: 2,
+            folded_series: folded,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_budget_condition_follows_the_window_status_shows() {
+        let cfgs = deployed_configs();
+        let now = Timestamp::now();
+        let s = observation_status(
+            "o",
+            &view(),
+            &cfgs,
+            &[window(100, 3)],
+            &Default::default(),
+            now,
+        );
+        let ready = get(&s.conditions, "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "SeriesBudgetExceeded")
+        );
+        // Another reconcile without a new window (a config changed) keeps it.
+        let again = observation_status("o", &view(), &cfgs, &[], &s, now);
+        assert_eq!(again, s, "nothing new, nothing to write");
+        // The next window is within budget.
+        let next = observation_status("o", &view(), &cfgs, &[window(110, 0)], &s, now);
+        assert_eq!(get(&next.conditions, "Ready").unwrap().reason, "Observing");
+        assert_eq!(next.total.as_ref().unwrap().bytes, 2000);
+        assert_eq!(next.summary.as_ref().unwrap().nodes, "1/1");
+    }
+
+    #[test]
+    fn deploying_until_every_node_applied_it() {
+        let mut cfgs = deployed_configs();
+        let mut n = (*cfgs["n1"]).clone();
+        n.status.as_mut().unwrap().applied_revision = Some("r0".into());
+        cfgs.insert("n1".into(), Arc::new(n));
+        let s = observation_status(
+            "o",
+            &view(),
+            &cfgs,
+            &[],
+            &Default::default(),
+            Timestamp::now(),
+        );
+        let ready = get(&s.conditions, "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Deploying")
+        );
+        assert_eq!(s.summary.as_ref().unwrap().throughput, "-");
+    }
 }

@@ -33,6 +33,7 @@ use crate::{
     context::Context,
     error::{Error, Result},
     metrics::{ControllerLabels, ErrorLabels},
+    results::write_policy_counts,
 };
 
 const CONTROLLER: &str = "flowpolicy-status";
@@ -242,7 +243,7 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::await_change());
     };
     let current = policy.status.clone().unwrap_or_default();
-    let status = policy_status(
+    let mut status = policy_status(
         &ns,
         &name,
         &view,
@@ -250,6 +251,8 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         &current,
         Timestamp::now(),
     );
+    let counts = ctx.policy_results.pending(&key);
+    write_policy_counts(&counts, &mut status);
     if status != current {
         publish_transitions(&ctx, &policy, &current, &status).await;
         let api: Api<FlowPolicy> = Api::namespaced(ctx.client.clone(), &ns);
@@ -262,6 +265,9 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         .await?;
         ctx.metrics.wrote("flowpolicies/status", "apply");
         tracing::debug!(before = ?current, after = ?status, "wrote FlowPolicy status");
+    }
+    if let Some(last) = counts.last() {
+        ctx.policy_results.committed(&key, last.end);
     }
     ctx.metrics
         .reconcile_seconds

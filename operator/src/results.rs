@@ -1,8 +1,13 @@
 //! Finalized observation windows waiting to be written to status.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
 
+use crate::collect::policy_book::{PolicyDelta, PolicyKey};
 use flowlens_api::{
+    flow_policy::FlowPolicyStatus,
     format,
     network_observation::{
         LatencyPercentiles, NetworkObservationStatus, ObservationSummary, SeriesUsage, TopFlow,
@@ -63,6 +68,8 @@ impl WindowResult {
         });
         total.packets += self.packets;
         total.bytes += self.bytes;
+        total.payload_bytes += self.payload_bytes;
+        total.cross_zone_bytes += self.cross_zone_bytes;
         total.windows += 1;
         s.latency = self.latency.clone();
         s.top_flows = self.top_flows.clone();
@@ -86,47 +93,147 @@ impl WindowResult {
     }
 }
 
-/// The latest finalized window of each observation (by UID), until written.
+/// Applies final windows (oldest first) to a status.
+pub fn write_windows(results: &[WindowResult], s: &mut NetworkObservationStatus) {
+    for r in results {
+        r.write_into(s);
+    }
+}
+
+#[derive(Default)]
+struct ObservationResults {
+    /// Final windows not yet in status, oldest first.
+    pending: Vec<WindowResult>,
+    /// End of the last window written to status.
+    committed: Option<i64>,
+}
+
+/// Final windows of each observation (by UID) on their way to status.
 #[derive(Default)]
 pub struct ResultStore {
-    inner: Mutex<HashMap<String, (WindowResult, Option<i64>)>>,
+    inner: Mutex<HashMap<String, ObservationResults>>,
 }
 
 impl ResultStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ObservationResults>> {
+        self.inner.lock().expect("results lock")
+    }
+
     pub fn publish(&self, uid: &str, r: WindowResult) {
-        let mut m = self.inner.lock().expect("results lock");
-        let e = m.entry(uid.to_owned()).or_insert((r.clone(), None));
-        if e.0.end <= r.end {
-            e.0 = r;
-        }
+        let mut m = self.lock();
+        let e = m.entry(uid.to_owned()).or_default();
+        e.pending.push(r);
+        e.pending.sort_by_key(|w| w.end);
     }
 
-    pub fn latest(&self, uid: &str) -> Option<WindowResult> {
-        self.inner
-            .lock()
-            .expect("results lock")
+    /// Final windows not yet written, oldest first.
+    pub fn pending(&self, uid: &str) -> Vec<WindowResult> {
+        self.lock()
             .get(uid)
-            .map(|(r, _)| r.clone())
+            .map(|e| e.pending.clone())
+            .unwrap_or_default()
     }
 
-    /// Records that the window ending at `end` is in status.
+    /// Records that every window up to `end` is in status.
     pub fn committed(&self, uid: &str, end: i64) {
-        if let Some(e) = self.inner.lock().expect("results lock").get_mut(uid) {
-            e.1 = Some(e.1.map_or(end, |c| c.max(end)));
-        }
+        let mut m = self.lock();
+        let e = m.entry(uid.to_owned()).or_default();
+        e.pending.retain(|w| w.end > end);
+        e.committed = Some(e.committed.map_or(end, |c| c.max(end)));
     }
 
     /// The end of the last window written to status, if known.
     pub fn committed_end(&self, uid: &str) -> Option<i64> {
-        self.inner
-            .lock()
-            .expect("results lock")
-            .get(uid)
-            .and_then(|(_, c)| *c)
+        self.lock().get(uid).and_then(|e| e.committed)
     }
 
     pub fn forget(&self, uid: &str) {
-        self.inner.lock().expect("results lock").remove(uid);
+        self.lock().remove(uid);
+    }
+}
+
+/// Applies final policy-counter windows to a status: windows that end after
+/// `countedUntil` are added, so replaying one (after an operator restart)
+/// never counts it twice.
+pub fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
+    for d in deltas {
+        let shown = s.counted_until.as_ref().map(|t| t.0.as_second());
+        if shown.is_some_and(|e| e >= d.end) {
+            continue;
+        }
+        let b = s.blocked.get_or_insert_with(Default::default);
+        b.packets += d.blocked.packets;
+        b.connections += d.blocked.connections;
+        let a = s.audited.get_or_insert_with(Default::default);
+        a.packets += d.audited.packets;
+        a.connections += d.audited.connections;
+        s.counted_until = Some(time(d.end));
+    }
+}
+
+#[derive(Default)]
+struct PolicyInner {
+    pending: BTreeMap<PolicyKey, Vec<PolicyDelta>>,
+    finalized_through: i64,
+}
+
+/// Final policy-counter windows on their way to FlowPolicy status.
+#[derive(Default)]
+pub struct PolicyResults {
+    inner: Mutex<PolicyInner>,
+}
+
+impl PolicyResults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PolicyInner> {
+        self.inner.lock().expect("policy results lock")
+    }
+
+    /// Adds the policies' sums of final windows up to `finalized_through`.
+    pub fn publish(&self, deltas: Vec<(PolicyKey, PolicyDelta)>, finalized_through: i64) {
+        let mut i = self.lock();
+        for (k, d) in deltas {
+            i.pending.entry(k).or_default().push(d);
+        }
+        i.finalized_through = i.finalized_through.max(finalized_through);
+    }
+
+    pub fn pending(&self, key: &PolicyKey) -> Vec<PolicyDelta> {
+        self.lock().pending.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Records that `key`'s windows up to `end` are in status.
+    pub fn committed(&self, key: &PolicyKey, end: i64) {
+        let mut i = self.lock();
+        if let Some(v) = i.pending.get_mut(key) {
+            v.retain(|d| d.end > end);
+            if v.is_empty() {
+                i.pending.remove(key);
+            }
+        }
+    }
+
+    /// Policies with counts waiting.
+    pub fn waiting(&self) -> Vec<PolicyKey> {
+        self.lock().pending.keys().cloned().collect()
+    }
+
+    pub fn forget(&self, key: &PolicyKey) {
+        self.lock().pending.remove(key);
+    }
+
+    /// The end of the last policy window that is fully in status: agents
+    /// may forget their windows up to it.
+    pub fn committed_through(&self) -> i64 {
+        let i = self.lock();
+        let oldest_pending = i
+            .pending
+            .values()
+            .flat_map(|v| v.iter().map(|d| d.end))
+            .min();
+        match oldest_pending {
+            Some(e) => i.finalized_through.min(e - 1),
+            None => i.finalized_through,
+        }
     }
 }
 
@@ -162,5 +269,41 @@ mod tests {
             1500,
             "an older window is ignored"
         );
+    }
+
+    #[test]
+    fn policy_counts_count_each_window_once() {
+        let d = |end: i64, n: u64| PolicyDelta {
+            end,
+            blocked: flowlens_api::report::Matches {
+                packets: n,
+                connections: n,
+            },
+            ..Default::default()
+        };
+        let mut s = FlowPolicyStatus::default();
+        write_policy_counts(&[d(110, 3), d(120, 4)], &mut s);
+        write_policy_counts(&[d(120, 4)], &mut s);
+        assert_eq!(s.blocked.as_ref().unwrap().connections, 7);
+        assert_eq!(s.counted_until.as_ref().unwrap().0.as_second(), 120);
+    }
+
+    #[test]
+    fn policy_ack_waits_for_status() {
+        let r = PolicyResults::default();
+        let key = ("ns".to_string(), "p".to_string());
+        r.publish(
+            vec![(
+                key.clone(),
+                PolicyDelta {
+                    end: 110,
+                    ..Default::default()
+                },
+            )],
+            120,
+        );
+        assert_eq!(r.committed_through(), 109, "110 is not written yet");
+        r.committed(&key, 110);
+        assert_eq!(r.committed_through(), 120);
     }
 }

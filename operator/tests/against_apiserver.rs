@@ -50,35 +50,17 @@ async fn apply_policy(
     run: &str,
     spec: serde_json::Value,
 ) -> FlowPolicy {
-    let api: Api<FlowPolicy> = Api::namespaced(c.clone(), ns);
-    let obj = json!({
-        "apiVersion": "flowlens.dev/v1alpha1", "kind": "FlowPolicy",
-        "metadata": {"name": name, "labels": {"flowlens.dev/test-run": run}},
-        "spec": spec,
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap()
+    TestObjects::new(c.clone(), run)
+        .policy(ns, name, spec)
+        .await
+        .unwrap()
 }
 
 async fn apply_observation(c: &Client, name: &str, run: &str, spec: serde_json::Value) {
-    let api: Api<NetworkObservation> = Api::all(c.clone());
-    let obj = json!({
-        "apiVersion": "flowlens.dev/v1alpha1", "kind": "NetworkObservation",
-        "metadata": {"name": name, "labels": {"flowlens.dev/test-run": run}},
-        "spec": spec,
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
+    TestObjects::new(c.clone(), run)
+        .observation(name, spec)
+        .await
+        .unwrap();
 }
 
 async fn condition(

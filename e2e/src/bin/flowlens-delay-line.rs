@@ -64,7 +64,9 @@ fn main() {
         std::process::exit(1);
     });
     let mut writer = tun.try_clone().expect("dup TUN fd");
-    let queue: Arc<(Mutex<VecDeque<(Instant, Vec<u8>)>>, Condvar)> = Arc::default();
+    type Queue = (Mutex<VecDeque<(Instant, Vec<u8>)>>, Condvar);
+    let queue: Arc<Queue> = Arc::default();
+
     let q = queue.clone();
     std::thread::spawn(move || {
         let (lock, cv) = &*q;

@@ -167,6 +167,8 @@ pub struct Aggregator {
     policy: BTreeMap<(String, String), PolicyMatches>,
     generation_tables: [Option<Arc<Tables>>; 2],
     closed: Vec<ObservationWindow>,
+    /// Parts completed so far (numbers them).
+    parts: u64,
     pub stats: AggregatorStats,
 }
 
@@ -189,6 +191,7 @@ impl Aggregator {
             policy: BTreeMap::new(),
             generation_tables: [None, None],
             closed: Vec::new(),
+            parts: 0,
             stats: AggregatorStats::default(),
         }
     }
@@ -236,14 +239,18 @@ impl Aggregator {
                     } else {
                         None
                     },
+                    // keepLabels are dimensions (groupBy's label:<key>
+                    // items must be among them; both are honoured).
                     labels: o
-                        .group_by
+                        .keep_labels
                         .iter()
-                        .filter_map(|g| match g {
-                            GroupBy::Label(k) => e.labels.get(k).map(|v| (k.clone(), v.clone())),
+                        .chain(o.group_by.iter().filter_map(|g| match g {
+                            GroupBy::Label(k) => Some(k),
                             _ => None,
-                        })
+                        }))
+                        .filter_map(|k| e.labels.get(k).map(|v| (k.clone(), v.clone())))
                         .collect(),
+
                     other: false,
                 };
                 for ip in &e.ips {
@@ -260,7 +267,8 @@ impl Aggregator {
             let window = match self.observations.remove(&o.uid) {
                 Some((old, w)) if old.params == view.params => w,
                 Some((old, w)) => {
-                    self.closed.push(self.finish(&old, w, false));
+                    let closed = self.finish(&old, w, false, true);
+                    self.closed.push(closed);
                     OpenWindow::new(window_start(now_ms, view.params.window_seconds), false)
                 }
                 None => OpenWindow::new(window_start(now_ms, view.params.window_seconds), false),
@@ -268,7 +276,7 @@ impl Aggregator {
             next.insert(o.uid.clone(), (view, window));
         }
         for (_, (old, w)) in std::mem::take(&mut self.observations) {
-            let closed = self.finish(&old, w, false);
+            let closed = self.finish(&old, w, false, true);
             self.closed.push(closed);
         }
         self.observations = next;
@@ -426,7 +434,7 @@ impl Aggregator {
             let (view, window) = self.observations.remove(&uid).unwrap();
             let complete = window.complete;
             let next_start = window_start(now_ms, view.params.window_seconds);
-            out.push(self.finish(&view, window, complete));
+            out.push(self.finish(&view, window, complete, false));
             let next_complete = self.started_ms <= next_start * 1000;
             self.observations
                 .insert(uid, (view, OpenWindow::new(next_start, next_complete)));
@@ -498,7 +506,7 @@ impl Aggregator {
     pub fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
         for (_, (view, w)) in std::mem::take(&mut self.observations) {
-            out.push(self.finish(&view, w, false));
+            out.push(self.finish(&view, w, false, true));
         }
         let matches: Vec<PolicyMatches> = std::mem::take(&mut self.policy).into_values().collect();
         let policies = if matches.is_empty() {
@@ -523,8 +531,17 @@ impl Aggregator {
         &self.node
     }
 
-    fn finish(&self, view: &ObsView, w: OpenWindow, complete: bool) -> ObservationWindow {
-        build_window(
+    /// A completed part: `closed_early` when it was closed before its
+    /// window ended (shutdown, observation changed).
+    fn finish(
+        &mut self,
+        view: &ObsView,
+        w: OpenWindow,
+        complete: bool,
+        closed_early: bool,
+    ) -> ObservationWindow {
+        self.parts += 1;
+        let mut out = build_window(
             &view.params,
             &view.uid,
             w.start,
@@ -532,7 +549,10 @@ impl Aggregator {
             w.series.iter(),
             w.folded.len(),
             w.overflow_packets,
-        )
+        );
+        out.part = self.parts;
+        out.closed_early = closed_early;
+        out
     }
 }
 
@@ -587,6 +607,8 @@ fn build_window<'a>(
         series: out,
         folded_series: folded as u64,
         overflow_packets,
+        part: 0,
+        closed_early: false,
     }
 }
 

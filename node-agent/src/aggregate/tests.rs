@@ -35,6 +35,7 @@ fn ip(last: u8) -> [u8; 16] {
     v4_mapped([10, 0, 0, last])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn flow(
     local: u8,
     remote: [u8; 16],

@@ -210,18 +210,16 @@ impl Datapath {
         // RTT: sock_ops when a cgroup v2 root is known, else tcp_probe.
         let mut rtt = "none".to_owned();
         let want_sockops = matches!(opts.rtt_hook, RttHook::Auto | RttHook::SockOps);
-        if want_sockops {
-            if let Some(cg) = &opts.cgroup_root {
-                match attach::cgroup_hook(
-                    &mut self.ebpf,
-                    &self.layout,
-                    attach::PROG_SOCKOPS,
-                    cg,
-                    "sockops",
-                ) {
-                    Ok(()) => rtt = "sock_ops".into(),
-                    Err(e) => warn!(error = %e, "sock_ops RTT hook unavailable"),
-                }
+        if want_sockops && let Some(cg) = &opts.cgroup_root {
+            match attach::cgroup_hook(
+                &mut self.ebpf,
+                &self.layout,
+                attach::PROG_SOCKOPS,
+                cg,
+                "sockops",
+            ) {
+                Ok(()) => rtt = "sock_ops".into(),
+                Err(e) => warn!(error = %e, "sock_ops RTT hook unavailable"),
             }
         }
         if rtt == "sock_ops" {

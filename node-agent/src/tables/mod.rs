@@ -213,8 +213,9 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
     let mut reported_sets = BTreeSet::new();
     let mut info: HashMap<u32, EndpointInfo> = HashMap::new();
     // Endpoints with the same rule list share the computed LPM contents.
-    let mut cache: HashMap<Vec<&str>, (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>)> =
-        HashMap::new();
+    type LpmContents = (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>);
+    let mut cache: HashMap<Vec<&str>, LpmContents> = HashMap::new();
+
     for ((id, dir), mut rules) in per_endpoint {
         rules.sort_by(|a, b| {
             let rank = |r: &BlockRule| if r.mode == PolicyMode::Enforce { 0 } else { 1 };
@@ -304,15 +305,15 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
             })
             .clone();
         for r in &rules {
-            if !r.any_peer {
-                if let Some(name) = &r.address_set {
-                    if !sets.contains_key(name.as_str()) && reported_sets.insert(name.clone()) {
-                        t.problems.push(Problem::UnknownAddressSet {
-                            rule: r.id.clone(),
-                            set: name.clone(),
-                        });
-                    }
-                }
+            if !r.any_peer
+                && let Some(name) = &r.address_set
+                && !sets.contains_key(name.as_str())
+                && reported_sets.insert(name.clone())
+            {
+                t.problems.push(Problem::UnknownAddressSet {
+                    rule: r.id.clone(),
+                    set: name.clone(),
+                });
             }
         }
         t.peers
@@ -469,7 +470,7 @@ rules:
                 assert!(
                     dropped.iter().all(|r| {
                         let i: u32 = r.rsplit('/').next().unwrap().parse().unwrap();
-                        i % 2 == 0
+                        i.is_multiple_of(2)
                     }),
                     "only audit rules dropped: {dropped:?}"
                 );

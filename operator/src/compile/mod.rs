@@ -181,7 +181,6 @@ impl Compiler {
     }
 
     /// Nodes whose config may have changed since the last call.
-
     pub fn take_dirty_nodes(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.dirty)
     }
@@ -368,7 +367,7 @@ impl Compiler {
         p: &PodInfo,
         ns_labels: &BTreeMap<String, String>,
     ) -> bool {
-        let ns_ok = spec.namespaces.iter().any(|n| *n == p.namespace)
+        let ns_ok = spec.namespaces.contains(&p.namespace)
             || spec
                 .namespace_selector
                 .as_ref()

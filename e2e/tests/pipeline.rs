@@ -1,0 +1,369 @@
+//! End to end: simulated nodes with real agents in cluster mode, the real
+//! operator, real traffic; every assertion reads the API (status), and
+//! compares with independent ground truth (iperf3's byte counts, the
+//! injected delay, TCP_INFO, the clients' own connect() results).
+//!
+//! Needs root and the local control plane (`just up`); `just e2e` runs it.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flowlens_api::{
+    FlowPolicy, NetworkObservation, NodeAgentConfig,
+    flow_policy::FlowPolicyStatus,
+    network_observation::{NetworkObservationStatus, TopFlow},
+};
+use flowlens_e2e::{
+    cluster::unique_name,
+    process::require_root,
+    sim::{SimCluster, poll},
+    traffic::{echo_server, iperf3, spawn_traffic},
+};
+use kube::{Api, api::DeleteParams};
+use serde_json::json;
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn observation(sim: &SimCluster, name: &str) -> NetworkObservationStatus {
+    Api::<NetworkObservation>::all(sim.client.clone())
+        .get(name)
+        .await
+        .ok()
+        .and_then(|o| o.status)
+        .unwrap_or_default()
+}
+
+async fn policy(sim: &SimCluster, ns: &str, name: &str) -> FlowPolicyStatus {
+    Api::<FlowPolicy>::namespaced(sim.client.clone(), ns)
+        .get(name)
+        .await
+        .ok()
+        .and_then(|o| o.status)
+        .unwrap_or_default()
+}
+
+fn condition<'a>(
+    c: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    c.iter().find(|c| c.type_ == t)
+}
+
+/// Waits until status shows a window that started at or after `t` (so
+/// every window up to `t` is counted).
+async fn status_after(sim: &SimCluster, name: &str, t: i64) -> NetworkObservationStatus {
+    poll(
+        Duration::from_secs(45),
+        &format!("{name}: a window after {t}"),
+        || async {
+            let s = observation(sim, name).await;
+            s.last_window
+                .as_ref()
+                .is_some_and(|w| w.start.0.as_second() >= t)
+                .then_some(s)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn flow<'a>(flows: &'a [TopFlow], src: &str, dst: &str, port: u16) -> Option<&'a TopFlow> {
+    flows.iter().find(|f| {
+        f.source.workload.as_deref() == Some(src)
+            && f.destination.workload.as_deref() == Some(dst)
+            && f.port == port
+    })
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64) / b as f64 * 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_latency_zones_and_budgets_reach_observation_status() {
+    require_root();
+    let run = unique_name("e2e-obs");
+    let (a1, a2, b1) = (
+        format!("{run}-a1"),
+        format!("{run}-a2"),
+        format!("{run}-b1"),
+    );
+    let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&a2, "zone-a"), (&b1, "zone-b")])
+        .await
+        .unwrap();
+    // 10 ms each way between the zones: +20 ms of RTT.
+    sim.topo
+        .add_delay("zone-a", "zone-b", Duration::from_millis(10));
+    let (shop, other) = (format!("{run}-shop"), format!("{run}-other"));
+    sim.objects.namespace(&shop, &[]).await.unwrap();
+    sim.objects.namespace(&other, &[]).await.unwrap();
+    let web = sim
+        .add_pod(
+            0,
+            &shop,
+            "web-1",
+            &[("app", "web"), ("version", "v1")],
+            Some("web"),
+        )
+        .await
+        .unwrap();
+    let api = sim
+        .add_pod(0, &shop, "api-1", &[("app", "api")], Some("api"))
+        .await
+        .unwrap();
+    let db = sim
+        .add_pod(2, &shop, "db-1", &[("app", "db")], Some("db"))
+        .await
+        .unwrap();
+    let ext = sim
+        .add_pod(1, &other, "ext-1", &[("app", "ext")], Some("ext"))
+        .await
+        .unwrap();
+    let obs = run.clone();
+    let budget = format!("{run}-budget");
+    sim.objects
+        .observation(
+            &obs,
+            json!({"namespaces": [shop], "keepLabels": ["app"], "window": "5s"}),
+        )
+        .await
+        .unwrap();
+    sim.objects
+        .observation(
+            &budget,
+            json!({"namespaces": [shop], "groupBy": ["pod"], "maxSeries": 2, "window": "5s"}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    poll(
+        Duration::from_secs(30),
+        "the observation to be Ready",
+        || async {
+            let s = observation(&sim, &obs).await;
+            condition(&s.conditions, "Ready")
+                .filter(|c| c.status == "True")
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+    let s = observation(&sim, &obs).await;
+    assert_eq!(
+        s.nodes.as_ref().map(|n| n.selected),
+        Some(2),
+        "web and api on a1, db on b1"
+    );
+    let writes_before = sim.operator().metric_sum(
+        "flowlens_operator_api_writes_total",
+        "networkobservations/status",
+    );
+    let test_started = Instant::now();
+
+    // 1. Bytes: one iperf3 transfer web (zone-a) -> db (zone-b).
+    let base = observation(&sim, &obs).await.total.unwrap_or_default();
+    let t0 = Instant::now();
+    let sent = iperf3(
+        &sim.topo,
+        db,
+        web,
+        &sim.topo.pods[db].ip4.to_string(),
+        5201,
+        "20M",
+        "400M",
+    );
+    let transfer_end = now_s();
+    let first = poll(
+        Duration::from_secs(30),
+        "the first bytes in status",
+        || async {
+            let t = observation(&sim, &obs).await.total.unwrap_or_default();
+            (t.payload_bytes > base.payload_bytes).then(|| t0.elapsed())
+        },
+    )
+    .await
+    .unwrap();
+    let s = status_after(&sim, &obs, transfer_end + 1).await;
+    let total = s.total.clone().unwrap_or_default();
+    let payload = total.payload_bytes - base.payload_bytes;
+    let bytes = total.bytes - base.bytes;
+    let cross = total.cross_zone_bytes - base.cross_zone_bytes;
+    let expected = sent.wire_payload();
+    println!(
+        "bytes: iperf3 sent {} payload bytes ({} retransmitted segments); status counts {payload} ({:+.4}%), {bytes} IP bytes, {cross} cross-zone; first numbers in status {:.1} s after the transfer started",
+        expected,
+        sent.retransmits,
+        pct(payload, expected),
+        first.as_secs_f64()
+    );
+    assert!(
+        pct(payload, expected).abs() < 2.0,
+        "status payload {payload} vs iperf3 {expected}: {:.3}% off",
+        pct(payload, expected)
+    );
+    assert!(payload >= sent.received, "never less than iperf3 received");
+    assert_eq!(
+        cross, bytes,
+        "web and db are in different zones: all of it crosses"
+    );
+
+    // 2. RTT: ping-pong across zones (web -> db) and on one node (api -> web),
+    // plus a flow to an untraced pod (web -> ext) for the series budget.
+    let _db_echo = echo_server(&sim.topo, db, 7000);
+    let _web_echo = echo_server(&sim.topo, web, 7001);
+    let _ext_echo = echo_server(&sim.topo, ext, 7002);
+    let (db_ip, web_ip, ext_ip) = (
+        sim.topo.pods[db].ip4.to_string(),
+        sim.topo.pods[web].ip4.to_string(),
+        sim.topo.pods[ext].ip4.to_string(),
+    );
+    // 12 s of traffic; status is read while it flows.
+    let pp = ["--count", "600", "--interval-ms", "20"];
+    let pp_start = Instant::now();
+    let cross_pp = spawn_traffic(&sim.topo, web, "ping-pong", &format!("{db_ip}:7000"), &pp);
+    let local_pp = spawn_traffic(&sim.topo, api, "ping-pong", &format!("{web_ip}:7001"), &pp);
+    let ext_pp = spawn_traffic(&sim.topo, web, "ping-pong", &format!("{ext_ip}:7002"), &pp);
+    let s = poll(
+        Duration::from_secs(30),
+        "a window with both ping-pong flows",
+        || async {
+            let s = observation(&sim, &obs).await;
+            let both = flow(&s.top_flows, "Deployment/web", "Deployment/db", 7000)
+                .and(flow(&s.top_flows, "Deployment/api", "Deployment/web", 7001))
+                .is_some();
+            both.then_some(s)
+        },
+    )
+    .await
+    .unwrap();
+    println!(
+        "latency to status: ping-pong flows in topFlows {:.1} s after they started",
+        pp_start.elapsed().as_secs_f64()
+    );
+    // The budget observation groups by pod with maxSeries 2: three
+    // concurrent flows overflow into `other`, and Ready says so.
+    let b = poll(
+        Duration::from_secs(30),
+        "a window over the series budget",
+        || async {
+            let s = observation(&sim, &budget).await;
+            s.series.as_ref().is_some_and(|u| u.folded > 0).then_some(s)
+        },
+    )
+    .await
+    .unwrap();
+    let (cross_pp, local_pp) = (cross_pp.join().unwrap(), local_pp.join().unwrap());
+    ext_pp.join().unwrap();
+    let xz = flow(&s.top_flows, "Deployment/web", "Deployment/db", 7000).unwrap();
+    let local = flow(&s.top_flows, "Deployment/api", "Deployment/web", 7001).unwrap();
+    let (xz50, xz99) = (xz.rtt_p50_micros.unwrap(), xz.rtt_p99_micros.unwrap());
+    let local50 = local.rtt_p50_micros.unwrap();
+    let srtt = cross_pp["tcp_info_srtt_us"].as_u64().unwrap();
+    println!(
+        "rtt: cross-zone p50 {xz50} µs p99 {xz99} µs (TCP_INFO srtt {srtt} µs, app p50 {} µs); same-node p50 {local50} µs (TCP_INFO {} µs); window latency p50 {} p99 {}",
+        cross_pp["p50_us"],
+        local_pp["tcp_info_srtt_us"],
+        s.latency.as_ref().map(|l| l.p50_micros).unwrap_or(0),
+        s.latency.as_ref().map(|l| l.p99_micros).unwrap_or(0),
+    );
+    assert!(
+        (19_000..=30_000).contains(&xz50),
+        "cross-zone p50 {xz50} µs must reflect the injected 20 ms"
+    );
+    assert!(
+        (xz50 as f64 - srtt as f64).abs() <= srtt as f64 * 0.15,
+        "cross-zone p50 {xz50} µs vs the kernel's srtt {srtt} µs"
+    );
+    assert!(
+        local50 < 5_000 && local50 * 5 < xz50,
+        "same-node p50 {local50} µs"
+    );
+    assert_eq!(
+        local.flows, 1,
+        "a connection between two traced pods counts once"
+    );
+    // keepLabels: app, and only app.
+    assert_eq!(
+        xz.source.labels.iter().collect::<Vec<_>>(),
+        vec![(&"app".to_string(), &"web".to_string())]
+    );
+    assert_eq!(
+        xz.destination.labels.get("app").map(String::as_str),
+        Some("db")
+    );
+    assert_eq!(xz.destination.zone, None, "zone is not in groupBy");
+    let to_ext = s
+        .top_flows
+        .iter()
+        .find(|f| f.port == 7002)
+        .expect("web -> ext in topFlows");
+    assert_eq!(
+        to_ext.destination.namespace.as_deref(),
+        Some(other.as_str())
+    );
+
+    // 3. The series budget.
+    let usage = b.series.clone().unwrap();
+    let ready = condition(&b.conditions, "Ready").unwrap();
+    println!(
+        "budget: {usage:?}; Ready: {} {}: {}",
+        ready.status, ready.reason, ready.message
+    );
+    assert_eq!((usage.series, usage.max_series), (2, 2));
+    assert!(usage.folded >= 1);
+    assert_eq!(ready.reason, "SeriesBudgetExceeded");
+    assert!(
+        b.top_flows.iter().any(|f| f.source.other),
+        "an `other` flow"
+    );
+
+    // 4. Writes: at most about one status write per window per observation.
+    let windows = test_started.elapsed().as_secs_f64() / 5.0;
+    let writes = sim.operator().metric_sum(
+        "flowlens_operator_api_writes_total",
+        "networkobservations/status",
+    ) - writes_before;
+    println!(
+        "writes: {writes} NetworkObservation status writes for 2 observations over {:.0} s ({windows:.1} windows each)",
+        test_started.elapsed().as_secs_f64()
+    );
+    assert!(
+        writes <= 2.0 * (windows + 2.0),
+        "{writes} status writes for {windows:.1} windows of 2 observations"
+    );
+
+    // 5. Deleting the observation removes it from every node's config and
+    // from the agents.
+    Api::<NetworkObservation>::all(sim.client.clone())
+        .delete(&budget, &DeleteParams::default())
+        .await
+        .unwrap();
+    let uid_gone = poll(
+        Duration::from_secs(20),
+        "configs without the deleted observation",
+        || async {
+            let nacs = Api::<NodeAgentConfig>::all(sim.client.clone());
+            for n in [&a1, &b1] {
+                let nac = nacs.get(n).await.ok()?;
+                if nac.spec.observations.iter().any(|o| o.name == budget) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    uid_gone.unwrap();
+    sim.wait_applied(0, Duration::from_secs(20)).await.unwrap();
+    let d = sim.agent(0).dump().unwrap();
+    assert!(
+        d.live.iter().all(|w| w.observation != budget),
+        "the agent stopped tracing the deleted observation"
+    );
+    sim.shutdown().await.unwrap();
+}

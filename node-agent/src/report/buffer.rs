@@ -1,0 +1,223 @@
+//! The windows an agent holds for the operator: pure bookkeeping.
+//!
+//! A window is *pending* until a collector received it, then *held* until
+//! the collector says it is committed (in status). Windows are forgotten
+//! only when committed, so a collector that restarts (a new instance id)
+//! gets everything it had not committed again. The buffer is bounded: when
+//! full, the oldest windows go first (and are counted).
+
+use std::collections::VecDeque;
+
+use flowlens_api::report::{ObservationWindow, PolicyWindow, ReportAck, ReportBatch};
+
+/// Windows kept while the collector is unreachable (per kind). With the
+/// default 30 s windows that is two hours of one observation.
+pub const BUFFER_WINDOWS: usize = 256;
+
+/// Observation windows per request (each is at most `maxSeries` series).
+pub const BATCH_WINDOWS: usize = 16;
+
+#[derive(Default)]
+pub struct ReportBuffer {
+    pending: VecDeque<ObservationWindow>,
+    held: VecDeque<ObservationWindow>,
+    pending_policies: VecDeque<PolicyWindow>,
+    held_policies: VecDeque<PolicyWindow>,
+    collector: Option<String>,
+    capacity: usize,
+}
+
+/// What one request carries, to be confirmed with [`ReportBuffer::sent`].
+#[derive(Debug, Default)]
+pub struct Sending {
+    pub windows: usize,
+    pub policies: usize,
+}
+
+impl ReportBuffer {
+    pub fn new(capacity: usize) -> Self {
+        ReportBuffer {
+            capacity: capacity.max(1),
+            ..Default::default()
+        }
+    }
+
+    /// Adds completed windows; returns how many old ones were dropped.
+    pub fn push(&mut self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>) -> usize {
+        self.pending.extend(windows);
+        self.pending_policies.extend(policies);
+        let mut dropped = 0;
+        while self.held.len() + self.pending.len() > self.capacity {
+            if self.held.pop_front().is_none() {
+                self.pending.pop_front();
+            }
+            dropped += 1;
+        }
+        while self.held_policies.len() + self.pending_policies.len() > self.capacity {
+            if self.held_policies.pop_front().is_none() {
+                self.pending_policies.pop_front();
+            }
+        }
+        dropped
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_policies.is_empty()
+    }
+
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty() || !self.held_policies.is_empty()
+    }
+
+    /// Windows not yet committed.
+    pub fn len(&self) -> usize {
+        self.pending.len() + self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0 && !self.has_pending() && !self.has_held()
+    }
+
+    /// The next request: the oldest pending windows, at most `max_windows`.
+    pub fn batch(&self, node: &str, agent: &str, max_windows: usize) -> (ReportBatch, Sending) {
+        let n = self.pending.len().min(max_windows.max(1));
+        let batch = ReportBatch {
+            node: node.to_owned(),
+            agent: agent.to_owned(),
+            windows: self.pending.iter().take(n).cloned().collect(),
+            policy_windows: self.pending_policies.iter().cloned().collect(),
+        };
+        let sending = Sending {
+            windows: n,
+            policies: self.pending_policies.len(),
+        };
+        (batch, sending)
+    }
+
+    /// The collector received what [`Self::batch`] returned.
+    pub fn sent(&mut self, s: &Sending) {
+        for _ in 0..s.windows {
+            if let Some(w) = self.pending.pop_front() {
+                self.held.push_back(w);
+            }
+        }
+        for _ in 0..s.policies {
+            if let Some(w) = self.pending_policies.pop_front() {
+                self.held_policies.push_back(w);
+            }
+        }
+    }
+
+    /// Applies an answer; returns the observation windows now committed.
+    pub fn ack(&mut self, ack: &ReportAck) -> usize {
+        if self.collector.as_ref().is_some_and(|c| *c != ack.collector) {
+            // A new collector process: it has none of the held windows.
+            let held = std::mem::take(&mut self.held);
+            for w in held.into_iter().rev() {
+                self.pending.push_front(w);
+            }
+            let held = std::mem::take(&mut self.held_policies);
+            for w in held.into_iter().rev() {
+                self.pending_policies.push_front(w);
+            }
+        }
+        self.collector = Some(ack.collector.clone());
+        let committed =
+            |w: &ObservationWindow| ack.committed.get(&w.uid).is_some_and(|&end| w.end() <= end);
+        let before = self.held.len() + self.pending.len();
+        self.held.retain(|w| !committed(w));
+        self.pending.retain(|w| !committed(w));
+        let policy_done = |w: &PolicyWindow| w.end() <= ack.policy_committed;
+        self.held_policies.retain(|w| !policy_done(w));
+        self.pending_policies.retain(|w| !policy_done(w));
+        before - self.held.len() - self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(uid: &str, start: i64) -> ObservationWindow {
+        ObservationWindow {
+            uid: uid.into(),
+            start,
+            window_seconds: 10,
+            complete: true,
+            ..Default::default()
+        }
+    }
+
+    fn ack(collector: &str, committed: &[(&str, i64)], policy: i64) -> ReportAck {
+        ReportAck {
+            collector: collector.into(),
+            committed: committed.iter().map(|(u, e)| (u.to_string(), *e)).collect(),
+            policy_committed: policy,
+        }
+    }
+
+    #[test]
+    fn windows_are_forgotten_only_when_committed() {
+        let mut b = ReportBuffer::new(10);
+        b.push(vec![w("u", 100), w("u", 110)], vec![]);
+        let (batch, s) = b.batch("n", "a", 16);
+        assert_eq!(batch.windows.len(), 2);
+        b.sent(&s);
+        assert!(!b.has_pending() && b.has_held());
+        assert_eq!(
+            b.ack(&ack("c1", &[("u", 110)], 0)),
+            1,
+            "100-110 is committed"
+        );
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.ack(&ack("c1", &[("u", 120)], 0)), 1);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_new_collector_gets_held_windows_again() {
+        let mut b = ReportBuffer::new(10);
+        b.push(vec![w("u", 100)], vec![]);
+        let (_, s) = b.batch("n", "a", 16);
+        b.sent(&s);
+        b.ack(&ack("c1", &[], 0));
+        assert!(!b.has_pending());
+        b.ack(&ack("c2", &[], 0));
+        assert!(b.has_pending(), "the restarted collector lost what c1 held");
+        let (batch, _) = b.batch("n", "a", 16);
+        assert_eq!(batch.windows[0].start, 100);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest() {
+        let mut b = ReportBuffer::new(3);
+        let dropped = b.push((0..5).map(|i| w("u", i * 10)).collect(), vec![]);
+        assert_eq!(dropped, 2);
+        let (batch, _) = b.batch("n", "a", 16);
+        assert_eq!(
+            batch.windows.iter().map(|w| w.start).collect::<Vec<_>>(),
+            vec![20, 30, 40]
+        );
+    }
+
+    #[test]
+    fn batches_are_bounded_and_policy_windows_follow_their_watermark() {
+        let mut b = ReportBuffer::new(100);
+        b.push(
+            (0..20).map(|i| w("u", i * 10)).collect(),
+            vec![PolicyWindow {
+                start: 100,
+                window_seconds: 10,
+                policies: vec![],
+            }],
+        );
+        let (batch, s) = b.batch("n", "a", 16);
+        assert_eq!((batch.windows.len(), batch.policy_windows.len()), (16, 1));
+        b.sent(&s);
+        assert!(b.has_pending(), "4 windows left for the next request");
+        b.ack(&ack("c", &[], 109));
+        assert!(b.has_held(), "policy window 100-110 not committed at 109");
+        b.ack(&ack("c", &[], 110));
+        assert_eq!(b.held_policies.len(), 0);
+    }
+}

@@ -1,0 +1,265 @@
+//! Sums one final window's parts into what status shows.
+//!
+//! Counting rule (the agents apply it for pairs on one node, this applies it
+//! across nodes): a packet counts at its sender's node when the sender is
+//! traced by the observation, else at its receiver's. So when the remote
+//! side of a series is traced, what the series *received* is dropped here
+//! (the remote's agent reports it as sent), and a connection between two
+//! traced pods counts once, at its client. Nothing is counted twice.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use flowlens_api::{
+    GroupBy,
+    histogram::Histogram,
+    network_observation::{FlowEndpoint, LatencyPercentiles, TopFlow},
+    report::{LocalDims, ObservationWindow, Role, Traffic, protocol_name},
+};
+
+use super::Directory;
+use crate::{model::PodInfo, results::WindowResult};
+
+/// The observation's aggregation parameters.
+#[derive(Clone, Debug)]
+pub struct MergeParams<'a> {
+    pub group_by: &'a [GroupBy],
+    pub keep_labels: &'a [String],
+    pub top_n: usize,
+    pub max_series: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct FlowId {
+    source: FlowEndpoint,
+    destination: FlowEndpoint,
+    port: u16,
+    protocol: u8,
+}
+
+impl FlowId {
+    fn other() -> Self {
+        let other = FlowEndpoint {
+            other: true,
+            ..Default::default()
+        };
+        FlowId {
+            source: other.clone(),
+            destination: other,
+            port: 0,
+            protocol: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct FlowAcc {
+    traffic: Traffic,
+    flows: u64,
+    rtt: Histogram,
+}
+
+impl FlowAcc {
+    fn add(&mut self, o: &FlowAcc) {
+        self.traffic.add(&o.traffic);
+        self.flows += o.flows;
+        self.rtt.merge(&o.rtt);
+    }
+}
+
+fn local_endpoint(d: &LocalDims) -> FlowEndpoint {
+    FlowEndpoint {
+        namespace: d.namespace.clone(),
+        workload: d.workload.clone(),
+        pod: d.pod.clone(),
+        node: d.node.clone(),
+        zone: d.zone.clone(),
+        labels: d.labels.clone(),
+        address: None,
+        external: false,
+        other: d.other,
+    }
+}
+
+/// A remote pod projected on `groupBy` and `keepLabels` (the same
+/// dimensions the agents give local pods).
+fn pod_endpoint(p: &PodInfo, zone: Option<&str>, params: &MergeParams) -> FlowEndpoint {
+    let g = |x: GroupBy| params.group_by.contains(&x);
+    let label_keys = params
+        .keep_labels
+        .iter()
+        .chain(params.group_by.iter().filter_map(|g| match g {
+            GroupBy::Label(k) => Some(k),
+            _ => None,
+        }));
+    FlowEndpoint {
+        namespace: g(GroupBy::Namespace).then(|| p.namespace.clone()),
+        workload: g(GroupBy::Workload).then(|| p.workload.to_string()),
+        pod: g(GroupBy::Pod).then(|| p.name.clone()),
+        node: g(GroupBy::Node).then(|| p.node.clone()).flatten(),
+        zone: g(GroupBy::Zone).then(|| zone.map(str::to_owned)).flatten(),
+        labels: label_keys
+            .filter_map(|k| p.labels.get(k).map(|v| (k.clone(), v.clone())))
+            .collect(),
+        address: None,
+        external: false,
+        other: false,
+    }
+}
+
+fn percentiles(h: &Histogram) -> LatencyPercentiles {
+    LatencyPercentiles {
+        samples: h.count(),
+        p50_micros: h.quantile(0.50).unwrap_or(0),
+        p95_micros: h.quantile(0.95).unwrap_or(0),
+        p99_micros: h.quantile(0.99).unwrap_or(0),
+    }
+}
+
+/// Merges the parts (`(node, part)`) of the window `[start, end)`.
+pub fn merge(
+    start: i64,
+    end: i64,
+    parts: &[(String, ObservationWindow)],
+    params: &MergeParams,
+    dir: &impl Directory,
+) -> WindowResult {
+    let mut r = WindowResult {
+        start,
+        end,
+        max_series: params.max_series as u64,
+        ..Default::default()
+    };
+    let mut flows: HashMap<FlowId, FlowAcc> = HashMap::new();
+    let mut latency = Histogram::default();
+    let mut nodes = BTreeSet::new();
+    let mut agent_folded = 0;
+    for (node, part) in parts {
+        nodes.insert(node.as_str());
+        agent_folded += part.folded_series;
+        let local_zone = dir.zone(node);
+        for s in &part.series {
+            let remote_ip: Option<IpAddr> = s.remote.as_deref().and_then(|a| a.parse().ok());
+            let remote_pod = remote_ip.and_then(|ip| dir.pod(&ip));
+            let remote_traced = remote_ip.is_some_and(|ip| dir.traced(&ip));
+            let rx = if remote_traced {
+                Traffic::default()
+            } else {
+                s.rx
+            };
+            let connections = if remote_traced && s.role == Role::Server {
+                0
+            } else {
+                s.flows
+            };
+            let mut traffic = s.tx;
+            traffic.add(&rx);
+
+            r.flows += connections;
+            r.packets += traffic.packets;
+            r.bytes += traffic.bytes;
+            r.payload_bytes += traffic.payload_bytes;
+            r.retransmits += s.retransmits;
+            latency.merge(&s.rtt);
+            let remote_zone = remote_pod
+                .and_then(|p| p.node.as_deref())
+                .and_then(|n| dir.zone(n));
+            if let (Some(a), Some(b)) = (local_zone, remote_zone)
+                && a != b
+            {
+                r.cross_zone_bytes += traffic.bytes;
+            }
+
+            let id = if s.local.other || s.remote.is_none() {
+                FlowId::other()
+            } else {
+                let local = local_endpoint(&s.local);
+                let remote = match (remote_pod, remote_ip) {
+                    (Some(p), _) => pod_endpoint(p, remote_zone, params),
+                    (None, ip) => FlowEndpoint {
+                        address: ip.map(|i| i.to_string()).or_else(|| s.remote.clone()),
+                        external: true,
+                        ..Default::default()
+                    },
+                };
+                let (source, destination) = match s.role {
+                    Role::Client => (local, remote),
+                    Role::Server => (remote, local),
+                };
+                FlowId {
+                    source,
+                    destination,
+                    port: s.port,
+                    protocol: s.protocol,
+                }
+            };
+            let acc = flows.entry(id).or_default();
+            acc.traffic.add(&traffic);
+            acc.flows += connections;
+            acc.rtt.merge(&s.rtt);
+        }
+    }
+    r.nodes_reporting = nodes.len() as u32;
+    r.latency = (!latency.is_empty()).then(|| percentiles(&latency));
+
+    // The cardinality budget: the biggest `maxSeries` flows stay, the rest
+    // fold into `other`.
+    let mut ranked: Vec<(FlowId, FlowAcc)> = flows.into_iter().collect();
+    ranked.sort_by(|(ka, a), (kb, b)| {
+        b.traffic
+            .bytes
+            .cmp(&a.traffic.bytes)
+            .then_with(|| ka.cmp(kb))
+    });
+    let mut other: Option<FlowAcc> = None;
+    let mut kept: Vec<(FlowId, FlowAcc)> =
+        Vec::with_capacity(ranked.len().min(params.max_series + 1));
+    let mut folded = 0u64;
+    for (id, acc) in ranked {
+        if id == FlowId::other() {
+            other.get_or_insert_with(Default::default).add(&acc);
+        } else if kept.len() < params.max_series {
+            kept.push((id, acc));
+        } else {
+            folded += 1;
+            other.get_or_insert_with(Default::default).add(&acc);
+        }
+    }
+    r.series = kept.len() as u64;
+    r.folded_series = folded + agent_folded;
+    if let Some(o) = other {
+        let pos = kept
+            .iter()
+            .position(|(_, a)| a.traffic.bytes < o.traffic.bytes)
+            .unwrap_or(kept.len());
+        kept.insert(pos, (FlowId::other(), o));
+    }
+    r.top_flows = kept
+        .into_iter()
+        .take(params.top_n)
+        .map(|(id, acc)| {
+            let rtt = (!acc.rtt.is_empty()).then(|| percentiles(&acc.rtt));
+            TopFlow {
+                source: id.source,
+                destination: id.destination,
+                port: id.port,
+                protocol: if id.protocol == 0 {
+                    "-".into()
+                } else {
+                    protocol_name(id.protocol)
+                },
+                bytes: acc.traffic.bytes,
+                packets: acc.traffic.packets,
+                flows: acc.flows,
+                rtt_p50_micros: rtt.as_ref().map(|l| l.p50_micros),
+                rtt_p99_micros: rtt.as_ref().map(|l| l.p99_micros),
+            }
+        })
+        .collect();
+    r
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use flowlens_api::{
+    node_agent_config::WorkloadRef,
+    report::{Series, Traffic},
+};
+
+use super::*;
+
+#[derive(Default)]
+struct Dir {
+    pods: HashMap<IpAddr, PodInfo>,
+    traced: HashSet<IpAddr>,
+    zones: BTreeMap<String, String>,
+}
+
+impl Directory for Dir {
+    fn pod(&self, ip: &IpAddr) -> Option<&PodInfo> {
+        self.pods.get(ip)
+    }
+    fn traced(&self, ip: &IpAddr) -> bool {
+        self.traced.contains(ip)
+    }
+    fn zone(&self, node: &str) -> Option<&str> {
+        self.zones.get(node).map(String::as_str)
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+impl Dir {
+    fn new() -> Self {
+        let mut d = Dir::default();
+        d.zones.insert("n1".into(), "z1".into());
+        d.zones.insert("n2".into(), "z2".into());
+        d.zones.insert("n3".into(), "z1".into());
+        d
+    }
+
+    fn add_pod(
+        &mut self,
+        addr: &str,
+        ns: &str,
+        name: &str,
+        workload: &str,
+        node: &str,
+        traced: bool,
+    ) {
+        let p = PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: name.into(),
+            node: Some(node.into()),
+            ips: vec![ip(addr)],
+            labels: [
+                ("app".to_string(), workload.to_string()),
+                ("version".into(), "v2".into()),
+            ]
+            .into(),
+            host_network: false,
+            workload: WorkloadRef {
+                kind: "Deployment".into(),
+                name: workload.into(),
+            },
+            finished: false,
+        };
+        self.pods.insert(ip(addr), p);
+        if traced {
+            self.traced.insert(ip(addr));
+        }
+    }
+}
+
+fn traffic(packets: u64, bytes: u64) -> Traffic {
+    Traffic {
+        packets,
+        bytes,
+        payload_bytes: bytes - packets * 52,
+    }
+}
+
+fn dims(ns: &str, workload: &str) -> LocalDims {
+    LocalDims {
+        namespace: Some(ns.into()),
+        workload: Some(format!("Deployment/{workload}")),
+        ..Default::default()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn series(
+    local: LocalDims,
+    remote: &str,
+    port: u16,
+    role: Role,
+    flows: u64,
+    tx: Traffic,
+    rx: Traffic,
+    rtt_micros: &[u32],
+) -> Series {
+    let mut rtt = Histogram::default();
+    for &m in rtt_micros {
+        rtt.record(m);
+    }
+    Series {
+        local,
+        remote: Some(remote.into()),
+        port,
+        protocol: 6,
+        role,
+        flows,
+        tx,
+        rx,
+        retransmits: 0,
+        rtt,
+    }
+}
+
+fn part(series: Vec<Series>) -> ObservationWindow {
+    ObservationWindow {
+        uid: "u".into(),
+        observation: "o".into(),
+        start: 100,
+        window_seconds: 10,
+        complete: true,
+        series,
+        ..Default::default()
+    }
+}
+
+const DEFAULT: MergeParams = MergeParams {
+    group_by: &[GroupBy::Namespace, GroupBy::Workload],
+    keep_labels: &[],
+    top_n: 10,
+    max_series: 100,
+};
+
+#[test]
+fn a_connection_between_traced_pods_counts_once() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
+    // web (n1, z1) -> db (n2, z2): 10 data segments one way, 5 ACKs back.
+    let from_n1 = part(vec![series(
+        dims("shop", "web"),
+        "10.0.2.1",
+        5432,
+        Role::Client,
+        1,
+        traffic(10, 10_520),
+        traffic(5, 260),
+        &[1000, 1000],
+    )]);
+    let from_n2 = part(vec![series(
+        dims("shop", "db"),
+        "10.0.1.1",
+        5432,
+        Role::Server,
+        1,
+        traffic(5, 260),
+        traffic(10, 10_520),
+        &[1000],
+    )]);
+    let r = merge(
+        100,
+        110,
+        &[("n1".into(), from_n1), ("n2".into(), from_n2)],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.nodes_reporting, 2);
+    assert_eq!((r.packets, r.bytes, r.flows), (15, 10_780, 1));
+    assert_eq!(r.payload_bytes, 10_000);
+    assert_eq!(r.cross_zone_bytes, 10_780, "n1 is in z1, n2 in z2");
+    assert_eq!(r.top_flows.len(), 1, "both sides are one flow");
+    let f = &r.top_flows[0];
+    assert_eq!(f.source.workload.as_deref(), Some("Deployment/web"));
+    assert_eq!(f.destination.workload.as_deref(), Some("Deployment/db"));
+    assert_eq!(
+        (f.port, f.protocol.as_str(), f.bytes, f.flows),
+        (5432, "TCP", 10_780, 1)
+    );
+    let l = r.latency.unwrap();
+    assert_eq!(l.samples, 3);
+    assert!((968..=1032).contains(&l.p50_micros), "{l:?}");
+}
+
+#[test]
+fn traffic_with_untraced_peers_counts_both_directions() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_pod("10.0.3.1", "other", "cache-1", "cache", "n3", false);
+    let p = part(vec![
+        series(
+            dims("shop", "web"),
+            "10.0.3.1",
+            6379,
+            Role::Client,
+            2,
+            traffic(4, 400),
+            traffic(4, 800),
+            &[],
+        ),
+        series(
+            dims("shop", "web"),
+            "203.0.113.9",
+            443,
+            Role::Client,
+            1,
+            traffic(3, 300),
+            traffic(3, 3000),
+            &[],
+        ),
+    ]);
+    let r = merge(100, 110, &[("n1".into(), p)], &DEFAULT, &d);
+    assert_eq!((r.bytes, r.flows), (4500, 3));
+    assert_eq!(
+        r.cross_zone_bytes, 0,
+        "n3 is in z1 too; external has no zone"
+    );
+    let ext = &r.top_flows[0];
+    assert_eq!(ext.destination.address.as_deref(), Some("203.0.113.9"));
+    assert!(ext.destination.external);
+    let cache = &r.top_flows[1];
+    assert_eq!(cache.destination.namespace.as_deref(), Some("other"));
+    assert!(!cache.destination.external);
+}
+
+#[test]
+fn remote_pods_get_the_same_dimensions_as_local_ones() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", false);
+    let params = MergeParams {
+        group_by: &[GroupBy::Namespace, GroupBy::Pod, GroupBy::Zone],
+        keep_labels: &["version".to_string()],
+        ..DEFAULT
+    };
+    let mut local = dims("shop", "web");
+    local.workload = None;
+    let p = part(vec![series(
+        local,
+        "10.0.2.1",
+        5432,
+        Role::Client,
+        1,
+        traffic(1, 100),
+        traffic(1, 100),
+        &[],
+    )]);
+    let r = merge(100, 110, &[("n1".into(), p)], &params, &d);
+    let dst = &r.top_flows[0].destination;
+    assert_eq!(dst.pod.as_deref(), Some("db-1"));
+    assert_eq!(dst.zone.as_deref(), Some("z2"));
+    assert_eq!(dst.workload, None, "workload is not in groupBy");
+    assert_eq!(dst.labels.get("version").map(String::as_str), Some("v2"));
+    assert!(
+        !dst.labels.contains_key("app"),
+        "only keepLabels leave the cluster state"
+    );
+}
+
+#[test]
+fn series_beyond_max_series_fold_into_other() {
+    let d = Dir::new();
+    let p = part(
+        (1..=5u64)
+            .map(|i| {
+                series(
+                    dims("shop", "web"),
+                    &format!("198.51.100.{i}"),
+                    80,
+                    Role::Client,
+                    1,
+                    traffic(i, i * 1000),
+                    Traffic::default(),
+                    &[],
+                )
+            })
+            .collect(),
+    );
+    let params = MergeParams {
+        max_series: 2,
+        ..DEFAULT
+    };
+    let r = merge(100, 110, &[("n1".into(), p)], &params, &d);
+    assert_eq!((r.series, r.folded_series, r.max_series), (2, 3, 2));
+    assert_eq!(r.bytes, 15_000, "folding loses no bytes");
+    let shown: Vec<(bool, u64)> = r
+        .top_flows
+        .iter()
+        .map(|f| (f.source.other, f.bytes))
+        .collect();
+    assert_eq!(shown, vec![(true, 6000), (false, 5000), (false, 4000)]);
+}
+
+#[test]
+fn agents_folded_series_join_the_other_bucket() {
+    let d = Dir::new();
+    let mut p = part(vec![Series {
+        local: LocalDims {
+            other: true,
+            ..Default::default()
+        },
+        remote: None,
+        port: 0,
+        protocol: 0,
+        role: Role::Client,
+        flows: 3,
+        tx: traffic(3, 300),
+        rx: traffic(3, 300),
+        retransmits: 0,
+        rtt: Histogram::default(),
+    }]);
+    p.folded_series = 7;
+    let r = merge(100, 110, &[("n1".into(), p)], &DEFAULT, &d);
+    assert_eq!((r.series, r.folded_series), (0, 7));
+    assert!(r.top_flows[0].source.other && r.top_flows[0].destination.other);
+    assert_eq!(r.top_flows[0].bytes, 600);
+}
+
+#[test]
+fn top_n_limits_the_list_not_the_totals() {
+    let d = Dir::new();
+    let p = part(
+        (1..=5u64)
+            .map(|i| {
+                series(
+                    dims("shop", "web"),
+                    &format!("198.51.100.{i}"),
+                    80,
+                    Role::Client,
+                    1,
+                    traffic(i, i * 1000),
+                    Traffic::default(),
+                    &[],
+                )
+            })
+            .collect(),
+    );
+    let params = MergeParams {
+        top_n: 2,
+        ..DEFAULT
+    };
+    let r = merge(100, 110, &[("n1".into(), p)], &params, &d);
+    assert_eq!(r.top_flows.len(), 2);
+    assert_eq!(r.top_flows[0].bytes, 5000);
+    assert_eq!((r.series, r.bytes), (5, 15_000));
+}

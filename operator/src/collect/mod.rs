@@ -1,0 +1,59 @@
+//! From agents' report parts to results: pure, no I/O, unit-tested.
+//!
+//! - [`observation_book`]: collects the parts of each observation window
+//!   (one per node and agent process) and says when a window is final.
+//! - [`policy_book`]: the same for policy-counter windows.
+//! - [`merge`]: sums a final window's parts into the figures written to
+//!   status (dedup, groupBy, maxSeries, top flows, percentiles, zones).
+//!
+//! The I/O around it (HTTP, authentication, status writes) is in
+//! [`crate::collector`].
+
+pub mod merge;
+pub mod observation_book;
+pub mod policy_book;
+
+use std::net::IpAddr;
+
+use crate::model::PodInfo;
+
+/// What the merge needs to know about the cluster, for one observation.
+pub trait Directory {
+    /// The (non host-network) pod that has this address.
+    fn pod(&self, ip: &IpAddr) -> Option<&PodInfo>;
+    /// Whether the observation traces the pod with this address (then that
+    /// pod's own agent reports what it sends).
+    fn traced(&self, ip: &IpAddr) -> bool;
+    /// The zone of a node.
+    fn zone(&self, node: &str) -> Option<&str>;
+}
+
+/// Whether a report part arrived in time to count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored (or replaced an earlier copy of the same part).
+    Stored,
+    /// Its window is already final: dropped (and acknowledged, so the agent
+    /// forgets it).
+    Late,
+}
+
+/// When a window may be finalized without every node's report: `grace`
+/// after its end, after the collector first heard of it, and after the
+/// collector started (agents resend what an earlier collector missed).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub started_ms: i64,
+    /// Time given to agents after a collector start to resend.
+    pub startup_grace_ms: i64,
+    pub grace_ms: i64,
+}
+
+impl Timing {
+    pub fn deadline_ms(&self, end_s: i64, first_seen_ms: i64) -> i64 {
+        (end_s * 1000)
+            .max(first_seen_ms)
+            .max(self.started_ms + self.startup_grace_ms)
+            + self.grace_ms
+    }
+}

@@ -1,0 +1,158 @@
+//! Policy-counter windows: every node's matches per policy, summed once a
+//! window is final (its deadline passed: nodes only report windows in
+//! which a policy matched, so there is no "every node reported").
+
+use std::collections::BTreeMap;
+
+use flowlens_api::report::{Matches, PolicyWindow};
+
+use super::{Accepted, Timing};
+
+/// `(namespace, name)`.
+pub type PolicyKey = (String, String);
+
+/// What one policy matched in one final window, over every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDelta {
+    /// End of the window (unix seconds).
+    pub end: i64,
+    pub blocked: Matches,
+    pub audited: Matches,
+    /// Nodes that reported matches.
+    pub nodes: u32,
+}
+
+#[derive(Debug, Default)]
+struct OpenWindow {
+    first_seen_ms: i64,
+    /// `(node, agent)` -> part.
+    parts: BTreeMap<(String, String), PolicyWindow>,
+}
+
+pub struct PolicyBook {
+    timing: Timing,
+    window_seconds: i64,
+    finalized_through: i64,
+    /// Open windows by start.
+    windows: BTreeMap<i64, OpenWindow>,
+}
+
+impl PolicyBook {
+    pub fn new(timing: Timing, window_seconds: u32) -> Self {
+        PolicyBook {
+            timing,
+            window_seconds: i64::from(window_seconds),
+            finalized_through: 0,
+            windows: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a part. A part flushed by a stopping agent covers the start of
+    /// a window (it ends early); the window is identified by its start.
+    pub fn add(&mut self, node: &str, agent: &str, part: PolicyWindow, now_ms: i64) -> Accepted {
+        let end = part.start + self.window_seconds;
+        if end <= self.finalized_through {
+            return Accepted::Late;
+        }
+        self.windows
+            .entry(part.start)
+            .or_insert_with(|| OpenWindow {
+                first_seen_ms: now_ms,
+                parts: BTreeMap::new(),
+            })
+            .parts
+            .insert((node.to_owned(), agent.to_owned()), part);
+        Accepted::Stored
+    }
+
+    /// Per-policy sums of every window whose deadline passed, oldest first.
+    pub fn take_final(&mut self, now_ms: i64) -> Vec<(PolicyKey, PolicyDelta)> {
+        let mut out = Vec::new();
+        while let Some((&start, w)) = self.windows.first_key_value() {
+            let end = start + self.window_seconds;
+            if now_ms < self.timing.deadline_ms(end, w.first_seen_ms) {
+                break;
+            }
+            let w = self.windows.remove(&start).expect("first window");
+            self.finalized_through = end;
+            let mut sums: BTreeMap<PolicyKey, PolicyDelta> = BTreeMap::new();
+            for ((_node, _), part) in &w.parts {
+                for p in &part.policies {
+                    let d = sums
+                        .entry((p.namespace.clone(), p.name.clone()))
+                        .or_insert_with(|| PolicyDelta {
+                            end,
+                            ..Default::default()
+                        });
+                    d.blocked.add(&p.blocked);
+                    d.audited.add(&p.audited);
+                }
+            }
+            for (key, d) in &mut sums {
+                d.nodes = w
+                    .parts
+                    .iter()
+                    .filter(|(_, part)| {
+                        part.policies
+                            .iter()
+                            .any(|p| p.namespace == key.0 && p.name == key.1)
+                    })
+                    .map(|((n, _), _)| n)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len() as u32;
+            }
+            out.extend(sums);
+        }
+        out
+    }
+
+    /// End of the last final window.
+    pub fn finalized_through(&self) -> i64 {
+        self.finalized_through
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowlens_api::report::PolicyMatches;
+
+    use super::*;
+
+    fn part(start: i64, secs: u32, blocked: u64) -> PolicyWindow {
+        PolicyWindow {
+            start,
+            window_seconds: secs,
+            policies: vec![PolicyMatches {
+                namespace: "ns".into(),
+                name: "p".into(),
+                blocked: Matches {
+                    packets: blocked,
+                    connections: blocked,
+                },
+                audited: Matches::default(),
+            }],
+        }
+    }
+
+    #[test]
+    fn sums_nodes_and_restarted_agents_once_per_part() {
+        let t = Timing {
+            started_ms: 0,
+            startup_grace_ms: 0,
+            grace_ms: 5_000,
+        };
+        let mut b = PolicyBook::new(t, 10);
+        b.add("a", "x", part(100, 3, 1), 103_000); // flushed on shutdown
+        b.add("a", "x2", part(100, 10, 2), 110_100); // the restarted agent
+        b.add("b", "y", part(100, 10, 4), 110_100);
+        b.add("b", "y", part(100, 10, 4), 111_000); // resent
+        assert!(b.take_final(114_000).is_empty());
+        let f = b.take_final(115_000);
+        assert_eq!(f.len(), 1);
+        let (key, d) = &f[0];
+        assert_eq!(key, &("ns".to_string(), "p".to_string()));
+        assert_eq!((d.end, d.blocked.packets, d.nodes), (110, 7, 2));
+        assert_eq!(b.add("a", "x", part(100, 10, 1), 116_000), Accepted::Late);
+        assert_eq!(b.finalized_through(), 110);
+    }
+}
