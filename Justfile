@@ -58,3 +58,18 @@ e2e: setup up
 bench: setup up
     cargo build --release --workspace --exclude flowlens-agent-ebpf --bins
     ./target/release/flowlens-bench datapath --rounds 5 --seconds 3
+
+# The demo: control plane, operator, agents on 3 simulated nodes, a shop app
+# with traffic, live `kubectl get` every window. Ctrl-C (or DEMO_SECONDS=N)
+# stops it and removes everything it started.
+demo: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    started=""
+    if ! hack/local-cluster.sh status >/dev/null 2>&1; then
+        hack/local-cluster.sh up >/dev/null
+        started=1
+    fi
+    trap '[[ -n "$started" ]] && hack/local-cluster.sh down >/dev/null' EXIT
+    cargo build --workspace --exclude flowlens-agent-ebpf --bins
+    ./target/debug/flowlens-demo

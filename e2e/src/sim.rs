@@ -97,11 +97,18 @@ impl SimCluster {
         }
         let agent_namespace = format!("{run}-system");
         objects.namespace(&agent_namespace, &[]).await?;
-        let sa: ServiceAccount = serde_json::from_value(json!({
+        // Applied (not created): a namespace finalized without a namespace
+        // controller leaves its contents behind.
+        let sa = json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": AGENT_SA, "namespace": agent_namespace},
-        }))?;
+        });
         Api::<ServiceAccount>::namespaced(client.clone(), &agent_namespace)
-            .create(&PostParams::default(), &sa)
+            .patch(
+                AGENT_SA,
+                &PatchParams::apply("flowlens-e2e").force(),
+                &Patch::Apply(&sa),
+            )
             .await?;
         apply_agent_rbac(&client, run, &agent_namespace).await?;
 
@@ -266,10 +273,10 @@ impl SimCluster {
         loop {
             let want = api.get_opt(&name).await?.map(|n| n.spec.revision);
             let agent = self.agents[node].as_ref().context("agent not started")?;
-            if let (Some(want), Some(d)) = (&want, agent.dump()) {
-                if d.applied_revision.as_ref() == Some(want) {
-                    return Ok(d);
-                }
+            if let (Some(want), Some(d)) = (&want, agent.dump())
+                && d.applied_revision.as_ref() == Some(want)
+            {
+                return Ok(d);
             }
             if tokio::time::Instant::now() >= deadline {
                 let agent = self.agents[node].as_mut().unwrap();
@@ -301,6 +308,9 @@ impl SimCluster {
         if let Some(mut op) = self.operator.take() {
             op.proc.stop(Duration::from_secs(10));
         }
+        let _ = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.agent_namespace)
+            .delete(AGENT_SA, &DeleteParams::default())
+            .await;
         self.objects.cleanup().await;
         let _ = Api::<ClusterRoleBinding>::all(self.client.clone())
             .delete(&format!("{}-agent", self.run), &DeleteParams::default())

@@ -39,6 +39,24 @@ pub fn iperf3(
     bytes: &str,
     rate: &str,
 ) -> Iperf3 {
+    run_iperf3(
+        topo,
+        server,
+        client,
+        server_ip,
+        port,
+        &["-n", bytes, "-b", rate],
+    )
+}
+
+fn run_iperf3(
+    topo: &Topology,
+    server: usize,
+    client: usize,
+    server_ip: &str,
+    port: u16,
+    how: &[&str],
+) -> Iperf3 {
     let port_s = port.to_string();
     let srv = Proc::spawn(
         "iperf3-server",
@@ -46,20 +64,20 @@ pub fn iperf3(
         None,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let out = topo.pod_output(
-        client,
-        "iperf3",
-        &[
-            "-c", server_ip, "-p", &port_s, "-n", bytes, "-b", rate, "-J",
-        ],
-    );
+    let mut args = vec!["-c", server_ip, "-p", &port_s, "-J"];
+    args.extend_from_slice(how);
+    let out = topo.pod_output(client, "iperf3", &args);
+    drop(srv);
+    parse_iperf3(&out)
+}
+
+fn parse_iperf3(out: &std::process::Output) -> Iperf3 {
     assert!(
         out.status.success(),
         "iperf3 failed: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    drop(srv);
     Iperf3 {
         bytes: v["end"]["sum_sent"]["bytes"]
             .as_u64()
@@ -137,5 +155,37 @@ pub fn spawn_traffic(
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    })
+}
+
+/// Starts an iperf3 TCP transfer of `seconds` at `rate` in the background.
+pub fn spawn_iperf3_timed(
+    topo: &Topology,
+    server: usize,
+    client: usize,
+    server_ip: &str,
+    port: u16,
+    seconds: u32,
+    rate: &str,
+) -> std::thread::JoinHandle<Iperf3> {
+    let port_s = port.to_string();
+    let srv = Proc::spawn(
+        "iperf3-server",
+        topo.pod_cmd(server, "iperf3", &["-s", "-1", "-p", &port_s]),
+        None,
+    );
+    let secs = seconds.to_string();
+    let mut cmd = topo.pod_cmd(
+        client,
+        "iperf3",
+        &[
+            "-c", server_ip, "-p", &port_s, "-J", "-t", &secs, "-b", rate,
+        ],
+    );
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = cmd.output().expect("running iperf3");
+        drop(srv);
+        parse_iperf3(&out)
     })
 }

@@ -16,7 +16,7 @@ use flowlens_e2e::{
     cluster::unique_name,
     process::require_root,
     sim::{SimCluster, poll},
-    traffic::{echo_server, iperf3, spawn_traffic},
+    traffic::{echo_server, iperf3, spawn_iperf3_timed, spawn_traffic},
 };
 use kube::{Api, api::DeleteParams};
 use serde_json::json;
@@ -365,5 +365,246 @@ async fn traffic_latency_zones_and_budgets_reach_observation_status() {
         d.live.iter().all(|w| w.observation != budget),
         "the agent stopped tracing the deleted observation"
     );
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_block_audit_and_count_in_status() {
+    require_root();
+    let run = unique_name("e2e-pol");
+    let (a1, b1) = (format!("{run}-a1"), format!("{run}-b1"));
+    let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&b1, "zone-b")])
+        .await
+        .unwrap();
+    let (shop, other) = (format!("{run}-shop"), format!("{run}-other"));
+    sim.objects.namespace(&shop, &[]).await.unwrap();
+    sim.objects
+        .namespace(&other, &[("team", &format!("{run}-other"))])
+        .await
+        .unwrap();
+    let web = sim
+        .add_pod(0, &shop, "web-1", &[("app", "web")], Some("web"))
+        .await
+        .unwrap();
+    let db = sim
+        .add_pod(1, &shop, "db-1", &[("app", "db")], Some("db"))
+        .await
+        .unwrap();
+    let ext = sim
+        .add_pod(1, &other, "ext-1", &[("app", "ext")], Some("ext"))
+        .await
+        .unwrap();
+    sim.objects
+        .policy(
+            &shop,
+            "deny-db",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                               "ports": [{"port": 5432}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.objects
+        .policy(
+            &shop,
+            "audit-other",
+            json!({"mode": "Audit", "podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"team": format!("{run}-other")}}}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    for p in ["deny-db", "audit-other"] {
+        poll(
+            Duration::from_secs(30),
+            &format!("{p} Enforced"),
+            || async {
+                let s = policy(&sim, &shop, p).await;
+                condition(&s.conditions, "Enforced")
+                    .filter(|c| c.status == "True")
+                    .map(|_| ())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let s = policy(&sim, &shop, "deny-db").await;
+    assert_eq!(
+        s.summary.as_ref().unwrap().nodes,
+        "1/1",
+        "web's node enforces"
+    );
+
+    let _db = echo_server(&sim.topo, db, 5432);
+    let _ext = echo_server(&sim.topo, ext, 8080);
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let ext_ip = sim.topo.pods[ext].ip4.to_string();
+    let loop_args = ["--duration-ms", "2000", "--interval-ms", "20"];
+    let blocked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &loop_args,
+    )
+    .join()
+    .unwrap();
+    let audited = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{ext_ip}:8080"),
+        &loop_args,
+    )
+    .join()
+    .unwrap();
+    let denied = blocked["denied"].as_u64().unwrap();
+    let ok = audited["successes"].as_u64().unwrap();
+    println!("policy: deny-db {blocked}; audit-other {audited}");
+    assert_eq!(blocked["successes"], 0, "Enforce blocks: {blocked}");
+    assert!(denied > 10);
+    assert!(
+        ok > 10 && audited["successes"] == audited["attempts"],
+        "Audit never blocks: {audited}"
+    );
+
+    // Status counts exactly what the clients saw, once every policy window
+    // is final.
+    let t0 = Instant::now();
+    let s = poll(
+        Duration::from_secs(60),
+        "blocked counters in status",
+        || async {
+            let s = policy(&sim, &shop, "deny-db").await;
+            (s.blocked.as_ref().map(|b| b.connections) == Some(denied)).then_some(s)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: status {:?}",
+            futures::executor::block_on(policy(&sim, &shop, "deny-db"))
+        )
+    });
+    let a = poll(
+        Duration::from_secs(60),
+        "audited counters in status",
+        || async {
+            let s = policy(&sim, &shop, "audit-other").await;
+            s.audited.as_ref().filter(|a| a.connections >= ok).cloned()
+        },
+    )
+    .await
+    .unwrap();
+    println!(
+        "policy status: blocked {:?} (clients saw {denied} EPERM), audited {a:?} (clients connected {ok} times); {:.1} s after the traffic",
+        s.blocked,
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(a.connections, ok, "one audited SYN per connection");
+    assert!(
+        a.packets >= 3 * ok,
+        "audit counts every packet of the connections"
+    );
+
+    // Deleting the Enforce policy lifts the block and removes its rules.
+    Api::<FlowPolicy>::namespaced(sim.client.clone(), &shop)
+        .delete("deny-db", &DeleteParams::default())
+        .await
+        .unwrap();
+    poll(
+        Duration::from_secs(20),
+        "the rules of deny-db gone from the config",
+        || async {
+            let nac = Api::<NodeAgentConfig>::all(sim.client.clone())
+                .get(&a1)
+                .await
+                .ok()?;
+            nac.spec
+                .rules
+                .iter()
+                .all(|r| r.policy.name != "deny-db")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    sim.wait_applied(0, Duration::from_secs(20)).await.unwrap();
+    let after = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &["--duration-ms", "300"],
+    )
+    .join()
+    .unwrap();
+    assert_eq!(after["successes"], after["attempts"], "unblocked: {after}");
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
+    require_root();
+    let run = unique_name("e2e-rst");
+    let (a1, b1) = (format!("{run}-a1"), format!("{run}-b1"));
+    let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&b1, "zone-b")])
+        .await
+        .unwrap();
+    let shop = format!("{run}-shop");
+    sim.objects.namespace(&shop, &[]).await.unwrap();
+    let web = sim
+        .add_pod(0, &shop, "web-1", &[("app", "web")], Some("web"))
+        .await
+        .unwrap();
+    let db = sim
+        .add_pod(1, &shop, "db-1", &[("app", "db")], Some("db"))
+        .await
+        .unwrap();
+    sim.objects
+        .observation(&run, json!({"namespaces": [shop], "window": "5s"}))
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    poll(Duration::from_secs(30), "Ready", || async {
+        let s = observation(&sim, &run).await;
+        condition(&s.conditions, "Ready")
+            .filter(|c| c.status == "True")
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+    let base = observation(&sim, &run).await.total.unwrap_or_default();
+
+    // 24 s of iperf3 at 40 Mbit/s; the operator is killed (SIGKILL) after
+    // 6 s and comes back 8 s later: agents hold their windows meanwhile.
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let transfer = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 24, "40M");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sim.operator.as_mut().unwrap().proc.kill9();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sim.start_operator(&[]);
+    let sent = transfer.join().unwrap();
+    let end = now_s();
+    let s = status_after(&sim, &run, end + 1).await;
+    let t = s.total.unwrap_or_default();
+    let payload = t.payload_bytes - base.payload_bytes;
+    let expected = sent.wire_payload();
+    println!(
+        "restart: iperf3 sent {expected} payload bytes; status counts {payload} ({:+.4}%) over {} windows",
+        pct(payload, expected),
+        t.windows - base.windows
+    );
+    assert!(
+        pct(payload, expected).abs() < 2.0,
+        "across an operator restart: {payload} counted vs {expected} sent ({:+.3}%)",
+        pct(payload, expected)
+    );
+    let late = sim
+        .operator()
+        .metric_sum("flowlens_operator_report_parts_total", "late");
+    assert_eq!(late, 0.0, "no part arrived after its window was final");
     sim.shutdown().await.unwrap();
 }
