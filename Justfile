@@ -54,9 +54,14 @@ e2e: setup up
     cargo build --workspace --exclude flowlens-agent-ebpf --bins
     cargo nextest run -p flowlens-e2e --no-fail-fast
 
-# Benchmarks (release build, root): the datapath overhead; see docs/benchmarks.md.
+# Benchmarks (release build, root); figures and how to read them: docs/benchmarks.md.
 bench: setup up
     cargo build --release --workspace --exclude flowlens-agent-ebpf --bins
+    # Compile: 100 nodes x 10,000 pods x 200 policies; one-pod changes.
+    cargo bench -p flowlens-operator --bench compile
+    # Propagation against the local API server: 1,000 pods on 20 nodes.
+    ./target/release/flowlens-bench propagation
+    # Datapath overhead: veth TCP stream and 64-byte UDP, with and without programs.
     ./target/release/flowlens-bench datapath --rounds 5 --seconds 3
 
 # The demo: control plane, operator, agents on 3 simulated nodes, a shop app

@@ -277,6 +277,10 @@ pub struct NodeAgentConfigStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyRef>,
 
+    /// Observations this node's agent runs, at the generation applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<ObservationRef>,
+
     /// Endpoints whose interface is attached, and those still missing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<EndpointAttachment>,
@@ -284,6 +288,16 @@ pub struct NodeAgentConfigStatus {
     /// The agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+}
+
+/// An observation at one generation.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservationRef {
+    pub name: String,
+    pub generation: i64,
 }
 
 /// The hook chosen for each purpose (`none` when the kernel offers none).

@@ -16,7 +16,7 @@ use std::{
 use flowlens_agent_common::{CgroupEndpoint, DIRECTION_EGRESS};
 use flowlens_api::{
     conditions::reason,
-    node_agent_config::{EndpointAttachment, NodeAgentConfigSpec},
+    node_agent_config::{EndpointAttachment, NodeAgentConfigSpec, ObservationRef},
     report::{ObservationWindow, PolicyMatches, PolicyWindow},
 };
 use tracing::{debug, error, info, warn};
@@ -208,6 +208,14 @@ impl ControlLoop {
                     s.generation = self.datapath.generation();
                     s.policies = spec.policies.clone();
                     s.collector = spec.collector.clone();
+                    s.observations = spec
+                        .observations
+                        .iter()
+                        .map(|o| ObservationRef {
+                            name: o.name.clone(),
+                            generation: o.generation,
+                        })
+                        .collect();
                 });
                 self.schedule_flow_drain(now_ms());
             }

@@ -6,7 +6,9 @@ use std::{
 };
 
 use flowlens_api::{
-    node_agent_config::{CollectorEndpoint, DatapathHooks, EndpointAttachment, PolicyRef},
+    node_agent_config::{
+        CollectorEndpoint, DatapathHooks, EndpointAttachment, ObservationRef, PolicyRef,
+    },
     report::{ObservationWindow, PolicyMatches},
 };
 use serde::{Deserialize, Serialize};
@@ -34,6 +36,9 @@ pub struct AgentSnapshot {
     pub policy_totals: Vec<PolicyMatches>,
     /// Policies in force, at their revision.
     pub policies: Vec<PolicyRef>,
+    /// Observations running, at their generation.
+    #[serde(default)]
+    pub observations: Vec<ObservationRef>,
     pub endpoints: EndpointAttachment,
     /// Where completed windows are reported (from the config).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -83,6 +83,11 @@ pub fn status_of(
         } else {
             Vec::new()
         },
+        observations: if snap.applied_revision.is_some() {
+            snap.observations.clone()
+        } else {
+            Vec::new()
+        },
         endpoints: Some(snap.endpoints.clone()),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
     }

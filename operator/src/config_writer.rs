@@ -11,6 +11,7 @@ use std::{
 };
 
 use flowlens_api::{NodeAgentConfig, node_agent_config::NodeAgentConfigSpec};
+use futures::StreamExt;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
@@ -29,6 +30,9 @@ const CONTROLLER: &str = "node-agent-config";
 
 /// How long to wait for more events before compiling (coalesces bursts).
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Configs written at once.
+pub const WRITE_CONCURRENCY: usize = 8;
 
 fn object(spec: &NodeAgentConfigSpec, node_uid: &str) -> serde_json::Value {
     serde_json::json!({
@@ -84,7 +88,9 @@ pub async fn run(ctx: Arc<Context>) {
         ctx.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
-        let mut failed = BTreeSet::new();
+        // Decide what to write, then write up to WRITE_CONCURRENCY configs
+        // at once (a policy change touches many nodes).
+        let mut todo = Vec::new();
         for (node, spec) in work.drain(..) {
             let current = ctx
                 .configs
@@ -95,46 +101,55 @@ pub async fn run(ctx: Arc<Context>) {
                 .expect("written lock")
                 .get(&node)
                 .cloned();
-            let outcome = match (&spec, &current) {
+            match (&spec, &current) {
                 // Already written by us (the reflector may lag behind), or already there.
-                (Some(s), _) if written.as_deref() == Some(s.revision.as_str()) => continue,
+                (Some(s), _) if written.as_deref() == Some(s.revision.as_str()) => {}
                 (Some(s), Some(cur)) if cur.spec == *s => {
                     ctx.written
                         .lock()
                         .expect("written lock")
                         .insert(node.clone(), s.revision.clone());
-                    continue;
                 }
-                (None, None) => continue,
-                (Some(s), _) => {
-                    write(
-                        &ctx,
-                        &api,
-                        s,
-                        node_uids.get(&node).map(String::as_str).unwrap_or_default(),
-                    )
-                    .await
-                }
-                (None, Some(_)) => delete(&ctx, &api, &node).await,
-            };
-            ctx.metrics
-                .reconciles
-                .get_or_create(&ControllerLabels {
-                    controller: CONTROLLER,
-                })
-                .inc();
-            if let Err(e) = outcome {
-                warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
-                ctx.metrics
-                    .reconcile_errors
-                    .get_or_create(&ErrorLabels {
-                        controller: CONTROLLER,
-                        reason: e.metric_label(),
-                    })
-                    .inc();
-                failed.insert(node);
+                (None, None) => {}
+                _ => todo.push((node, spec)),
             }
         }
+        let failed: BTreeSet<String> = futures::stream::iter(todo)
+            .map(|(node, spec)| {
+                let ctx = &ctx;
+                let api = &api;
+                let uid = node_uids.get(&node).cloned().unwrap_or_default();
+                async move {
+                    let outcome = match &spec {
+                        Some(s) => write(ctx, api, s, &uid).await,
+                        None => delete(ctx, api, &node).await,
+                    };
+                    ctx.metrics
+                        .reconciles
+                        .get_or_create(&ControllerLabels {
+                            controller: CONTROLLER,
+                        })
+                        .inc();
+                    match outcome {
+                        Ok(()) => None,
+                        Err(e) => {
+                            warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
+                            ctx.metrics
+                                .reconcile_errors
+                                .get_or_create(&ErrorLabels {
+                                    controller: CONTROLLER,
+                                    reason: e.metric_label(),
+                                })
+                                .inc();
+                            Some(node)
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
         ctx.metrics
             .reconcile_seconds
             .get_or_create(&ControllerLabels {

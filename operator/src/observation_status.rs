@@ -1,7 +1,11 @@
 //! `NetworkObservation` status: whether the observation is valid and
 //! deployed, where, and (from agents' reports) what it observed.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use flowlens_api::{
     NetworkObservation, NodeAgentConfig,
@@ -36,20 +40,15 @@ use crate::{
 
 const CONTROLLER: &str = "networkobservation-status";
 
-/// Whether `node`'s agent runs the observation at `generation`.
+/// Whether `node`'s agent runs the observation at `generation` (so an
+/// unrelated config change, a pod coming or going, never makes it look
+/// undeployed while the agent applies the new revision).
 fn deployed(nac: Option<&Arc<NodeAgentConfig>>, name: &str, generation: i64) -> bool {
-    let Some(nac) = nac else { return false };
-    let in_spec = nac
-        .spec
-        .observations
-        .iter()
-        .any(|o| o.name == name && o.generation == generation);
-    let applied = nac
-        .status
-        .as_ref()
-        .and_then(|s| s.applied_revision.as_ref())
-        == Some(&nac.spec.revision);
-    in_spec && applied
+    nac.and_then(|n| n.status.as_ref()).is_some_and(|s| {
+        s.observations
+            .iter()
+            .any(|o| o.name == name && o.generation == generation)
+    })
 }
 
 /// The status of an observation. `results` are final windows not yet in
@@ -234,6 +233,39 @@ fn error_policy(_: Arc<NetworkObservation>, e: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(Duration::from_secs(5))
 }
 
+/// `(name, generation)` of the observations in a config's spec and in its
+/// agent's status.
+type ObservationFacts = (BTreeSet<(String, i64)>, BTreeSet<(String, i64)>);
+
+fn observation_facts(nac: &NodeAgentConfig) -> ObservationFacts {
+    (
+        nac.spec
+            .observations
+            .iter()
+            .map(|o| (o.name.clone(), o.generation))
+            .collect(),
+        nac.status
+            .iter()
+            .flat_map(|s| &s.observations)
+            .map(|o| (o.name.clone(), o.generation))
+            .collect(),
+    )
+}
+
+/// The observations whose status a change of one node's config can change.
+fn affected_observations(
+    prev: Option<&ObservationFacts>,
+    next: &ObservationFacts,
+) -> BTreeSet<String> {
+    let empty = ObservationFacts::default();
+    let prev = prev.unwrap_or(&empty);
+    prev.0
+        .symmetric_difference(&next.0)
+        .chain(prev.1.symmetric_difference(&next.1))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 /// Runs the controller until the process ends.
 pub async fn run(
     ctx: Arc<Context>,
@@ -247,12 +279,17 @@ pub async fn run(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    let seen: std::sync::Mutex<std::collections::HashMap<String, ObservationFacts>> =
+        Default::default();
     Controller::for_stream(observations, reader)
-        .watches_shared_stream(nacs, |nac| {
-            nac.spec
-                .observations
-                .iter()
-                .map(|o| ObjectRef::new(&o.name))
+        .watches_shared_stream(nacs, move |nac| {
+            let facts = observation_facts(&nac);
+            let mut seen = seen.lock().expect("facts lock");
+            let affected = affected_observations(seen.get(&nac.name_any()), &facts);
+            seen.insert(nac.name_any(), facts);
+            affected
+                .into_iter()
+                .map(|n| ObjectRef::new(&n))
                 .collect::<Vec<_>>()
         })
         .reconcile_on(triggers.map(|name| ObjectRef::new(&name)))
@@ -270,7 +307,9 @@ pub async fn run(
 mod tests {
     use flowlens_api::{
         conditions::get,
-        node_agent_config::{NodeAgentConfigSpec, NodeAgentConfigStatus, ObservationConfig},
+        node_agent_config::{
+            NodeAgentConfigSpec, NodeAgentConfigStatus, ObservationConfig, ObservationRef,
+        },
     };
 
     use super::*;
@@ -302,6 +341,10 @@ mod tests {
         );
         n.status = Some(NodeAgentConfigStatus {
             applied_revision: Some("r1".into()),
+            observations: vec![ObservationRef {
+                name: "o".into(),
+                generation: 2,
+            }],
             ..Default::default()
         });
         [("n1".to_string(), Arc::new(n))].into()
@@ -352,7 +395,7 @@ mod tests {
     fn deploying_until_every_node_applied_it() {
         let mut cfgs = deployed_configs();
         let mut n = (*cfgs["n1"]).clone();
-        n.status.as_mut().unwrap().applied_revision = Some("r0".into());
+        n.status.as_mut().unwrap().observations[0].generation = 1;
         cfgs.insert("n1".into(), Arc::new(n));
         let s = observation_status(
             "o",

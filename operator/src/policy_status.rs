@@ -4,7 +4,11 @@
 //! every targeted node's agent reports this revision applied; `Degraded`
 //! names the nodes and pods where enforcement is partial.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use flowlens_api::{
     FlowPolicy, NodeAgentConfig,
@@ -332,7 +336,58 @@ fn error_policy(_: Arc<FlowPolicy>, e: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the controller until the process ends. `nacs` is a subscription to
+/// What of one NodeAgentConfig the status of its policies depends on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeFacts {
+    /// `(namespace, name, revision)` in the spec, and applied by the agent.
+    spec: BTreeSet<(String, String, String)>,
+    applied: BTreeSet<(String, String, String)>,
+    /// The Degraded condition (status, reason, message).
+    degraded: Option<(String, String, String)>,
+}
+
+impl NodeFacts {
+    pub fn of(nac: &NodeAgentConfig) -> Self {
+        let refs = |v: &[flowlens_api::node_agent_config::PolicyRef]| {
+            v.iter()
+                .map(|p| (p.namespace.clone(), p.name.clone(), p.revision.clone()))
+                .collect()
+        };
+        let status = nac.status.as_ref();
+        NodeFacts {
+            spec: refs(&nac.spec.policies),
+            applied: status.map(|s| refs(&s.policies)).unwrap_or_default(),
+            degraded: status
+                .and_then(|s| conditions::get(&s.conditions, conditions::DEGRADED))
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())),
+        }
+    }
+}
+
+/// The policies whose status a change of one node's config can change: a
+/// config write for one policy must not wake every policy of the node.
+pub fn affected_policies(prev: Option<&NodeFacts>, next: &NodeFacts) -> BTreeSet<(String, String)> {
+    let empty = NodeFacts::default();
+    let prev = prev.unwrap_or(&empty);
+    let key = |(ns, n, _): &(String, String, String)| (ns.clone(), n.clone());
+    if prev.degraded != next.degraded {
+        return prev
+            .spec
+            .iter()
+            .chain(&next.spec)
+            .chain(&prev.applied)
+            .chain(&next.applied)
+            .map(key)
+            .collect();
+    }
+    prev.spec
+        .symmetric_difference(&next.spec)
+        .chain(prev.applied.symmetric_difference(&next.applied))
+        .map(key)
+        .collect()
+}
+
+/// Runs until the process ends. `nacs` is a subscription to
 /// the shared NodeAgentConfig stream; `triggers` carries policies whose
 /// compiled state changed.
 pub async fn run(
@@ -348,22 +403,17 @@ pub async fn run(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    let seen: std::sync::Mutex<std::collections::HashMap<String, NodeFacts>> = Default::default();
     Controller::for_stream(policies, reader)
-        .watches_shared_stream(nacs, |nac| {
-            let mut refs: Vec<ObjectRef<FlowPolicy>> = nac
-                .spec
-                .policies
-                .iter()
-                .map(|p| ObjectRef::new(&p.name).within(&p.namespace))
-                .collect();
-            if let Some(st) = &nac.status {
-                refs.extend(
-                    st.policies
-                        .iter()
-                        .map(|p| ObjectRef::new(&p.name).within(&p.namespace)),
-                );
-            }
-            refs
+        .watches_shared_stream(nacs, move |nac| {
+            let facts = NodeFacts::of(&nac);
+            let mut seen = seen.lock().expect("facts lock");
+            let affected = affected_policies(seen.get(&nac.name_any()), &facts);
+            seen.insert(nac.name_any(), facts);
+            affected
+                .into_iter()
+                .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+                .collect::<Vec<_>>()
         })
         .reconcile_on(triggers.map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
         .run(reconcile, error_policy, ctx)
@@ -378,6 +428,32 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_config_change_wakes_only_the_policies_it_concerns() {
+        let mut n = nac("n1", &[("shop", "a", "r1"), ("shop", "b", "r1")], None);
+        let before = NodeFacts::of(&n);
+        // The operator adds policy c to the spec.
+        let nn = Arc::make_mut(&mut n);
+        nn.spec.policies.push(PolicyRef {
+            namespace: "shop".into(),
+            name: "c".into(),
+            revision: "r9".into(),
+        });
+        let after = NodeFacts::of(&n);
+        assert_eq!(
+            affected_policies(Some(&before), &after),
+            [("shop".to_string(), "c".to_string())].into()
+        );
+        assert_eq!(affected_policies(Some(&after), &after), BTreeSet::new());
+        // The node becomes degraded: every policy on it.
+        let degraded = NodeFacts::of(&nac(
+            "n1",
+            &[("shop", "a", "r1"), ("shop", "b", "r1")],
+            Some(("FlowTableFull", "full")),
+        ));
+        assert_eq!(affected_policies(Some(&before), &degraded).len(), 2);
+    }
+
     use std::collections::BTreeSet;
 
     use flowlens_api::{

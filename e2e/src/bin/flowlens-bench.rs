@@ -5,6 +5,13 @@
 //! attached (both pods traced, one with a rule that matches none of the
 //! traffic, so every packet goes through parsing, the endpoint and
 //! connection tables and flow accounting) against none, interleaved.
+//!
+//! `flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50]
+//! [--rate 50]`: against the local API server and a real operator, the time
+//! from a pod getting its IP (status patch) to the NodeAgentConfig of its
+//! node carrying it, and from a FlowPolicy being applied to every affected
+//! NodeAgentConfig carrying its rules; pods get their IPs at `--rate` per
+//! second, as a busy cluster would.
 
 use std::time::Duration;
 
@@ -161,12 +168,300 @@ fn datapath(args: &[String]) {
     );
 }
 
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn propagation(args: &[String]) {
+    let nodes: usize = arg(args, "--nodes", 20);
+    let pods: usize = arg(args, "--pods", 1000);
+    let policies: usize = arg(args, "--policies", 50);
+    let rate: u64 = arg(args, "--rate", 50);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(propagation::run(nodes, pods, policies, rate));
+}
+
+mod propagation {
+    use std::{
+        collections::{BTreeSet, HashMap},
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    use flowlens_api::NodeAgentConfig;
+    use flowlens_e2e::{
+        cluster::{client, unique_name},
+        objects::TestObjects,
+        operator::Operator,
+    };
+    use futures::{StreamExt, TryStreamExt};
+    use kube::{
+        Api,
+        runtime::{WatchStreamExt, watcher},
+    };
+    use serde_json::json;
+
+    use super::percentile;
+
+    #[derive(Default)]
+    struct Pending {
+        /// IP -> (node, sent at).
+        ips: HashMap<String, (String, Instant)>,
+        ip_latency: Vec<f64>,
+        /// Policy -> (nodes still to carry it, sent at).
+        policies: HashMap<String, (BTreeSet<String>, Instant)>,
+        policy_latency: Vec<f64>,
+    }
+
+    fn observe(p: &mut Pending, nac: &NodeAgentConfig, now: Instant) {
+        let node = &nac.spec.node_name;
+        for e in &nac.spec.endpoints {
+            for ip in &e.ips {
+                if p.ips.get(ip).is_some_and(|(n, _)| n == node) {
+                    let (_, t) = p.ips.remove(ip).unwrap();
+                    p.ip_latency.push((now - t).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        let carried: BTreeSet<&str> = nac
+            .spec
+            .rules
+            .iter()
+            .map(|r| r.policy.name.as_str())
+            .collect();
+        let mut done = Vec::new();
+        for (name, (waiting, t)) in p.policies.iter_mut() {
+            if carried.contains(name.as_str()) && waiting.remove(node) && waiting.is_empty() {
+                done.push((name.clone(), *t));
+            }
+        }
+        for (name, t) in done {
+            p.policies.remove(&name);
+            p.policy_latency.push((now - t).as_secs_f64() * 1000.0);
+        }
+    }
+
+    async fn wait_drained(p: &Arc<Mutex<Pending>>, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = {
+                let p = p.lock().unwrap();
+                if what == "ips" {
+                    p.ips.len()
+                } else {
+                    p.policies.len()
+                }
+            };
+            if left == 0 {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{left} {what} never reached their NodeAgentConfig within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn run(nodes: usize, pods: usize, policies: usize, rate: u64) {
+        let c = client().await.expect("the local control plane (just up)");
+        let run = unique_name("bench");
+        let t = TestObjects::new(c.clone(), &run);
+        t.sweep_earlier_runs().await;
+        let ns = format!("{run}-ns");
+        let node_names: Vec<String> = (0..nodes).map(|i| format!("{run}-n{i}")).collect();
+        for (i, n) in node_names.iter().enumerate() {
+            t.node(n, &format!("zone-{}", i % 3)).await.unwrap();
+        }
+        t.namespace(&ns, &[]).await.unwrap();
+        t.observation(&run, json!({"namespaces": [ns], "window": "30s"}))
+            .await
+            .unwrap();
+        let groups = policies.max(1) + 1;
+        let started = Instant::now();
+        let specs: Vec<(String, String, String)> = (0..pods)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    node_names[i % nodes].clone(),
+                    format!("app-{}", i % groups),
+                )
+            })
+            .collect();
+        futures::stream::iter(specs.iter().map(|(name, node, app)| {
+            let t = &t;
+            let ns = &ns;
+            async move {
+                t.pod(ns, name, node, &[], &[("app", app)], Some(app))
+                    .await
+                    .unwrap();
+            }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+        eprintln!(
+            "created {nodes} nodes and {pods} pods without IPs in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+
+        let op = Operator::start(&run, &[]);
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let watch = {
+            let pending = pending.clone();
+            let api = Api::<NodeAgentConfig>::all(c.clone());
+            tokio::spawn(async move {
+                let mut s = watcher(api, watcher::Config::default())
+                    .applied_objects()
+                    .boxed();
+                while let Ok(Some(nac)) = s.try_next().await {
+                    observe(&mut pending.lock().unwrap(), &nac, Instant::now());
+                }
+            })
+        };
+        // Let the operator settle (every node's config written once).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let writes_before = op.writes();
+
+        // Pod IPs, at `rate` per second.
+        let interval = Duration::from_micros(1_000_000 / rate.max(1));
+        let mut tick = tokio::time::interval(interval);
+        let mut sends = Vec::new();
+        for (i, (name, node, _)) in specs.iter().enumerate() {
+            tick.tick().await;
+            let ip = format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256);
+            pending
+                .lock()
+                .unwrap()
+                .ips
+                .insert(ip.clone(), (node.clone(), Instant::now()));
+            let t = TestObjects::new(c.clone(), &run);
+            let (ns, name) = (ns.clone(), name.clone());
+            sends.push(tokio::spawn(async move {
+                t.set_pod_ips(&ns, &name, &[&ip]).await.unwrap()
+            }));
+        }
+        for s in sends {
+            s.await.unwrap();
+        }
+        wait_drained(&pending, "ips", Duration::from_secs(60)).await;
+
+        // Policies: pods of app-k may not reach app-(k+1). The first half
+        // one per second (each alone, as applied by hand or a GitOps sync of
+        // one change), the second half all at once (a sync of many changes).
+        let apply = |k: usize| {
+            let app = format!("app-{k}");
+            let targeted: BTreeSet<String> = specs
+                .iter()
+                .filter(|(_, _, a)| *a == app)
+                .map(|(_, n, _)| n.clone())
+                .collect();
+            let name = format!("deny-{k}");
+            pending
+                .lock()
+                .unwrap()
+                .policies
+                .insert(name.clone(), (targeted, Instant::now()));
+            let t = TestObjects::new(c.clone(), &run);
+            let ns = ns.clone();
+            async move {
+                t.policy(
+                    &ns,
+                    &name,
+                    json!({"podSelector": {"matchLabels": {"app": app}},
+                           "egress": [{"to": [{"podSelector": {"matchLabels": {"app": format!("app-{}", k + 1)}}}],
+                                       "ports": [{"port": 5432}]}]}),
+                )
+                .await
+                .unwrap();
+            }
+        };
+        let half = policies / 2;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        for k in 0..half {
+            tick.tick().await;
+            apply(k).await;
+        }
+        wait_drained(&pending, "policies", Duration::from_secs(60)).await;
+        let single: Vec<f64> = std::mem::take(&mut pending.lock().unwrap().policy_latency);
+        futures::future::join_all((half..policies).map(apply)).await;
+        wait_drained(&pending, "policies", Duration::from_secs(60)).await;
+        let writes = op.writes() - writes_before;
+        watch.abort();
+
+        let (mut ipl, mut burst, mut pl) = {
+            let p = pending.lock().unwrap();
+            (p.ip_latency.clone(), p.policy_latency.clone(), single)
+        };
+        ipl.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        pl.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        burst.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", op.proc.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        println!(
+            "| propagation ({nodes} nodes, {pods} pods, {policies} policies) | p50 | p99 | max | goal |"
+        );
+        println!("|---|---|---|---|---|");
+        println!(
+            "| pod IP set -> its node's NodeAgentConfig written ({} pods at {rate}/s) | {:.0} ms | {:.0} ms | {:.0} ms | p99 < 500 ms |",
+            ipl.len(),
+            percentile(&ipl, 0.5),
+            percentile(&ipl, 0.99),
+            percentile(&ipl, 1.0)
+        );
+        println!(
+            "| FlowPolicy applied -> every affected NodeAgentConfig written ({} policies, one per second) | {:.0} ms | {:.0} ms | {:.0} ms | p99 < 500 ms |",
+            pl.len(),
+            percentile(&pl, 0.5),
+            percentile(&pl, 0.99),
+            percentile(&pl, 1.0)
+        );
+        println!(
+            "| the same, {} policies applied at once | {:.0} ms | {:.0} ms | {:.0} ms | - |",
+            burst.len(),
+            percentile(&burst, 0.5),
+            percentile(&burst, 0.99),
+            percentile(&burst, 1.0)
+        );
+        println!(
+            "operator: {writes} API writes for {pods} IPs and {policies} policies; peak RSS {} MB",
+            rss / 1024
+        );
+        println!(
+            "{{\"bench\":\"propagation\",\"nodes\":{nodes},\"pods\":{pods},\"policies\":{policies},\"ip_p50_ms\":{:.1},\"ip_p99_ms\":{:.1},\"policy_p50_ms\":{:.1},\"policy_p99_ms\":{:.1},\"burst_p99_ms\":{:.1},\"operator_writes\":{writes},\"operator_peak_rss_kb\":{rss}}}",
+            percentile(&ipl, 0.5),
+            percentile(&ipl, 0.99),
+            percentile(&pl, 0.5),
+            percentile(&pl, 0.99),
+            percentile(&burst, 0.99)
+        );
+        drop(op);
+        t.cleanup().await;
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("datapath") => datapath(&args),
+        Some("propagation") => propagation(&args),
         _ => {
-            eprintln!("usage: flowlens-bench datapath [--rounds N] [--seconds S]");
+            eprintln!(
+                "usage: flowlens-bench datapath [--rounds N] [--seconds S]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]"
+            );
             std::process::exit(2);
         }
     }
