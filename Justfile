@@ -4,6 +4,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export FLOWLENS_KUBECONFIG := env_var_or_default("FLOWLENS_KUBECONFIG", justfile_directory() / ".flowlens/kubeconfig")
 
+# Where cargo builds (CI keeps it outside the clone, as a cache).
+target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+
 # List the recipes.
 default:
     @just --list
@@ -42,9 +45,10 @@ lint:
     AYA_BUILD_SKIP=1 cargo clippy --workspace --exclude flowlens-agent-ebpf --all-targets -- -D warnings
     cd node-agent-ebpf && cargo +nightly clippy -Z build-std=core --target bpfel-unknown-none --release -- -D warnings
 
-# Run every test: unit, API-server, kernel and end-to-end. Sets itself up.
+# Run every test: unit, API-server, kernel and end-to-end, plus lint and the
+# generated-CRD check. Sets itself up.
 test: setup up
-    cargo fmt --all -- --check
+    just lint
     just check-generated
     cargo build --workspace --exclude flowlens-agent-ebpf --bins
     cargo nextest run --workspace --exclude flowlens-agent-ebpf --no-fail-fast
@@ -60,9 +64,9 @@ bench: setup up
     # Compile: 100 nodes x 10,000 pods x 200 policies; one-pod changes.
     cargo bench -p flowlens-operator --bench compile
     # Propagation against the local API server: 1,000 pods on 20 nodes.
-    ./target/release/flowlens-bench propagation
+    {{target}}/release/flowlens-bench propagation
     # Datapath overhead: veth TCP stream and 64-byte UDP, with and without programs.
-    ./target/release/flowlens-bench datapath --rounds 5 --seconds 3
+    {{target}}/release/flowlens-bench datapath --rounds 5 --seconds 3
 
 # The demo: control plane, operator, agents on 3 simulated nodes, a shop app
 # with traffic, live `kubectl get` every window. Ctrl-C (or DEMO_SECONDS=N)
@@ -77,4 +81,4 @@ demo: setup
     fi
     trap '[[ -n "$started" ]] && hack/local-cluster.sh down >/dev/null' EXIT
     cargo build --workspace --exclude flowlens-agent-ebpf --bins
-    ./target/debug/flowlens-demo
+    {{target}}/debug/flowlens-demo

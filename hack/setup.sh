@@ -23,6 +23,13 @@ if ((${#missing[@]})); then
   rm -f "$aptlog"
 fi
 
+if ! command -v kubectl >/dev/null; then
+  # Preinstalled on the project's machines; Debian's own is 1.20.
+  [[ $EUID -eq 0 ]] || { log "need root to install kubectl (kubernetes-client)"; exit 1; }
+  log "installing kubectl (Debian's kubernetes-client)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client >&2
+fi
+
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
   log "installing the nightly Rust toolchain (for the eBPF programs)"
   rustup toolchain install nightly --profile minimal --component rust-src >&2

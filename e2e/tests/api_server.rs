@@ -102,6 +102,7 @@ async fn every_sample_applies_and_kubectl_columns_are_served() {
                 "Enforcing",
                 "Blocked",
                 "Audited",
+                "Blocked-Packets",
                 "Ready",
                 "Age",
             ],

@@ -114,10 +114,10 @@ fn account_overflow(key: &FlowKey, p: &Packet) {
         flags: 0,
         retransmits: 0,
     };
-    if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err() {
-        if let Some(stats) = overflow.get_ptr_mut(&okey) {
-            add(stats, p, 0);
-        }
+    if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err()
+        && let Some(stats) = overflow.get_ptr_mut(&okey)
+    {
+        add(stats, p, 0);
     }
 }
 

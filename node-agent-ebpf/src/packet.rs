@@ -45,20 +45,6 @@ fn skb(ctx: &TcContext) -> *const __sk_buff {
     ctx.as_ptr() as *const __sk_buff
 }
 
-impl Packet {
-    pub const EMPTY: Packet = Packet {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        protocol: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        packets: 0,
-        bytes: 0,
-        payload_bytes: 0,
-    };
-}
 
 /// Parses an IPv4 or IPv6 packet into `out`; false for anything else (ARP, ...).
 /// A call of its own so that its temporaries do not add to the caller's stack.

@@ -36,10 +36,10 @@ pub fn record(
     }
     if cookie != 0 && cfg.rtt_sample_interval_ns != 0 {
         let now = unsafe { bpf_ktime_get_ns() };
-        if let Some(last) = unsafe { FL_RTT_LAST.get(&cookie) } {
-            if now.wrapping_sub(*last) < cfg.rtt_sample_interval_ns {
-                return;
-            }
+        if let Some(last) = unsafe { FL_RTT_LAST.get(&cookie) }
+            && now.wrapping_sub(*last) < cfg.rtt_sample_interval_ns
+        {
+            return;
         }
         let _ = FL_RTT_LAST.insert(&cookie, &now, 0);
     }
