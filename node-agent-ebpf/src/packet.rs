@@ -45,7 +45,6 @@ fn skb(ctx: &TcContext) -> *const __sk_buff {
     ctx.as_ptr() as *const __sk_buff
 }
 
-
 /// Parses an IPv4 or IPv6 packet into `out`; false for anything else (ARP, ...).
 /// A call of its own so that its temporaries do not add to the caller's stack.
 ///
