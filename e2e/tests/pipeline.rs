@@ -14,6 +14,7 @@ use flowlens_api::{
 };
 use flowlens_e2e::{
     cluster::unique_name,
+    operator::http_post,
     process::require_root,
     sim::{SimCluster, poll},
     traffic::{echo_server, iperf3, spawn_iperf3_timed, spawn_traffic},
@@ -507,6 +508,25 @@ async fn policies_block_audit_and_count_in_status() {
         a.packets >= 3 * ok,
         "audit counts every packet of the connections"
     );
+
+    // A node reports only for itself: node a1's token cannot speak for b1,
+    // and no token gets nothing.
+    let token =
+        std::fs::read_to_string(sim.topo.work_dir.join(format!("{a1}-report-token"))).unwrap();
+    let forged =
+        json!({"node": b1, "agent": "forger", "windows": [], "policyWindows": []}).to_string();
+    let (code, body) =
+        http_post(sim.collector, "/v1/reports", Some(token.trim()), &forged).unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(&format!("may not report for node {b1}")),
+        "{body}"
+    );
+    let (code, body) = http_post(sim.collector, "/v1/reports", None, &forged).unwrap();
+    assert_eq!(code, 401, "{body}");
+    let own = json!({"node": a1, "agent": "probe", "windows": [], "policyWindows": []}).to_string();
+    let (code, body) = http_post(sim.collector, "/v1/reports", Some(token.trim()), &own).unwrap();
+    assert_eq!(code, 200, "its own node: {body}");
 
     // Deleting the Enforce policy lifts the block and removes its rules.
     Api::<FlowPolicy>::namespaced(sim.client.clone(), &shop)

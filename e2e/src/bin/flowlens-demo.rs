@@ -361,7 +361,12 @@ async fn main() -> anyhow::Result<()> {
     let op = demo.sim.operator();
     let secs = started.elapsed().as_secs_f64();
     let total = op.writes();
-    let by = |r: &str| op.metric_sum("flowlens_operator_api_writes_total", &format!("resource=\"{r}\""));
+    let by = |r: &str| {
+        op.metric_sum(
+            "flowlens_operator_api_writes_total",
+            &format!("resource=\"{r}\""),
+        )
+    };
     println!(
         "\noperator API writes: {total} in {secs:.0} s ({:.1}/min): NodeAgentConfigs {}, NetworkObservation status {}, FlowPolicy status {}, Events {}",
         total / secs * 60.0,
