@@ -331,6 +331,7 @@ pub fn finalize_due(ctx: &Context, now: i64) {
             wake_policies.insert(k.clone());
         })
         .collect();
+    ctx.policy_results.retain(|k| c.policy(k).is_some());
     drop(c);
     ctx.policy_results.publish(known, through);
     // Policies whose counts did not make it (a failed write) are retried.

@@ -221,6 +221,12 @@ impl PolicyResults {
         self.lock().pending.remove(key);
     }
 
+    /// Drops the counts of policies that no longer exist (they would hold
+    /// the acknowledgement watermark back forever).
+    pub fn retain(&self, exists: impl Fn(&PolicyKey) -> bool) {
+        self.lock().pending.retain(|k, _| exists(k));
+    }
+
     /// The end of the last policy window that is fully in status: agents
     /// may forget their windows up to it.
     pub fn committed_through(&self) -> i64 {
@@ -305,5 +311,21 @@ mod tests {
         assert_eq!(r.committed_through(), 109, "110 is not written yet");
         r.committed(&key, 110);
         assert_eq!(r.committed_through(), 120);
+        // A policy deleted before its counts were written does not hold the
+        // watermark back.
+        let gone = ("ns".to_string(), "gone".to_string());
+        r.publish(
+            vec![(
+                gone.clone(),
+                PolicyDelta {
+                    end: 130,
+                    ..Default::default()
+                },
+            )],
+            130,
+        );
+        assert_eq!(r.committed_through(), 129);
+        r.retain(|k| *k != gone);
+        assert_eq!(r.committed_through(), 130);
     }
 }
