@@ -223,8 +223,13 @@ impl TestObjects {
     }
 }
 
-/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+/// Polls `f` every `every` until it returns `Some`; an error after `timeout`.
+pub async fn poll_every<T, F, Fut>(
+    every: Duration,
+    timeout: Duration,
+    what: &str,
+    mut f: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -232,11 +237,22 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
-            return v;
+            return Ok(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    poll_every(Duration::from_millis(100), timeout, what, f)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -412,19 +412,10 @@ async fn request_token(
 }
 
 /// Waits until `f` returns `Some`, polling every 500 ms.
-pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::objects::poll_every(Duration::from_millis(500), timeout, what, f).await
 }

@@ -111,21 +111,9 @@ pub fn traffic(
     to: &str,
     args: &[&str],
 ) -> serde_json::Value {
-    let mut a = vec![mode, "--to", to];
-    a.extend_from_slice(args);
-    let out = topo.pod_output(pod, workspace_bin("flowlens-traffic"), &a);
-    assert!(
-        out.status.success(),
-        "flowlens-traffic {mode} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "flowlens-traffic {mode} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    spawn_traffic(topo, pod, mode, to, args)
+        .join()
+        .expect("flowlens-traffic")
 }
 
 /// Like [`traffic`], in a background thread (the test can watch status

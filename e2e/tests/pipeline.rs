@@ -369,26 +369,60 @@ async fn traffic_latency_zones_and_budgets_reach_observation_status() {
     sim.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_block_audit_and_count_in_status() {
+/// Two nodes in two zones; web-1 on the first and db-1 on the second, in
+/// namespace `<run>-shop`.
+struct TwoNodes {
+    sim: SimCluster,
+    run: String,
+    a1: String,
+    b1: String,
+    shop: String,
+    web: usize,
+    db: usize,
+}
+
+async fn two_nodes(prefix: &str) -> TwoNodes {
     require_root();
-    let run = unique_name("e2e-pol");
+    let run = unique_name(prefix);
     let (a1, b1) = (format!("{run}-a1"), format!("{run}-b1"));
     let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&b1, "zone-b")])
         .await
         .unwrap();
-    let (shop, other) = (format!("{run}-shop"), format!("{run}-other"));
+    let shop = format!("{run}-shop");
     sim.objects.namespace(&shop, &[]).await.unwrap();
-    sim.objects
-        .namespace(&other, &[("team", &format!("{run}-other"))])
-        .await
-        .unwrap();
     let web = sim
         .add_pod(0, &shop, "web-1", &[("app", "web")], Some("web"))
         .await
         .unwrap();
     let db = sim
         .add_pod(1, &shop, "db-1", &[("app", "db")], Some("db"))
+        .await
+        .unwrap();
+    TwoNodes {
+        sim,
+        run,
+        a1,
+        b1,
+        shop,
+        web,
+        db,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_block_audit_and_count_in_status() {
+    let TwoNodes {
+        mut sim,
+        run,
+        a1,
+        b1,
+        shop,
+        web,
+        db,
+    } = two_nodes("e2e-pol").await;
+    let other = format!("{run}-other");
+    sim.objects
+        .namespace(&other, &[("team", &format!("{run}-other"))])
         .await
         .unwrap();
     let ext = sim
@@ -566,22 +600,14 @@ async fn policies_block_audit_and_count_in_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
-    require_root();
-    let run = unique_name("e2e-rst");
-    let (a1, b1) = (format!("{run}-a1"), format!("{run}-b1"));
-    let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&b1, "zone-b")])
-        .await
-        .unwrap();
-    let shop = format!("{run}-shop");
-    sim.objects.namespace(&shop, &[]).await.unwrap();
-    let web = sim
-        .add_pod(0, &shop, "web-1", &[("app", "web")], Some("web"))
-        .await
-        .unwrap();
-    let db = sim
-        .add_pod(1, &shop, "db-1", &[("app", "db")], Some("db"))
-        .await
-        .unwrap();
+    let TwoNodes {
+        mut sim,
+        run,
+        shop,
+        web,
+        db,
+        ..
+    } = two_nodes("e2e-rst").await;
     sim.objects
         .observation(&run, json!({"namespaces": [shop], "window": "5s"}))
         .await

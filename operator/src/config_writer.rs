@@ -18,11 +18,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{
-    context::Context,
-    error::Result,
-    metrics::{ControllerLabels, ErrorLabels},
-};
+use crate::{context::Context, error::Result};
 
 /// The field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "flowlens-operator";
@@ -124,23 +120,12 @@ pub async fn run(ctx: Arc<Context>) {
                         Some(s) => write(ctx, api, s, &uid).await,
                         None => delete(ctx, api, &node).await,
                     };
-                    ctx.metrics
-                        .reconciles
-                        .get_or_create(&ControllerLabels {
-                            controller: CONTROLLER,
-                        })
-                        .inc();
+                    ctx.metrics.reconciling(CONTROLLER);
                     match outcome {
                         Ok(()) => None,
                         Err(e) => {
                             warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
-                            ctx.metrics
-                                .reconcile_errors
-                                .get_or_create(&ErrorLabels {
-                                    controller: CONTROLLER,
-                                    reason: e.metric_label(),
-                                })
-                                .inc();
+                            ctx.metrics.failed(CONTROLLER, e.metric_label());
                             Some(node)
                         }
                     }
@@ -150,12 +135,7 @@ pub async fn run(ctx: Arc<Context>) {
             .filter_map(futures::future::ready)
             .collect()
             .await;
-        ctx.metrics
-            .reconcile_seconds
-            .get_or_create(&ControllerLabels {
-                controller: CONTROLLER,
-            })
-            .observe(started.elapsed().as_secs_f64());
+        ctx.metrics.reconciled(CONTROLLER, started);
         if !failed.is_empty() {
             // Retry after a pause.
             let ctx2 = ctx.clone();

@@ -149,6 +149,27 @@ impl Metrics {
         }
     }
 
+    /// Counts a reconciliation of `controller`.
+    pub fn reconciling(&self, controller: &'static str) {
+        self.reconciles
+            .get_or_create(&ControllerLabels { controller })
+            .inc();
+    }
+
+    /// Records how long a reconciliation of `controller` took.
+    pub fn reconciled(&self, controller: &'static str, started: std::time::Instant) {
+        self.reconcile_seconds
+            .get_or_create(&ControllerLabels { controller })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a failed reconciliation of `controller`, by reason.
+    pub fn failed(&self, controller: &'static str, reason: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels { controller, reason })
+            .inc();
+    }
+
     pub fn wrote(&self, resource: &'static str, verb: &'static str) {
         self.api_writes
             .get_or_create(&WriteLabels { resource, verb })

@@ -34,7 +34,6 @@ use crate::{
     config_writer::FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
-    metrics::{ControllerLabels, ErrorLabels},
     results::{WindowResult, write_windows},
 };
 
@@ -172,12 +171,7 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let started = std::time::Instant::now();
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ControllerLabels {
-            controller: CONTROLLER,
-        })
-        .inc();
+    ctx.metrics.reconciling(CONTROLLER);
     let name = obs.name_any();
 
     let Some(view) = ctx.with_compiler(|c| c.observation_view(&name)) else {
@@ -212,24 +206,13 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
     } else if let Some(r) = results.last() {
         ctx.results.committed(&uid, r.end);
     }
-    ctx.metrics
-        .reconcile_seconds
-        .get_or_create(&ControllerLabels {
-            controller: CONTROLLER,
-        })
-        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.reconciled(CONTROLLER, started);
     Ok(Action::await_change())
 }
 
 fn error_policy(_: Arc<NetworkObservation>, e: &Error, ctx: Arc<Context>) -> Action {
     warn!(error = %e, "NetworkObservation status reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabels {
-            controller: CONTROLLER,
-            reason: e.metric_label(),
-        })
-        .inc();
+    ctx.metrics.failed(CONTROLLER, e.metric_label());
     Action::requeue(Duration::from_secs(5))
 }
 

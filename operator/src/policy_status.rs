@@ -36,7 +36,6 @@ use crate::{
     config_writer::FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
-    metrics::{ControllerLabels, ErrorLabels},
     results::write_policy_counts,
 };
 
@@ -232,12 +231,7 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let started = std::time::Instant::now();
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ControllerLabels {
-            controller: CONTROLLER,
-        })
-        .inc();
+    ctx.metrics.reconciling(CONTROLLER);
     let ns = policy.namespace().unwrap_or_default();
 
     let name = policy.name_any();
@@ -273,12 +267,7 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
     if let Some(last) = counts.last() {
         ctx.policy_results.committed(&key, last.end);
     }
-    ctx.metrics
-        .reconcile_seconds
-        .get_or_create(&ControllerLabels {
-            controller: CONTROLLER,
-        })
-        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.reconciled(CONTROLLER, started);
     Ok(Action::await_change())
 }
 
@@ -326,13 +315,7 @@ async fn publish_transitions(
 
 fn error_policy(_: Arc<FlowPolicy>, e: &Error, ctx: Arc<Context>) -> Action {
     warn!(error = %e, "FlowPolicy status reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabels {
-            controller: CONTROLLER,
-            reason: e.metric_label(),
-        })
-        .inc();
+    ctx.metrics.failed(CONTROLLER, e.metric_label());
     Action::requeue(Duration::from_secs(5))
 }
 
