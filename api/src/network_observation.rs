@@ -60,6 +60,20 @@ use crate::{group_by::GroupBy, label_selector::LabelSelector, patterns};
         description = "99th percentile TCP smoothed RTT over the last window"
     ),
     printcolumn(
+        name = "Retransmits",
+        type_ = "integer",
+        json_path = ".status.lastWindow.retransmits",
+        priority = 1,
+        description = "TCP segments retransmitted in the last window"
+    ),
+    printcolumn(
+        name = "Drops",
+        type_ = "integer",
+        json_path = ".status.lastWindow.drops",
+        priority = 1,
+        description = "Packets the kernel dropped in the last window"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -234,6 +248,10 @@ pub struct WindowTraffic {
     /// TCP segments retransmitted by traced pods.
     #[serde(default)]
     pub retransmits: u64,
+    /// Packets of traced pods the kernel dropped (on nodes whose kernel
+    /// offers the drop hook; see the agents' `NodeAgentConfig` status).
+    #[serde(default)]
+    pub drops: u64,
 }
 
 /// Traffic since the observation began.

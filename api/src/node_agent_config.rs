@@ -312,6 +312,10 @@ pub struct DatapathHooks {
     pub connect: String,
     /// e.g. `tracepoint/tcp/tcp_retransmit_skb`.
     pub retransmits: String,
+    /// Kernel drops, e.g. `tracepoint/skb/kfree_skb` (absent from agents
+    /// that predate the drop hook).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub drops: String,
 }
 
 /// Attachment state of local endpoints.

@@ -161,6 +161,9 @@ pub struct Series {
     pub rx: Traffic,
     #[serde(default)]
     pub retransmits: u64,
+    /// Packets the kernel dropped (either direction).
+    #[serde(default)]
+    pub drops: u64,
     #[serde(default, skip_serializing_if = "Histogram::is_empty")]
     pub rtt: Histogram,
 }

@@ -156,6 +156,16 @@ impl Agent {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// The agent's Prometheus text exposition (`/metrics`).
+    pub fn metrics(&self) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .args(["curl", "-sf", &format!("http://{AGENT_HTTP}/metrics")])
+            .output()
+            .expect("running curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits until the agent enforces `revision`.
     pub fn wait_revision(&mut self, revision: &str, timeout: Duration) -> AgentDump {
         let got = wait_for(timeout, || {

@@ -59,6 +59,10 @@ pub struct FlowStats {
     pub flags: u32,
     /// TCP retransmissions (egress keys only), from the retransmit tracepoint.
     pub retransmits: u32,
+    /// Packets of this flow the kernel dropped (freed with a drop reason),
+    /// from the `skb:kfree_skb` tracepoint. A GSO packet counts once.
+    pub drops: u32,
+    pub _pad: u32,
 }
 
 /// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
@@ -237,6 +241,25 @@ pub struct DatapathConfig {
     pub revision_hash: [u64; 2],
 }
 
+/// Where the fields the drop hook reads sit in the running kernel's
+/// `struct sk_buff`, resolved by the agent from BTF. The drop hook does
+/// nothing until `valid` is 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbLayout {
+    /// `unsigned char *head`.
+    pub head: u32,
+    /// `__u16 network_header` (offset of the IP header from `head`).
+    pub network_header: u32,
+    /// `__u16 transport_header` (offset of the L4 header from `head`).
+    pub transport_header: u32,
+    pub valid: u32,
+}
+
+/// Drop reasons counted one by one; larger values (subsystem reasons) share
+/// the last slot.
+pub const NUM_DROP_REASONS: u32 = 256;
+
 /// Indices of the global per-CPU counters.
 pub const COUNTER_FLOW_TABLE_FULL: u32 = 0;
 pub const COUNTER_RTT_TABLE_FULL: u32 = 1;
@@ -244,6 +267,9 @@ pub const COUNTER_CONN_TABLE_FULL: u32 = 2;
 pub const COUNTER_RTT_SAMPLES: u32 = 3;
 pub const COUNTER_PARSE_ERRORS: u32 = 4;
 pub const COUNTER_CONNECT_DENIED: u32 = 5;
+/// Kernel drops of traced endpoints whose flow had no entry to count them in
+/// (for example a connection blocked before its first packet was counted).
+pub const COUNTER_DROPS_WITHOUT_FLOW: u32 = 6;
 pub const NUM_COUNTERS: u32 = 8;
 
 /// Histogram layout: values below 16 µs have their own bucket; above, each
@@ -321,7 +347,7 @@ macro_rules! assert_size {
     };
 }
 assert_size!(FlowKey, 40);
-assert_size!(FlowStats, 32);
+assert_size!(FlowStats, 40);
 assert_size!(OverflowKey, 24);
 assert_size!(RttKey, 40);
 assert_size!(EndpointKey, 20);
@@ -333,6 +359,7 @@ assert_size!(RuleCounters, 16);
 assert_size!(ConnState, 8);
 assert_size!(CgroupEndpoint, 32);
 assert_size!(DatapathConfig, 32);
+assert_size!(SkbLayout, 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -352,6 +379,7 @@ mod pod {
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for CgroupEndpoint {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for SkbLayout {}
 }
 
 #[cfg(test)]

@@ -76,6 +76,8 @@ pub fn account(key: &FlowKey, p: &Packet) {
         payload_bytes: p.payload_bytes,
         flags,
         retransmits: 0,
+        drops: 0,
+        _pad: 0,
     };
     match flows.insert(key, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => {}
@@ -113,6 +115,8 @@ fn account_overflow(key: &FlowKey, p: &Packet) {
         payload_bytes: p.payload_bytes,
         flags: 0,
         retransmits: 0,
+        drops: 0,
+        _pad: 0,
     };
     if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err()
         && let Some(stats) = overflow.get_ptr_mut(&okey)
@@ -140,6 +144,24 @@ pub fn account_retransmit(key: &FlowKey) {
         payload_bytes: 0,
         flags: 0,
         retransmits: 1,
+        drops: 0,
+        _pad: 0,
     };
     let _ = flows.insert(key, &fresh, BPF_NOEXIST as u64);
+}
+
+/// Counts one kernel drop on the flow `key`; false when the flow has no
+/// entry (nothing of it was counted in this drain period).
+#[inline(always)]
+pub fn account_drop(key: &FlowKey) -> bool {
+    let Some(flows) = FL_FLOWS.get(0) else {
+        return false;
+    };
+    match flows.get_ptr_mut(key) {
+        Some(stats) => {
+            unsafe { add_u32(&raw mut (*stats).drops, 1) };
+            true
+        }
+        None => false,
+    }
 }

@@ -5,6 +5,7 @@
 //!   accounting and enforcement.
 //! - `fl_sockops` (preferred) / `fl_tcp_probe` (fallback): smoothed RTT.
 //! - `fl_tcp_retrans`: TCP retransmissions of traced flows.
+//! - `fl_kfree_skb`: kernel drops of traced flows, by reason.
 //! - `fl_connect4` / `fl_connect6`: reject blocked connections at `connect()`.
 #![no_std]
 #![no_main]
@@ -18,6 +19,7 @@
 #![allow(clippy::manual_saturating_arithmetic, clippy::implicit_saturating_sub)]
 
 mod atomic;
+mod drop;
 mod flow;
 mod maps;
 mod packet;
@@ -272,6 +274,13 @@ fn try_tcp_retrans(ctx: &TracePointContext) -> Option<()> {
     };
     flow::account_retransmit(&key);
     Some(())
+}
+
+/// `skb:kfree_skb`: the kernel dropped a packet (with a reason).
+#[tracepoint]
+pub fn fl_kfree_skb(ctx: TracePointContext) -> u32 {
+    let _ = drop::on_kfree_skb(&ctx);
+    0
 }
 
 #[cgroup_sock_addr(connect4)]

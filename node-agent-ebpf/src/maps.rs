@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use flowlens_agent_common::{
     CgroupEndpoint, ConnKey, ConnState, DatapathConfig, EndpointInfo, EndpointKey, FlowKey,
-    FlowStats, NUM_COUNTERS, OverflowKey, PeerKey, PortKey, RttKey, RuleCounterKey, RuleCounters,
+    FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey, RttKey,
+    RuleCounterKey, RuleCounters, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -46,6 +47,14 @@ pub static FL_CGROUPS: HashMap<u64, CgroupEndpoint, 16384> = HashMap::new();
 
 #[btf_map]
 pub static FL_COUNTERS: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+
+/// Kernel drops of traced endpoints by drop reason (`enum skb_drop_reason`).
+#[btf_map]
+pub static FL_DROP_REASONS: PerCpuArray<u64, { NUM_DROP_REASONS as usize }> = PerCpuArray::new();
+
+/// `struct sk_buff` offsets for the drop hook, written by the agent.
+#[btf_map]
+pub static FL_SKB_LAYOUT: Array<SkbLayout, 1> = Array::new();
 
 /// Socket cookie -> time of its last RTT sample (rate limit per socket).
 #[btf_map]

@@ -26,7 +26,7 @@ use crate::{
     cgroups,
     datapath::{Datapath, attach::Interface, revision_hash},
     interfaces,
-    metrics::{DirectionLabels, Metrics, PolicyLabels, ResultLabels, TableLabels},
+    metrics::{DirectionLabels, Metrics, PolicyLabels, ReasonLabels, ResultLabels, TableLabels},
     state::{Problem, Shared},
     tables::{self, Tables},
 };
@@ -85,6 +85,7 @@ pub struct ControlLoop {
     metrics: Arc<Metrics>,
     completed: tokio::sync::mpsc::UnboundedSender<Completed>,
     last_kernel: crate::datapath::KernelCounters,
+    last_drops: BTreeMap<String, u64>,
     next_flow_drain: i64,
     next_rule_drain: i64,
     policy_totals: BTreeMap<(String, String), PolicyMatches>,
@@ -100,6 +101,7 @@ impl ControlLoop {
     ) -> Self {
         let now = now_ms();
         let last_kernel = datapath.counters().unwrap_or_default();
+        let last_drops = datapath.drops_by_reason().unwrap_or_default();
         shared.update(|s| {
             s.node = opts.node.clone();
             s.hooks = datapath.hooks().clone();
@@ -115,6 +117,7 @@ impl ControlLoop {
             metrics,
             completed,
             last_kernel,
+            last_drops,
             // No drain before the first config: records drained without
             // observations to attribute them to would be lost, while the
             // kernel keeps them safely until then.
@@ -388,6 +391,23 @@ impl ControlLoop {
                     .inc_by(now - before);
             }
         }
+        if k.drops_without_flow > prev.drops_without_flow {
+            self.metrics
+                .drops_without_flow
+                .inc_by(k.drops_without_flow - prev.drops_without_flow);
+        }
+        let drops = self.datapath.drops_by_reason().unwrap_or_default();
+        for (reason, n) in &drops {
+            let before = self.last_drops.get(reason).copied().unwrap_or(0);
+            if *n > before {
+                self.metrics
+                    .kernel_drops
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.clone(),
+                    })
+                    .inc_by(n - before);
+            }
+        }
         let fill = self.datapath.fill;
         for (table, (n, cap)) in [
             ("flows", fill.flows),
@@ -415,6 +435,8 @@ impl ControlLoop {
             s.kernel.conn_table_full = k.conn_table_full;
             s.kernel.rtt_samples = k.rtt_samples;
             s.kernel.connect_denied = k.connect_denied;
+            s.kernel.drops = drops.clone();
+            s.kernel.drops_without_flow = k.drops_without_flow;
             s.problems.retain(|p| p.reason != reason::FLOW_TABLE_FULL);
             if full_now {
                 s.problems.push(Problem {
@@ -428,6 +450,7 @@ impl ControlLoop {
             }
         });
         self.last_kernel = k;
+        self.last_drops = drops;
     }
 
     /// Feeds metrics from drained records.

@@ -61,7 +61,8 @@ pub fn print_window(
     top: usize,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    let (mut flows, mut packets, mut bytes, mut payload, mut retrans) = (0, 0, 0, 0, 0);
+    let (mut flows, mut packets, mut bytes, mut payload, mut retrans, mut drops) =
+        (0, 0, 0, 0, 0, 0);
     let mut rtt = Histogram::default();
     for s in &w.series {
         flows += s.flows;
@@ -69,6 +70,7 @@ pub fn print_window(
         bytes += s.tx.bytes + s.rx.bytes;
         payload += s.tx.payload_bytes + s.rx.payload_bytes;
         retrans += s.retransmits;
+        drops += s.drops;
         rtt.merge(&s.rtt);
     }
     writeln!(
@@ -86,7 +88,7 @@ pub fn print_window(
     };
     writeln!(
         out,
-        "  flows {flows}  packets {}  bytes {} (payload {})  retransmits {retrans}  rtt p50 {} p95 {} p99 {} ({} samples)",
+        "  flows {flows}  packets {}  bytes {} (payload {})  retransmits {retrans}  drops {drops}  rtt p50 {} p95 {} p99 {} ({} samples)",
         format::count(packets),
         format::bytes(bytes),
         format::bytes(payload),
@@ -135,13 +137,14 @@ pub fn print(d: &DebugWindow, top: usize, out: &mut impl Write) -> std::io::Resu
     let s = &d.snapshot;
     writeln!(
         out,
-        "node {}  revision {}  hooks: flows={} rtt={} connect={} retransmits={}",
+        "node {}  revision {}  hooks: flows={} rtt={} connect={} retransmits={} drops={}",
         s.node,
         s.applied_revision.as_deref().unwrap_or("(none)"),
         s.hooks.flows,
         s.hooks.rtt,
         s.hooks.connect,
-        s.hooks.retransmits
+        s.hooks.retransmits,
+        s.hooks.drops
     )?;
     writeln!(
         out,

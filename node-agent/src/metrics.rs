@@ -24,6 +24,12 @@ pub struct PolicyLabels {
     pub verdict: &'static str,
 }
 
+/// A kernel drop reason (`enum skb_drop_reason` name: bounded by the kernel).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -40,6 +46,8 @@ pub struct Metrics {
     pub table_entries: Family<TableLabels, Gauge>,
     pub table_capacity: Family<TableLabels, Gauge>,
     pub table_full: Family<TableLabels, Counter>,
+    pub kernel_drops: Family<ReasonLabels, Counter>,
+    pub drops_without_flow: Counter,
     pub drain_seconds: Histogram,
     pub applies: Family<ResultLabels, Counter>,
     pub attached_interfaces: Gauge,
@@ -72,6 +80,8 @@ impl Metrics {
             table_entries: Family::default(),
             table_capacity: Family::default(),
             table_full: Family::default(),
+            kernel_drops: Family::default(),
+            drops_without_flow: Counter::default(),
             drain_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
@@ -125,6 +135,16 @@ impl Metrics {
             "table_full",
             "Updates a full kernel table could not store",
             m.table_full.clone(),
+        );
+        registry.register(
+            "kernel_drops",
+            "Packets of traced pods the kernel dropped, by drop reason",
+            m.kernel_drops.clone(),
+        );
+        registry.register(
+            "kernel_drops_without_flow",
+            "Kernel drops of traced pods whose flow had no entry (not in any window)",
+            m.drops_without_flow.clone(),
         );
         registry.register(
             "drain_duration_seconds",

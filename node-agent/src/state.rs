@@ -72,6 +72,11 @@ pub struct KernelState {
     pub conn_table_full: u64,
     pub rtt_samples: u64,
     pub connect_denied: u64,
+    /// Kernel drops of traced pods by reason, since the maps were created.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub drops_without_flow: u64,
     pub last_drain_micros: u64,
 }
 

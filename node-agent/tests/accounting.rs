@@ -160,3 +160,59 @@ fn iperf3_bytes_match_and_a_same_node_pair_counts_once() {
         sent6.received
     );
 }
+
+/// Kernel drops against a known count: each UDP datagram to a port nobody
+/// listens on is dropped by the receiving pod's kernel (`NO_SOCKET`).
+#[test]
+fn datagrams_to_a_closed_port_count_as_kernel_drops() {
+    const DATAGRAMS: u64 = 40;
+    let mut topo = Topology::new();
+    let node = topo.add_node("n1", Some("z1"));
+    let a = topo.add_pod(node, "a");
+    let b = topo.add_pod(node, "b");
+    let spec = SpecBuilder::new(&topo, node)
+        .trace("obs", 5, &[a, b])
+        .build();
+    let agent = Agent::standalone(&topo, node, &spec, &[]);
+    let hooks = agent.dump().expect("dump").hooks;
+    assert_eq!(hooks.drops, "tracepoint/skb/kfree_skb", "{hooks:?}");
+
+    let from = now_s() - now_s() % 5;
+    // A new socket per datagram: a connected socket would stop sending
+    // after the first ICMP port-unreachable.
+    let b_ip = topo.pods[b].ip4.to_string();
+    let script = format!("for i in $(seq {DATAGRAMS}); do echo drop-me > /dev/udp/{b_ip}/9; done");
+    let out = topo.pod_output(a, "bash", &["-c", &script]);
+    assert!(out.status.success(), "{out:?}");
+    let until = now_s() + 1;
+    let windows = agent.windows("obs", from, until, Duration::from_secs(20));
+
+    let a_ip = topo.pods[a].ip4.to_string();
+    let at_b: u64 = series(&windows, |s| {
+        s.local.pod.as_deref() == Some("b") && s.remote.as_deref() == Some(&a_ip)
+    })
+    .map(|s| s.drops)
+    .sum();
+    let all: u64 = series(&windows, |_| true).map(|s| s.drops).sum();
+    let dump = agent.dump().expect("dump");
+    let without_flow = dump.kernel["dropsWithoutFlow"].as_u64().unwrap_or(0);
+    let no_socket = dump.kernel["drops"]["NO_SOCKET"].as_u64().unwrap_or(0);
+    println!(
+        "kernel drops: sent {DATAGRAMS} datagrams to a closed port; b's series count {at_b} drops ({all} in all series, {without_flow} without a flow entry); NO_SOCKET {no_socket}"
+    );
+    assert_eq!(all, at_b, "drops belong to the receiver only");
+    assert_eq!(
+        at_b + without_flow,
+        DATAGRAMS,
+        "every datagram is one drop, counted once"
+    );
+    assert!(at_b >= DATAGRAMS - 2, "{at_b} of {DATAGRAMS} in flows");
+    assert!(no_socket >= DATAGRAMS, "{:#}", dump.kernel);
+    let metrics = agent.metrics();
+    let metric = metrics
+        .lines()
+        .find(|l| l.starts_with("flowlens_agent_kernel_drops_total{reason=\"NO_SOCKET\"}"))
+        .unwrap_or_else(|| panic!("no NO_SOCKET drop metric in\n{metrics}"));
+    let n: f64 = metric.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= DATAGRAMS as f64, "{metric}");
+}

@@ -28,6 +28,7 @@ pub struct WindowResult {
     pub bytes: u64,
     pub payload_bytes: u64,
     pub retransmits: u64,
+    pub drops: u64,
     pub cross_zone_bytes: u64,
     pub latency: Option<LatencyPercentiles>,
     pub top_flows: Vec<TopFlow>,
@@ -61,6 +62,7 @@ impl WindowResult {
             packets_per_second: self.packets / secs,
             cross_zone_bytes: self.cross_zone_bytes,
             retransmits: self.retransmits,
+            drops: self.drops,
         });
         let total = s.total.get_or_insert_with(|| TrafficTotal {
             since: Some(time(self.start)),

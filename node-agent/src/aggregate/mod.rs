@@ -59,6 +59,7 @@ struct ConnFacts {
     tx_flags: u32,
     rx_flags: u32,
     retransmits: u64,
+    drops: u64,
     rtt: Histogram,
 }
 
@@ -101,6 +102,7 @@ struct SeriesAcc {
     tx: Traffic,
     rx: Traffic,
     retransmits: u64,
+    drops: u64,
     rtt: Histogram,
 }
 
@@ -299,6 +301,7 @@ impl Aggregator {
                 bytes: s.bytes,
                 payload_bytes: s.payload_bytes,
             };
+            f.drops += u64::from(s.drops);
             if k.direction == DIRECTION_EGRESS {
                 f.tx.add(&t);
                 f.tx_flags |= s.flags;
@@ -360,6 +363,7 @@ impl Aggregator {
                     acc.rx.add(&facts.rx);
                 }
                 acc.retransmits += facts.retransmits;
+                acc.drops += facts.drops;
                 acc.rtt.merge(&facts.rtt);
             }
             if !attributed {
@@ -588,6 +592,7 @@ fn build_window<'a>(
             tx: a.tx,
             rx: a.rx,
             retransmits: a.retransmits,
+            drops: a.drops,
             rtt: a.rtt.clone(),
         })
         .collect();

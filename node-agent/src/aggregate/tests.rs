@@ -61,7 +61,7 @@ fn flow(
             bytes,
             payload_bytes: bytes.saturating_sub(52 * packets),
             flags,
-            retransmits: 0,
+            ..Default::default()
         },
     )
 }
@@ -325,8 +325,7 @@ fn overflow_keeps_totals() {
         packets: 7,
         bytes: 700,
         payload_bytes: 336,
-        flags: 0,
-        retransmits: 0,
+        ..Default::default()
     };
     a.ingest(
         &Drained {
@@ -424,4 +423,35 @@ fn a_reshaped_observation_closes_its_window_early() {
     assert_eq!(w.len(), 1);
     assert!(!w[0].complete);
     assert_eq!(totals(&w[0]).2, 100);
+}
+
+#[test]
+fn kernel_drops_join_the_series_of_the_endpoint_that_dropped() {
+    let mut a = agg();
+    // UDP to a closed port of the server: counted at both interfaces, the
+    // drops (3 datagrams) on the server's ingress key only.
+    let mut to_server = flow(2, ip(1), 9, 40000, DIRECTION_INGRESS, 3, 300, 0);
+    to_server.0.protocol = 17;
+    to_server.1.drops = 3;
+    let mut from_client = flow(1, ip(2), 40000, 9, DIRECTION_EGRESS, 3, 300, 0);
+    from_client.0.protocol = 17;
+    a.ingest(
+        &Drained {
+            flows: vec![from_client, to_server],
+            ..Default::default()
+        },
+        T0 + 1000,
+    );
+    let (windows, _) = a.close_due(T0 + 10_000);
+    let w = &windows[0];
+    let drops: u64 = w.series.iter().map(|s| s.drops).sum();
+    assert_eq!(drops, 3, "{:#?}", w.series);
+    let server = w
+        .series
+        .iter()
+        .find(|s| s.local.workload.as_deref() == Some("Deployment/server"))
+        .unwrap();
+    assert_eq!(server.drops, 3);
+    // The datagrams themselves still count once (at the client).
+    assert_eq!(totals(w).1, 3);
 }

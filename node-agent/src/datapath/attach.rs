@@ -33,6 +33,7 @@ pub const PROG_TO_POD: &str = "fl_to_pod";
 pub const PROG_SOCKOPS: &str = "fl_sockops";
 pub const PROG_TCP_PROBE: &str = "fl_tcp_probe";
 pub const PROG_TCP_RETRANS: &str = "fl_tcp_retrans";
+pub const PROG_KFREE_SKB: &str = "fl_kfree_skb";
 pub const PROG_CONNECT4: &str = "fl_connect4";
 pub const PROG_CONNECT6: &str = "fl_connect6";
 
@@ -88,7 +89,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
         .try_into()
         .map_err(prog_err(PROG_SOCKOPS))?;
     p.load().map_err(prog_err(PROG_SOCKOPS))?;
-    for name in [PROG_TCP_PROBE, PROG_TCP_RETRANS] {
+    for name in [PROG_TCP_PROBE, PROG_TCP_RETRANS, PROG_KFREE_SKB] {
         let p: &mut TracePoint = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
     }

@@ -6,9 +6,11 @@
 //! array update; [`Datapath::drain`] swaps and empties the result tables.
 
 pub mod attach;
+pub mod drop_reasons;
 pub mod error;
 pub mod pins;
 mod results;
+pub mod skb_layout;
 pub mod sys;
 
 use std::{
@@ -25,8 +27,8 @@ use aya::{
 };
 use flowlens_agent_common::{
     CgroupEndpoint, DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS,
-    OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PortKey, RttKey, RuleCounterKey,
-    RuleCounters, rule_scope,
+    NUM_DROP_REASONS, OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PortKey, RttKey,
+    RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
 };
 use flowlens_api::node_agent_config::DatapathHooks;
 use tracing::{info, warn};
@@ -50,6 +52,8 @@ const PINNED_MAPS: &[&str] = &[
     "FL_CONNS",
     "FL_CGROUPS",
     "FL_COUNTERS",
+    "FL_DROP_REASONS",
+    "FL_SKB_LAYOUT",
     "FL_RTT_LAST",
     "FL_FLOWS",
     "FL_OVERFLOW",
@@ -92,6 +96,8 @@ pub struct KernelCounters {
     pub conn_table_full: u64,
     pub rtt_samples: u64,
     pub connect_denied: u64,
+    /// Kernel drops of traced endpoints that found no flow entry.
+    pub drops_without_flow: u64,
 }
 
 /// Sizes of the tables drained last time, against their capacity.
@@ -118,6 +124,8 @@ pub struct Datapath {
     rtt_sample_interval_ns: u64,
     /// Drained from spare tables at start: counts a dead agent did not report.
     leftovers: Option<Drained>,
+    /// Drop reason names of the running kernel, by value.
+    drop_reason_names: BTreeMap<u32, String>,
     pub fill: TableFill,
 }
 
@@ -174,6 +182,7 @@ impl Datapath {
             cgroups: None,
             rtt_sample_interval_ns: opts.rtt_sample_interval.as_nanos() as u64,
             leftovers: None,
+            drop_reason_names: BTreeMap::new(),
             fill: TableFill::default(),
         };
         let leftovers = Drained {
@@ -285,7 +294,71 @@ impl Datapath {
         } else {
             "none".into()
         };
-        info!(flows = %self.hooks.flows, rtt = %self.hooks.rtt, connect = %self.hooks.connect, retransmits = %self.hooks.retransmits, "kernel hooks in use");
+        self.hooks.drops = match &tracefs {
+            Ok(root) => self.attach_drop_hook(root),
+            Err(_) => "none".into(),
+        };
+        info!(flows = %self.hooks.flows, rtt = %self.hooks.rtt, connect = %self.hooks.connect, retransmits = %self.hooks.retransmits, drops = %self.hooks.drops, "kernel hooks in use");
+    }
+
+    /// Kernel drops: `skb:kfree_skb`, reading packets at the `sk_buff`
+    /// offsets of this kernel's BTF. Without BTF, drops are not counted.
+    fn attach_drop_hook(&mut self, tracefs: &Path) -> String {
+        let layout = match skb_layout::resolve(Path::new(skb_layout::KERNEL_BTF)) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "kernel drops are not counted: the sk_buff layout of this kernel is unknown");
+                attach::unpin(&self.layout, "tp_kfree_skb");
+                return "none".into();
+            }
+        };
+        let written = typed::<Array<&mut MapData, SkbLayout>>(&mut self.ebpf, "FL_SKB_LAYOUT")
+            .and_then(|mut a| {
+                a.set(0, layout, 0)
+                    .map_err(|e| DatapathError::map("FL_SKB_LAYOUT", e))
+            });
+        if let Err(e) = written {
+            warn!(error = %e, "kernel drops are not counted");
+            return "none".into();
+        }
+        match std::fs::read_to_string(tracefs.join(drop_reasons::FORMAT)) {
+            Ok(f) => self.drop_reason_names = drop_reasons::parse(&f),
+            Err(e) => {
+                warn!(error = %e, "drop reason names unavailable: metrics label reasons by number")
+            }
+        }
+        match attach::tracepoint_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_KFREE_SKB,
+            "skb",
+            "kfree_skb",
+            "tp_kfree_skb",
+        ) {
+            Ok(()) => "tracepoint/skb/kfree_skb".into(),
+            Err(e) => {
+                warn!(error = %e, "kernel drop hook unavailable");
+                "none".into()
+            }
+        }
+    }
+
+    /// Kernel drops of traced endpoints by reason label, summed over CPUs
+    /// (cumulative since the maps were created); reasons never seen are left out.
+    pub fn drops_by_reason(&mut self) -> Result<BTreeMap<String, u64>> {
+        let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_DROP_REASONS")?;
+        let mut out = BTreeMap::new();
+        for slot in 0..NUM_DROP_REASONS {
+            let n: u64 = map
+                .get(&slot, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            if n > 0 {
+                let label = drop_reasons::label(&self.drop_reason_names, slot, NUM_DROP_REASONS);
+                *out.entry(label).or_default() += n;
+            }
+        }
+        Ok(out)
     }
 
     /// The hooks in use, by purpose.
@@ -528,6 +601,7 @@ impl Datapath {
             conn_table_full: v[flowlens_agent_common::COUNTER_CONN_TABLE_FULL as usize],
             rtt_samples: v[flowlens_agent_common::COUNTER_RTT_SAMPLES as usize],
             connect_denied: v[flowlens_agent_common::COUNTER_CONNECT_DENIED as usize],
+            drops_without_flow: v[flowlens_agent_common::COUNTER_DROPS_WITHOUT_FLOW as usize],
         })
     }
 }

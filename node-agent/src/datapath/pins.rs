@@ -18,7 +18,7 @@ use std::{
 };
 
 /// Bump when a map's key, value or meaning changes.
-pub const LAYOUT_VERSION: &str = "v1";
+pub const LAYOUT_VERSION: &str = "v2";
 
 /// The default pin root.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/flowlens";
@@ -141,13 +141,15 @@ pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
 }
 
 /// Makes sure tracefs is mounted (tracepoint attachment reads event ids from it).
-pub fn ensure_tracefs() -> io::Result<()> {
+pub fn ensure_tracefs() -> io::Result<PathBuf> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if fs_magic(Path::new(p)).ok() == Some(TRACEFS_MAGIC) {
-            return Ok(());
+            return Ok(PathBuf::from(p));
         }
     }
-    mount("tracefs", Path::new("/sys/kernel/tracing"))
+    let root = Path::new("/sys/kernel/tracing");
+    mount("tracefs", root)?;
+    Ok(root.to_path_buf())
 }
 
 #[cfg(test)]
@@ -160,7 +162,7 @@ mod tests {
         let p = l.tc_link("veth.a_b", 42, true);
         assert_eq!(
             p,
-            Path::new("/sys/fs/bpf/x/v1/links/tc_42_ingress_veth~a_b")
+            Path::new("/sys/fs/bpf/x/v2/links/tc_42_ingress_veth~a_b")
         );
         let name = p.file_name().unwrap().to_str().unwrap();
         assert_eq!(

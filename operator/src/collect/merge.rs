@@ -162,6 +162,7 @@ pub fn merge(
             r.bytes += traffic.bytes;
             r.payload_bytes += traffic.payload_bytes;
             r.retransmits += s.retransmits;
+            r.drops += s.drops;
             latency.merge(&s.rtt);
             let remote_zone = remote_pod
                 .and_then(|p| p.node.as_deref())

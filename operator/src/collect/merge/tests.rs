@@ -113,8 +113,8 @@ fn series(
         flows,
         tx,
         rx,
-        retransmits: 0,
         rtt,
+        ..Default::default()
     }
 }
 
@@ -310,8 +310,7 @@ fn agents_folded_series_join_the_other_bucket() {
         flows: 3,
         tx: traffic(3, 300),
         rx: traffic(3, 300),
-        retransmits: 0,
-        rtt: Histogram::default(),
+        ..Default::default()
     }]);
     p.folded_series = 7;
     let r = merge(100, 110, &[("n1".into(), p)], &DEFAULT, &d);
@@ -347,4 +346,46 @@ fn top_n_limits_the_list_not_the_totals() {
     assert_eq!(r.top_flows.len(), 2);
     assert_eq!(r.top_flows[0].bytes, 5000);
     assert_eq!((r.series, r.bytes), (5, 15_000));
+}
+
+#[test]
+fn kernel_drops_add_up_across_nodes() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
+    // Each side drops what its own kernel dropped: added, never deduplicated.
+    let mut from_n1 = series(
+        dims("shop", "web"),
+        "10.0.2.1",
+        5432,
+        Role::Client,
+        1,
+        traffic(10, 10_520),
+        traffic(5, 260),
+        &[],
+    );
+    from_n1.drops = 2;
+    let mut from_n2 = series(
+        dims("shop", "db"),
+        "10.0.1.1",
+        5432,
+        Role::Server,
+        1,
+        traffic(5, 260),
+        traffic(10, 10_520),
+        &[],
+    );
+    from_n2.drops = 3;
+    let r = merge(
+        100,
+        110,
+        &[
+            ("n1".into(), part(vec![from_n1])),
+            ("n2".into(), part(vec![from_n2])),
+        ],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.drops, 5);
+    assert_eq!(r.packets, 15, "drops do not change the traffic counts");
 }
