@@ -90,6 +90,8 @@ async fn every_sample_applies_and_kubectl_columns_are_served() {
                 "Throughput",
                 "RTT-P50",
                 "RTT-P99",
+                "Retransmits",
+                "Drops",
                 "Ready",
                 "Age",
             ],

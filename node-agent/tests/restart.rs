@@ -29,7 +29,9 @@ fn now_s() -> i64 {
 
 /// Link pin name -> kernel link id, read with bpftool.
 fn pinned_links(root: &std::path::Path) -> BTreeMap<String, u64> {
-    let dir = root.join("v1/links");
+    let dir = root
+        .join(flowlens_agent::datapath::pins::LAYOUT_VERSION)
+        .join("links");
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let o = std::process::Command::new("bpftool")
