@@ -109,11 +109,27 @@ fn rtt_case(extra_args: &[&str], expected_hook: &str) {
     let agent = Agent::standalone(&topo, n1, &spec, extra_args);
     assert_eq!(agent.dump().unwrap().hooks.rtt, expected_hook);
     std::thread::sleep(Duration::from_millis(300));
+    let injected = 2.0 * ONE_WAY.as_micros() as f64;
 
-    let from = now_s() - now_s() % 5;
-    let far = ping_pong(&topo, a, &topo.pods[b].ip4.to_string());
-    let near = ping_pong(&topo, a, &topo.pods[c].ip4.to_string());
-    let windows = agent.windows("obs", from, now_s() + 1, Duration::from_secs(20));
+    // This machine is shared: a stall of the delay line raises the kernel's
+    // own srtt (ss -ti) far above the injected delay, and then neither can
+    // be compared with it. Measure again (at most three times) until the
+    // ground truth itself shows the injected delay.
+    let mut attempt = 1;
+    let (far, near, windows) = loop {
+        let from = now_s() - now_s() % 5;
+        let far = ping_pong(&topo, a, &topo.pods[b].ip4.to_string());
+        let near = ping_pong(&topo, a, &topo.pods[c].ip4.to_string());
+        let windows = agent.windows("obs", from, now_s() + 1, Duration::from_secs(20));
+        if (far.ss_srtt_us - injected).abs() / injected < 0.10 || attempt == 3 {
+            break (far, near, windows);
+        }
+        println!(
+            "{expected_hook}: attempt {attempt}: ss -ti srtt {:.0} µs is off the injected {injected:.0} µs (the delay line stalled); measuring again",
+            far.ss_srtt_us
+        );
+        attempt += 1;
+    };
 
     let hist = |remote: &str| {
         let mut h = Histogram::default();
@@ -129,7 +145,6 @@ fn rtt_case(extra_args: &[&str], expected_hook: &str) {
     };
     let far_h = hist(&topo.pods[b].ip4.to_string());
     let near_h = hist(&topo.pods[c].ip4.to_string());
-    let injected = 2.0 * ONE_WAY.as_micros() as f64;
     let p50 = far_h
         .quantile(0.5)
         .expect("RTT samples for the cross-zone connection") as f64;

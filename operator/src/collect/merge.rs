@@ -149,10 +149,18 @@ pub fn merge(
             } else {
                 s.rx
             };
-            let connections = if remote_traced && s.role == Role::Server {
-                0
+            // Between two traced pods the client's side speaks for the
+            // connection: its flows count once, and its srtt is the flow's
+            // RTT. The server's srtt also holds the time the client took to
+            // send its next request (a request/response connection ACKs
+            // replies with the next request), so it is used only when the
+            // client is not traced.
+            let client_side_counts = remote_traced && s.role == Role::Server;
+            let connections = if client_side_counts { 0 } else { s.flows };
+            let rtt = if client_side_counts {
+                &Histogram::default()
             } else {
-                s.flows
+                &s.rtt
             };
             let mut traffic = s.tx;
             traffic.add(&rx);
@@ -163,7 +171,7 @@ pub fn merge(
             r.payload_bytes += traffic.payload_bytes;
             r.retransmits += s.retransmits;
             r.drops += s.drops;
-            latency.merge(&s.rtt);
+            latency.merge(rtt);
             let remote_zone = remote_pod
                 .and_then(|p| p.node.as_deref())
                 .and_then(|n| dir.zone(n));
@@ -199,7 +207,7 @@ pub fn merge(
             let acc = flows.entry(id).or_default();
             acc.traffic.add(&traffic);
             acc.flows += connections;
-            acc.rtt.merge(&s.rtt);
+            acc.rtt.merge(rtt);
         }
     }
     r.nodes_reporting = nodes.len() as u32;

@@ -183,7 +183,10 @@ fn a_connection_between_traced_pods_counts_once() {
         (5432, "TCP", 10_780, 1)
     );
     let l = r.latency.unwrap();
-    assert_eq!(l.samples, 3);
+    assert_eq!(
+        l.samples, 2,
+        "the client's samples only: both ends are traced"
+    );
     assert!((968..=1032).contains(&l.p50_micros), "{l:?}");
 }
 
@@ -388,4 +391,60 @@ fn kernel_drops_add_up_across_nodes() {
     );
     assert_eq!(r.drops, 5);
     assert_eq!(r.packets, 15, "drops do not change the traffic counts");
+}
+
+#[test]
+fn the_servers_rtt_counts_only_when_its_client_is_not_traced() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
+    d.add_pod("10.0.3.1", "other", "cache-1", "cache", "n3", false);
+    // A request/response connection: the client sees the network's 20 ms,
+    // the server 40 ms (its replies are ACKed by the next request).
+    let client = series(
+        dims("shop", "web"),
+        "10.0.2.1",
+        5432,
+        Role::Client,
+        1,
+        traffic(10, 1_000),
+        traffic(10, 1_000),
+        &[20_000, 20_000],
+    );
+    let server = |remote| {
+        series(
+            dims("shop", "db"),
+            remote,
+            5432,
+            Role::Server,
+            1,
+            traffic(10, 1_000),
+            traffic(10, 1_000),
+            &[40_000, 40_000, 40_000],
+        )
+    };
+    let r = merge(
+        100,
+        110,
+        &[
+            ("n1".into(), part(vec![client])),
+            ("n2".into(), part(vec![server("10.0.1.1")])),
+        ],
+        &DEFAULT,
+        &d,
+    );
+    let l = r.latency.unwrap();
+    assert_eq!(l.samples, 2);
+    assert!((19_000..=21_000).contains(&l.p50_micros), "{l:?}");
+    assert_eq!(r.top_flows[0].rtt_p50_micros, Some(l.p50_micros));
+
+    // An untraced client: the server's samples are all there is.
+    let r = merge(
+        100,
+        110,
+        &[("n2".into(), part(vec![server("10.0.3.1")]))],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.latency.unwrap().samples, 3);
 }
