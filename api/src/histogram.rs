@@ -1,9 +1,9 @@
 //! A sparse log-linear histogram of RTTs in microseconds, mergeable exactly.
 //!
 //! The bucket layout is the kernel's (`flowlens_agent_common::rtt_bucket`):
-//! exact below 16 µs, then 16 linear sub-buckets per power of two, so any
-//! value lies within 1/16 of its bucket's lower bound. Percentiles report the
-//! bucket midpoint: at most 3.2% from the true sample value.
+//! exact below 32 µs, then 32 linear sub-buckets per power of two, so any
+//! value lies within 1/32 of its bucket's lower bound. Percentiles report the
+//! bucket midpoint: at most 1.6% from the true sample value.
 
 use std::collections::BTreeMap;
 

@@ -62,7 +62,10 @@ pub struct FlowStats {
     /// Packets of this flow the kernel dropped (freed with a drop reason),
     /// from the `skb:kfree_skb` tracepoint. A GSO packet counts once.
     pub drops: u32,
-    pub _pad: u32,
+    /// The config epoch in which every packet of this key is counted and
+    /// passes without rule evaluation (an endpoint without rules, or a
+    /// connection its rules allow); 0: evaluate. Set only by the TC programs.
+    pub pass_epoch: u32,
 }
 
 /// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
@@ -215,7 +218,8 @@ pub struct ConnState {
     /// Slot that decided a DROP/AUDIT verdict.
     pub slot: u8,
     pub _pad: u8,
-    pub generation: u32,
+    /// The config epoch the verdict was decided in.
+    pub epoch: u32,
 }
 
 /// Value of the cgroup table: the addresses of the pod whose cgroup it is,
@@ -231,8 +235,10 @@ pub struct CgroupEndpoint {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// The active configuration generation (0 or 1).
-    pub generation: u32,
+    /// Counts configuration flips (0 before the first). Bit 0 is the active
+    /// table generation; the whole value tells cached decisions of an
+    /// earlier configuration from current ones. One 32-bit load reads both.
+    pub epoch: u32,
     pub _pad: u32,
     /// Minimum time between two RTT samples of one socket, in nanoseconds.
     pub rtt_sample_interval_ns: u64,
@@ -272,21 +278,22 @@ pub const COUNTER_CONNECT_DENIED: u32 = 5;
 pub const COUNTER_DROPS_WITHOUT_FLOW: u32 = 6;
 pub const NUM_COUNTERS: u32 = 8;
 
-/// Histogram layout: values below 16 µs have their own bucket; above, each
-/// power of two is split into 16 linear sub-buckets (relative width at most
-/// 1/16, so a bucket midpoint is within 3.2% of any value in it).
-pub const RTT_SUB_BUCKETS_LOG2: u32 = 4;
+/// Histogram layout: values below 32 µs have their own bucket; above, each
+/// power of two is split into 32 linear sub-buckets (relative width at most
+/// 1/32, so a bucket midpoint is within 1.6% of any value in it).
+pub const RTT_SUB_BUCKETS_LOG2: u32 = 5;
+const SUB: u32 = 1 << RTT_SUB_BUCKETS_LOG2;
 /// Number of buckets (values up to `u32::MAX` µs).
-pub const RTT_BUCKETS: u16 = 16 + (32 - 4) * 16;
+pub const RTT_BUCKETS: u16 = (SUB + (32 - RTT_SUB_BUCKETS_LOG2) * SUB) as u16;
 
 /// The histogram bucket of an RTT in microseconds. Branch-only arithmetic so
 /// the verifier accepts it (no loops, no `clz`).
 #[inline(always)]
 pub const fn rtt_bucket(us: u32) -> u16 {
-    if us < 16 {
+    if us < SUB {
         return us as u16;
     }
-    // e = floor(log2(us)), 4..=31, by binary search.
+    // e = floor(log2(us)), 5..=31, by binary search.
     let mut e: u32 = 0;
     let mut v = us;
     if v >= 1 << 16 {
@@ -308,29 +315,31 @@ pub const fn rtt_bucket(us: u32) -> u16 {
     if v >= 1 << 1 {
         e += 1;
     }
-    let sub = (us >> (e - 4)) & 15;
-    (16 + (e - 4) * 16 + sub) as u16
+    let shift = e - RTT_SUB_BUCKETS_LOG2;
+    let sub = (us >> shift) & (SUB - 1);
+    (SUB + shift * SUB + sub) as u16
 }
 
 /// The lowest value (µs) of a bucket.
 pub const fn rtt_bucket_lower(bucket: u16) -> u64 {
     let b = bucket as u64;
-    if b < 16 {
+    let n = SUB as u64;
+    if b < n {
         return b;
     }
-    let e = (b - 16) / 16 + 4;
-    let sub = (b - 16) % 16;
-    (16 + sub) << (e - 4)
+    let shift = (b - n) / n;
+    let sub = (b - n) % n;
+    (n + sub) << shift
 }
 
 /// The width (µs) of a bucket.
 pub const fn rtt_bucket_width(bucket: u16) -> u64 {
     let b = bucket as u64;
-    if b < 16 {
+    let n = SUB as u64;
+    if b < n {
         return 1;
     }
-    let e = (b - 16) / 16 + 4;
-    1 << (e - 4)
+    1 << ((b - n) / n)
 }
 
 /// Converts an IPv4 address (network order bytes) to its IPv4-mapped form.
@@ -401,11 +410,13 @@ mod tests {
                 lo + w
             );
             assert!(b < RTT_BUCKETS);
-            if us >= 16 {
+            if us >= 32 {
                 assert!(
-                    w * 16 <= lo,
-                    "bucket {b} is wider than 1/16 of its lower bound"
+                    w * 32 <= lo,
+                    "bucket {b} is wider than 1/32 of its lower bound"
                 );
+            } else {
+                assert_eq!((lo, w), (us as u64, 1), "values below 32 µs are exact");
             }
         }
     }

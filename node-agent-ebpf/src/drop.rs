@@ -69,7 +69,7 @@ pub fn on_kfree_skb(ctx: &TracePointContext) -> Option<()> {
 
     // The endpoint the drop belongs to: the receiver if it is traced here,
     // else the sender.
-    let generation = cfg.generation;
+    let generation = crate::maps::generation(cfg.epoch);
     if is_traced(generation, &key.remote_addr) {
         core::mem::swap(&mut key.local_addr, &mut key.remote_addr);
         core::mem::swap(&mut key.local_port, &mut key.remote_port);

@@ -44,8 +44,25 @@ fn tcp_flow_flags(p: &Packet) -> u32 {
     out
 }
 
+/// The live flow-table entry of `key`, or null. A raw pointer rather than
+/// an `Option`: the verifier rejects spilling the undefined payload of a
+/// `None`.
 #[inline(always)]
-fn add(stats: *mut FlowStats, p: &Packet, flags: u32) {
+pub fn lookup(key: &FlowKey) -> *mut FlowStats {
+    match FL_FLOWS.get(0) {
+        Some(flows) => flows.get_ptr_mut(key).unwrap_or(core::ptr::null_mut()),
+        None => core::ptr::null_mut(),
+    }
+}
+
+/// Adds a packet to an entry.
+#[inline(always)]
+pub fn add(stats: *mut FlowStats, p: &Packet) {
+    add_with_flags(stats, p, tcp_flow_flags(p));
+}
+
+#[inline(always)]
+fn add_with_flags(stats: *mut FlowStats, p: &Packet, flags: u32) {
     unsafe {
         add_u64(&raw mut (*stats).packets, p.packets);
         add_u64(&raw mut (*stats).bytes, p.bytes);
@@ -59,15 +76,21 @@ fn add(stats: *mut FlowStats, p: &Packet, flags: u32) {
 }
 
 /// Counts a packet of a traced endpoint. `key` is the flow as seen from the
-/// local endpoint.
+/// local endpoint, `existing` its entry if the caller found one (else null), and
+/// `pass_epoch` the epoch in which the key's packets pass untouched (0: not
+/// known to), recorded for the fast path.
 #[inline(never)]
-pub fn account(key: &FlowKey, p: &Packet) {
+pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: u32) {
     let Some(flows) = FL_FLOWS.get(0) else {
         return;
     };
     let flags = tcp_flow_flags(p);
-    if let Some(stats) = flows.get_ptr_mut(key) {
-        add(stats, p, flags);
+    if !existing.is_null() {
+        let stats = existing;
+        add_with_flags(stats, p, flags);
+        // Plain store: racing writers store the current epoch or 0, and a
+        // stale epoch never matches the current one.
+        unsafe { (*stats).pass_epoch = pass_epoch };
         return;
     }
     let fresh = FlowStats {
@@ -77,14 +100,14 @@ pub fn account(key: &FlowKey, p: &Packet) {
         flags,
         retransmits: 0,
         drops: 0,
-        _pad: 0,
+        pass_epoch,
     };
     match flows.insert(key, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // Another CPU created it first.
         Err(-17) => {
             if let Some(stats) = flows.get_ptr_mut(key) {
-                add(stats, p, flags);
+                add_with_flags(stats, p, flags);
             }
         }
         // Table full: keep the totals exact in the per-endpoint overflow table.
@@ -106,7 +129,7 @@ fn account_overflow(key: &FlowKey, p: &Packet) {
         _pad: [0; 7],
     };
     if let Some(stats) = overflow.get_ptr_mut(&okey) {
-        add(stats, p, 0);
+        add_with_flags(stats, p, 0);
         return;
     }
     let fresh = FlowStats {
@@ -116,12 +139,12 @@ fn account_overflow(key: &FlowKey, p: &Packet) {
         flags: 0,
         retransmits: 0,
         drops: 0,
-        _pad: 0,
+        pass_epoch: 0,
     };
     if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err()
         && let Some(stats) = overflow.get_ptr_mut(&okey)
     {
-        add(stats, p, 0);
+        add_with_flags(stats, p, 0);
     }
 }
 
@@ -145,7 +168,7 @@ pub fn account_retransmit(key: &FlowKey) {
         flags: 0,
         retransmits: 1,
         drops: 0,
-        _pad: 0,
+        pass_epoch: 0,
     };
     let _ = flows.insert(key, &fresh, BPF_NOEXIST as u64);
 }

@@ -41,8 +41,8 @@ use aya_ebpf::{
 };
 use flowlens_agent_common::{
     COUNTER_CONNECT_DENIED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS,
-    ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey, PROTO_TCP, ROLE_CLIENT,
-    ROLE_SERVER, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+    ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, VERDICT_DROP, VERDICT_PASS, v4_mapped,
 };
 
 use crate::{
@@ -65,7 +65,10 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_UNSPEC;
     };
-    let generation = cfg.generation;
+    // One load: the epoch and, in its bit 0, the table generation stay
+    // consistent with each other whatever the agent writes meanwhile.
+    let epoch = cfg.epoch;
+    let generation = maps::generation(epoch);
     // Not zero-initialised: `parse` writes every field it returns.
     let mut slot = core::mem::MaybeUninit::<packet::Packet>::uninit();
     // SAFETY: parse() writes every field before returning true; nothing is
@@ -75,17 +78,25 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     }
     let p = unsafe { slot.assume_init() };
     let egress = direction == DIRECTION_EGRESS;
-    // The flow as seen from the local endpoint; `direction` 0 makes it the
-    // connection key first.
+    // The flow as seen from the local endpoint.
     let mut key = FlowKey {
         local_addr: if egress { p.src } else { p.dst },
         remote_addr: if egress { p.dst } else { p.src },
         local_port: if egress { p.sport } else { p.dport },
         remote_port: if egress { p.dport } else { p.sport },
         protocol: p.protocol,
-        direction: 0,
+        direction,
         _pad: [0; 2],
     };
+
+    // Fast path: a flow already known, in this epoch, to be traced and to
+    // pass untouched is counted with one lookup.
+    let existing = flow::lookup(&key);
+    if !existing.is_null() && epoch != 0 && unsafe { (*existing).pass_epoch } == epoch {
+        flow::add(existing, &p);
+        return TC_ACT_UNSPEC;
+    }
+
     let ep = match unsafe {
         FL_ENDPOINTS.get(&EndpointKey {
             generation,
@@ -96,14 +107,18 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         None => return TC_ACT_UNSPEC,
     };
 
+    let mut passes = true;
     if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
+        // The connection key: the flow key with direction 0.
+        key.direction = 0;
         let d = policy::unpack(policy::packet_decision(
-            generation,
+            epoch,
             ep,
             &p,
             direction as u32,
             &key,
         ));
+        key.direction = direction;
         if d.verdict != VERDICT_PASS {
             let syn =
                 p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
@@ -111,12 +126,17 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
             if d.verdict == VERDICT_DROP {
                 return TC_ACT_SHOT;
             }
+            passes = false;
+        }
+        // ICMP shares one key per peer across message types, and neighbour
+        // discovery passes whatever the rules say: always evaluated.
+        if p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6 {
+            passes = false;
         }
     }
 
     if ep.flags & ENDPOINT_TRACE != 0 {
-        key.direction = direction;
-        flow::account(&key, &p);
+        flow::account(&key, &p, existing, if passes { epoch } else { 0 });
     }
     TC_ACT_UNSPEC
 }
@@ -198,7 +218,7 @@ fn is_traced(local: &[u8; 16]) -> bool {
         return false;
     };
     matches!(
-        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation: cfg.generation, addr: *local }) },
+        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation: maps::generation(cfg.epoch), addr: *local }) },
         Some(ep) if ep.flags & ENDPOINT_TRACE != 0
     )
 }
@@ -354,7 +374,7 @@ fn on_connect(remote: [u8; 16], v4: bool, port_raw: u32, protocol: u32) -> i32 {
     }
     let protocol = protocol as u8;
     let port = u16::from_be(port_raw as u16);
-    let generation = cfg.generation;
+    let generation = maps::generation(cfg.epoch);
     if let Some(ep) = unsafe {
         FL_ENDPOINTS.get(&EndpointKey {
             generation,

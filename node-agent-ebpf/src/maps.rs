@@ -7,8 +7,8 @@
 //! old map with no concurrent writer. Nothing is lost or counted twice.
 //!
 //! Configuration maps (endpoints, rule LPM tries) are keyed by a one-bit
-//! generation: the agent writes the inactive generation, then flips
-//! `FL_CONFIG.generation` with one array update.
+//! generation: the agent writes the inactive generation, then bumps
+//! `FL_CONFIG.epoch` (whose bit 0 is the generation) with one array update.
 
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -86,7 +86,13 @@ pub fn bump(counter: u32) {
     }
 }
 
-/// The active configuration generation and settings.
+/// The table generation of a config epoch.
+#[inline(always)]
+pub fn generation(epoch: u32) -> u32 {
+    epoch & 1
+}
+
+/// The active configuration epoch and settings.
 #[inline(always)]
 pub fn config() -> Option<&'static DatapathConfig> {
     FL_CONFIG.get(0)

@@ -5,7 +5,9 @@
 //! ingress rules for connections opened towards it (port = the local port).
 //! So replies to a pod's own connections are never caught by its ingress
 //! rules, and the replies a server sends are never caught by egress rules.
-//! The verdict is cached per connection and generation in `FL_CONNS`.
+//! The verdict is cached per connection and config epoch in `FL_CONNS` (the
+//! epoch, not the one-bit generation: a verdict of two flips ago must not
+//! come back), and for traced flows that pass, in the flow entry.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -194,7 +196,7 @@ pub fn unpack(v: u32) -> Decision {
 /// is the packet's flow key with `direction` 0 (the connection key).
 #[inline(never)]
 pub fn packet_decision(
-    generation: u32,
+    epoch: u32,
     ep: &EndpointInfo,
     p: &Packet,
     direction: u32,
@@ -205,7 +207,7 @@ pub fn packet_decision(
         return pack(PASS);
     }
     let role = match unsafe { FL_CONNS.get(conn) } {
-        Some(st) if st.generation == generation => {
+        Some(st) if st.epoch == epoch => {
             return pack(Decision {
                 verdict: st.verdict,
                 slot: st.slot,
@@ -224,13 +226,20 @@ pub fn packet_decision(
     } else {
         conn.local_port
     };
-    let d = evaluate(generation, ep, role, &conn.remote_addr, conn.protocol, port);
+    let d = evaluate(
+        crate::maps::generation(epoch),
+        ep,
+        role,
+        &conn.remote_addr,
+        conn.protocol,
+        port,
+    );
     let state = ConnState {
         role,
         verdict: d.verdict,
         slot: d.slot,
         _pad: 0,
-        generation,
+        epoch,
     };
     if FL_CONNS.insert(conn, &state, BPF_ANY as u64).is_err() {
         bump(COUNTER_CONN_TABLE_FULL);

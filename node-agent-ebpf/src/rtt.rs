@@ -27,7 +27,7 @@ pub fn record(
         return;
     };
     let ekey = EndpointKey {
-        generation: cfg.generation,
+        generation: crate::maps::generation(cfg.epoch),
         addr: *local,
     };
     match unsafe { FL_ENDPOINTS.get(&ekey) } {

@@ -355,3 +355,79 @@ fn config_swaps_never_let_a_blocked_connection_through() {
     println!("during 30 config swaps: {r}");
     assert_eq!(r["successes"], 0);
 }
+
+/// A connection allowed before a block and idle while the rules change
+/// twice (a block, then an unrelated change that flips the tables back to
+/// the generation the connection was first decided in) is blocked when it
+/// speaks again: cached verdicts belong to a config epoch, not to the
+/// one-bit table generation.
+#[test]
+fn an_idle_connection_decided_before_a_block_is_blocked_after_later_changes() {
+    let s = setup();
+    let (topo, a, b, c) = (&s.topo, s.a, s.b, s.c);
+    let peers = b_ips(&s);
+    let mut cfg = SpecBuilder::new(topo, 0);
+    // `a` has rules from the start, so the connection's verdict (pass) is
+    // decided and cached when it opens.
+    cfg.trace("obs", 5, &[a, b, c]).rule(
+        "other-port",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&peers[0]],
+        &[(TCP, 6001, 6001)],
+    );
+    let spec = cfg.build();
+    let mut agent = Agent::standalone(topo, 0, &spec, &[]);
+
+    let mut client = topo.pod_cmd(
+        a,
+        workspace_bin("flowlens-traffic"),
+        &[
+            "idle-exchange",
+            "--to",
+            &addr(topo.pods[b].ip4, 5432),
+            "--idle-ms",
+            "6000",
+            "--timeout-ms",
+            "1000",
+        ],
+    );
+    client.stdout(std::process::Stdio::piped());
+    let mut child = client.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.contains("connected"), "{line}");
+
+    cfg.rule(
+        "no-db",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&peers[0], &peers[1]],
+        &[(TCP, 5432, 5432)],
+    );
+    let blocked = cfg.build();
+    agent.set_config(&blocked);
+    agent.wait_revision(&blocked.revision, Duration::from_secs(5));
+    cfg.rule(
+        "unrelated",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[c],
+        &[&peers[0]],
+        &[(TCP, 6000, 6000)],
+    );
+    let later = cfg.build();
+    agent.set_config(&later);
+    agent.wait_revision(&later.revision, Duration::from_secs(5));
+
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let _ = child.wait();
+    let r: Value = serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("{rest:?}: {e}"));
+    println!("idle connection across a block and a later change: {r}");
+    assert_eq!(r["first"], true, "the connection worked before the block");
+    assert_eq!(r["second"], false, "the block holds after later changes");
+}

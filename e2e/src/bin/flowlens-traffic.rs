@@ -6,6 +6,7 @@
 //! flowlens-traffic ping-pong --to IP:PORT [--count N] [--interval-ms M] [--size S] [--hold-ms H]
 //! flowlens-traffic connect-loop --to IP:PORT [--interval-ms 10] [--duration-ms D] [--timeout-ms T]
 //! flowlens-traffic stream --to IP:PORT [--duration-ms D] [--chunk S] [--interval-ms M]
+//! flowlens-traffic idle-exchange --to IP:PORT --idle-ms I [--timeout-ms T]
 //! ```
 
 use std::{
@@ -164,6 +165,28 @@ fn stream(args: &[String]) {
     println!("{{\"ok\":true,\"error\":null,\"bytes\":{bytes}}}");
 }
 
+/// One exchange on a new connection, `--idle-ms` of silence on it, then one
+/// more (with a timeout): does a connection that sat idle while rules
+/// changed still get through?
+fn idle_exchange(args: &[String]) {
+    let to = target(args);
+    let idle = Duration::from_millis(arg(args, "--idle-ms", 3000));
+    let timeout = Duration::from_millis(arg(args, "--timeout-ms", 1000));
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut exchange = |s: &mut TcpStream| {
+        let mut back = [0u8; 8];
+        s.write_all(b"ping-one").is_ok() && s.read_exact(&mut back).is_ok()
+    };
+    let first = exchange(&mut s);
+    println!("{{\"connected\":true}}");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(idle);
+    let second = exchange(&mut s);
+    println!("{{\"first\":{first},\"second\":{second}}}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -171,6 +194,7 @@ fn main() {
         Some("ping-pong") => ping_pong(&args),
         Some("connect-loop") => connect_loop(&args),
         Some("stream") => stream(&args),
+        Some("idle-exchange") => idle_exchange(&args),
         _ => {
             eprintln!("usage: flowlens-traffic echo-server|ping-pong|connect-loop|stream ...");
             std::process::exit(2);

@@ -177,7 +177,7 @@ impl Datapath {
             overflow,
             rtt,
             rules,
-            generation: config.generation & 1,
+            generation: config.epoch & 1,
             written: [None, None],
             cgroups: None,
             rtt_sample_interval_ns: opts.rtt_sample_interval.as_nanos() as u64,
@@ -377,7 +377,7 @@ impl Datapath {
     /// The revision hash the kernel enforces now (0 when never configured).
     pub fn active_revision_hash(&mut self) -> Result<u64> {
         let c = read_config(&mut self.ebpf)?;
-        Ok(c.revision_hash[(c.generation & 1) as usize])
+        Ok(c.revision_hash[(c.epoch & 1) as usize])
     }
 
     /// Writes `tables` into the inactive generation, then makes it active
@@ -437,7 +437,7 @@ impl Datapath {
         }
         // The flip.
         let mut config = read_config(&mut self.ebpf)?;
-        config.generation = next;
+        config.epoch = next_epoch(config.epoch, next);
         config.revision_hash[next as usize] = revision_hash(revision);
         config.rtt_sample_interval_ns = self.rtt_sample_interval_ns;
         write_config(&mut self.ebpf, &config)?;
@@ -606,6 +606,15 @@ impl Datapath {
     }
 }
 
+/// The epoch after `epoch` whose bit 0 is the generation `next` (epochs only
+/// grow: cached decisions of any earlier epoch never match again).
+fn next_epoch(epoch: u32, next: u32) -> u32 {
+    let e = epoch.wrapping_add(1);
+    let e = if e & 1 == next { e } else { e.wrapping_add(1) };
+    // 0 means "before the first config" to the kernel; never reuse it.
+    if e == 0 { 2 | next } else { e }
+}
+
 fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
@@ -630,4 +639,22 @@ fn write_config(ebpf: &mut Ebpf, c: &DatapathConfig) -> Result<()> {
 /// Removes every pin of a layout (detaching programs, freeing maps).
 pub fn remove_pins(bpffs_root: &Path) -> std::io::Result<usize> {
     attach::remove_all(&PinLayout::new(bpffs_root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_epoch;
+
+    #[test]
+    fn epochs_grow_and_carry_the_generation_in_bit_0() {
+        assert_eq!(next_epoch(0, 1), 1);
+        assert_eq!(next_epoch(1, 0), 2);
+        assert_eq!(next_epoch(2, 1), 3);
+        // A generation out of step with the epoch (a previous agent's
+        // state): skip one rather than go back.
+        assert_eq!(next_epoch(2, 0), 4);
+        // Wrapping around skips 0.
+        assert_eq!(next_epoch(u32::MAX, 0), 2);
+        assert_eq!(next_epoch(u32::MAX - 1, 1), u32::MAX);
+    }
 }
