@@ -175,7 +175,7 @@ fn idle_exchange(args: &[String]) {
     let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
-    let mut exchange = |s: &mut TcpStream| {
+    let exchange = |s: &mut TcpStream| {
         let mut back = [0u8; 8];
         s.write_all(b"ping-one").is_ok() && s.read_exact(&mut back).is_ok()
     };
