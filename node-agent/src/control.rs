@@ -86,6 +86,7 @@ pub struct ControlLoop {
     completed: tokio::sync::mpsc::UnboundedSender<Completed>,
     last_kernel: crate::datapath::KernelCounters,
     last_drops: BTreeMap<String, u64>,
+    other_layouts_removed: bool,
     next_flow_drain: i64,
     next_rule_drain: i64,
     policy_totals: BTreeMap<(String, String), PolicyMatches>,
@@ -118,6 +119,7 @@ impl ControlLoop {
             completed,
             last_kernel,
             last_drops,
+            other_layouts_removed: false,
             // No drain before the first config: records drained without
             // observations to attribute them to would be lost, while the
             // kernel keeps them safely until then.
@@ -204,6 +206,12 @@ impl ControlLoop {
                 // Attach to the pods' interfaces before saying the revision
                 // is applied: "applied" means counted and enforced.
                 self.reconcile();
+                if !self.other_layouts_removed {
+                    // Enforced by this agent's programs now: those of an
+                    // earlier version can go.
+                    self.datapath.remove_other_layouts();
+                    self.other_layouts_removed = true;
+                }
                 self.shared.set_ready(true);
                 self.shared.update(|s| {
                     s.applied_revision = Some(spec.revision.clone());

@@ -174,3 +174,80 @@ fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
         "bytes lost or double counted across the restart"
     );
 }
+
+/// An upgrade: the pins of an older layout (here: this agent's own, renamed
+/// to `v1`) keep enforcing until the new agent enforces its first config,
+/// then they are removed and their programs detach.
+#[test]
+fn a_new_layout_takes_over_and_removes_the_old_one() {
+    let mut topo = Topology::new();
+    let n = topo.add_node("n1", None);
+    let a = topo.add_pod(n, "a");
+    let b = topo.add_pod(n, "b");
+    let traffic = workspace_bin("flowlens-traffic");
+    let _e5432 = Proc::spawn(
+        "echo-5432",
+        topo.pod_cmd(b, &traffic, &["echo-server", "--port", "5432"]),
+        None,
+    );
+    let peer = format!("{}/32", topo.pods[b].ip4);
+    let spec = SpecBuilder::new(&topo, n)
+        .trace("obs", 5, &[a])
+        .rule(
+            "no-db",
+            Direction::Egress,
+            PolicyMode::Enforce,
+            &[a],
+            &[&peer],
+            &[(Protocol::Tcp, 5432, 5432)],
+        )
+        .build();
+    let mut agent = Agent::standalone(&topo, n, &spec, &[]);
+    let old_links: Vec<u64> = pinned_links(&agent.bpffs_root).into_values().collect();
+    assert!(!old_links.is_empty());
+    agent.kill9();
+    let root = agent.bpffs_root.clone();
+    let current = root.join(flowlens_agent::datapath::pins::LAYOUT_VERSION);
+    std::fs::rename(&current, root.join("v1")).expect("renaming a bpffs directory");
+
+    agent.restart(&topo);
+    agent.wait_revision(&spec.revision, Duration::from_secs(30));
+    assert!(!root.join("v1").exists(), "the old layout is removed");
+    let new_links: Vec<u64> = pinned_links(&root).into_values().collect();
+    assert!(!new_links.is_empty());
+    // The old links are gone from the kernel, not only from bpffs.
+    let out = std::process::Command::new("bpftool")
+        .args(["link", "show", "-j"])
+        .output()
+        .unwrap();
+    let live: Vec<u64> = serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    let lingering: Vec<&u64> = old_links.iter().filter(|id| live.contains(id)).collect();
+    assert!(
+        lingering.is_empty(),
+        "old links still attached: {lingering:?}"
+    );
+    // And the rule is still enforced (by the new programs).
+    let to = format!("{}:5432", topo.pods[b].ip4);
+    let out = topo.pod_output(
+        a,
+        &traffic,
+        &[
+            "connect-loop",
+            "--to",
+            &to,
+            "--duration-ms",
+            "200",
+            "--interval-ms",
+            "20",
+        ],
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["successes"], 0, "{r}");
+    assert!(r["attempts"].as_u64().unwrap() > 0);
+}

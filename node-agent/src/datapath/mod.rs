@@ -343,6 +343,25 @@ impl Datapath {
         }
     }
 
+    /// Removes the pins of other layout versions (an agent of another
+    /// version ran before): their programs detach, their maps go. Called once
+    /// this agent enforces its first config, so enforcement has no gap.
+    pub fn remove_other_layouts(&self) -> usize {
+        let mut removed = 0;
+        for old in self.layout.other_versions() {
+            match attach::remove_all(&old) {
+                Ok(n) => {
+                    info!(layout = %old.dir().display(), pins = n, "removed the pins of another agent version");
+                    removed += 1;
+                }
+                Err(e) => {
+                    warn!(layout = %old.dir().display(), error = %e, "cannot remove the pins of another agent version")
+                }
+            }
+        }
+        removed
+    }
+
     /// Kernel drops of traced endpoints by reason label, summed over CPUs
     /// (cumulative since the maps were created); reasons never seen are left out.
     pub fn drops_by_reason(&mut self) -> Result<BTreeMap<String, u64>> {

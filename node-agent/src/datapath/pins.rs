@@ -3,13 +3,17 @@
 //! agent never reinterprets maps of another layout.
 //!
 //! ```text
-//! <root>/v1/maps/FL_*              maps of the eBPF object
-//! <root>/v1/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
-//! <root>/v1/links/tc_<ifindex>_<ingress|egress>_<ifname>
-//! <root>/v1/links/<hook>           cgroup and tracepoint links
+//! <root>/v2/maps/FL_*              maps of the eBPF object
+//! <root>/v2/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
+//! <root>/v2/links/tc_<ifindex>_<ingress|egress>_<ifname>
+//! <root>/v2/links/<hook>           cgroup and tracepoint links
 //! ```
 //!
 //! bpffs reserves `.` in names, so interface names store it as `~`.
+//!
+//! After an upgrade, the layout of the previous version stays pinned (and its
+//! programs keep enforcing) until the new agent has applied its first config;
+//! then the agent removes it (`Datapath::remove_other_layouts`).
 
 use std::{
     ffi::CString,
@@ -40,6 +44,31 @@ impl PinLayout {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Layouts of other versions under the same root (`v<N>` directories an
+    /// agent of another version pinned).
+    pub fn other_versions(&self) -> Vec<PinLayout> {
+        let Some(root) = self.dir.parent() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PinLayout> = entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name != LAYOUT_VERSION
+                    && name.len() > 1
+                    && name.starts_with('v')
+                    && name[1..].bytes().all(|b| b.is_ascii_digit())
+            })
+            .map(|e| PinLayout { dir: e.path() })
+            .collect();
+        out.sort_by(|a, b| a.dir.cmp(&b.dir));
+        out
     }
 
     pub fn maps(&self) -> PathBuf {
