@@ -156,14 +156,15 @@ impl Agent {
         serde_json::from_slice(&out.stdout).ok()
     }
 
-    /// The agent's Prometheus text exposition (`/metrics`).
-    pub fn metrics(&self) -> String {
+    /// The value of a metric of the agent (`/metrics`) summed over label
+    /// sets whose line contains `filter`.
+    pub fn metric_sum(&self, name: &str, filter: &str) -> f64 {
         let out = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.netns))
             .args(["curl", "-sf", &format!("http://{AGENT_HTTP}/metrics")])
             .output()
             .expect("running curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::metrics::sum(&String::from_utf8_lossy(&out.stdout), name, filter)
     }
 
     /// Waits until the agent enforces `revision`.

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod objects;
 pub mod operator;
 pub mod process;

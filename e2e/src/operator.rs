@@ -103,10 +103,7 @@ impl Operator {
         let Some((_, body)) = http_get(self.metrics, "/metrics") else {
             return f64::NAN;
         };
-        body.lines()
-            .filter(|l| l.starts_with(name) && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::metrics::sum(&body, name, filter)
     }
 
     /// Writes made to the API server so far.

@@ -11,13 +11,13 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use flowlens_agent_common::{
-    COUNTER_DROPS_WITHOUT_FLOW, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_TRACE, EndpointKey,
-    FlowKey, NUM_DROP_REASONS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SkbLayout, v4_mapped,
+    COUNTER_DROPS_WITHOUT_FLOW, DIRECTION_EGRESS, DIRECTION_INGRESS, FlowKey, NUM_DROP_REASONS,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SkbLayout, v4_mapped,
 };
 
 use crate::{
     flow,
-    maps::{FL_DROP_REASONS, FL_ENDPOINTS, FL_SKB_LAYOUT, bump, config},
+    maps::{FL_DROP_REASONS, FL_SKB_LAYOUT, bump, config, is_traced},
 };
 
 /// `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED` are not drops.
@@ -91,14 +91,6 @@ pub fn on_kfree_skb(ctx: &TracePointContext) -> Option<()> {
         bump(COUNTER_DROPS_WITHOUT_FLOW);
     }
     Some(())
-}
-
-#[inline(always)]
-fn is_traced(generation: u32, addr: &[u8; 16]) -> bool {
-    matches!(
-        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation, addr: *addr }) },
-        Some(ep) if ep.flags & ENDPOINT_TRACE != 0
-    )
 }
 
 /// Reads the IP and transport headers of the packet at `skb` into `key`

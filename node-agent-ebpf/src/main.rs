@@ -212,15 +212,10 @@ fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
     out
 }
 
+/// Whether `local` is an endpoint traced by the active configuration.
 #[inline(always)]
 fn is_traced(local: &[u8; 16]) -> bool {
-    let Some(cfg) = config() else {
-        return false;
-    };
-    matches!(
-        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation: maps::generation(cfg.epoch), addr: *local }) },
-        Some(ep) if ep.flags & ENDPOINT_TRACE != 0
-    )
+    config().is_some_and(|cfg| maps::is_traced(maps::generation(cfg.epoch), local))
 }
 
 /// Reads an address stored as `struct sockaddr_in`/`sockaddr_in6` in a

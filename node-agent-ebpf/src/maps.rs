@@ -15,8 +15,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    CgroupEndpoint, ConnKey, ConnState, DatapathConfig, EndpointInfo, EndpointKey, FlowKey,
-    FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey, RttKey,
+    CgroupEndpoint, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
+    FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey, RttKey,
     RuleCounterKey, RuleCounters, SkbLayout,
 };
 
@@ -90,6 +90,15 @@ pub fn bump(counter: u32) {
 #[inline(always)]
 pub fn generation(epoch: u32) -> u32 {
     epoch & 1
+}
+
+/// Whether `addr` is an endpoint traced in table generation `generation`.
+#[inline(always)]
+pub fn is_traced(generation: u32, addr: &[u8; 16]) -> bool {
+    matches!(
+        unsafe { FL_ENDPOINTS.get(&EndpointKey { generation, addr: *addr }) },
+        Some(ep) if ep.flags & ENDPOINT_TRACE != 0
+    )
 }
 
 /// The active configuration epoch and settings.

@@ -1,13 +1,11 @@
 //! Smoothed-RTT samples folded into a per-connection log-linear histogram.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use flowlens_agent_common::{
-    COUNTER_RTT_SAMPLES, COUNTER_RTT_TABLE_FULL, ENDPOINT_TRACE, EndpointKey, RttKey, rtt_bucket,
-};
+use flowlens_agent_common::{COUNTER_RTT_SAMPLES, COUNTER_RTT_TABLE_FULL, RttKey, rtt_bucket};
 
 use crate::{
     atomic::add_u64,
-    maps::{FL_ENDPOINTS, FL_RTT, FL_RTT_LAST, bump, config},
+    maps::{FL_RTT, FL_RTT_LAST, bump, config, generation, is_traced},
 };
 
 /// Records `srtt_us` for the connection `local:lport <-> remote:rport` if the
@@ -26,13 +24,8 @@ pub fn record(
     let Some(cfg) = config() else {
         return;
     };
-    let ekey = EndpointKey {
-        generation: crate::maps::generation(cfg.epoch),
-        addr: *local,
-    };
-    match unsafe { FL_ENDPOINTS.get(&ekey) } {
-        Some(ep) if ep.flags & ENDPOINT_TRACE != 0 => {}
-        _ => return,
+    if !is_traced(generation(cfg.epoch), local) {
+        return;
     }
     if cookie != 0 && cfg.rtt_sample_interval_ns != 0 {
         let now = unsafe { bpf_ktime_get_ns() };

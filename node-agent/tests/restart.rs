@@ -9,7 +9,7 @@ use std::{
 
 use flowlens_api::{
     flow_policy::{PolicyMode, Protocol},
-    node_agent_config::Direction,
+    node_agent_config::{Direction, NodeAgentConfigSpec},
     report::ObservationWindow,
 };
 use flowlens_e2e::{
@@ -17,6 +17,7 @@ use flowlens_e2e::{
     config::SpecBuilder,
     process::{Proc, workspace_bin},
     topology::Topology,
+    traffic::echo_server,
 };
 use serde_json::Value;
 
@@ -49,23 +50,23 @@ fn pinned_links(root: &std::path::Path) -> BTreeMap<String, u64> {
     out
 }
 
-#[test]
-fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
+/// Pods `a` and `b` on one node, echo servers on `b`:80 and `b`:5432, and a
+/// config that traces `a` and blocks `a` -> `b`:5432.
+struct DbBlocked {
+    topo: Topology,
+    n: usize,
+    a: usize,
+    b: usize,
+    spec: NodeAgentConfigSpec,
+    _servers: [Proc; 2],
+}
+
+fn db_blocked() -> DbBlocked {
     let mut topo = Topology::new();
     let n = topo.add_node("n1", None);
     let a = topo.add_pod(n, "a");
     let b = topo.add_pod(n, "b");
-    let traffic = workspace_bin("flowlens-traffic");
-    let _e80 = Proc::spawn(
-        "echo-80",
-        topo.pod_cmd(b, &traffic, &["echo-server", "--port", "80"]),
-        None,
-    );
-    let _e5432 = Proc::spawn(
-        "echo-5432",
-        topo.pod_cmd(b, &traffic, &["echo-server", "--port", "5432"]),
-        None,
-    );
+    let servers = [echo_server(&topo, b, 80), echo_server(&topo, b, 5432)];
     let peer = format!("{}/32", topo.pods[b].ip4);
     let spec = SpecBuilder::new(&topo, n)
         .trace("obs", 5, &[a])
@@ -78,7 +79,22 @@ fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
             &[(Protocol::Tcp, 5432, 5432)],
         )
         .build();
-    let mut agent = Agent::standalone(&topo, n, &spec, &[]);
+    DbBlocked {
+        topo,
+        n,
+        a,
+        b,
+        spec,
+        _servers: servers,
+    }
+}
+
+#[test]
+fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
+    let s = db_blocked();
+    let (topo, n, a, b, spec) = (&s.topo, s.n, s.a, s.b, &s.spec);
+    let traffic = workspace_bin("flowlens-traffic");
+    let mut agent = Agent::standalone(topo, n, spec, &[]);
     let links_before = pinned_links(&agent.bpffs_root);
     assert_eq!(
         links_before.keys().filter(|k| k.starts_with("tc_")).count(),
@@ -127,7 +143,7 @@ fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
     let before_kill = agent.dump().unwrap();
     agent.kill9();
     std::thread::sleep(Duration::from_secs(3));
-    agent.restart(&topo);
+    agent.restart(topo);
     agent.wait_revision(&spec.revision, Duration::from_secs(30));
     // TC and cgroup links are adopted in place (same kernel link). Perf-event
     // links (tracepoints) cannot change program, so those are re-attached.
@@ -180,29 +196,10 @@ fn kill_9_keeps_blocking_keeps_streams_and_loses_no_count() {
 /// then they are removed and their programs detach.
 #[test]
 fn a_new_layout_takes_over_and_removes_the_old_one() {
-    let mut topo = Topology::new();
-    let n = topo.add_node("n1", None);
-    let a = topo.add_pod(n, "a");
-    let b = topo.add_pod(n, "b");
+    let s = db_blocked();
+    let (topo, n, a, b, spec) = (&s.topo, s.n, s.a, s.b, &s.spec);
     let traffic = workspace_bin("flowlens-traffic");
-    let _e5432 = Proc::spawn(
-        "echo-5432",
-        topo.pod_cmd(b, &traffic, &["echo-server", "--port", "5432"]),
-        None,
-    );
-    let peer = format!("{}/32", topo.pods[b].ip4);
-    let spec = SpecBuilder::new(&topo, n)
-        .trace("obs", 5, &[a])
-        .rule(
-            "no-db",
-            Direction::Egress,
-            PolicyMode::Enforce,
-            &[a],
-            &[&peer],
-            &[(Protocol::Tcp, 5432, 5432)],
-        )
-        .build();
-    let mut agent = Agent::standalone(&topo, n, &spec, &[]);
+    let mut agent = Agent::standalone(topo, n, spec, &[]);
     let old_links: Vec<u64> = pinned_links(&agent.bpffs_root).into_values().collect();
     assert!(!old_links.is_empty());
     agent.kill9();
@@ -210,7 +207,7 @@ fn a_new_layout_takes_over_and_removes_the_old_one() {
     let current = root.join(flowlens_agent::datapath::pins::LAYOUT_VERSION);
     std::fs::rename(&current, root.join("v1")).expect("renaming a bpffs directory");
 
-    agent.restart(&topo);
+    agent.restart(topo);
     agent.wait_revision(&spec.revision, Duration::from_secs(30));
     assert!(!root.join("v1").exists(), "the old layout is removed");
     let new_links: Vec<u64> = pinned_links(&root).into_values().collect();

@@ -24,3 +24,4 @@ pub mod model;
 pub mod observation_status;
 pub mod policy_status;
 pub mod results;
+pub mod status_apply;

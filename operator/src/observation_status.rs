@@ -18,7 +18,6 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -31,10 +30,10 @@ use tracing::{info, instrument, warn};
 
 use crate::{
     compile::ObservationView,
-    config_writer::FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
     results::{WindowResult, write_windows},
+    status_apply::apply_status,
 };
 
 const CONTROLLER: &str = "networkobservation-status";
@@ -190,20 +189,18 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
     );
     if status != current {
         let api: Api<NetworkObservation> = Api::all(ctx.client.clone());
-        let patch = serde_json::json!({"apiVersion": "flowlens.dev/v1alpha1", "kind": "NetworkObservation", "status": status});
-        api.patch_status(
+        apply_status(
+            &api,
             &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
+            &status,
+            &ctx.metrics,
+            "networkobservations/status",
         )
         .await?;
-        ctx.metrics.wrote("networkobservations/status", "apply");
         tracing::debug!(before = ?current, after = ?status, "wrote NetworkObservation status");
-
-        if let Some(r) = results.last() {
-            ctx.results.committed(&uid, r.end);
-        }
-    } else if let Some(r) = results.last() {
+    }
+    // In status now (written, or already there): the windows are committed.
+    if let Some(r) = results.last() {
         ctx.results.committed(&uid, r.end);
     }
     ctx.metrics.reconciled(CONTROLLER, started);

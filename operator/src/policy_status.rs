@@ -19,7 +19,6 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -33,10 +32,10 @@ use tracing::{info, instrument, warn};
 
 use crate::{
     compile::PolicyView,
-    config_writer::FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
     results::write_policy_counts,
+    status_apply::apply_status,
 };
 
 const CONTROLLER: &str = "flowpolicy-status";
@@ -254,14 +253,7 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
     if status != current {
         publish_transitions(&ctx, &policy, &current, &status).await;
         let api: Api<FlowPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({"apiVersion": "flowlens.dev/v1alpha1", "kind": "FlowPolicy", "status": status});
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        ctx.metrics.wrote("flowpolicies/status", "apply");
+        apply_status(&api, &name, &status, &ctx.metrics, "flowpolicies/status").await?;
         tracing::debug!(before = ?current, after = ?status, "wrote FlowPolicy status");
     }
     if let Some(last) = counts.last() {

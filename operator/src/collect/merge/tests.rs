@@ -139,30 +139,10 @@ const DEFAULT: MergeParams = MergeParams {
 
 #[test]
 fn a_connection_between_traced_pods_counts_once() {
-    let mut d = Dir::new();
-    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
-    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
-    // web (n1, z1) -> db (n2, z2): 10 data segments one way, 5 ACKs back.
-    let from_n1 = part(vec![series(
-        dims("shop", "web"),
-        "10.0.2.1",
-        5432,
-        Role::Client,
-        1,
-        traffic(10, 10_520),
-        traffic(5, 260),
-        &[1000, 1000],
-    )]);
-    let from_n2 = part(vec![series(
-        dims("shop", "db"),
-        "10.0.1.1",
-        5432,
-        Role::Server,
-        1,
-        traffic(5, 260),
-        traffic(10, 10_520),
-        &[1000],
-    )]);
+    let d = web_and_db();
+    // web (n1, z1) -> db (n2, z2).
+    let from_n1 = part(vec![web_db_side(Role::Client, &[1000, 1000])]);
+    let from_n2 = part(vec![web_db_side(Role::Server, &[1000])]);
     let r = merge(
         100,
         110,
@@ -351,33 +331,40 @@ fn top_n_limits_the_list_not_the_totals() {
     assert_eq!((r.series, r.bytes), (5, 15_000));
 }
 
-#[test]
-fn kernel_drops_add_up_across_nodes() {
+/// web-1 (n1) and db-1 (n2), both traced.
+fn web_and_db() -> Dir {
     let mut d = Dir::new();
     d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
     d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
+    d
+}
+
+/// One side of a web -> db:5432 connection (10 data segments one way, 5
+/// ACKs back) as its node reports it: web's (client) or db's (server).
+fn web_db_side(role: Role, rtt_micros: &[u32]) -> Series {
+    let (local, remote, tx, rx) = match role {
+        Role::Client => ("web", "10.0.2.1", traffic(10, 10_520), traffic(5, 260)),
+        Role::Server => ("db", "10.0.1.1", traffic(5, 260), traffic(10, 10_520)),
+    };
+    series(
+        dims("shop", local),
+        remote,
+        5432,
+        role,
+        1,
+        tx,
+        rx,
+        rtt_micros,
+    )
+}
+
+#[test]
+fn kernel_drops_add_up_across_nodes() {
+    let d = web_and_db();
     // Each side drops what its own kernel dropped: added, never deduplicated.
-    let mut from_n1 = series(
-        dims("shop", "web"),
-        "10.0.2.1",
-        5432,
-        Role::Client,
-        1,
-        traffic(10, 10_520),
-        traffic(5, 260),
-        &[],
-    );
+    let mut from_n1 = web_db_side(Role::Client, &[]);
     from_n1.drops = 2;
-    let mut from_n2 = series(
-        dims("shop", "db"),
-        "10.0.1.1",
-        5432,
-        Role::Server,
-        1,
-        traffic(5, 260),
-        traffic(10, 10_520),
-        &[],
-    );
+    let mut from_n2 = web_db_side(Role::Server, &[]);
     from_n2.drops = 3;
     let r = merge(
         100,
@@ -395,40 +382,18 @@ fn kernel_drops_add_up_across_nodes() {
 
 #[test]
 fn the_servers_rtt_counts_only_when_its_client_is_not_traced() {
-    let mut d = Dir::new();
-    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
-    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", true);
+    let mut d = web_and_db();
     d.add_pod("10.0.3.1", "other", "cache-1", "cache", "n3", false);
     // A request/response connection: the client sees the network's 20 ms,
     // the server 40 ms (its replies are ACKed by the next request).
-    let client = series(
-        dims("shop", "web"),
-        "10.0.2.1",
-        5432,
-        Role::Client,
-        1,
-        traffic(10, 1_000),
-        traffic(10, 1_000),
-        &[20_000, 20_000],
-    );
-    let server = |remote| {
-        series(
-            dims("shop", "db"),
-            remote,
-            5432,
-            Role::Server,
-            1,
-            traffic(10, 1_000),
-            traffic(10, 1_000),
-            &[40_000, 40_000, 40_000],
-        )
-    };
+    let client = web_db_side(Role::Client, &[20_000, 20_000]);
+    let server = web_db_side(Role::Server, &[40_000, 40_000, 40_000]);
     let r = merge(
         100,
         110,
         &[
             ("n1".into(), part(vec![client])),
-            ("n2".into(), part(vec![server("10.0.1.1")])),
+            ("n2".into(), part(vec![server.clone()])),
         ],
         &DEFAULT,
         &d,
@@ -439,10 +404,14 @@ fn the_servers_rtt_counts_only_when_its_client_is_not_traced() {
     assert_eq!(r.top_flows[0].rtt_p50_micros, Some(l.p50_micros));
 
     // An untraced client: the server's samples are all there is.
+    let untraced_client = Series {
+        remote: Some("10.0.3.1".into()),
+        ..server
+    };
     let r = merge(
         100,
         110,
-        &[("n2".into(), part(vec![server("10.0.3.1")]))],
+        &[("n2".into(), part(vec![untraced_client]))],
         &DEFAULT,
         &d,
     );
