@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::{
     auth::{AuthError, Authenticator, Identity},
     collect::{
-        Accepted, Directory, Timing,
+        Directory, Timing,
         merge::{MergeParams, merge},
         observation_book::ObservationBook,
         policy_book::PolicyBook,
@@ -210,10 +210,7 @@ async fn report(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes
                 *e = (*e).max(w.end());
                 "unknown"
             } else {
-                match book.add(&node, &batch.agent, w, now) {
-                    Accepted::Stored => "stored",
-                    Accepted::Late => "late",
-                }
+                book.add(&node, &batch.agent, w, now).label()
             };
             ctx.metrics
                 .report_parts
@@ -227,10 +224,7 @@ async fn report(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes
     {
         let mut book = collector.policies.lock().expect("book lock");
         for p in batch.policy_windows {
-            let outcome = match book.add(&node, &batch.agent, p, now) {
-                Accepted::Stored => "stored",
-                Accepted::Late => "late",
-            };
+            let outcome = book.add(&node, &batch.agent, p, now).label();
             ctx.metrics
                 .report_parts
                 .get_or_create(&crate::metrics::PartLabels {

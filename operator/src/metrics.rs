@@ -115,7 +115,7 @@ impl Metrics {
         );
         registry.register(
             "report_parts",
-            "Window parts received from agents, by kind and outcome (late: after the window was final)",
+            "Window parts received from agents, by kind and outcome (late: after the window was final; counted: already in status, sent again after an operator restart)",
             report_parts.clone(),
         );
         registry.register(

@@ -36,6 +36,21 @@ pub enum Accepted {
     /// Its window is already final: dropped (and acknowledged, so the agent
     /// forgets it).
     Late,
+    /// Its window was already in status when this collector started: a
+    /// part sent again because the previous collector's acknowledgement
+    /// never arrived. Nothing to add; acknowledged.
+    Counted,
+}
+
+impl Accepted {
+    /// The `outcome` label of the report-parts metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Accepted::Stored => "stored",
+            Accepted::Late => "late",
+            Accepted::Counted => "counted",
+        }
+    }
 }
 
 /// When a window may be finalized without every node's report: `grace`

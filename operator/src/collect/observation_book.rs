@@ -45,6 +45,8 @@ impl OpenWindow {
 struct Entry {
     /// End of the last window finalized (or already in status).
     finalized_through: i64,
+    /// End of the last window that was in status when tracking began.
+    counted_through: i64,
     /// Open windows by end.
     windows: BTreeMap<i64, OpenWindow>,
 }
@@ -72,6 +74,7 @@ impl ObservationBook {
     pub fn track(&mut self, uid: &str, counted_through: i64) {
         let e = self.entries.entry(uid.to_owned()).or_default();
         e.finalized_through = e.finalized_through.max(counted_through);
+        e.counted_through = e.counted_through.max(counted_through);
     }
 
     /// Adds a part sent by `agent` on `node`. Sending a part again replaces it.
@@ -84,6 +87,9 @@ impl ObservationBook {
     ) -> Accepted {
         let e = self.entries.entry(part.uid.clone()).or_default();
         let end = part.end();
+        if end <= e.counted_through {
+            return Accepted::Counted;
+        }
         if end <= e.finalized_through {
             return Accepted::Late;
         }
@@ -254,7 +260,10 @@ mod tests {
     fn status_watermark_rejects_counted_windows() {
         let mut b = ObservationBook::new(T);
         b.track("u", 120);
-        assert_eq!(b.add("a", "x", part("u", 110, true, 1), 0), Accepted::Late);
+        assert_eq!(
+            b.add("a", "x", part("u", 110, true, 1), 0),
+            Accepted::Counted
+        );
         assert_eq!(
             b.add("a", "x", part("u", 120, true, 1), 0),
             Accepted::Stored
