@@ -9,7 +9,7 @@
 #   hack/local-cluster.sh status  say whether it runs
 #
 # Binaries: $KUBEBUILDER_ASSETS/{etcd,kube-apiserver} when set, otherwise built
-# once from Debian's packages (hack/build-kube-apiserver.sh) and cached in
+# once from Debian's packages (hack/build-kube.sh) and cached in
 # $FLOWLENS_CACHE_DIR (default /var/cache/flowlens).
 # With USE_EXISTING_CLUSTER=true, `up` only installs the CRDs into the cluster
 # $KUBECONFIG points at (the envtest convention) and starts nothing.
@@ -47,7 +47,7 @@ find_binaries() {
       || die "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks etcd or kube-apiserver"
     bin_dir="$KUBEBUILDER_ASSETS"
   else
-    bin_dir=$("$repo/hack/build-kube-apiserver.sh")
+    bin_dir=$("$repo/hack/build-kube.sh" apiserver)
   fi
 }
 

@@ -5,6 +5,7 @@
 //! - [`topology`]: simulated nodes and pods (network namespaces, routed
 //!   veths, per-pod cgroups) and a delay line between zones.
 //! - [`agent`]: running a real `flowlens-agent` for a node and reading it back.
+//! - [`kubectl`]: the real cluster (`just cluster`) as a user drives it.
 //! - [`process`]: child processes that die with the test.
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
 //!   operator), with [`proxy`] for the API server; [`traffic`]: iperf3 and
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod config;
+pub mod kubectl;
 pub mod metrics;
 pub mod objects;
 pub mod operator;

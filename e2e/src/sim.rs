@@ -11,7 +11,7 @@
 //! Agents authenticate like in a cluster: each node has an agent Pod
 //! object (host network), and the agent uses ServiceAccount tokens bound
 //! to it (one for the API server, one with the report audience for the
-//! operator). RBAC comes from `deploy/agent-rbac.yaml`.
+//! operator). RBAC comes from `deploy/base/agent-rbac.yaml`.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -340,10 +340,10 @@ impl SimCluster {
     }
 }
 
-/// The agents' ClusterRole from `deploy/agent-rbac.yaml`, bound to this
+/// The agents' ClusterRole from `deploy/base/agent-rbac.yaml`, bound to this
 /// run's agent ServiceAccount.
 async fn apply_agent_rbac(client: &Client, run: &str, namespace: &str) -> anyhow::Result<()> {
-    let path = repo_root().join("deploy/agent-rbac.yaml");
+    let path = repo_root().join("deploy/base/agent-rbac.yaml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut role_name = None;
@@ -362,7 +362,7 @@ async fn apply_agent_rbac(client: &Client, run: &str, namespace: &str) -> anyhow
             role_name = Some(name);
         }
     }
-    let role_name = role_name.context("deploy/agent-rbac.yaml has no ClusterRole")?;
+    let role_name = role_name.context("deploy/base/agent-rbac.yaml has no ClusterRole")?;
     let binding: ClusterRoleBinding = serde_json::from_value(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
         "metadata": {"name": format!("{run}-agent"), "labels": {crate::objects::TEST_LABEL: run}},

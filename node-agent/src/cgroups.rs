@@ -11,23 +11,45 @@ use std::{
 };
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` on unified hosts,
-/// `/sys/fs/cgroup/unified` on hybrid ones), from a mountinfo text.
+/// `/sys/fs/cgroup/unified` on hybrid ones), from a mountinfo text: the last
+/// mount of the whole hierarchy (root `/`). In a container, the runtime's own
+/// cgroup mount (a subtree) comes first and the node's, from a hostPath
+/// volume, is mounted over it.
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mut found = None;
     for line in mountinfo.lines() {
-        // ... mount_point ... - fstype source options
+        // id parent major:minor root mount_point ... - fstype source options
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            return left.split_whitespace().nth(4).map(PathBuf::from);
+        if right.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let mut f = left.split_whitespace();
+        let (root, mount_point) = (f.nth(3), f.next());
+        if let Some(mp) = mount_point {
+            if root == Some("/") || found.is_none() {
+                found = Some(PathBuf::from(mp));
+            }
         }
     }
-    None
+    found
 }
 
 /// The cgroup v2 root of this host, if mounted.
 pub fn cgroup2_root() -> Option<PathBuf> {
     parse_cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+/// Where the kubelet puts pods under a cgroup v2 root: `kubepods.slice`
+/// (systemd driver) or `kubepods` (cgroupfs driver), else the root itself.
+/// Hooks attached there see the node's pods and nothing else of the host.
+pub fn pod_cgroup_root(cgroup2: &Path) -> PathBuf {
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|d| cgroup2.join(d))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| cgroup2.to_path_buf())
 }
 
 /// The pod UID a cgroup directory name belongs to, if it is a pod cgroup.
@@ -100,6 +122,23 @@ mod tests {
             parse_cgroup2_mount("1 2 0:1 / /proc rw - proc proc rw"),
             None
         );
+        // A container: the runtime's subtree mount, then the node's over it.
+        let container = "50 40 0:30 /kubepods/besteffort/pod1/c1 /sys/fs/cgroup/unified ro - cgroup2 cgroup2 rw\n\
+                         60 40 0:30 / /sys/fs/cgroup/unified ro,relatime - cgroup2 cgroup2 rw";
+        assert_eq!(
+            parse_cgroup2_mount(container),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn pods_live_under_kubepods() {
+        let tmp = std::env::temp_dir().join(format!("flowlens-kp-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        assert_eq!(pod_cgroup_root(&tmp), tmp);
+        std::fs::create_dir_all(tmp.join("kubepods")).unwrap();
+        assert_eq!(pod_cgroup_root(&tmp), tmp.join("kubepods"));
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct ControlOptions {
     pub node: String,
     /// Where pods' cgroups live (for connect-time rejection), if known.
     pub cgroup_root: Option<PathBuf>,
+    /// The CNI's result cache (pod interfaces on bridge CNIs).
+    pub cni_cache_dir: PathBuf,
     /// How often to re-resolve pod interfaces and cgroups.
     pub reconcile_interval: Duration,
     /// Longest time between two drains of the flow tables.
@@ -133,6 +135,7 @@ impl ControlLoop {
     pub fn run(mut self, events: mpsc::Receiver<Event>) {
         let mut next_reconcile = Instant::now();
         loop {
+            self.shared.beat_control();
             let now = now_ms();
             let next_drain = self.next_flow_drain.min(self.next_rule_drain);
             let until_drain =
@@ -252,6 +255,7 @@ impl ControlLoop {
             warn!(error = %e, "cannot read routes");
             Vec::new()
         });
+        let cni = interfaces::read_cni_cache(&self.opts.cni_cache_dir);
         let mut wanted = BTreeSet::new();
         let mut missing = Vec::new();
         for ep in &tables.endpoint_refs {
@@ -260,7 +264,7 @@ impl ControlLoop {
             }
             let mut found = false;
             for ip in &ep.ips {
-                if let Some(ifname) = interfaces::lookup(&routes, ip)
+                if let Some(ifname) = interfaces::pod_interface(&cni, &routes, ip)
                     && let Some(idx) = interfaces::ifindex(ifname)
                 {
                     wanted.insert((ifname.to_owned(), idx));

@@ -1,5 +1,8 @@
 //! The agent's HTTP endpoints: `/metrics`, `/healthz`, `/readyz` and
-//! `/debug/window` (the JSON that `flowlens-agent dump` prints).
+//! `/debug/window` (the JSON that `flowlens-agent dump` prints). The agent
+//! uses the host network, so its port is open to every pod: `/debug/window`
+//! (which names pods, peers and blocked attempts) answers only connections
+//! from the node itself (loopback).
 
 use std::{
     net::SocketAddr,
@@ -9,7 +12,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{ConnectInfo, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -44,7 +47,7 @@ pub struct DebugWindow {
 pub fn router(shared: Shared, metrics: Arc<Metrics>, control: mpsc::Sender<Event>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthy))
         .route("/readyz", get(ready))
         .route("/debug/window", get(debug_window))
         .with_state(AppState {
@@ -64,6 +67,13 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
+async fn healthy(State(s): State<AppState>) -> impl IntoResponse {
+    match s.shared.stuck() {
+        None => (StatusCode::OK, "ok"),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     if s.shared.is_ready() {
         (StatusCode::OK, "ready")
@@ -75,7 +85,18 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn debug_window(State(s): State<AppState>) -> impl IntoResponse {
+async fn debug_window(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(s): State<AppState>,
+) -> axum::response::Response {
+    if !peer.ip().to_canonical().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "/debug/window answers only on the node itself: run `flowlens-agent dump` there \
+             (kubectl -n flowlens-system exec <agent pod> -- flowlens-agent dump)\n",
+        )
+            .into_response();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let preview = if s.control.send(Event::Preview(tx)).is_ok() {
         tokio::time::timeout(Duration::from_secs(5), rx)
@@ -91,10 +112,15 @@ async fn debug_window(State(s): State<AppState>) -> impl IntoResponse {
         live_policies: preview.policies,
         snapshot: s.shared.read(),
     })
+    .into_response()
 }
 
 /// Serves until the process ends.
 pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router).await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
 }

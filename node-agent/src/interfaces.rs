@@ -1,10 +1,24 @@
-//! Finds the host-side interface of a pod: the interface of the route to the
-//! pod's IP in the agent's network namespace (routed CNIs such as Calico or
-//! Cilium install one host route per pod on its veth).
+//! Finds the host-side interface of a pod.
 //!
-//! Parsing is pure (`parse_*`, `lookup`); reading `/proc` is the thin shell.
+//! - Routed CNIs (Calico, Cilium, the `ptp` plugin) install one host route per
+//!   pod on its veth: the interface of the route to the pod's IP.
+//! - Bridge CNIs (Flannel, the `bridge` plugin) put the pod's veth on a bridge
+//!   and route the whole pod CIDR to the bridge, so the route names the bridge,
+//!   not the pod. The CNI's own result cache (`/var/lib/cni/results`, written
+//!   by libcni for containerd and CRI-O) names each pod's host-side veth and
+//!   its addresses; that answer wins, and a route to a bridge is never taken
+//!   for a pod's interface.
+//!
+//! Parsing is pure (`parse_*`, `lookup`, `host_side_interfaces`); reading
+//! `/proc` and the cache directory is the thin shell.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::Deserialize;
 
 /// One route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +120,105 @@ pub fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
         .map(|r| r.ifname.as_str())
 }
 
+/// One cached CNI ADD result (`/var/lib/cni/results/<network>-<container>-<if>`),
+/// only the fields used here.
+#[derive(Deserialize)]
+struct CniCacheEntry {
+    result: CniResult,
+}
+
+#[derive(Deserialize)]
+struct CniResult {
+    #[serde(default)]
+    interfaces: Vec<CniInterface>,
+    #[serde(default)]
+    ips: Vec<CniIp>,
+}
+
+#[derive(Deserialize)]
+struct CniInterface {
+    name: String,
+    /// Set for interfaces inside the pod's network namespace.
+    #[serde(default)]
+    sandbox: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CniIp {
+    /// `10.244.0.5/24`
+    address: String,
+}
+
+/// The pod addresses and host-side interface of one cached CNI result: the
+/// interface outside the pod's sandbox that is not a bridge. `None` when the
+/// result has no such interface (macvlan, ipvlan) or several.
+pub fn host_side_interfaces(
+    cache_json: &str,
+    is_bridge: impl Fn(&str) -> bool,
+) -> Option<(Vec<IpAddr>, String)> {
+    let entry: CniCacheEntry = serde_json::from_str(cache_json).ok()?;
+    let mut host = entry
+        .result
+        .interfaces
+        .iter()
+        .filter(|i| i.sandbox.as_deref().is_none_or(str::is_empty) && !is_bridge(&i.name));
+    let ifname = host.next()?.name.clone();
+    if host.next().is_some() {
+        return None;
+    }
+    let ips = entry
+        .result
+        .ips
+        .iter()
+        .filter_map(|ip| ip.address.split('/').next()?.parse().ok())
+        .collect::<Vec<IpAddr>>();
+    (!ips.is_empty()).then_some((ips, ifname))
+}
+
+/// Pod address -> host-side interface, from every cached CNI result in `dir`.
+/// An unreadable or foreign file is skipped.
+pub fn read_cni_cache(dir: &Path) -> HashMap<IpAddr, String> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        if let Some((ips, ifname)) = host_side_interfaces(&text, is_bridge) {
+            for ip in ips {
+                out.insert(ip, ifname.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Whether `ifname` is a bridge of the agent's network namespace. (sysfs shows
+/// the namespace that mounted `/sys`: right for a host-network agent; the
+/// simulated nodes have no bridges.)
+pub fn is_bridge(ifname: &str) -> bool {
+    !ifname.contains('/')
+        && Path::new("/sys/class/net")
+            .join(ifname)
+            .join("bridge")
+            .is_dir()
+}
+
+/// The host-side interface of a pod address: the CNI's cached answer, else
+/// the route to it, unless that route leads to a bridge.
+pub fn pod_interface<'a>(
+    cni: &'a HashMap<IpAddr, String>,
+    routes: &'a [Route],
+    ip: &IpAddr,
+) -> Option<&'a str> {
+    if let Some(ifname) = cni.get(ip) {
+        return Some(ifname);
+    }
+    lookup(routes, ip).filter(|ifname| !is_bridge(ifname))
+}
+
 /// Reads the routes of the agent's network namespace.
 pub fn read_routes() -> std::io::Result<Vec<Route>> {
     let mut routes = parse_ipv4_routes(&std::fs::read_to_string("/proc/net/route")?);
@@ -150,6 +263,56 @@ vethA\t0501A80A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             lookup(&r, &"8.8.8.8".parse().unwrap()),
             None,
             "default route via gateway"
+        );
+    }
+
+    #[test]
+    fn cni_cache_names_the_bridge_port() {
+        // What libcni caches for the `bridge` plugin: the bridge, the pod's
+        // host-side veth, and eth0 in the sandbox.
+        let bridge = r#"{"kind":"cniCacheV1","containerId":"abc","ifName":"eth0","networkName":"flowlens",
+            "result":{"cniVersion":"0.4.0","interfaces":[{"name":"cni0","mac":"aa:bb:cc:dd:ee:01"},
+            {"name":"veth1234abcd","mac":"aa:bb:cc:dd:ee:02"},
+            {"name":"eth0","mac":"aa:bb:cc:dd:ee:03","sandbox":"/var/run/netns/cni-1"}],
+            "ips":[{"version":"4","interface":2,"address":"10.244.0.5/24","gateway":"10.244.0.1"}]}}"#;
+        assert_eq!(
+            host_side_interfaces(bridge, |n| n == "cni0"),
+            Some((
+                vec!["10.244.0.5".parse().unwrap()],
+                "veth1234abcd".to_owned()
+            ))
+        );
+        // Without knowing cni0 is a bridge the answer is ambiguous: none.
+        assert_eq!(host_side_interfaces(bridge, |_| false), None);
+        // `ptp`: host veth first, eth0 in the sandbox; dual-stack.
+        let ptp = r#"{"result":{"interfaces":[{"name":"veth99"},{"name":"eth0","sandbox":"/var/run/netns/x"}],
+            "ips":[{"address":"10.244.0.7/32"},{"address":"fd00:244::7/128"}]}}"#;
+        assert_eq!(
+            host_side_interfaces(ptp, |_| false),
+            Some((
+                vec![
+                    "10.244.0.7".parse().unwrap(),
+                    "fd00:244::7".parse().unwrap()
+                ],
+                "veth99".to_owned()
+            ))
+        );
+        assert_eq!(host_side_interfaces("not json", |_| false), None);
+        assert_eq!(host_side_interfaces(r#"{"result":{}}"#, |_| false), None);
+    }
+
+    #[test]
+    fn the_cache_wins_over_a_route_to_a_bridge() {
+        let routes = parse_ipv4_routes(V4);
+        let mut cni = HashMap::new();
+        cni.insert("10.250.0.9".parse().unwrap(), "vethB".to_owned());
+        assert_eq!(
+            pod_interface(&cni, &routes, &"10.250.0.9".parse().unwrap()),
+            Some("vethB")
+        );
+        assert_eq!(
+            pod_interface(&cni, &routes, &"10.168.1.5".parse().unwrap()),
+            Some("vethA")
         );
     }
 

@@ -56,6 +56,10 @@ enum Command {
     Cleanup {
         #[arg(long, default_value = pins::DEFAULT_ROOT)]
         bpffs_root: PathBuf,
+        /// Then wait until terminated (the uninstall DaemonSet's pods stay
+        /// Ready so that `kubectl rollout status` says every node is clean).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -75,10 +79,20 @@ struct RunArgs {
     bpffs_root: PathBuf,
 
     /// Cgroup v2 directory of the node's pods: sockets under it get RTT
-    /// (sock_ops) and connect-time rejection. Default: the cgroup2 mount.
-    /// `none` disables both.
+    /// (sock_ops) and connect-time rejection. Default: the kubelet's
+    /// `kubepods.slice` or `kubepods` under the cgroup2 mount, else the mount
+    /// itself. `none` disables both.
     #[arg(long, env = "FLOWLENS_CGROUP_ROOT")]
     cgroup_root: Option<String>,
+
+    /// The CNI's result cache, where bridge CNIs name each pod's host-side
+    /// interface (routed CNIs need no cache: the route names it).
+    #[arg(
+        long,
+        env = "FLOWLENS_CNI_CACHE_DIR",
+        default_value = "/var/lib/cni/results"
+    )]
+    cni_cache_dir: PathBuf,
 
     /// RTT hook: `auto` picks the best the kernel offers.
     #[arg(long, value_enum, default_value = "auto")]
@@ -151,9 +165,15 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Cleanup { bpffs_root }) => {
+        Some(Command::Cleanup { bpffs_root, wait }) => {
             let n = datapath::remove_pins(&bpffs_root).context("removing pins")?;
             println!("removed {n} pinned objects under {}", bpffs_root.display());
+            if wait {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(shutdown_signal());
+            }
             Ok(())
         }
         Some(Command::Run(args)) => run(args),
@@ -177,7 +197,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup_root = match args.cgroup_root.as_deref() {
         Some("none") => None,
         Some(p) => Some(PathBuf::from(p)),
-        None => cgroups::cgroup2_root(),
+        None => cgroups::cgroup2_root().map(|root| cgroups::pod_cgroup_root(&root)),
     };
     let dp_opts = DatapathOptions {
         bpffs_root: args.bpffs_root.clone(),
@@ -198,6 +218,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ControlOptions {
             node: node.clone(),
             cgroup_root,
+            cni_cache_dir: args.cni_cache_dir.clone(),
             reconcile_interval: Duration::from_secs(2),
             max_drain_interval: Duration::from_secs(args.max_drain_interval_secs.max(1)),
         },

@@ -2,7 +2,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicI64, Ordering},
+    },
 };
 
 use flowlens_api::{
@@ -85,6 +88,27 @@ pub struct KernelState {
 pub struct Shared {
     inner: Arc<RwLock<AgentSnapshot>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    beats: Arc<Heartbeats>,
+}
+
+/// When the agent's loops last went round (ms since the Unix epoch; 0: not
+/// running): `/healthz` fails when one of them is stuck.
+#[derive(Default)]
+struct Heartbeats {
+    control: AtomicI64,
+    reporter: AtomicI64,
+}
+
+/// The control loop wakes at least every reconcile interval (2 s).
+pub const CONTROL_STUCK_MS: i64 = 30_000;
+/// The reporter wakes at least every heartbeat or backoff (at most 30 s).
+pub const REPORTER_STUCK_MS: i64 = 120_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Shared {
@@ -103,5 +127,32 @@ impl Shared {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The control loop went round.
+    pub fn beat_control(&self) {
+        self.beats.control.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The reporter went round.
+    pub fn beat_reporter(&self) {
+        self.beats.reporter.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Why the agent is unhealthy, if it is: a loop that started and then
+    /// stopped going round.
+    pub fn stuck(&self) -> Option<&'static str> {
+        let now = now_ms();
+        let stale = |t: i64, limit: i64| t != 0 && now - t > limit;
+        if stale(self.beats.control.load(Ordering::Relaxed), CONTROL_STUCK_MS) {
+            Some("the control loop is stuck")
+        } else if stale(
+            self.beats.reporter.load(Ordering::Relaxed),
+            REPORTER_STUCK_MS,
+        ) {
+            Some("the reporter is stuck")
+        } else {
+            None
+        }
     }
 }

@@ -1,7 +1,11 @@
 //! `/metrics`, `/healthz` and `/readyz` (ready once every watched kind has
-//! been listed and configs can be written).
+//! been listed and configs can be written; a standby replica, waiting for
+//! the lease, is ready to take over).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
 use axum::{
     Router,
@@ -13,25 +17,35 @@ use axum::{
 
 use crate::context::Context;
 
-pub fn router(ctx: Arc<Context>) -> Router {
+/// The operator's context, set once this replica leads (at once without
+/// leader election).
+pub type Leading = Arc<OnceLock<Arc<Context>>>;
+
+pub fn router(leading: Leading) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .with_state(ctx)
+        .with_state(leading)
 }
 
-async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+async fn metrics(State(leading): State<Leading>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.encode(),
+        leading
+            .get()
+            .map(|ctx| ctx.metrics.encode())
+            .unwrap_or_else(|| "# EOF\n".to_owned()),
     )
 }
 
-async fn ready(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+async fn ready(State(leading): State<Leading>) -> impl IntoResponse {
+    let Some(ctx) = leading.get() else {
+        return (StatusCode::OK, "standby: waiting for the lease");
+    };
     if ctx.sync.is_synced() {
         (StatusCode::OK, "ready")
     } else {

@@ -13,12 +13,14 @@
 pub mod auth;
 pub mod collect;
 pub mod collector;
+pub mod collector_tls;
 pub mod compile;
 pub mod config_writer;
 pub mod context;
 pub mod error;
 pub mod feed;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod observation_status;

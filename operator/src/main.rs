@@ -15,7 +15,7 @@ use flowlens_operator::{
     config_writer,
     context::{Context, SyncState, Triggers},
     error::Error,
-    feed, http,
+    feed, http, leader,
     metrics::Metrics,
     observation_status, policy_status,
     results::ResultStore,
@@ -99,6 +99,20 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     report_startup_grace: Duration,
 
+    /// Run only while holding the `--lease-name` Lease in POD_NAMESPACE
+    /// (needs POD_NAME and POD_NAMESPACE): for more than one replica.
+    #[arg(long, env = "FLOWLENS_LEADER_ELECTION")]
+    leader_election: bool,
+
+    /// The Lease replicas compete for.
+    #[arg(long, default_value = "flowlens-operator")]
+    lease_name: String,
+
+    /// How long a lease holds without renewal: a standby takes over at most
+    /// this long after the leader died.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    lease_duration: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -171,6 +185,37 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     info!("starting flowlens-operator {}", env!("CARGO_PKG_VERSION"));
+
+    let leading = http::Leading::default();
+    let router = http::router(leading.clone());
+    let addr = args.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, router).await {
+            error!(addr = %addr, error = %e, "metrics server failed");
+        }
+    });
+    let mut leadership = if args.leader_election {
+        let opts = leader::LeaderOptions {
+            namespace: std::env::var("POD_NAMESPACE")
+                .context("--leader-election needs POD_NAMESPACE (the Lease's namespace)")?,
+            pod_name: std::env::var("POD_NAME")
+                .context("--leader-election needs POD_NAME (this replica's identity)")?,
+            lease_name: args.lease_name.clone(),
+            lease_seconds: args.lease_duration.as_secs().max(2),
+        };
+        tokio::select! {
+            l = leader::acquire(client.clone(), &opts) => Some(l?),
+            _ = shutdown_signal() => return Ok(()),
+        }
+    } else {
+        None
+    };
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
 
     // One watch of NodeAgentConfigs, shared by the writer and both controllers.
     let (configs, writer) = reflector::store_shared::<NodeAgentConfig>(1024);
@@ -255,13 +300,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let router = http::router(ctx.clone());
-    let addr = args.metrics_addr;
-    tokio::spawn(async move {
-        if let Err(e) = http::serve(addr, router).await {
-            error!(addr = %addr, error = %e, "metrics server failed");
-        }
-    });
+    let _ = leading.set(ctx.clone());
 
     let collector_router = collector::router(ctx.clone());
     let tls = args
@@ -280,6 +319,10 @@ async fn main() -> anyhow::Result<()> {
         _ = config_writer::run(ctx.clone()) => error!("config writer ended"),
         _ = policy_status::run(ctx.clone(), for_policies, UnboundedReceiverStream::new(policy_rx)) => error!("FlowPolicy controller ended"),
         _ = observation_status::run(ctx.clone(), for_observations, UnboundedReceiverStream::new(obs_rx)) => error!("NetworkObservation controller ended"),
+        _ = lost => {
+            error!("lost the lease: exiting, so that only the new leader writes");
+            std::process::exit(1);
+        }
         _ = shutdown_signal() => info!("shutting down"),
     }
     Ok(())

@@ -122,6 +122,7 @@ impl Reporter {
         let mut failing_since: Option<Instant> = None;
         let mut open = true;
         while open || self.buffer.has_pending() {
+            shared.beat_reporter();
             tokio::select! {
                 c = completed.recv(), if open => match c {
                     Some(c) => {

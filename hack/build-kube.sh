@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver 1.20.2 offline from Debian bookworm's source package and
-# caches it. Prints the directory holding `kube-apiserver` and `etcd` on stdout;
-# progress goes to stderr. Recipe: ../shared/ENVIRONMENT.md ("A real Kubernetes
-# API server, without downloads").
+# Builds Kubernetes 1.20.2 components offline from Debian bookworm's source
+# package and caches them. Prints the directory holding them on stdout; progress
+# goes to stderr. Recipe: ../shared/ENVIRONMENT.md ("A real Kubernetes API
+# server, without downloads", "A real node").
+#
+#   hack/build-kube.sh apiserver   kube-apiserver (+ a link to Debian's etcd)
+#   hack/build-kube.sh node        also kubelet, kube-proxy,
+#                                  kube-controller-manager, kube-scheduler
 #
 #   FLOWLENS_CACHE_DIR   where binaries are cached (default /var/cache/flowlens)
 set -euo pipefail
@@ -12,9 +16,23 @@ k8s_version="1.20.2"
 deb_version="1.20.5+really1.20.2-1.1+deb12u1"
 out_dir="$cache_dir/kube-$k8s_version"
 
-log() { printf '[build-kube-apiserver] %s\n' "$*" >&2; }
+log() { printf '[build-kube] %s\n' "$*" >&2; }
 
-if [[ -x "$out_dir/kube-apiserver" && -x "$out_dir/etcd" ]]; then
+what="${1:-apiserver}"
+node_bins=(kubelet kube-proxy kube-controller-manager kube-scheduler)
+have_all() {
+  [[ -x "$out_dir/kube-apiserver" && -x "$out_dir/etcd" ]] || return 1
+  if [[ "$what" == node ]]; then
+    local b
+    for b in "${node_bins[@]}"; do [[ -x "$out_dir/$b" ]] || return 1; done
+  fi
+}
+case "$what" in
+  apiserver|node) ;;
+  *) log "usage: $0 apiserver|node"; exit 2 ;;
+esac
+
+if have_all; then
   echo "$out_dir"
   exit 0
 fi
@@ -70,14 +88,29 @@ fi
 mkdir -p .go/src/k8s.io
 ln -sfn ../../.. .go/src/k8s.io/kubernetes
 
-log "compiling kube-apiserver (about 4 minutes on 2 cores, once per machine)"
-start=$(date +%s)
-GOPATH="$PWD/.go" CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2
-log "compiled in $(( $(date +%s) - start ))s"
+mkdir -p "$out_dir"
+if [[ ! -x "$out_dir/kube-apiserver" ]]; then
+  log "compiling kube-apiserver (about 4 minutes on 2 cores, once per machine)"
+  start=$(date +%s)
+  GOPATH="$PWD/.go" CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2
+  log "compiled in $(( $(date +%s) - start ))s"
+  cp _output/bin/kube-apiserver "$out_dir/kube-apiserver.tmp"
+  mv "$out_dir/kube-apiserver.tmp" "$out_dir/kube-apiserver"
+fi
+ln -sf "$(command -v etcd)" "$out_dir/etcd"
 
-mkdir -p "$out_dir.tmp"
-cp _output/bin/kube-apiserver "$out_dir.tmp/kube-apiserver"
-ln -sf "$(command -v etcd)" "$out_dir.tmp/etcd"
-rm -rf "$out_dir" && mv "$out_dir.tmp" "$out_dir"
+if [[ "$what" == node ]]; then
+  # providerless,dockerless: no cloud providers, no dockershim (containerd
+  # speaks CRI itself).
+  log "compiling ${node_bins[*]} (about 1-3 minutes after the API server, once per machine)"
+  start=$(date +%s)
+  whats=$(printf 'cmd/%s ' "${node_bins[@]}")
+  GOPATH="$PWD/.go" CGO_ENABLED=0 make WHAT="${whats% }" GOFLAGS=-tags=providerless,dockerless >&2
+  log "compiled in $(( $(date +%s) - start ))s"
+  for b in "${node_bins[@]}"; do
+    cp "_output/bin/$b" "$out_dir/$b.tmp"
+    mv "$out_dir/$b.tmp" "$out_dir/$b"
+  done
+fi
 log "cached in $out_dir"
 echo "$out_dir"

@@ -1,0 +1,225 @@
+//! The real cluster (`just cluster`) as a user drives it: `kubectl` with the
+//! admin kubeconfig, for applying manifests, exec into pods and reading the
+//! pods' own interface counters. Status is read through the API
+//! ([`crate::cluster::client`]).
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::cluster::{kubeconfig_path, repo_root};
+
+/// The image with iperf3, nc, curl, ip and bash (`hack/images.sh`).
+pub const TESTBOX: &str = "flowlens-testbox:dev";
+
+/// `kubectl <args>` against the test cluster: stdout, or the error with
+/// stderr.
+pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    kubectl_stdin(args, None)
+}
+
+/// `kubectl <args>` with `stdin` piped in (`apply -f -`).
+pub fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let mut cmd = Command::new("kubectl");
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args(args)
+        .env("KUBECACHEDIR", repo_root().join(".flowlens/kubecache"))
+        .current_dir(repo_root())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `kubectl apply -f -` of a YAML text.
+pub fn apply(yaml: &str) -> anyhow::Result<()> {
+    kubectl_stdin(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
+}
+
+/// `kubectl exec` in the first container of a pod.
+pub fn exec(ns: &str, pod: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec!["-n", ns, "exec", pod, "--"];
+    args.extend_from_slice(cmd);
+    kubectl(&args)
+}
+
+/// Fails, with the command that fixes it, unless the real cluster runs with
+/// Flowlens installed.
+pub fn require_cluster() {
+    let nodes = kubectl(&["get", "nodes", "-o", "name"]).unwrap_or_default();
+    let installed = kubectl(&[
+        "-n",
+        "flowlens-system",
+        "get",
+        "ds",
+        "flowlens-agent",
+        "-o",
+        "name",
+    ]);
+    if nodes.trim().is_empty() || installed.is_err() {
+        panic!(
+            "no real cluster with Flowlens at {}: run `just cluster cluster-install` \
+             (or `just cluster-test`, which also runs these tests)",
+            kubeconfig_path().display()
+        );
+    }
+}
+
+/// A namespace for one test, removed (with everything in it) on drop.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(prefix: &str, labels: &[(&str, &str)]) -> anyhow::Result<TestNamespace> {
+        let name = crate::cluster::unique_name(prefix);
+        let labels: String = labels
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
+        apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    flowlens.dev/test: cluster\n{labels}"
+        ))?;
+        Ok(TestNamespace { name })
+    }
+
+    /// A one-replica Deployment of the test image running `command`, and
+    /// its pod once it runs: (pod name, pod IP).
+    pub fn deploy(&self, app: &str, command: &str) -> anyhow::Result<(String, String)> {
+        apply(&format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {app}, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {app}}}}}
+  template:
+    metadata: {{labels: {{app: {app}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: {TESTBOX}
+        command: [bash, -c, {command:?}]
+"#,
+            ns = self.name
+        ))?;
+        kubectl(&[
+            "-n",
+            &self.name,
+            "rollout",
+            "status",
+            &format!("deploy/{app}"),
+            "--timeout=120s",
+        ])?;
+        let out = kubectl(&[
+            "-n",
+            &self.name,
+            "get",
+            "pod",
+            "-l",
+            &format!("app={app}"),
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[0].metadata.name} {.items[0].status.podIP}",
+        ])?;
+        let mut it = out.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some(pod), Some(ip)) => Ok((pod.to_owned(), ip.to_owned())),
+            _ => anyhow::bail!("deployment {app} has no running pod with an IP: {out:?}"),
+        }
+    }
+
+    /// A pod's interface counters (its own eth0: the kernel's count of what
+    /// it sent and received, Ethernet headers included).
+    pub fn eth0(&self, pod: &str) -> anyhow::Result<InterfaceCounters> {
+        let out = exec(
+            &self.name,
+            pod,
+            &[
+                "cat",
+                "/sys/class/net/eth0/statistics/tx_bytes",
+                "/sys/class/net/eth0/statistics/rx_bytes",
+                "/sys/class/net/eth0/statistics/tx_packets",
+                "/sys/class/net/eth0/statistics/rx_packets",
+            ],
+        )?;
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(v.len() == 4, "unexpected counters {out:?}");
+        Ok(InterfaceCounters {
+            tx_bytes: v[0],
+            rx_bytes: v[1],
+            tx_packets: v[2],
+            rx_packets: v[3],
+        })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// A pod interface's counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InterfaceCounters {
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl InterfaceCounters {
+    /// What flowed between two reads, both directions.
+    pub fn since(&self, before: &InterfaceCounters) -> InterfaceCounters {
+        InterfaceCounters {
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            tx_packets: self.tx_packets - before.tx_packets,
+            rx_packets: self.rx_packets - before.rx_packets,
+        }
+    }
+}
+
+/// Polls `f` every `every` until it returns `Some`, or fails after `timeout`
+/// (blocking: for kubectl-driven checks).
+pub fn wait_until<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(every);
+    }
+}

@@ -1,0 +1,650 @@
+//! On a real cluster (`just cluster`: kubelet, containerd, a real CNI,
+//! kube-proxy), Flowlens installed from its images with kubectl (`just
+//! cluster-install`). Workloads are Deployments of the test image; every
+//! Flowlens figure is read through the API (status) and compared with the
+//! kernel's own interface counters of the pods, or with the clients' own
+//! connect() results.
+//!
+//! `just cluster-test` starts the cluster, installs Flowlens, runs these and
+//! stops the cluster.
+
+use std::time::{Duration, Instant};
+
+use flowlens_api::{FlowPolicy, NetworkObservation, NodeAgentConfig};
+use flowlens_e2e::{
+    cluster::client,
+    kubectl::{TestNamespace, exec, kubectl, require_cluster, wait_until},
+    objects::eventually,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::ListParams};
+
+/// Ethernet (14) + IPv4 (20) + TCP with timestamps (32) bytes of every frame
+/// of these TCP flows.
+const FRAME_HEADERS: u64 = 66;
+
+/// The TCP payload a pod interface carried: its bytes less every frame's
+/// headers. (The veth counts GSO super-frames as one frame with one set of
+/// headers, so its byte count cannot be compared with status' IP bytes,
+/// which count every segment's headers as a NIC would send them; payload is
+/// the same either way.)
+fn wire_payload(d: &flowlens_e2e::kubectl::InterfaceCounters) -> u64 {
+    (d.tx_bytes + d.rx_bytes) - FRAME_HEADERS * (d.tx_packets + d.rx_packets)
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64) / b as f64 * 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
+    require_cluster();
+    let client = client().await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "flowlens-system")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let nodes = kubectl(&["get", "nodes", "-o", "name"]).unwrap();
+    let node_count = nodes.lines().count();
+    let mut agents = 0;
+    let mut operators = 0;
+    for p in &pods.items {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let spec = p.spec.as_ref().unwrap();
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            let privileged = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.privileged)
+                .unwrap_or(false);
+            assert!(!privileged, "{name}/{} is privileged", c.name);
+        }
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if name.starts_with("flowlens-agent-") && running {
+            agents += 1;
+        }
+        if name.starts_with("flowlens-operator-") && running {
+            operators += 1;
+        }
+    }
+    assert_eq!(agents, node_count, "one agent per node");
+    assert!(operators >= 1, "an operator runs");
+    // Every node's agent applied its config (status written by the agent).
+    let configs = Api::<NodeAgentConfig>::all(client.clone());
+    eventually(
+        Duration::from_secs(60),
+        "every node's config applied",
+        || {
+            let configs = configs.clone();
+            async move {
+                let list = configs.list(&ListParams::default()).await.ok()?;
+                (list.items.len() == node_count
+                    && list.items.iter().all(|c| {
+                        let applied = c.status.as_ref().and_then(|s| s.applied_revision.clone());
+                        applied.is_some() && applied.as_deref() == Some(c.spec.revision.as_str())
+                    }))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    // /debug/window answers only on the node itself: a pod is refused.
+    let ns = TestNamespace::new("fl-priv", &[]).unwrap();
+    let (pod, _) = ns.deploy("probe", "sleep infinity").unwrap();
+    let node_ip = kubectl(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+    ])
+    .unwrap();
+    let code = exec(
+        &ns.name,
+        &pod,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{node_ip}:9990/debug/window"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(code, "403", "/debug/window from a pod");
+    let metrics = exec(
+        &ns.name,
+        &pod,
+        &["curl", "-sf", &format!("http://{node_ip}:9990/metrics")],
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("flowlens_agent"),
+        "metrics are served to pods"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_traffic_in_status_matches_the_pods_interface_counters() {
+    require_cluster();
+    let client = client().await.unwrap();
+    let ns = TestNamespace::new("fl-traffic", &[]).unwrap();
+    let (server, server_ip) = ns.deploy("server", "exec iperf3 -s").unwrap();
+    let (client_pod, _) = ns.deploy("client", "exec sleep infinity").unwrap();
+    let obs_name = ns.name.clone();
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: flowlens.dev/v1alpha1
+kind: NetworkObservation
+metadata: {{name: {obs_name}}}
+spec:
+  namespaces: [{ns}]
+  keepLabels: [app]
+  groupBy: [namespace, workload, pod]
+  window: 5s
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    let observations = Api::<NetworkObservation>::all(client.clone());
+    // Wait until the node's agent runs the observation: a first window.
+    let first = eventually(Duration::from_secs(60), "a first window in status", || {
+        let o = observations.clone();
+        let name = obs_name.clone();
+        async move {
+            let s = o.get(&name).await.ok()?.status?;
+            s.last_window.as_ref().map(|w| w.end.0.as_second())
+        }
+    })
+    .await;
+    let total_before = observations
+        .get(&obs_name)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.total)
+        .unwrap_or_default();
+    let before = ns.eth0(&client_pod).unwrap();
+    // Paced, so that nothing is still queued when it ends.
+    exec(
+        &ns.name,
+        &client_pod,
+        &[
+            "iperf3",
+            "-c",
+            &server_ip,
+            "-t",
+            "4",
+            "-b",
+            "200M",
+            "--connect-timeout",
+            "3000",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = ns.eth0(&client_pod).unwrap();
+    let traffic_end = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()) as i64;
+    let status = eventually(
+        Duration::from_secs(60),
+        "the traffic's windows in status",
+        || {
+            let o = observations.clone();
+            let name = obs_name.clone();
+            async move {
+                let s = o.get(&name).await.ok()?.status?;
+                (s.last_window.as_ref()?.start.0.as_second() > traffic_end).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(first > 0);
+    let total = status.total.clone().unwrap();
+    // Top flows (of the last window) name the real pods and workloads: look
+    // while a second transfer runs.
+    let (ns_name, pod, ip) = (ns.name.clone(), client_pod.clone(), server_ip.clone());
+    let second = std::thread::spawn(move || {
+        exec(
+            &ns_name,
+            &pod,
+            &["iperf3", "-c", &ip, "-t", "12", "-b", "10M"],
+        )
+    });
+    let top = eventually(Duration::from_secs(30), "a top flow to 5201", || {
+        let o = observations.clone();
+        let name = obs_name.clone();
+        async move {
+            let s = o.get(&name).await.ok()?.status?;
+            s.top_flows.into_iter().find(|f| f.port == 5201)
+        }
+    })
+    .await;
+    second.join().unwrap().unwrap();
+    let d = after.since(&before);
+    let counted = total.payload_bytes - total_before.payload_bytes;
+    let wire = wire_payload(&d);
+    println!(
+        "client eth0: {} bytes in {} frames = {wire} payload bytes; status: {counted} payload bytes ({:+.4}%), {} IP bytes in {} packets",
+        d.tx_bytes + d.rx_bytes,
+        d.tx_packets + d.rx_packets,
+        pct(counted, wire),
+        total.bytes - total_before.bytes,
+        total.packets - total_before.packets,
+    );
+    assert!(
+        pct(counted, wire).abs() < 0.5,
+        "status {counted} vs interface {wire}: {:+.3}%",
+        pct(counted, wire)
+    );
+    assert_eq!(top.source.workload.as_deref(), Some("Deployment/client"));
+    assert_eq!(
+        top.destination.workload.as_deref(),
+        Some("Deployment/server")
+    );
+    assert_eq!(top.source.pod.as_deref(), Some(client_pod.as_str()));
+    assert_eq!(top.destination.pod.as_deref(), Some(server.as_str()));
+    let _ = kubectl(&["delete", "networkobservation", &obs_name, "--wait=false"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_blocks_in_the_kernel_and_its_counters_rise() {
+    require_cluster();
+    let client = client().await.unwrap();
+    let ns = TestNamespace::new("fl-policy", &[]).unwrap();
+    let (_, db_ip) = ns
+        .deploy("db", "nc -lk -p 5432 & exec nc -lk -p 8080")
+        .unwrap();
+    let (web, _) = ns.deploy("web", "exec sleep infinity").unwrap();
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: flowlens.dev/v1alpha1
+kind: FlowPolicy
+metadata: {{name: web-no-db, namespace: {ns}}}
+spec:
+  mode: Enforce
+  podSelector: {{matchLabels: {{app: web}}}}
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]
+    ports: [{{protocol: TCP, port: 5432}}]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    let policies = Api::<FlowPolicy>::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(60), "Enforced on every node", || {
+        let p = policies.clone();
+        async move {
+            let s = p.get("web-no-db").await.ok()?.status?;
+            let enforced = s
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Enforced" && c.status == "True");
+            let nodes = s.nodes?;
+            (enforced && nodes.targeted >= 1 && nodes.enforcing == nodes.targeted).then_some(())
+        }
+    })
+    .await;
+    let attempts = 20;
+    let script = format!(
+        "ok=0; for i in $(seq 1 {attempts}); do nc -z -w 2 {db_ip} 5432 && ok=$((ok+1)); done; \
+         allowed=0; nc -z -w 2 {db_ip} 8080 && allowed=1; echo $ok $allowed"
+    );
+    let out = exec(&ns.name, &web, &["bash", "-c", &script]).unwrap();
+    let v: Vec<u64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(v[0], 0, "blocked connections that got through");
+    assert_eq!(v[1], 1, "the allowed port works");
+    let started = Instant::now();
+    let blocked = eventually(
+        Duration::from_secs(60),
+        "blocked attempts in status",
+        || {
+            let p = policies.clone();
+            async move {
+                let s = p.get("web-no-db").await.ok()?.status?;
+                let b = s.blocked?;
+                (b.connections >= attempts).then_some(b)
+            }
+        },
+    )
+    .await;
+    println!(
+        "blocked {} connections ({} packets) in status {:?} after the attempts",
+        blocked.connections,
+        blocked.packets,
+        started.elapsed()
+    );
+    assert_eq!(
+        blocked.connections, attempts,
+        "each refused attempt counted once"
+    );
+}
+
+/// A web -> db:5432 block in force in a fresh namespace: (namespace, web
+/// pod, db IP).
+async fn blocked_web_and_db(prefix: &str) -> (TestNamespace, String, String) {
+    let client = client().await.unwrap();
+    let ns = TestNamespace::new(prefix, &[]).unwrap();
+    let (_, db_ip) = ns.deploy("db", "nc -lk -p 5432 & exec iperf3 -s").unwrap();
+    let (web, _) = ns.deploy("web", "exec sleep infinity").unwrap();
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: flowlens.dev/v1alpha1
+kind: FlowPolicy
+metadata: {{name: web-no-db, namespace: {ns}}}
+spec:
+  mode: Enforce
+  podSelector: {{matchLabels: {{app: web}}}}
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]
+    ports: [{{protocol: TCP, port: 5432}}]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    let policies = Api::<FlowPolicy>::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(60), "Enforced", || {
+        let p = policies.clone();
+        async move {
+            let s = p.get("web-no-db").await.ok()?.status?;
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Enforced" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+    (ns, web, db_ip)
+}
+
+/// For `secs` seconds: a connect to db:5432 every 10 ms and one allowed
+/// iperf3 stream to db:5201. Prints `attempts succeeded iperf3_exit_code`.
+fn retry_and_stream_script(db_ip: &str, secs: u32) -> String {
+    format!(
+        "end=$((SECONDS+{secs})); n=0; ok=0; \
+         iperf3 -c {db_ip} -t {secs} -b 20M > /tmp/stream.log 2>&1 & s=$!; \
+         while [ $SECONDS -lt $end ]; do n=$((n+1)); nc -z -w 1 {db_ip} 5432 2>/dev/null && ok=$((ok+1)); sleep 0.01; done; \
+         wait $s; echo $n $ok $?"
+    )
+}
+
+fn parse_three(out: &str) -> (u64, u64, i64) {
+    let v: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(v.len(), 3, "unexpected output {out:?}");
+    (
+        v[0].parse().unwrap(),
+        v[1].parse().unwrap(),
+        v[2].parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_the_agents_lets_no_blocked_connection_through() {
+    require_cluster();
+    let (ns, web, db_ip) = blocked_web_and_db("fl-roll").await;
+    let (ns_name, web_pod, script) = (
+        ns.name.clone(),
+        web.clone(),
+        retry_and_stream_script(&db_ip, 40),
+    );
+    let load = std::thread::spawn(move || exec(&ns_name, &web_pod, &["bash", "-c", &script]));
+    std::thread::sleep(Duration::from_secs(3));
+    let started = Instant::now();
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "rollout",
+        "restart",
+        "ds/flowlens-agent",
+    ])
+    .unwrap();
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "rollout",
+        "status",
+        "ds/flowlens-agent",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    let rollout = started.elapsed();
+    let (attempts, through, stream_rc) = parse_three(&load.join().unwrap().unwrap());
+    println!(
+        "rolling update took {rollout:?}; {attempts} blocked attempts every 10 ms, {through} got through; allowed stream exit {stream_rc}"
+    );
+    assert!(attempts > 500, "the retry loop ran ({attempts} attempts)");
+    assert_eq!(
+        through, 0,
+        "blocked connections got through during the rollout"
+    );
+    assert_eq!(stream_rc, 0, "the allowed long-lived stream was reset");
+}
+
+fn lease_holder() -> String {
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "get",
+        "lease",
+        "flowlens-operator",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_operator_takes_over_and_no_window_is_lost_or_doubled() {
+    require_cluster();
+    let client = client().await.unwrap();
+    // A leader that runs: the lease holder (`<pod>_<process start>`) is the
+    // pod with the leader label.
+    let (holder, leader) = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "a leader",
+        || {
+            let labelled = kubectl(&[
+                "-n",
+                "flowlens-system",
+                "get",
+                "pod",
+                "-l",
+                "flowlens.dev/collector=leader",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])
+            .ok()?;
+            let holder = lease_holder();
+            let pod = holder.rsplit_once('_')?.0.to_owned();
+            (labelled.trim() == pod).then_some((holder, pod))
+        },
+    );
+    let ns = TestNamespace::new("fl-lead", &[]).unwrap();
+    let (_, server_ip) = ns.deploy("server", "exec iperf3 -s").unwrap();
+    let (client_pod, _) = ns.deploy("client", "exec sleep infinity").unwrap();
+    let obs_name = ns.name.clone();
+    flowlens_e2e::kubectl::apply(&format!(
+        "apiVersion: flowlens.dev/v1alpha1\nkind: NetworkObservation\nmetadata: {{name: {obs_name}}}\nspec:\n  namespaces: [{ns}]\n  window: 5s\n",
+        ns = ns.name
+    ))
+    .unwrap();
+    let observations = Api::<NetworkObservation>::all(client.clone());
+    let before_total = eventually(Duration::from_secs(60), "a first window", || {
+        let o = observations.clone();
+        let name = obs_name.clone();
+        async move {
+            let s = o.get(&name).await.ok()?.status?;
+            s.last_window.as_ref()?;
+            Some(s.total.unwrap_or_default())
+        }
+    })
+    .await;
+    let before = ns.eth0(&client_pod).unwrap();
+    let (ns_name, pod, ip) = (ns.name.clone(), client_pod.clone(), server_ip.clone());
+    let traffic = std::thread::spawn(move || {
+        exec(
+            &ns_name,
+            &pod,
+            &["iperf3", "-c", &ip, "-t", "20", "-b", "50M"],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    // Kill the leader's container (as a crash would), not its pod object.
+    let cid = kubectl(&[
+        "-n",
+        "flowlens-system",
+        "get",
+        "pod",
+        &leader,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID}",
+    ])
+    .unwrap();
+    let cid = cid.trim_start_matches("containerd://");
+    let killed = Instant::now();
+    let out = std::process::Command::new("ctr")
+        .args([
+            "--address",
+            "/run/flowlens-cluster/containerd.sock",
+            "-n",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "SIGKILL",
+            cid,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "killing the leader: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_leader = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "a new leader",
+        || {
+            let h = lease_holder();
+            (!h.is_empty() && h != holder).then_some(h)
+        },
+    );
+    let takeover = killed.elapsed();
+    println!("leader {leader} killed; {new_leader} took over after {takeover:?}");
+    assert!(
+        takeover < Duration::from_secs(15),
+        "takeover took {takeover:?}"
+    );
+    traffic.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = ns.eth0(&client_pod).unwrap();
+    let end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let status = eventually(Duration::from_secs(90), "windows after the traffic", || {
+        let o = observations.clone();
+        let name = obs_name.clone();
+        async move {
+            let s = o.get(&name).await.ok()?.status?;
+            (s.last_window.as_ref()?.start.0.as_second() > end).then_some(s)
+        }
+    })
+    .await;
+    let total = status.total.unwrap();
+    let d = after.since(&before);
+    let counted = total.payload_bytes - before_total.payload_bytes;
+    let wire = wire_payload(&d);
+    println!(
+        "across the handover: status {counted} payload bytes vs interface {wire} ({:+.4}%)",
+        pct(counted, wire)
+    );
+    assert!(
+        pct(counted, wire).abs() < 0.5,
+        "status {counted} vs interface {wire}"
+    );
+    let _ = kubectl(&["delete", "networkobservation", &obs_name, "--wait=false"]);
+}
+
+fn flowlens_programs() -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" name fl_"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_keeps_enforcing_until_the_cleanup_removes_every_program() {
+    require_cluster();
+    let before = flowlens_programs();
+    assert!(before > 0, "Flowlens programs are loaded");
+    kubectl(&[
+        "delete",
+        "-k",
+        "deploy/overlays/local",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    let left = flowlens_programs();
+    println!("{before} programs before the uninstall, {left} after deleting Flowlens' workloads");
+    assert!(
+        left > 0,
+        "deleting the DaemonSet must not be what removes enforcement"
+    );
+    kubectl(&["apply", "-k", "deploy/overlays/local/uninstall"]).unwrap();
+    kubectl(&[
+        "-n",
+        "flowlens-uninstall",
+        "rollout",
+        "status",
+        "ds/flowlens-cleanup",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    let gone = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "programs removed",
+        || (flowlens_programs() == 0).then_some(()),
+    );
+    let _ = gone;
+    kubectl(&[
+        "delete",
+        "-k",
+        "deploy/overlays/local/uninstall",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    // Put Flowlens back for the other tests.
+    kubectl(&["apply", "-k", "deploy/overlays/local"]).unwrap();
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "rollout",
+        "status",
+        "ds/flowlens-agent",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "rollout",
+        "status",
+        "deploy/flowlens-operator",
+        "--timeout=120s",
+    ])
+    .unwrap();
+}
