@@ -14,21 +14,6 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{compile::Compiler, metrics::Metrics};
 
-impl SyncState {
-    /// For tests and tools that run without watchers.
-    pub fn mark_all(&self) {
-        for k in [
-            Kind::Node,
-            Kind::Namespace,
-            Kind::Pod,
-            Kind::Observation,
-            Kind::Policy,
-        ] {
-            self.mark(k);
-        }
-    }
-}
-
 /// Kinds fed into the compiler; all must finish their initial list before
 /// the first config is written.
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +69,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub results: crate::results::ResultStore,
     pub policy_results: crate::results::PolicyResults,
-    pub collector: crate::collector::Collector,
     pub recorder: Recorder,
     pub triggers: Triggers,
 }

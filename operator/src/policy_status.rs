@@ -31,11 +31,11 @@ use kube::{
 use tracing::{info, instrument, warn};
 
 use crate::{
+    collect::policy_book::PolicyDelta,
     compile::PolicyView,
     context::Context,
     error::{Error, Result},
-    results::write_policy_counts,
-    status_apply::apply_status,
+    status_apply::{apply_status, time},
 };
 
 const CONTROLLER: &str = "flowpolicy-status";
@@ -54,6 +54,25 @@ fn list(items: &[String]) -> String {
         s.push_str(&format!(" and {} more", items.len() - LIST_LIMIT));
     }
     s
+}
+
+/// Applies final policy-counter windows to a status: windows that end after
+/// `countedUntil` are added, so replaying one (after an operator restart)
+/// never counts it twice.
+fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
+    for d in deltas {
+        let shown = s.counted_until.as_ref().map(|t| t.0.as_second());
+        if shown.is_some_and(|e| e >= d.end) {
+            continue;
+        }
+        let b = s.blocked.get_or_insert_with(Default::default);
+        b.packets += d.blocked.packets;
+        b.connections += d.blocked.connections;
+        let a = s.audited.get_or_insert_with(Default::default);
+        a.packets += d.audited.packets;
+        a.connections += d.audited.connections;
+        s.counted_until = Some(time(d.end));
+    }
 }
 
 /// The status of a policy, from the compiler's view and the agents' reports
@@ -595,6 +614,23 @@ mod tests {
             "{}",
             d.message
         );
+    }
+
+    #[test]
+    fn policy_counts_count_each_window_once() {
+        let d = |end: i64, n: u64| PolicyDelta {
+            end,
+            blocked: flowlens_api::report::Matches {
+                packets: n,
+                connections: n,
+            },
+            ..Default::default()
+        };
+        let mut s = FlowPolicyStatus::default();
+        write_policy_counts(&[d(110, 3), d(120, 4)], &mut s);
+        write_policy_counts(&[d(120, 4)], &mut s);
+        assert_eq!(s.blocked.as_ref().unwrap().connections, 7);
+        assert_eq!(s.counted_until.as_ref().unwrap().0.as_second(), 120);
     }
 
     #[test]

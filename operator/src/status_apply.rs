@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
@@ -36,4 +37,9 @@ where
     .await?;
     metrics.wrote(resource, "apply");
     Ok(())
+}
+
+/// A status timestamp from Unix seconds.
+pub fn time(unix: i64) -> Time {
+    Time(Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH))
 }

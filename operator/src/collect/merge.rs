@@ -20,7 +20,28 @@ use flowlens_api::{
 };
 
 use super::Directory;
-use crate::{model::PodInfo, results::WindowResult};
+use crate::model::PodInfo;
+
+/// One observation's window, summed over every node that reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowResult {
+    /// Unix seconds.
+    pub start: i64,
+    pub end: i64,
+    pub nodes_reporting: u32,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub payload_bytes: u64,
+    pub retransmits: u64,
+    pub drops: u64,
+    pub cross_zone_bytes: u64,
+    pub latency: Option<LatencyPercentiles>,
+    pub top_flows: Vec<TopFlow>,
+    pub series: u64,
+    pub max_series: u64,
+    pub folded_series: u64,
+}
 
 /// The observation's aggregation parameters.
 #[derive(Clone, Debug)]

@@ -64,17 +64,16 @@ impl ObservationBook {
         }
     }
 
-    /// Whether the book already tracks this observation.
-    pub fn knows(&self, uid: &str) -> bool {
-        self.entries.contains_key(uid)
-    }
-
     /// Starts tracking an observation whose status already counts every
-    /// window up to `counted_through` (the end of its `lastWindow`).
+    /// window up to `counted_through` (the end of its `lastWindow`). Only the
+    /// first call for an observation counts: later windows are this
+    /// collector's own, and resent parts of them are `late`.
     pub fn track(&mut self, uid: &str, counted_through: i64) {
-        let e = self.entries.entry(uid.to_owned()).or_default();
-        e.finalized_through = e.finalized_through.max(counted_through);
-        e.counted_through = e.counted_through.max(counted_through);
+        self.entries.entry(uid.to_owned()).or_insert_with(|| Entry {
+            finalized_through: counted_through,
+            counted_through,
+            windows: BTreeMap::new(),
+        });
     }
 
     /// Adds a part sent by `agent` on `node`. Sending a part again replaces it.

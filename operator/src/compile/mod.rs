@@ -11,7 +11,6 @@
 
 pub mod assemble;
 pub mod selector;
-pub mod workload;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -54,6 +53,9 @@ pub struct Observation {
     /// Selected pods that cannot (host network).
     pub untraceable: BTreeSet<PodKey>,
     pub by_node: BTreeMap<String, BTreeSet<PodKey>>,
+    /// The end (Unix seconds) of the last window its status shows, as last
+    /// seen: the collector's watermark when it first hears of the observation.
+    pub counted_through: Option<i64>,
 }
 
 /// One rule of a compiled policy.
@@ -554,6 +556,7 @@ impl Compiler {
                 selected: BTreeSet::new(),
                 untraceable: BTreeSet::new(),
                 by_node: BTreeMap::new(),
+                counted_through: None,
             });
         let same =
             o.generation == generation && o.uid == uid && o.spec.is_some() == error.is_none();
@@ -573,6 +576,14 @@ impl Compiler {
         }
         if !self.bulk {
             self.resolve_observation(name);
+        }
+    }
+
+    /// Records the end of the last window an observation's status shows
+    /// (changes nothing compiled).
+    pub fn set_counted_through(&mut self, name: &str, end: Option<i64>) {
+        if let Some(o) = self.observations.get_mut(name) {
+            o.counted_through = end;
         }
     }
 

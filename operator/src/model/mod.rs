@@ -2,13 +2,15 @@
 //! converted once at the edge (so the core and its benchmarks never touch
 //! full API objects, and the operator does not keep whole Pods in memory).
 
+mod workload;
+
 use std::{collections::BTreeMap, net::IpAddr};
 
 use flowlens_api::node_agent_config::WorkloadRef;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 
-use crate::compile::workload::workload_of;
+use workload::workload_of;
 
 /// `namespace/name`.
 pub type PodKey = String;
