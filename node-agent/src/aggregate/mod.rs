@@ -24,10 +24,11 @@ use flowlens_agent_common::{
 use flowlens_api::{
     GroupBy,
     histogram::Histogram,
+    network_observation::{FlowEndpoint, PodDimensions},
     node_agent_config::NodeAgentConfigSpec,
     report::{
-        LocalDims, Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow,
-        Role, Series, Traffic,
+        Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow, Role,
+        Series, Traffic,
     },
 };
 
@@ -74,7 +75,7 @@ pub fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct SeriesKey {
-    local: LocalDims,
+    local: FlowEndpoint,
     remote: Option<IpAddr>,
     port: u16,
     protocol: u8,
@@ -84,10 +85,7 @@ struct SeriesKey {
 impl SeriesKey {
     fn other() -> Self {
         SeriesKey {
-            local: LocalDims {
-                other: true,
-                ..Default::default()
-            },
+            local: FlowEndpoint::other(),
             remote: None,
             port: 0,
             protocol: 0,
@@ -122,7 +120,7 @@ struct ObsView {
     uid: String,
     params: ObsParams,
     /// Local address -> the dimensions of its endpoint.
-    dims: HashMap<[u8; 16], LocalDims>,
+    dims: HashMap<[u8; 16], FlowEndpoint>,
 }
 
 #[derive(Clone)]
@@ -222,39 +220,18 @@ impl Aggregator {
                 let Some(e) = endpoints.get(key) else {
                     continue;
                 };
-                let d = LocalDims {
-                    namespace: o
-                        .group_by
-                        .contains(&GroupBy::Namespace)
-                        .then(|| e.namespace.clone()),
-                    workload: o
-                        .group_by
-                        .contains(&GroupBy::Workload)
-                        .then(|| e.workload.to_string()),
-                    pod: o.group_by.contains(&GroupBy::Pod).then(|| e.pod.clone()),
-                    node: o
-                        .group_by
-                        .contains(&GroupBy::Node)
-                        .then(|| spec.node_name.clone()),
-                    zone: if o.group_by.contains(&GroupBy::Zone) {
-                        spec.zone.clone()
-                    } else {
-                        None
+                let d = FlowEndpoint::project(
+                    &o.group_by,
+                    &o.keep_labels,
+                    &PodDimensions {
+                        namespace: &e.namespace,
+                        workload: &e.workload,
+                        pod: &e.pod,
+                        node: Some(&spec.node_name),
+                        zone: spec.zone.as_deref(),
+                        labels: &e.labels,
                     },
-                    // keepLabels are dimensions (groupBy's label:<key>
-                    // items must be among them; both are honoured).
-                    labels: o
-                        .keep_labels
-                        .iter()
-                        .chain(o.group_by.iter().filter_map(|g| match g {
-                            GroupBy::Label(k) => Some(k),
-                            _ => None,
-                        }))
-                        .filter_map(|k| e.labels.get(k).map(|v| (k.clone(), v.clone())))
-                        .collect(),
-
-                    other: false,
-                };
+                );
                 for ip in &e.ips {
                     if let Ok(ip) = ip.parse::<IpAddr>() {
                         dims.insert(crate::tables::prefix::addr_bytes(ip), d.clone());

@@ -15,8 +15,8 @@ use std::{
 use flowlens_api::{
     GroupBy,
     histogram::Histogram,
-    network_observation::{FlowEndpoint, LatencyPercentiles, TopFlow},
-    report::{LocalDims, ObservationWindow, Role, Traffic, protocol_name},
+    network_observation::{FlowEndpoint, LatencyPercentiles, PodDimensions, TopFlow},
+    report::{ObservationWindow, Role, Traffic, protocol_name},
 };
 
 use super::Directory;
@@ -62,13 +62,9 @@ struct FlowId {
 
 impl FlowId {
     fn other() -> Self {
-        let other = FlowEndpoint {
-            other: true,
-            ..Default::default()
-        };
         FlowId {
-            source: other.clone(),
-            destination: other,
+            source: FlowEndpoint::other(),
+            destination: FlowEndpoint::other(),
             port: 0,
             protocol: 0,
         }
@@ -90,44 +86,21 @@ impl FlowAcc {
     }
 }
 
-fn local_endpoint(d: &LocalDims) -> FlowEndpoint {
-    FlowEndpoint {
-        namespace: d.namespace.clone(),
-        workload: d.workload.clone(),
-        pod: d.pod.clone(),
-        node: d.node.clone(),
-        zone: d.zone.clone(),
-        labels: d.labels.clone(),
-        address: None,
-        external: false,
-        other: d.other,
-    }
-}
-
-/// A remote pod projected on `groupBy` and `keepLabels` (the same
-/// dimensions the agents give local pods).
+/// A remote pod projected on the observation's dimensions (the same
+/// projection the agents apply to local pods).
 fn pod_endpoint(p: &PodInfo, zone: Option<&str>, params: &MergeParams) -> FlowEndpoint {
-    let g = |x: GroupBy| params.group_by.contains(&x);
-    let label_keys = params
-        .keep_labels
-        .iter()
-        .chain(params.group_by.iter().filter_map(|g| match g {
-            GroupBy::Label(k) => Some(k),
-            _ => None,
-        }));
-    FlowEndpoint {
-        namespace: g(GroupBy::Namespace).then(|| p.namespace.clone()),
-        workload: g(GroupBy::Workload).then(|| p.workload.to_string()),
-        pod: g(GroupBy::Pod).then(|| p.name.clone()),
-        node: g(GroupBy::Node).then(|| p.node.clone()).flatten(),
-        zone: g(GroupBy::Zone).then(|| zone.map(str::to_owned)).flatten(),
-        labels: label_keys
-            .filter_map(|k| p.labels.get(k).map(|v| (k.clone(), v.clone())))
-            .collect(),
-        address: None,
-        external: false,
-        other: false,
-    }
+    FlowEndpoint::project(
+        params.group_by,
+        params.keep_labels,
+        &PodDimensions {
+            namespace: &p.namespace,
+            workload: &p.workload,
+            pod: &p.name,
+            node: p.node.as_deref(),
+            zone,
+            labels: &p.labels,
+        },
+    )
 }
 
 fn percentiles(h: &Histogram) -> LatencyPercentiles {
@@ -205,7 +178,7 @@ pub fn merge(
             let id = if s.local.other || s.remote.is_none() {
                 FlowId::other()
             } else {
-                let local = local_endpoint(&s.local);
+                let local = s.local.clone();
                 let remote = match (remote_pod, remote_ip) {
                     (Some(p), _) => pod_endpoint(p, remote_zone, params),
                     (None, ip) => FlowEndpoint {
