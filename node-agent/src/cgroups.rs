@@ -12,7 +12,7 @@ use std::{
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones), from a mountinfo text.
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub(crate) fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     for line in mountinfo.lines() {
         // ... mount_point ... - fstype source options
         let Some((left, right)) = line.split_once(" - ") else {
@@ -31,7 +31,7 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// The pod UID a cgroup directory name belongs to, if it is a pod cgroup.
-pub fn pod_uid_of(dir_name: &str) -> Option<String> {
+pub(crate) fn pod_uid_of(dir_name: &str) -> Option<String> {
     let i = dir_name.rfind("pod")?;
     let rest = &dir_name[i + 3..];
     let rest = rest.strip_suffix(".slice").unwrap_or(rest);
@@ -50,7 +50,7 @@ pub fn pod_uid_of(dir_name: &str) -> Option<String> {
 /// Walks `root` (at most `max_depth` levels) and returns pod UID -> (cgroup
 /// id, path) for every pod cgroup found. The cgroup id is the directory's
 /// inode number, which is what `bpf_get_current_cgroup_id()` returns.
-pub fn find_pod_cgroups(root: &Path, max_depth: usize) -> HashMap<String, (u64, PathBuf)> {
+pub(crate) fn find_pod_cgroups(root: &Path, max_depth: usize) -> HashMap<String, (u64, PathBuf)> {
     let mut out = HashMap::new();
     let mut stack = vec![(root.to_path_buf(), 0usize)];
     while let Some((dir, depth)) = stack.pop() {

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     pub dest: IpAddr,
     pub prefix_len: u8,
     pub ifname: String,
@@ -17,7 +17,7 @@ pub struct Route {
 }
 
 /// Parses `/proc/net/route` (IPv4).
-pub fn parse_ipv4_routes(text: &str) -> Vec<Route> {
+pub(crate) fn parse_ipv4_routes(text: &str) -> Vec<Route> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -44,7 +44,7 @@ pub fn parse_ipv4_routes(text: &str) -> Vec<Route> {
 }
 
 /// Parses `/proc/net/ipv6_route`.
-pub fn parse_ipv6_routes(text: &str) -> Vec<Route> {
+pub(crate) fn parse_ipv6_routes(text: &str) -> Vec<Route> {
     const RTF_GATEWAY: u32 = 0x2;
     const RTF_REJECT: u32 = 0x200;
     let mut out = Vec::new();
@@ -97,7 +97,7 @@ fn contains(r: &Route, ip: &IpAddr) -> bool {
 
 /// The interface leading directly (no gateway, not loopback) to `ip` by
 /// longest prefix match, if any.
-pub fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
+pub(crate) fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
     routes
         .iter()
         .filter(|r| contains(r, ip))
@@ -107,7 +107,7 @@ pub fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
 }
 
 /// Reads the routes of the agent's network namespace.
-pub fn read_routes() -> std::io::Result<Vec<Route>> {
+pub(crate) fn read_routes() -> std::io::Result<Vec<Route>> {
     let mut routes = parse_ipv4_routes(&std::fs::read_to_string("/proc/net/route")?);
     if let Ok(v6) = std::fs::read_to_string("/proc/net/ipv6_route") {
         routes.extend(parse_ipv6_routes(&v6));
@@ -117,7 +117,7 @@ pub fn read_routes() -> std::io::Result<Vec<Route>> {
 
 /// The index of an interface of the agent's network namespace, if it exists.
 /// (Not from sysfs: `/sys/class/net` shows the namespace that mounted `/sys`.)
-pub fn ifindex(ifname: &str) -> Option<u32> {
+pub(crate) fn ifindex(ifname: &str) -> Option<u32> {
     let c = std::ffi::CString::new(ifname).ok()?;
     // SAFETY: a valid C string; if_nametoindex has no other preconditions.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -39,15 +39,15 @@ use crate::{
 };
 
 /// Largest report accepted. Agents split bigger backlogs.
-pub const MAX_REPORT_BYTES: usize = 16 << 20;
+pub(crate) const MAX_REPORT_BYTES: usize = 16 << 20;
 
 /// The collector's state.
 pub struct Collector {
     /// Changes on every start: agents resend what an earlier process held.
-    pub instance: String,
-    pub auth: Authenticator,
-    pub observations: Mutex<ObservationBook>,
-    pub policies: Mutex<PolicyBook>,
+    pub(crate) instance: String,
+    pub(crate) auth: Authenticator,
+    pub(crate) observations: Mutex<ObservationBook>,
+    pub(crate) policies: Mutex<PolicyBook>,
 }
 
 impl Collector {

@@ -17,7 +17,7 @@ use crate::{compile::Compiler, metrics::Metrics};
 /// Kinds fed into the compiler; all must finish their initial list before
 /// the first config is written.
 #[derive(Clone, Copy, Debug)]
-pub enum Kind {
+pub(crate) enum Kind {
     Node = 1,
     Namespace = 2,
     Pod = 4,
@@ -36,7 +36,7 @@ pub struct SyncState {
 
 impl SyncState {
     /// Marks a kind synced; returns true when this completes the initial sync.
-    pub fn mark(&self, kind: Kind) -> bool {
+    pub(crate) fn mark(&self, kind: Kind) -> bool {
         let before = self.done.fetch_or(kind as u8, Ordering::SeqCst);
         let complete = before | kind as u8 == ALL_KINDS && before != ALL_KINDS;
         if complete {
@@ -45,7 +45,7 @@ impl SyncState {
         complete
     }
 
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         self.done.load(Ordering::SeqCst) == ALL_KINDS
     }
 }

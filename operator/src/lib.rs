@@ -25,4 +25,4 @@ pub mod model;
 pub mod observation_status;
 pub mod policy_status;
 pub mod results;
-pub mod status_apply;
+mod status_apply;

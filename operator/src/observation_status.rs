@@ -112,7 +112,7 @@ fn write_windows(results: &[WindowResult], s: &mut NetworkObservationStatus) {
 
 /// The status of an observation. `results` are final windows not yet in
 /// status, oldest first; fields they do not cover are kept from `current`.
-pub fn observation_status(
+pub(crate) fn observation_status(
     name: &str,
     view: &ObservationView,
     configs: &BTreeMap<String, Arc<NodeAgentConfig>>,

@@ -78,7 +78,7 @@ fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
 /// The status of a policy, from the compiler's view and the agents' reports
 /// (`configs`: node name -> its NodeAgentConfig). Keeps `current`'s match
 /// counters and condition transition times.
-pub fn policy_status(
+pub(crate) fn policy_status(
     namespace: &str,
     name: &str,
     view: &PolicyView,
@@ -332,7 +332,7 @@ fn error_policy(_: Arc<FlowPolicy>, e: &Error, ctx: Arc<Context>) -> Action {
 
 /// What of one NodeAgentConfig the status of its policies depends on.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `(namespace, name, revision)` in the spec, and applied by the agent.
     spec: BTreeSet<(String, String, String)>,
     applied: BTreeSet<(String, String, String)>,
@@ -341,7 +341,7 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    pub fn of(nac: &NodeAgentConfig) -> Self {
+    pub(crate) fn of(nac: &NodeAgentConfig) -> Self {
         let refs = |v: &[flowlens_api::node_agent_config::PolicyRef]| {
             v.iter()
                 .map(|p| (p.namespace.clone(), p.name.clone(), p.revision.clone()))
@@ -360,7 +360,10 @@ impl NodeFacts {
 
 /// The policies whose status a change of one node's config can change: a
 /// config write for one policy must not wake every policy of the node.
-pub fn affected_policies(prev: Option<&NodeFacts>, next: &NodeFacts) -> BTreeSet<(String, String)> {
+pub(crate) fn affected_policies(
+    prev: Option<&NodeFacts>,
+    next: &NodeFacts,
+) -> BTreeSet<(String, String)> {
     let empty = NodeFacts::default();
     let prev = prev.unwrap_or(&empty);
     let key = |(ns, n, _): &(String, String, String)| (ns.clone(), n.clone());

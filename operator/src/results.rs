@@ -31,7 +31,7 @@ impl ResultStore {
         self.inner.lock().expect("results lock")
     }
 
-    pub fn publish(&self, uid: &str, r: WindowResult) {
+    pub(crate) fn publish(&self, uid: &str, r: WindowResult) {
         let mut m = self.lock();
         let e = m.entry(uid.to_owned()).or_default();
         e.pending.push(r);
@@ -39,7 +39,7 @@ impl ResultStore {
     }
 
     /// Final windows not yet written, oldest first.
-    pub fn pending(&self, uid: &str) -> Vec<WindowResult> {
+    pub(crate) fn pending(&self, uid: &str) -> Vec<WindowResult> {
         self.lock()
             .get(uid)
             .map(|e| e.pending.clone())
@@ -47,7 +47,7 @@ impl ResultStore {
     }
 
     /// Records that every window up to `end` is in status.
-    pub fn committed(&self, uid: &str, end: i64) {
+    pub(crate) fn committed(&self, uid: &str, end: i64) {
         let mut m = self.lock();
         let e = m.entry(uid.to_owned()).or_default();
         e.pending.retain(|w| w.end > end);
@@ -55,11 +55,11 @@ impl ResultStore {
     }
 
     /// The end of the last window written to status, if known.
-    pub fn committed_end(&self, uid: &str) -> Option<i64> {
+    pub(crate) fn committed_end(&self, uid: &str) -> Option<i64> {
         self.lock().get(uid).and_then(|e| e.committed)
     }
 
-    pub fn forget(&self, uid: &str) {
+    pub(crate) fn forget(&self, uid: &str) {
         self.lock().remove(uid);
     }
 }
@@ -82,7 +82,7 @@ impl PolicyResults {
     }
 
     /// Adds the policies' sums of final windows up to `finalized_through`.
-    pub fn publish(&self, deltas: Vec<(PolicyKey, PolicyDelta)>, finalized_through: i64) {
+    pub(crate) fn publish(&self, deltas: Vec<(PolicyKey, PolicyDelta)>, finalized_through: i64) {
         let mut i = self.lock();
         for (k, d) in deltas {
             i.pending.entry(k).or_default().push(d);
@@ -90,12 +90,12 @@ impl PolicyResults {
         i.finalized_through = i.finalized_through.max(finalized_through);
     }
 
-    pub fn pending(&self, key: &PolicyKey) -> Vec<PolicyDelta> {
+    pub(crate) fn pending(&self, key: &PolicyKey) -> Vec<PolicyDelta> {
         self.lock().pending.get(key).cloned().unwrap_or_default()
     }
 
     /// Records that `key`'s windows up to `end` are in status.
-    pub fn committed(&self, key: &PolicyKey, end: i64) {
+    pub(crate) fn committed(&self, key: &PolicyKey, end: i64) {
         let mut i = self.lock();
         if let Some(v) = i.pending.get_mut(key) {
             v.retain(|d| d.end > end);
@@ -106,19 +106,19 @@ impl PolicyResults {
     }
 
     /// Policies with counts waiting.
-    pub fn waiting(&self) -> Vec<PolicyKey> {
+    pub(crate) fn waiting(&self) -> Vec<PolicyKey> {
         self.lock().pending.keys().cloned().collect()
     }
 
     /// Drops the counts of policies that no longer exist (they would hold
     /// the acknowledgement watermark back forever).
-    pub fn retain(&self, exists: impl Fn(&PolicyKey) -> bool) {
+    pub(crate) fn retain(&self, exists: impl Fn(&PolicyKey) -> bool) {
         self.lock().pending.retain(|k, _| exists(k));
     }
 
     /// The end of the last policy window that is fully in status: agents
     /// may forget their windows up to it.
-    pub fn committed_through(&self) -> i64 {
+    pub(crate) fn committed_through(&self) -> i64 {
         let i = self.lock();
         let oldest_pending = i
             .pending

@@ -14,7 +14,7 @@ use crate::{config_writer::FIELD_MANAGER, metrics::Metrics};
 
 /// Applies `status` to the object `name` of `api`; `resource` labels the
 /// write metric (e.g. `flowpolicies/status`).
-pub async fn apply_status<K>(
+pub(crate) async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
     status: &impl Serialize,
@@ -40,6 +40,6 @@ where
 }
 
 /// A status timestamp from Unix seconds.
-pub fn time(unix: i64) -> Time {
+pub(crate) fn time(unix: i64) -> Time {
     Time(Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH))
 }

@@ -9,7 +9,7 @@
 //! for remotes traced on other nodes). A connection between two traced pods
 //! counts as one flow, at the client.
 
-pub mod role;
+pub(crate) mod role;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -36,7 +36,7 @@ use crate::tables::Tables;
 
 /// Everything one drain of the kernel tables returned.
 #[derive(Clone, Debug, Default)]
-pub struct Drained {
+pub(crate) struct Drained {
     pub flows: Vec<(FlowKey, FlowStats)>,
     pub overflow: Vec<(OverflowKey, FlowStats)>,
     pub rtt: Vec<(RttKey, u64)>,
@@ -65,7 +65,7 @@ struct ConnFacts {
 }
 
 /// An address from the kernel's 16-byte form (IPv4-mapped for IPv4).
-pub fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
+pub(crate) fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(*b);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
@@ -148,7 +148,7 @@ impl OpenWindow {
 
 /// Counters the aggregator keeps about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AggregatorStats {
+pub(crate) struct AggregatorStats {
     /// Packets of addresses that are not a local endpoint of the config.
     pub unattributed_packets: u64,
     /// Rule matches of slots unknown to the generation's tables.
@@ -157,8 +157,7 @@ pub struct AggregatorStats {
 
 /// Per-observation windows and per-policy counters of one node.
 #[derive(Clone)]
-pub struct Aggregator {
-    node: String,
+pub(crate) struct Aggregator {
     started_ms: i64,
     observations: BTreeMap<String, (ObsView, OpenWindow)>,
     /// Connection -> (local role, last seen ms): the SYN is only seen once.
@@ -181,9 +180,8 @@ fn window_start(now_ms: i64, seconds: u32) -> i64 {
 const ROLE_MEMORY_MS: i64 = 10 * 60 * 1000;
 
 impl Aggregator {
-    pub fn new(node: impl Into<String>, now_ms: i64) -> Self {
+    pub(crate) fn new(now_ms: i64) -> Self {
         Aggregator {
-            node: node.into(),
             started_ms: now_ms,
             observations: BTreeMap::new(),
             roles: HashMap::new(),
@@ -197,13 +195,13 @@ impl Aggregator {
     }
 
     /// Tables in force for a kernel generation (to attribute rule counters).
-    pub fn set_generation_tables(&mut self, generation: u32, tables: Arc<Tables>) {
+    pub(crate) fn set_generation_tables(&mut self, generation: u32, tables: Arc<Tables>) {
         self.generation_tables[(generation & 1) as usize] = Some(tables);
     }
 
     /// Takes a new config. Windows of removed or reshaped observations are
     /// closed (as incomplete) and returned by the next [`Self::close_due`].
-    pub fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
+    pub(crate) fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
         let endpoints: HashMap<String, &flowlens_api::node_agent_config::LocalEndpoint> =
             spec.endpoints.iter().map(|e| (e.key(), e)).collect();
         let mut next = BTreeMap::new();
@@ -262,7 +260,7 @@ impl Aggregator {
     }
 
     /// Adds one drain's records at time `now_ms`.
-    pub fn ingest(&mut self, d: &Drained, now_ms: i64) {
+    pub(crate) fn ingest(&mut self, d: &Drained, now_ms: i64) {
         let mut conns: HashMap<ConnId, ConnFacts> = HashMap::new();
         for (k, s) in &d.flows {
             let id = ConnId {
@@ -403,7 +401,7 @@ impl Aggregator {
     }
 
     /// Closes every window that ended by `now_ms`.
-    pub fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+    pub(crate) fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
         let uids: Vec<String> = self.observations.keys().cloned().collect();
         for uid in uids {
@@ -438,7 +436,7 @@ impl Aggregator {
     }
 
     /// The open windows as they stand (for `flowlens-agent dump`).
-    pub fn snapshot(&self) -> Vec<ObservationWindow> {
+    pub(crate) fn snapshot(&self) -> Vec<ObservationWindow> {
         self.observations
             .iter()
             .map(|(_, (view, w))| {
@@ -457,7 +455,7 @@ impl Aggregator {
 
     /// The open windows as they would stand after also counting `peeked`
     /// (records read from the live tables without draining them).
-    pub fn preview(
+    pub(crate) fn preview(
         &self,
         peeked: &Drained,
         now_ms: i64,
@@ -468,7 +466,7 @@ impl Aggregator {
     }
 
     /// The next time (ms) a window of any observation ends.
-    pub fn next_boundary_ms(&self, now_ms: i64) -> Option<i64> {
+    pub(crate) fn next_boundary_ms(&self, now_ms: i64) -> Option<i64> {
         self.observations
             .values()
             .map(|(v, _)| {
@@ -479,12 +477,12 @@ impl Aggregator {
     }
 
     /// The next time (ms) the policy window ends.
-    pub fn next_policy_boundary_ms(&self, now_ms: i64) -> i64 {
+    pub(crate) fn next_policy_boundary_ms(&self, now_ms: i64) -> i64 {
         (window_start(now_ms, POLICY_WINDOW_SECONDS) + i64::from(POLICY_WINDOW_SECONDS)) * 1000
     }
 
     /// Closes every open window now, as incomplete (on shutdown).
-    pub fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+    pub(crate) fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
         for (_, (view, w)) in std::mem::take(&mut self.observations) {
             out.push(self.finish(&view, w, false, true));
@@ -504,12 +502,8 @@ impl Aggregator {
     }
 
     /// Policy matches of the open policy window.
-    pub fn policy_snapshot(&self) -> Vec<PolicyMatches> {
+    pub(crate) fn policy_snapshot(&self) -> Vec<PolicyMatches> {
         self.policy.values().cloned().collect()
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
     }
 
     /// A completed part: `closed_early` when it was closed before its

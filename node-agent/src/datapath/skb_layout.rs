@@ -8,10 +8,10 @@ use btf_rs::{Btf, Struct, Type};
 use flowlens_agent_common::SkbLayout;
 
 /// Where the kernel publishes its BTF.
-pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Resolves the [`SkbLayout`] from the BTF file at `path`.
-pub fn resolve(path: &Path) -> Result<SkbLayout, String> {
+pub(crate) fn resolve(path: &Path) -> Result<SkbLayout, String> {
     let btf = Btf::from_file(path).map_err(|e| format!("reading BTF {}: {e}", path.display()))?;
     let skb = btf
         .resolve_types_by_name("sk_buff")

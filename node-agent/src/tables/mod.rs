@@ -2,7 +2,7 @@
 //! (endpoints, peer and port LPM entries) and the slot map used to attribute
 //! rule counters. Pure: no I/O, no kernel.
 
-pub mod prefix;
+pub(crate) mod prefix;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,11 +21,11 @@ use flowlens_api::{
 use prefix::{AddrEntry, AddrPrefix, PortPrefix, PortSpan, addr_bytes, peer_masks, port_masks};
 
 /// Rule slots per endpoint and direction (bits of a `u64`).
-pub const MAX_SLOTS: usize = 64;
+pub(crate) const MAX_SLOTS: usize = 64;
 
 /// A local endpoint as the datapath sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointRef {
+pub(crate) struct EndpointRef {
     /// `namespace/pod`.
     pub key: String,
     pub uid: String,
@@ -37,7 +37,7 @@ pub struct EndpointRef {
 
 /// What a rule slot stands for (to attribute counters).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotRule {
+pub(crate) struct SlotRule {
     pub rule_id: String,
     pub namespace: String,
     pub policy: String,
@@ -46,7 +46,7 @@ pub struct SlotRule {
 
 /// A problem found while compiling, reported in status and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// More than 64 rules for one endpoint and direction; `dropped` rules are
     /// not in force (Audit rules are dropped first).
     TooManyRules {
@@ -100,7 +100,7 @@ impl std::fmt::Display for Problem {
 
 /// The compiled tables, without generation (added when written).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Tables {
+pub(crate) struct Tables {
     /// Kernel endpoint entries: address -> info.
     pub endpoints: Vec<([u8; 16], EndpointInfo)>,
     /// Peer LPM entries: (direction, endpoint id, prefix, mask).
@@ -115,7 +115,7 @@ pub struct Tables {
 
 impl Tables {
     /// The endpoint with this id.
-    pub fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
+    pub(crate) fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
         self.endpoint_refs.iter().find(|e| e.id == id)
     }
 }
@@ -128,7 +128,7 @@ fn kernel_direction(d: Direction) -> u8 {
 }
 
 /// Compiles a config. Never fails: problems are collected in `Tables::problems`.
-pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
+pub(crate) fn compile(spec: &NodeAgentConfigSpec) -> Tables {
     let mut t = Tables::default();
 
     // Address sets.

@@ -24,7 +24,7 @@ use crate::model::PodInfo;
 
 /// One observation's window, summed over every node that reported it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct WindowResult {
+pub(crate) struct WindowResult {
     /// Unix seconds.
     pub start: i64,
     pub end: i64,
@@ -45,7 +45,7 @@ pub struct WindowResult {
 
 /// The observation's aggregation parameters.
 #[derive(Clone, Debug)]
-pub struct MergeParams<'a> {
+pub(crate) struct MergeParams<'a> {
     pub group_by: &'a [GroupBy],
     pub keep_labels: &'a [String],
     pub top_n: usize,
@@ -113,7 +113,7 @@ fn percentiles(h: &Histogram) -> LatencyPercentiles {
 }
 
 /// Merges the parts (`(node, part)`) of the window `[start, end)`.
-pub fn merge(
+pub(crate) fn merge(
     start: i64,
     end: i64,
     parts: &[(String, ObservationWindow)],

@@ -13,10 +13,10 @@ use kube::ResourceExt;
 use workload::workload_of;
 
 /// `namespace/name`.
-pub type PodKey = String;
+pub(crate) type PodKey = String;
 
 /// The node label holding a node's zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const LEGACY_ZONE_LABEL: &str = "failure-domain.beta.kubernetes.io/zone";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,13 +34,13 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    pub fn key(&self) -> PodKey {
+    pub(crate) fn key(&self) -> PodKey {
         format!("{}/{}", self.namespace, self.name)
     }
 
     /// Running on a node with an IP, not host-networked: traffic can be
     /// attributed to it and blocked for it alone.
-    pub fn isolatable(&self) -> bool {
+    pub(crate) fn isolatable(&self) -> bool {
         self.node.is_some() && !self.ips.is_empty() && !self.host_network && !self.finished
     }
 }
@@ -59,7 +59,7 @@ pub struct NamespaceInfo {
 }
 
 /// Converts a Pod.
-pub fn pod_info(p: &Pod) -> PodInfo {
+pub(crate) fn pod_info(p: &Pod) -> PodInfo {
     let spec = p.spec.as_ref();
     let status = p.status.as_ref();
     let mut ips: Vec<IpAddr> = status
@@ -107,7 +107,7 @@ pub fn pod_info(p: &Pod) -> PodInfo {
 }
 
 /// Converts a Node.
-pub fn node_info(n: &Node) -> NodeInfo {
+pub(crate) fn node_info(n: &Node) -> NodeInfo {
     let labels = n.labels();
     NodeInfo {
         name: n.name_any(),
@@ -120,7 +120,7 @@ pub fn node_info(n: &Node) -> NodeInfo {
 }
 
 /// Converts a Namespace.
-pub fn namespace_info(n: &Namespace) -> NamespaceInfo {
+pub(crate) fn namespace_info(n: &Namespace) -> NamespaceInfo {
     NamespaceInfo {
         name: n.name_any(),
         labels: n.labels().clone(),
