@@ -74,13 +74,15 @@ mod tests {
     /// The running kernel's table, when tracefs is mounted.
     #[test]
     fn the_running_kernel_lists_no_socket() {
-        for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-            if let Ok(f) = std::fs::read_to_string(format!("{root}/{FORMAT}")) {
-                let names = parse(&f);
-                assert!(names.values().any(|n| n == "NO_SOCKET"), "{names:?}");
-                return;
-            }
-        }
-        eprintln!("skipped: tracefs not mounted");
+        // As the agent does: use tracefs where it is mounted, else mount it.
+        let root = crate::datapath::pins::ensure_tracefs().unwrap_or_else(|e| {
+            panic!(
+                "tracefs is not mounted and mounting it failed ({e}): run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
+            )
+        });
+        let f = std::fs::read_to_string(root.join(FORMAT))
+            .unwrap_or_else(|e| panic!("reading {}/{FORMAT}: {e}", root.display()));
+        let names = parse(&f);
+        assert!(names.values().any(|n| n == "NO_SOCKET"), "{names:?}");
     }
 }
