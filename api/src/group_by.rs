@@ -57,7 +57,7 @@ impl FromStr for GroupBy {
             "node" => GroupBy::Node,
             "zone" => GroupBy::Zone,
             other => match other.strip_prefix("label:") {
-                Some(key) if crate::validate::label_key(key).is_ok() => {
+                Some(key) if crate::labels::label_key(key).is_ok() => {
                     GroupBy::Label(key.to_owned())
                 }
                 _ => return Err(GroupByError(s.to_owned())),

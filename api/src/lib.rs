@@ -20,6 +20,7 @@ pub mod format;
 pub mod group_by;
 pub mod histogram;
 pub mod label_selector;
+pub mod labels;
 pub mod network_observation;
 pub mod node_agent_config;
 pub mod patterns;

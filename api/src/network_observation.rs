@@ -9,7 +9,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::{group_by::GroupBy, label_selector::LabelSelector, patterns};
+use crate::{
+    group_by::GroupBy, label_selector::LabelSelector, node_agent_config::WorkloadRef, patterns,
+};
 
 /// What to trace and how to aggregate it. Cluster-scoped: observing several
 /// namespaces is a platform-team action.
@@ -322,6 +324,65 @@ pub struct FlowEndpoint {
     pub external: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub other: bool,
+}
+
+/// What a pod offers to an observation's dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct PodDimensions<'a> {
+    pub namespace: &'a str,
+    pub workload: &'a WorkloadRef,
+    pub pod: &'a str,
+    pub node: Option<&'a str>,
+    pub zone: Option<&'a str>,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+impl FlowEndpoint {
+    /// A pod projected on an observation's `groupBy` and `keepLabels`: only
+    /// the dimensions in `groupBy` are set, and the labels kept are those of
+    /// `keepLabels` and of `groupBy`'s `label:<key>` items. The agent applies
+    /// it to local pods, the operator to remote ones: one projection, so the
+    /// two sides always agree.
+    pub fn project(
+        group_by: &[GroupBy],
+        keep_labels: &[String],
+        pod: &PodDimensions<'_>,
+    ) -> FlowEndpoint {
+        let by = |g: GroupBy| group_by.contains(&g);
+        let label_keys = keep_labels
+            .iter()
+            .chain(group_by.iter().filter_map(|g| match g {
+                GroupBy::Label(k) => Some(k),
+                _ => None,
+            }));
+        FlowEndpoint {
+            namespace: by(GroupBy::Namespace).then(|| pod.namespace.to_owned()),
+            workload: by(GroupBy::Workload).then(|| pod.workload.to_string()),
+            pod: by(GroupBy::Pod).then(|| pod.pod.to_owned()),
+            node: by(GroupBy::Node)
+                .then_some(pod.node)
+                .flatten()
+                .map(str::to_owned),
+            zone: by(GroupBy::Zone)
+                .then_some(pod.zone)
+                .flatten()
+                .map(str::to_owned),
+            labels: label_keys
+                .filter_map(|k| pod.labels.get(k).map(|v| (k.clone(), v.clone())))
+                .collect(),
+            address: None,
+            external: false,
+            other: false,
+        }
+    }
+
+    /// The overflow bucket of `maxSeries`.
+    pub fn other() -> FlowEndpoint {
+        FlowEndpoint {
+            other: true,
+            ..Default::default()
+        }
+    }
 }
 
 /// One flow in `topFlows`: traffic between a client (`source`) and a server

@@ -4,7 +4,7 @@
 //! `regex` semantics users expect, and they are enforced by every API server
 //! version, including ones without CEL. Checks a regex cannot express well
 //! (lengths of label-key parts, exact IPv6 syntax) are repeated in
-//! [`crate::validate`].
+//! [`crate::validate`] and [`crate::labels`].
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of
 /// alphanumerics, `-`, `_` and `.` that starts and ends alphanumeric.

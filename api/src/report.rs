@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::histogram::Histogram;
+use crate::{histogram::Histogram, network_observation::FlowEndpoint};
 
 /// Reports from one node.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -94,28 +94,6 @@ pub enum Role {
     Server,
 }
 
-/// The dimensions of the local side that the observation keeps (only those
-/// in its `groupBy` are set).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LocalDims {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    /// The overflow bucket of `maxSeries`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub other: bool,
-}
-
 /// Packets and bytes in one direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -144,7 +122,9 @@ impl Traffic {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Series {
-    pub local: LocalDims,
+    /// The local pods' dimensions ([`FlowEndpoint::project`]); `other` for
+    /// the overflow bucket of `maxSeries`.
+    pub local: FlowEndpoint,
     /// The remote address; `None` for the `other` bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,

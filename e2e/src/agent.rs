@@ -58,7 +58,7 @@ pub struct Agent {
 }
 
 /// The HTTP address agents listen on inside their node namespace.
-pub const AGENT_HTTP: &str = "127.0.0.1:9990";
+pub(crate) const AGENT_HTTP: &str = "127.0.0.1:9990";
 
 impl Agent {
     /// Starts an agent in standalone mode (config from a file) for `node`.
@@ -99,7 +99,7 @@ impl Agent {
     /// Starts an agent that takes its config from the API server (as in a
     /// cluster): `kubeconfig` reaches the API server from the node's
     /// namespace, `token_file` holds the token it reports with.
-    pub fn in_cluster(
+    pub(crate) fn in_cluster(
         topo: &Topology,
         node: usize,
         kubeconfig: &std::path::Path,
@@ -178,22 +178,6 @@ impl Agent {
                 "agent for node {} did not apply revision {revision} within {timeout:?}; running: {}\nlog:\n{}",
                 self.node,
                 self.proc.is_running(),
-                self.proc.log_text()
-            )
-        })
-    }
-
-    /// Waits until the last completed window of observation `uid` has
-    /// `start` >= `after` and returns it.
-    pub fn wait_window(&self, uid: &str, after: i64, timeout: Duration) -> ObservationWindow {
-        wait_for(timeout, || {
-            self.dump()
-                .and_then(|d| d.last_windows.get(uid).cloned())
-                .filter(|w| w.start >= after)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no window of {uid} starting at or after {after} within {timeout:?}\nlog:\n{}",
                 self.proc.log_text()
             )
         })

@@ -8,7 +8,7 @@
 //! - [`kubectl`]: the real cluster (`just cluster`) as a user drives it.
 //! - [`process`]: child processes that die with the test.
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
-//!   operator), with [`proxy`] for the API server; [`traffic`]: iperf3 and
+//!   operator), with `proxy` for the API server; [`traffic`]: iperf3 and
 //!   `flowlens-traffic` runs.
 //!
 //! Binaries: `flowlens-delay-line` (the delay line) and `flowlens-traffic`
@@ -18,11 +18,11 @@ pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod kubectl;
-pub mod metrics;
+mod metrics;
 pub mod objects;
 pub mod operator;
 pub mod process;
-pub mod proxy;
+mod proxy;
 pub mod sim;
 pub mod topology;
 pub mod traffic;

@@ -2,7 +2,7 @@
 
 /// The sum of the samples of `name` whose line contains `filter` (a label
 /// pair such as `reason="NO_SOCKET"`, or `""` for all).
-pub fn sum(body: &str, name: &str, filter: &str) -> f64 {
+pub(crate) fn sum(body: &str, name: &str, filter: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name) && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

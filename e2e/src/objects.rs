@@ -224,7 +224,7 @@ impl TestObjects {
 }
 
 /// Polls `f` every `every` until it returns `Some`; an error after `timeout`.
-pub async fn poll_every<T, F, Fut>(
+pub(crate) async fn poll_every<T, F, Fut>(
     every: Duration,
     timeout: Duration,
     what: &str,

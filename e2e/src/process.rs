@@ -7,7 +7,7 @@ use std::{
 };
 
 /// Runs a command and fails the test, with its output, when it fails.
-pub fn run(cmd: &str, args: &[&str]) -> Output {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> Output {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -25,7 +25,7 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
 }
 
 /// Runs a command, ignoring failure (cleanup).
-pub fn run_quiet(cmd: &str, args: &[&str]) {
+pub(crate) fn run_quiet(cmd: &str, args: &[&str]) {
     let _ = Command::new(cmd)
         .args(args)
         .stdout(Stdio::null())
@@ -63,7 +63,7 @@ impl Proc {
     }
 
     /// Sends a signal.
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
@@ -74,7 +74,7 @@ impl Proc {
     }
 
     /// SIGTERM, then wait up to `timeout` before SIGKILL.
-    pub fn stop(&mut self, timeout: Duration) {
+    pub(crate) fn stop(&mut self, timeout: Duration) {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -86,37 +86,16 @@ impl Proc {
         self.kill9();
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The log so far (for failure messages).
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
-    }
-
-    /// Waits for exit and returns stdout (when spawned with a piped stdout).
-    pub fn wait_output(self, timeout: Duration) -> Option<Output> {
-        let mut me = self;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match me.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = me.child.kill();
-                    break;
-                }
-            }
-        }
-        let child = std::mem::replace(&mut me.child, Command::new("true").spawn().unwrap());
-        std::mem::forget(me);
-        child.wait_with_output().ok()
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 /// Forwards every connection to `listen` to `target`; stops on drop.
-pub struct TcpProxy {
+pub(crate) struct TcpProxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
 }
@@ -28,7 +28,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 
 impl TcpProxy {
     /// Listens on `listen` (port 0 picks one) and forwards to `target`.
-    pub fn start(listen: SocketAddr, target: SocketAddr) -> io::Result<TcpProxy> {
+    pub(crate) fn start(listen: SocketAddr, target: SocketAddr) -> io::Result<TcpProxy> {
         let listener = TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;

@@ -210,7 +210,7 @@ impl SimCluster {
     }
 
     /// Starts `node`'s agent: its Pod object, tokens, kubeconfig, process.
-    pub async fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
+    pub(crate) async fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
         let n = &self.topo.nodes[node];
         let pod_name = format!("flowlens-agent-{}", n.name);
         let api = Api::<Pod>::namespaced(self.client.clone(), &self.agent_namespace);

@@ -27,19 +27,19 @@ use crate::process::{Proc, require_root, run, run_quiet, workspace_bin};
 
 /// The root-namespace address agents use to reach the API server and the
 /// operator in end-to-end tests (a SAN of the local API server certificate).
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub(crate) const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const GATEWAY_PEER: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 
 const CGROUP2_CANDIDATES: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
 /// An exclusive slot of names and addresses for one test.
-pub struct Slot {
+pub(crate) struct Slot {
     pub n: u8,
     _lock: File,
 }
 
 impl Slot {
-    pub fn acquire() -> Slot {
+    pub(crate) fn acquire() -> Slot {
         let dir = Path::new("/run/flowlens-e2e-slots");
         std::fs::create_dir_all(dir).unwrap();
         for n in 0..100u8 {
@@ -57,7 +57,7 @@ impl Slot {
     }
 
     /// Second octet of this slot's IPv4 addresses.
-    pub fn octet(&self) -> u8 {
+    pub(crate) fn octet(&self) -> u8 {
         100 + self.n
     }
 }
@@ -87,7 +87,7 @@ pub struct Pod {
 }
 
 pub struct Topology {
-    pub slot: Slot,
+    pub(crate) slot: Slot,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     fabric: Option<String>,
@@ -124,7 +124,7 @@ fn ip(ns: &str, args: &[&str]) {
 }
 
 /// The cgroup v2 mount of this host.
-pub fn cgroup2_mount() -> PathBuf {
+pub(crate) fn cgroup2_mount() -> PathBuf {
     CGROUP2_CANDIDATES
         .iter()
         .map(PathBuf::from)
@@ -133,7 +133,7 @@ pub fn cgroup2_mount() -> PathBuf {
 }
 
 /// Makes sure the root mount namespace has bpffs at /sys/fs/bpf.
-pub fn ensure_bpffs() {
+pub(crate) fn ensure_bpffs() {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
@@ -199,11 +199,11 @@ impl Topology {
     }
 
     /// Where agents of this test pin (one directory per node).
-    pub fn bpffs_base(&self) -> PathBuf {
+    pub(crate) fn bpffs_base(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/flowlens-e2e-{}", self.prefix()))
     }
 
-    pub fn bpffs_root(&self, node: usize) -> PathBuf {
+    pub(crate) fn bpffs_root(&self, node: usize) -> PathBuf {
         self.bpffs_base().join(&self.nodes[node].name)
     }
 
@@ -492,7 +492,7 @@ impl Topology {
     /// Links the fabric to the root namespace at [`GATEWAY`], so that node
     /// processes (agents) reach servers of the test process and the API
     /// server proxy.
-    pub fn connect_root(&mut self) {
+    pub(crate) fn connect_root(&mut self) {
         self.add_fabric();
         let fabric = self.fabric.clone().unwrap();
         let root_if = format!("{}gw", self.prefix());
@@ -664,7 +664,7 @@ impl Topology {
 
     /// A command in a node's network namespace (not its mount namespace, so
     /// /sys/fs/bpf and the cgroup hierarchy stay those of the host).
-    pub fn node_cmd(
+    pub(crate) fn node_cmd(
         &self,
         node: usize,
         program: impl AsRef<std::ffi::OsStr>,
@@ -680,7 +680,7 @@ impl Topology {
     /// Gives a pod the UID the API server assigned to its Pod object: its
     /// cgroup becomes `pod<uid>`, where agents look for it. Call it before
     /// running anything in the pod.
-    pub fn set_pod_uid(&mut self, pod: usize, uid: &str) {
+    pub(crate) fn set_pod_uid(&mut self, pod: usize, uid: &str) {
         let p = &mut self.pods[pod];
         let to = p.cgroup.with_file_name(format!("pod{uid}"));
         // cgroup v2 has no rename: replace the (still empty) cgroup.
@@ -695,25 +695,6 @@ impl Topology {
             });
         p.cgroup = to;
         p.uid = uid.to_owned();
-    }
-
-    /// The slot prefix of names (netns, interfaces).
-    pub fn name_prefix(&self) -> String {
-        self.prefix()
-    }
-
-    pub fn pod_by_name(&self, name: &str) -> usize {
-        self.pods
-            .iter()
-            .position(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
-    }
-
-    pub fn node_by_name(&self, name: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
     }
 }
 

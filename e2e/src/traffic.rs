@@ -102,22 +102,9 @@ pub fn echo_server(topo: &Topology, pod: usize, port: u16) -> Proc {
     p
 }
 
-/// Runs `flowlens-traffic <mode> --to <to> <args>` in a pod to completion
-/// and returns its JSON line.
-pub fn traffic(
-    topo: &Topology,
-    pod: usize,
-    mode: &str,
-    to: &str,
-    args: &[&str],
-) -> serde_json::Value {
-    spawn_traffic(topo, pod, mode, to, args)
-        .join()
-        .expect("flowlens-traffic")
-}
-
-/// Like [`traffic`], in a background thread (the test can watch status
-/// while it runs).
+/// Runs `flowlens-traffic <mode> --to <to> <args>` in a pod, in a
+/// background thread (the test can watch status while it runs); `join()`
+/// gives its JSON line.
 pub fn spawn_traffic(
     topo: &Topology,
     pod: usize,

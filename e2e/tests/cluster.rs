@@ -612,13 +612,12 @@ async fn uninstall_keeps_enforcing_until_the_cleanup_removes_every_program() {
         "--timeout=120s",
     ])
     .unwrap();
-    let gone = wait_until(
+    wait_until(
         Duration::from_secs(30),
         Duration::from_millis(200),
         "programs removed",
         || (flowlens_programs() == 0).then_some(()),
     );
-    let _ = gone;
     kubectl(&[
         "delete",
         "-k",

@@ -15,7 +15,7 @@ use std::{
 /// mount of the whole hierarchy (root `/`). In a container, the runtime's own
 /// cgroup mount (a subtree) comes first and the node's, from a hostPath
 /// volume, is mounted over it.
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub(crate) fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     let mut found = None;
     for line in mountinfo.lines() {
         // id parent major:minor root mount_point ... - fstype source options
@@ -27,10 +27,10 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         }
         let mut f = left.split_whitespace();
         let (root, mount_point) = (f.nth(3), f.next());
-        if let Some(mp) = mount_point {
-            if root == Some("/") || found.is_none() {
-                found = Some(PathBuf::from(mp));
-            }
+        if let Some(mp) = mount_point
+            && (root == Some("/") || found.is_none())
+        {
+            found = Some(PathBuf::from(mp));
         }
     }
     found
@@ -53,7 +53,7 @@ pub fn pod_cgroup_root(cgroup2: &Path) -> PathBuf {
 }
 
 /// The pod UID a cgroup directory name belongs to, if it is a pod cgroup.
-pub fn pod_uid_of(dir_name: &str) -> Option<String> {
+pub(crate) fn pod_uid_of(dir_name: &str) -> Option<String> {
     let i = dir_name.rfind("pod")?;
     let rest = &dir_name[i + 3..];
     let rest = rest.strip_suffix(".slice").unwrap_or(rest);
@@ -72,7 +72,7 @@ pub fn pod_uid_of(dir_name: &str) -> Option<String> {
 /// Walks `root` (at most `max_depth` levels) and returns pod UID -> (cgroup
 /// id, path) for every pod cgroup found. The cgroup id is the directory's
 /// inode number, which is what `bpf_get_current_cgroup_id()` returns.
-pub fn find_pod_cgroups(root: &Path, max_depth: usize) -> HashMap<String, (u64, PathBuf)> {
+pub(crate) fn find_pod_cgroups(root: &Path, max_depth: usize) -> HashMap<String, (u64, PathBuf)> {
     let mut out = HashMap::new();
     let mut stack = vec![(root.to_path_buf(), 0usize)];
     while let Some((dir, depth)) = stack.pop() {

@@ -32,7 +32,7 @@ pub fn parse_config(text: &str) -> Result<NodeAgentConfigSpec, String> {
 }
 
 /// The config of an agent with nothing to do (its `NodeAgentConfig` was deleted).
-pub fn empty_config(node: &str) -> NodeAgentConfigSpec {
+pub(crate) fn empty_config(node: &str) -> NodeAgentConfigSpec {
     NodeAgentConfigSpec {
         node_name: node.to_owned(),
         revision: "none".into(),

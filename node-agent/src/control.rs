@@ -110,7 +110,7 @@ impl ControlLoop {
             s.hooks = datapath.hooks().clone();
         });
         ControlLoop {
-            agg: Aggregator::new(opts.node.clone(), now),
+            agg: Aggregator::new(now),
             opts,
             datapath,
             spec: None,

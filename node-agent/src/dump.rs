@@ -56,7 +56,7 @@ fn endpoint(s: &flowlens_api::report::Series) -> String {
 }
 
 /// Prints a window as text.
-pub fn print_window(
+pub(crate) fn print_window(
     w: &ObservationWindow,
     top: usize,
     out: &mut impl Write,

@@ -41,7 +41,7 @@ pub struct DebugWindow {
     /// Policy matches since the agent started, including live counts.
     pub live_policies: Vec<flowlens_api::report::PolicyMatches>,
     #[serde(flatten)]
-    pub snapshot: AgentSnapshot,
+    pub(crate) snapshot: AgentSnapshot,
 }
 
 pub fn router(shared: Shared, metrics: Arc<Metrics>, control: mpsc::Sender<Event>) -> Router {

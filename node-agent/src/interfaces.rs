@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 /// One route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     pub dest: IpAddr,
     pub prefix_len: u8,
     pub ifname: String,
@@ -31,7 +31,7 @@ pub struct Route {
 }
 
 /// Parses `/proc/net/route` (IPv4).
-pub fn parse_ipv4_routes(text: &str) -> Vec<Route> {
+pub(crate) fn parse_ipv4_routes(text: &str) -> Vec<Route> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -58,7 +58,7 @@ pub fn parse_ipv4_routes(text: &str) -> Vec<Route> {
 }
 
 /// Parses `/proc/net/ipv6_route`.
-pub fn parse_ipv6_routes(text: &str) -> Vec<Route> {
+pub(crate) fn parse_ipv6_routes(text: &str) -> Vec<Route> {
     const RTF_GATEWAY: u32 = 0x2;
     const RTF_REJECT: u32 = 0x200;
     let mut out = Vec::new();
@@ -111,7 +111,7 @@ fn contains(r: &Route, ip: &IpAddr) -> bool {
 
 /// The interface leading directly (no gateway, not loopback) to `ip` by
 /// longest prefix match, if any.
-pub fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
+pub(crate) fn lookup<'a>(routes: &'a [Route], ip: &IpAddr) -> Option<&'a str> {
     routes
         .iter()
         .filter(|r| contains(r, ip))
@@ -220,7 +220,7 @@ pub fn pod_interface<'a>(
 }
 
 /// Reads the routes of the agent's network namespace.
-pub fn read_routes() -> std::io::Result<Vec<Route>> {
+pub(crate) fn read_routes() -> std::io::Result<Vec<Route>> {
     let mut routes = parse_ipv4_routes(&std::fs::read_to_string("/proc/net/route")?);
     if let Ok(v6) = std::fs::read_to_string("/proc/net/ipv6_route") {
         routes.extend(parse_ipv6_routes(&v6));
@@ -230,7 +230,7 @@ pub fn read_routes() -> std::io::Result<Vec<Route>> {
 
 /// The index of an interface of the agent's network namespace, if it exists.
 /// (Not from sysfs: `/sys/class/net` shows the namespace that mounted `/sys`.)
-pub fn ifindex(ifname: &str) -> Option<u32> {
+pub(crate) fn ifindex(ifname: &str) -> Option<u32> {
     let c = std::ffi::CString::new(ifname).ok()?;
     // SAFETY: a valid C string; if_nametoindex has no other preconditions.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

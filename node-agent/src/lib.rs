@@ -1,20 +1,20 @@
 //! The Flowlens node agent: loads the eBPF datapath, applies the node's
 //! `NodeAgentConfig`, drains kernel counters into windows and reports them.
 //!
-//! Pure logic (no I/O) lives in [`tables`] (config -> kernel tables) and
-//! [`aggregate`] (kernel records -> windows); the kernel is touched only in
+//! Pure logic (no I/O) lives in `tables` (config -> kernel tables) and
+//! `aggregate` (kernel records -> windows); the kernel is touched only in
 //! [`datapath`]; the rest wires them to the API server, files and HTTP.
 
-pub mod aggregate;
+mod aggregate;
 pub mod cgroups;
 pub mod config_source;
 pub mod control;
 pub mod datapath;
 pub mod dump;
 pub mod http;
-pub mod interfaces;
+mod interfaces;
 pub mod metrics;
 pub mod report;
 pub mod state;
 pub mod status;
-pub mod tables;
+mod tables;

@@ -8,17 +8,17 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub(crate) struct DirectionLabels {
     pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TableLabels {
+pub(crate) struct TableLabels {
     pub table: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyLabels {
+pub(crate) struct PolicyLabels {
     pub namespace: String,
     pub policy: String,
     pub verdict: &'static str,
@@ -26,37 +26,37 @@ pub struct PolicyLabels {
 
 /// A kernel drop reason (`enum skb_drop_reason` name: bounded by the kernel).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
+pub(crate) struct ReasonLabels {
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
+pub(crate) struct ResultLabels {
     pub result: &'static str,
 }
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub bytes: Family<DirectionLabels, Counter>,
-    pub packets: Family<DirectionLabels, Counter>,
-    pub flows: Gauge,
-    pub rtt: Histogram,
-    pub policy_packets: Family<PolicyLabels, Counter>,
-    pub policy_connections: Family<PolicyLabels, Counter>,
-    pub table_entries: Family<TableLabels, Gauge>,
-    pub table_capacity: Family<TableLabels, Gauge>,
-    pub table_full: Family<TableLabels, Counter>,
-    pub kernel_drops: Family<ReasonLabels, Counter>,
-    pub drops_without_flow: Counter,
-    pub drain_seconds: Histogram,
-    pub applies: Family<ResultLabels, Counter>,
-    pub attached_interfaces: Gauge,
-    pub windows_reported: Counter,
-    pub windows_dropped: Counter,
+    pub(crate) registry: Registry,
+    pub(crate) bytes: Family<DirectionLabels, Counter>,
+    pub(crate) packets: Family<DirectionLabels, Counter>,
+    pub(crate) flows: Gauge,
+    pub(crate) rtt: Histogram,
+    pub(crate) policy_packets: Family<PolicyLabels, Counter>,
+    pub(crate) policy_connections: Family<PolicyLabels, Counter>,
+    pub(crate) table_entries: Family<TableLabels, Gauge>,
+    pub(crate) table_capacity: Family<TableLabels, Gauge>,
+    pub(crate) table_full: Family<TableLabels, Counter>,
+    pub(crate) kernel_drops: Family<ReasonLabels, Counter>,
+    pub(crate) drops_without_flow: Counter,
+    pub(crate) drain_seconds: Histogram,
+    pub(crate) applies: Family<ResultLabels, Counter>,
+    pub(crate) attached_interfaces: Gauge,
+    pub(crate) windows_reported: Counter,
+    pub(crate) windows_dropped: Counter,
     /// Report requests, by result (ok, unreachable, refused).
-    pub reports: Family<ResultLabels, Counter>,
+    pub(crate) reports: Family<ResultLabels, Counter>,
     /// Windows waiting to be sent or committed.
-    pub report_buffer: Gauge,
+    pub(crate) report_buffer: Gauge,
 }
 
 impl Default for Metrics {
@@ -185,7 +185,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// A snapshot of the agent, served at `/debug/window` and printed by `dump`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AgentSnapshot {
+pub(crate) struct AgentSnapshot {
     pub node: String,
     /// The config revision the datapath enforces.
     pub applied_revision: Option<String>,
@@ -52,12 +52,12 @@ pub struct AgentSnapshot {
 }
 
 /// Completed windows kept in [`AgentSnapshot::history`].
-pub const HISTORY: usize = 64;
+pub(crate) const HISTORY: usize = 64;
 
 /// A problem with a reason usable in a condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Problem {
+pub(crate) struct Problem {
     pub reason: String,
     pub message: String,
 }
@@ -65,7 +65,7 @@ pub struct Problem {
 /// Kernel table state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct KernelState {
+pub(crate) struct KernelState {
     pub flow_entries: usize,
     pub flow_capacity: u32,
     pub rtt_entries: usize,
@@ -112,20 +112,20 @@ fn now_ms() -> i64 {
 }
 
 impl Shared {
-    pub fn read(&self) -> AgentSnapshot {
+    pub(crate) fn read(&self) -> AgentSnapshot {
         self.inner.read().expect("snapshot lock").clone()
     }
 
-    pub fn update(&self, f: impl FnOnce(&mut AgentSnapshot)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut AgentSnapshot)) {
         f(&mut self.inner.write().expect("snapshot lock"));
     }
 
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready
             .store(ready, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 

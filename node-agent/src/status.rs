@@ -18,7 +18,7 @@ use crate::state::{AgentSnapshot, Shared};
 
 /// The status to publish for a snapshot; `conditions` carries the previous
 /// conditions so transition times move only on flips.
-pub fn status_of(
+pub(crate) fn status_of(
     snap: &AgentSnapshot,
     conditions: &mut Vec<Condition>,
     now: Timestamp,

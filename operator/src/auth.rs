@@ -24,7 +24,7 @@ const CACHE_MAX: usize = 10_000;
 
 /// An authenticated agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// `system:serviceaccount:<namespace>:<name>`.
     pub user: String,
     /// The pod the token is bound to: namespace, name, UID.
@@ -34,7 +34,7 @@ pub struct Identity {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("no bearer token: send the agent's ServiceAccount token in the Authorization header")]
     Missing,
     #[error("the API server rejected the token: {0}")]
@@ -54,28 +54,18 @@ pub enum AuthError {
 impl AuthError {
     /// 401 for bad credentials, 403 for a known but unauthorized agent, 503
     /// when the API server cannot tell.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             AuthError::Missing | AuthError::Rejected(_) => 401,
             AuthError::WrongAccount(..) | AuthError::Unbound(_) => 403,
             AuthError::Api(_) => 503,
         }
     }
-
-    pub fn label(&self) -> &'static str {
-        match self {
-            AuthError::Missing => "no_token",
-            AuthError::Rejected(_) => "rejected",
-            AuthError::WrongAccount(..) => "wrong_account",
-            AuthError::Unbound(_) => "unbound",
-            AuthError::Api(_) => "tokenreview_failed",
-        }
-    }
 }
 
 /// Checks a TokenReview result: authenticated, the expected account (when
 /// one is required), bound to a pod or node.
-pub fn identity_from_review(
+pub(crate) fn identity_from_review(
     status: &TokenReviewStatus,
     service_account: Option<&str>,
 ) -> Result<Identity, AuthError> {
@@ -117,7 +107,7 @@ pub fn identity_from_review(
 }
 
 /// `namespace/name` (or `namespace:name`) -> the account's user name.
-pub fn service_account_user(sa: &str) -> String {
+pub(crate) fn service_account_user(sa: &str) -> String {
     let (ns, name) = sa.split_once(['/', ':']).unwrap_or(("default", sa));
     format!("system:serviceaccount:{ns}:{name}")
 }
@@ -141,7 +131,7 @@ impl Authenticator {
         }
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    pub(crate) async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -228,7 +218,8 @@ mod tests {
 
         let unbound = review("system:serviceaccount:flowlens-system:flowlens-agent", &[]);
         let e = identity_from_review(&unbound, None).unwrap_err();
-        assert_eq!((e.status(), e.label()), (403, "unbound"));
+        assert_eq!(e.status(), 403);
+        assert!(matches!(e, AuthError::Unbound(_)), "{e}");
 
         let failed = TokenReviewStatus {
             authenticated: Some(false),

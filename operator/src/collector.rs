@@ -3,19 +3,18 @@
 //!
 //! Each request is authenticated (a pod-bound ServiceAccount token, checked
 //! with TokenReview) and a node may only report for itself. Parts go into
-//! the books of [`crate::collect`]; once a second, final windows are merged
-//! and handed to the status controllers, which write them at most once per
-//! window. The answer tells the agent which windows are in status, so it
+//! the books of [`crate::collect`]; [`crate::finalize`] merges final windows
+//! and hands them to the status controllers, which write them at most once
+//! per window. The answer tells the agent which windows are in status, so it
 //! forgets only those: a collector restart or outage loses no window, and
 //! the status watermarks (`lastWindow.end`, `countedUntil`) keep any window
 //! from counting twice.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use axum::{
@@ -26,33 +25,29 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use flowlens_api::report::{POLICY_WINDOW_SECONDS, ReportAck, ReportBatch};
+use flowlens_api::report::{
+    ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportAck, ReportBatch,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
     auth::{AuthError, Authenticator, Identity},
-    collect::{
-        Directory, Timing,
-        merge::{MergeParams, merge},
-        observation_book::ObservationBook,
-        policy_book::PolicyBook,
-    },
-    compile::{Compiler, Observation},
+    collect::{Timing, observation_book::ObservationBook, policy_book::PolicyBook},
+    compile::Compiler,
     context::Context,
-    metrics::KindLabels,
-    model::PodInfo,
+    metrics::{KindLabels, PartLabels},
 };
 
 /// Largest report accepted. Agents split bigger backlogs.
-pub const MAX_REPORT_BYTES: usize = 16 << 20;
+pub(crate) const MAX_REPORT_BYTES: usize = 16 << 20;
 
 /// The collector's state.
 pub struct Collector {
     /// Changes on every start: agents resend what an earlier process held.
-    pub instance: String,
-    pub auth: Authenticator,
-    pub observations: Mutex<ObservationBook>,
-    pub policies: Mutex<PolicyBook>,
+    pub(crate) instance: String,
+    pub(crate) auth: Authenticator,
+    pub(crate) observations: Mutex<ObservationBook>,
+    pub(crate) policies: Mutex<PolicyBook>,
 }
 
 impl Collector {
@@ -73,33 +68,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// One observation as [`crate::collect::merge`] sees the cluster.
-struct ObservationDirectory<'a> {
-    compiler: &'a Compiler,
-    observation: &'a Observation,
+/// What the report endpoint's handler needs.
+#[derive(Clone)]
+struct Endpoint {
+    ctx: Arc<Context>,
+    collector: Arc<Collector>,
 }
 
-impl Directory for ObservationDirectory<'_> {
-    fn pod(&self, ip: &IpAddr) -> Option<&PodInfo> {
-        self.compiler.pod_by_ip(ip)
-    }
-
-    fn traced(&self, ip: &IpAddr) -> bool {
-        self.compiler
-            .pod_by_ip(ip)
-            .is_some_and(|p| self.observation.selected.contains(&p.key()))
-    }
-
-    fn zone(&self, node: &str) -> Option<&str> {
-        self.compiler.node(node).and_then(|n| n.zone.as_deref())
-    }
-}
-
-pub fn router(ctx: Arc<Context>) -> Router {
+pub fn router(ctx: Arc<Context>, collector: Arc<Collector>) -> Router {
     Router::new()
         .route("/v1/reports", post(report))
         .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
-        .with_state(ctx)
+        .with_state(Endpoint { ctx, collector })
 }
 
 fn reply(ctx: &Context, status: StatusCode, outcome: &'static str, msg: String) -> Response {
@@ -133,8 +113,11 @@ fn node_of(id: &Identity, compiler: &Compiler) -> Result<String, String> {
     }
 }
 
-async fn report(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
-    let collector = &ctx.collector;
+async fn report(
+    State(Endpoint { ctx, collector }): State<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if !ctx.sync.is_synced() {
         return reply(
             &ctx,
@@ -143,97 +126,42 @@ async fn report(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes
             "the operator is starting (initial sync); retry".into(),
         );
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .trim();
-    let id = match collector.auth.verify(token).await {
-        Ok(id) => id,
-        Err(e) => {
-            let status = StatusCode::from_u16(e.status()).expect("valid status");
-            let outcome = match e {
-                AuthError::Api(_) => "unavailable",
-                _ if e.status() == 401 => "unauthenticated",
-                _ => "forbidden",
-            };
-            return reply(&ctx, status, outcome, e.to_string());
-        }
-    };
-    let batch: ReportBatch = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return reply(
-                &ctx,
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("the report is not a ReportBatch: {e}"),
-            );
-        }
+    let (node, batch) = match authenticate(&ctx, &collector, &headers, &body).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
     let now = now_ms();
-    // Which node is speaking, which observations exist (by UID).
-    let (node, known) = {
-        let c = ctx.compiler.lock().expect("compiler lock");
-        let node = node_of(&id, &c);
-        let known: HashMap<String, i64> = c.observations().map(|o| (o.uid.clone(), 0)).collect();
-        (node, known)
-    };
-    let node = match node {
-        Ok(n) if n == batch.node => n,
-        Ok(n) => {
-            return reply(
-                &ctx,
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "{} runs on node {n} and may not report for node {}",
-                    id.user, batch.node
-                ),
-            );
-        }
-        Err(msg) => return reply(&ctx, StatusCode::FORBIDDEN, "forbidden", msg),
-    };
+    // Observations that exist (by UID), with the end of the last window
+    // their status shows.
+    let known: HashMap<String, i64> = ctx
+        .compiler
+        .lock()
+        .expect("compiler lock")
+        .observations()
+        .map(|o| (o.uid.clone(), o.counted_through.unwrap_or(0)))
+        .collect();
+    let gone = add_observation_parts(
+        &ctx,
+        &collector,
+        &node,
+        &batch.agent,
+        batch.windows,
+        &known,
+        now,
+    );
+    add_policy_parts(
+        &ctx,
+        &collector,
+        &node,
+        &batch.agent,
+        batch.policy_windows,
+        now,
+    );
 
     let mut ack = ReportAck {
         collector: collector.instance.clone(),
         ..Default::default()
     };
-    let mut gone: BTreeMap<String, i64> = BTreeMap::new();
-    {
-        let mut book = collector.observations.lock().expect("book lock");
-        for w in batch.windows {
-            let outcome = if !known.contains_key(&w.uid) {
-                // Deleted observation: let the agent forget it.
-                let e = gone.entry(w.uid.clone()).or_insert(0);
-                *e = (*e).max(w.end());
-                "unknown"
-            } else {
-                book.add(&node, &batch.agent, w, now).label()
-            };
-            ctx.metrics
-                .report_parts
-                .get_or_create(&crate::metrics::PartLabels {
-                    kind: "observation",
-                    outcome,
-                })
-                .inc();
-        }
-    }
-    {
-        let mut book = collector.policies.lock().expect("book lock");
-        for p in batch.policy_windows {
-            let outcome = book.add(&node, &batch.agent, p, now).label();
-            ctx.metrics
-                .report_parts
-                .get_or_create(&crate::metrics::PartLabels {
-                    kind: "policy",
-                    outcome,
-                })
-                .inc();
-        }
-    }
     for uid in known.keys() {
         if let Some(end) = ctx.results.committed_end(uid) {
             ack.committed.insert(uid.clone(), end);
@@ -248,93 +176,117 @@ async fn report(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes
     axum::Json(ack).into_response()
 }
 
-/// Finalizes due windows once a second: merges them and wakes the status
-/// controllers.
-pub async fn finalize_loop(ctx: Arc<Context>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if ctx.sync.is_synced() {
-            finalize_due(&ctx, now_ms());
+/// Checks the token, parses the batch and checks that the agent reports for
+/// its own node. Returns the node and the batch, or the refusal.
+async fn authenticate(
+    ctx: &Context,
+    collector: &Collector,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, ReportBatch), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim();
+    let id = match collector.auth.verify(token).await {
+        Ok(id) => id,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).expect("valid status");
+            let outcome = match e {
+                AuthError::Api(_) => "unavailable",
+                _ if e.status() == StatusCode::UNAUTHORIZED.as_u16() => "unauthenticated",
+                _ => "forbidden",
+            };
+            return Err(reply(ctx, status, outcome, e.to_string()));
         }
+    };
+    let batch: ReportBatch = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(reply(
+                ctx,
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("the report is not a ReportBatch: {e}"),
+            ));
+        }
+    };
+    let node = node_of(&id, &ctx.compiler.lock().expect("compiler lock"));
+    match node {
+        Ok(n) if n == batch.node => Ok((n, batch)),
+        Ok(n) => Err(reply(
+            ctx,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} runs on node {n} and may not report for node {}",
+                id.user, batch.node
+            ),
+        )),
+        Err(msg) => Err(reply(ctx, StatusCode::FORBIDDEN, "forbidden", msg)),
     }
 }
 
-/// Merges every final window and hands the results to the status writers.
-pub fn finalize_due(ctx: &Context, now: i64) {
-    let collector = &ctx.collector;
-    let c = ctx.compiler.lock().expect("compiler lock");
-    // Observations: expected nodes, by UID.
-    let by_uid: HashMap<&str, &Observation> =
-        c.observations().map(|o| (o.uid.as_str(), o)).collect();
-    let expected: HashMap<&str, BTreeSet<String>> = by_uid
-        .iter()
-        .map(|(uid, o)| (*uid, o.by_node.keys().cloned().collect()))
-        .collect();
-    let finals = {
-        let mut book = collector.observations.lock().expect("book lock");
-        let finals = book.take_final(now, |uid| expected.get(uid));
-        for uid in book.uids() {
-            if !by_uid.contains_key(uid.as_str()) {
-                book.forget(&uid);
-                ctx.results.forget(&uid);
+/// Adds observation parts to the book. `known`: the observations that exist
+/// (by UID) and the end of the last window their status shows, which seeds
+/// the book when it first sees one (parts of windows already in status are
+/// `counted`). Returns the deleted observations' UIDs with the end of their
+/// last part, so the agent forgets them.
+fn add_observation_parts(
+    ctx: &Context,
+    collector: &Collector,
+    node: &str,
+    agent: &str,
+    parts: Vec<ObservationWindow>,
+    known: &HashMap<String, i64>,
+    now: i64,
+) -> BTreeMap<String, i64> {
+    let mut gone: BTreeMap<String, i64> = BTreeMap::new();
+    let mut book = collector.observations.lock().expect("book lock");
+    for w in parts {
+        let outcome = match known.get(&w.uid) {
+            None => {
+                let e = gone.entry(w.uid.clone()).or_insert(0);
+                *e = (*e).max(w.end());
+                "unknown"
             }
-        }
-        ctx.metrics.open_parts.set(book.open_parts() as i64);
-        finals
-    };
-    let mut wake_observations = BTreeSet::new();
-    for w in finals {
-        let Some(obs) = by_uid.get(w.uid.as_str()) else {
-            continue;
+            Some(&counted_through) => {
+                book.track(&w.uid, counted_through);
+                book.add(node, agent, w, now).label()
+            }
         };
-        let Some(spec) = &obs.spec else { continue };
-        let params = MergeParams {
-            group_by: &spec.group_by,
-            keep_labels: &spec.keep_labels,
-            top_n: spec.top_n as usize,
-            max_series: spec.max_series as usize,
-        };
-        let dir = ObservationDirectory {
-            compiler: &c,
-            observation: obs,
-        };
-        let started = std::time::Instant::now();
-        let r = merge(w.start, w.end, &w.parts, &params, &dir);
         ctx.metrics
-            .merge_seconds
-            .observe(started.elapsed().as_secs_f64());
-        debug!(observation = %obs.name, start = w.start, end = w.end, nodes = r.nodes_reporting, bytes = r.bytes, "window final");
-        ctx.metrics.windows_finalized.inc();
-        ctx.results.publish(&w.uid, r);
-        wake_observations.insert(obs.name.clone());
+            .report_parts
+            .get_or_create(&PartLabels {
+                kind: "observation",
+                outcome,
+            })
+            .inc();
     }
-    // Policies.
-    let deltas = {
-        let mut book = collector.policies.lock().expect("book lock");
-        let d = book.take_final(now);
-        (d, book.finalized_through())
-    };
-    let (deltas, through) = deltas;
-    let mut wake_policies = BTreeSet::new();
-    let known: Vec<_> = deltas
-        .into_iter()
-        .filter(|(k, _)| c.policy(k).is_some())
-        .inspect(|(k, _)| {
-            wake_policies.insert(k.clone());
-        })
-        .collect();
-    ctx.policy_results.retain(|k| c.policy(k).is_some());
-    drop(c);
-    ctx.policy_results.publish(known, through);
-    // Policies whose counts did not make it (a failed write) are retried.
-    wake_policies.extend(ctx.policy_results.waiting());
-    for name in wake_observations {
-        let _ = ctx.triggers.observations.send(name);
-    }
-    for key in wake_policies {
-        let _ = ctx.triggers.policies.send(key);
+    gone
+}
+
+/// Adds policy-counter parts to the book.
+fn add_policy_parts(
+    ctx: &Context,
+    collector: &Collector,
+    node: &str,
+    agent: &str,
+    parts: Vec<PolicyWindow>,
+    now: i64,
+) {
+    let mut book = collector.policies.lock().expect("book lock");
+    for p in parts {
+        let outcome = book.add(node, agent, p, now).label();
+        ctx.metrics
+            .report_parts
+            .get_or_create(&PartLabels {
+                kind: "policy",
+                outcome,
+            })
+            .inc();
     }
 }
 

@@ -21,14 +21,14 @@ use tracing::{debug, info, warn};
 use crate::{context::Context, error::Result};
 
 /// The field manager of everything the operator writes.
-pub const FIELD_MANAGER: &str = "flowlens-operator";
+pub(crate) const FIELD_MANAGER: &str = "flowlens-operator";
 const CONTROLLER: &str = "node-agent-config";
 
 /// How long to wait for more events before compiling (coalesces bursts).
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// Configs written at once.
-pub const WRITE_CONCURRENCY: usize = 8;
+pub(crate) const WRITE_CONCURRENCY: usize = 8;
 
 fn object(spec: &NodeAgentConfigSpec, node_uid: &str) -> serde_json::Value {
     serde_json::json!({

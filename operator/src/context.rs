@@ -14,25 +14,10 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{compile::Compiler, metrics::Metrics};
 
-impl SyncState {
-    /// For tests and tools that run without watchers.
-    pub fn mark_all(&self) {
-        for k in [
-            Kind::Node,
-            Kind::Namespace,
-            Kind::Pod,
-            Kind::Observation,
-            Kind::Policy,
-        ] {
-            self.mark(k);
-        }
-    }
-}
-
 /// Kinds fed into the compiler; all must finish their initial list before
 /// the first config is written.
 #[derive(Clone, Copy, Debug)]
-pub enum Kind {
+pub(crate) enum Kind {
     Node = 1,
     Namespace = 2,
     Pod = 4,
@@ -51,7 +36,7 @@ pub struct SyncState {
 
 impl SyncState {
     /// Marks a kind synced; returns true when this completes the initial sync.
-    pub fn mark(&self, kind: Kind) -> bool {
+    pub(crate) fn mark(&self, kind: Kind) -> bool {
         let before = self.done.fetch_or(kind as u8, Ordering::SeqCst);
         let complete = before | kind as u8 == ALL_KINDS && before != ALL_KINDS;
         if complete {
@@ -60,7 +45,7 @@ impl SyncState {
         complete
     }
 
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         self.done.load(Ordering::SeqCst) == ALL_KINDS
     }
 }
@@ -84,7 +69,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub results: crate::results::ResultStore,
     pub policy_results: crate::results::PolicyResults,
-    pub collector: crate::collector::Collector,
     pub recorder: Recorder,
     pub triggers: Triggers,
 }

@@ -102,6 +102,8 @@ impl Feed for NetworkObservation {
             self.metadata.generation.unwrap_or(0),
             self.spec.clone(),
         );
+        let shown = self.status.as_ref().and_then(|s| s.last_window.as_ref());
+        c.set_counted_through(&self.name_any(), shown.map(|w| w.end.0.as_second()));
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_observation(key);

@@ -7,7 +7,7 @@
 //! - [`policy_status`], [`observation_status`]: status controllers (pure
 //!   status functions plus a kube-runtime `Controller` each).
 //! - [`collect`] (pure) and [`collector`] (HTTP, [`auth`]): agents' reports
-//!   into final windows.
+//!   into the books of open windows; [`finalize`]: final windows merged.
 //! - [`results`]: final windows on their way to status.
 
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod config_writer;
 pub mod context;
 pub mod error;
 pub mod feed;
+pub mod finalize;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -26,4 +27,4 @@ pub mod model;
 pub mod observation_status;
 pub mod policy_status;
 pub mod results;
-pub mod status_apply;
+mod status_apply;

@@ -15,7 +15,7 @@ use flowlens_operator::{
     config_writer,
     context::{Context, SyncState, Triggers},
     error::Error,
-    feed, http, leader,
+    feed, finalize, http, leader,
     metrics::Metrics,
     observation_status, policy_status,
     results::ResultStore,
@@ -245,8 +245,8 @@ async fn main() -> anyhow::Result<()> {
         startup_grace_ms: args.report_startup_grace.as_millis() as i64,
         grace_ms: args.report_grace.as_millis() as i64,
     };
+    let collector = Arc::new(Collector::new(auth, timing));
     let ctx = Arc::new(Context {
-        collector: Collector::new(auth, timing),
         policy_results: Default::default(),
         recorder: Recorder::new(
             client.clone(),
@@ -302,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
 
     let _ = leading.set(ctx.clone());
 
-    let collector_router = collector::router(ctx.clone());
+    let collector_router = collector::router(ctx.clone(), collector.clone());
     let tls = args
         .collector_tls_cert
         .clone()
@@ -313,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
 
     tokio::select! {
         r = collector_server => error!(addr = %collector_addr, "report endpoint failed: {r:?}"),
-        _ = collector::finalize_loop(ctx.clone()) => error!("window finalizer ended"),
+        _ = finalize::finalize_loop(ctx.clone(), collector) => error!("window finalizer ended"),
         _ = nac_watch => error!("NodeAgentConfig watch ended"),
         _ = feed::run_all(ctx.clone()) => error!("watch feeds ended"),
         _ = config_writer::run(ctx.clone()) => error!("config writer ended"),

@@ -7,49 +7,49 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ControllerLabels {
+pub(crate) struct ControllerLabels {
     pub controller: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
+pub(crate) struct ErrorLabels {
     pub controller: &'static str,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WriteLabels {
+pub(crate) struct WriteLabels {
     pub resource: &'static str,
     pub verb: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
+pub(crate) struct KindLabels {
     pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PartLabels {
+pub(crate) struct PartLabels {
     pub kind: &'static str,
     pub outcome: &'static str,
 }
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub reconciles: Family<ControllerLabels, Counter>,
-    pub reconcile_errors: Family<ErrorLabels, Counter>,
-    pub reconcile_seconds: Family<ControllerLabels, Histogram>,
+    pub(crate) registry: Registry,
+    pub(crate) reconciles: Family<ControllerLabels, Counter>,
+    pub(crate) reconcile_errors: Family<ErrorLabels, Counter>,
+    pub(crate) reconcile_seconds: Family<ControllerLabels, Histogram>,
     /// Every write the operator makes to the API server.
-    pub api_writes: Family<WriteLabels, Counter>,
-    pub compile_seconds: Histogram,
-    pub watch_events: Family<KindLabels, Counter>,
+    pub(crate) api_writes: Family<WriteLabels, Counter>,
+    pub(crate) compile_seconds: Histogram,
+    pub(crate) watch_events: Family<KindLabels, Counter>,
     /// Report requests, by outcome.
-    pub reports: Family<KindLabels, Counter>,
+    pub(crate) reports: Family<KindLabels, Counter>,
     /// Window parts received, by kind and outcome (stored, late, unknown).
-    pub report_parts: Family<PartLabels, Counter>,
-    pub open_parts: Gauge,
-    pub windows_finalized: Counter,
-    pub merge_seconds: Histogram,
+    pub(crate) report_parts: Family<PartLabels, Counter>,
+    pub(crate) open_parts: Gauge,
+    pub(crate) windows_finalized: Counter,
+    pub(crate) merge_seconds: Histogram,
 }
 
 fn duration_histogram() -> Histogram {
@@ -150,33 +150,33 @@ impl Metrics {
     }
 
     /// Counts a reconciliation of `controller`.
-    pub fn reconciling(&self, controller: &'static str) {
+    pub(crate) fn reconciling(&self, controller: &'static str) {
         self.reconciles
             .get_or_create(&ControllerLabels { controller })
             .inc();
     }
 
     /// Records how long a reconciliation of `controller` took.
-    pub fn reconciled(&self, controller: &'static str, started: std::time::Instant) {
+    pub(crate) fn reconciled(&self, controller: &'static str, started: std::time::Instant) {
         self.reconcile_seconds
             .get_or_create(&ControllerLabels { controller })
             .observe(started.elapsed().as_secs_f64());
     }
 
     /// Counts a failed reconciliation of `controller`, by reason.
-    pub fn failed(&self, controller: &'static str, reason: &'static str) {
+    pub(crate) fn failed(&self, controller: &'static str, reason: &'static str) {
         self.reconcile_errors
             .get_or_create(&ErrorLabels { controller, reason })
             .inc();
     }
 
-    pub fn wrote(&self, resource: &'static str, verb: &'static str) {
+    pub(crate) fn wrote(&self, resource: &'static str, verb: &'static str) {
         self.api_writes
             .get_or_create(&WriteLabels { resource, verb })
             .inc();
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");

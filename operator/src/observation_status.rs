@@ -10,8 +10,10 @@ use std::{
 use flowlens_api::{
     NetworkObservation, NodeAgentConfig,
     conditions::{self, reason},
+    format,
     network_observation::{
         NetworkObservationStatus, ObservationNodes, ObservationPods, ObservationSummary,
+        SeriesUsage, TrafficTotal, WindowTraffic,
     },
 };
 use futures::StreamExt;
@@ -29,11 +31,11 @@ use kube::{
 use tracing::{info, instrument, warn};
 
 use crate::{
+    collect::merge::WindowResult,
     compile::ObservationView,
     context::Context,
     error::{Error, Result},
-    results::{WindowResult, write_windows},
-    status_apply::apply_status,
+    status_apply::{apply_status, time},
 };
 
 const CONTROLLER: &str = "networkobservation-status";
@@ -49,9 +51,68 @@ fn deployed(nac: Option<&Arc<NodeAgentConfig>>, name: &str, generation: i64) -> 
     })
 }
 
+/// Writes a final window's figures into a status. `total` grows only when
+/// this window is newer than the one the status already shows, so rewriting
+/// (after an operator restart, or a retried write) never counts it twice.
+fn write_window(r: &WindowResult, s: &mut NetworkObservationStatus) {
+    let shown_end = s.last_window.as_ref().map(|w| w.end.0.as_second());
+    if shown_end.is_some_and(|e| e >= r.end) {
+        return;
+    }
+    let secs = (r.end - r.start).max(1) as u64;
+    s.last_window = Some(WindowTraffic {
+        start: time(r.start),
+        end: time(r.end),
+        flows: r.flows,
+        packets: r.packets,
+        bytes: r.bytes,
+        payload_bytes: r.payload_bytes,
+        bytes_per_second: r.bytes / secs,
+        packets_per_second: r.packets / secs,
+        cross_zone_bytes: r.cross_zone_bytes,
+        retransmits: r.retransmits,
+        drops: r.drops,
+    });
+    let total = s.total.get_or_insert_with(|| TrafficTotal {
+        since: Some(time(r.start)),
+        ..Default::default()
+    });
+    total.packets += r.packets;
+    total.bytes += r.bytes;
+    total.payload_bytes += r.payload_bytes;
+    total.cross_zone_bytes += r.cross_zone_bytes;
+    total.windows += 1;
+    s.latency = r.latency.clone();
+    s.top_flows = r.top_flows.clone();
+    s.series = Some(SeriesUsage {
+        series: r.series,
+        max_series: r.max_series,
+        folded: r.folded_series,
+    });
+    let summary = s.summary.get_or_insert_with(ObservationSummary::default);
+    summary.throughput = format::rate(r.bytes as f64 / secs as f64);
+    match &r.latency {
+        Some(l) if l.samples > 0 => {
+            summary.rtt_p50 = format::micros(l.p50_micros);
+            summary.rtt_p99 = format::micros(l.p99_micros);
+        }
+        _ => {
+            summary.rtt_p50 = "-".into();
+            summary.rtt_p99 = "-".into();
+        }
+    }
+}
+
+/// Applies final windows (oldest first) to a status.
+fn write_windows(results: &[WindowResult], s: &mut NetworkObservationStatus) {
+    for r in results {
+        write_window(r, s);
+    }
+}
+
 /// The status of an observation. `results` are final windows not yet in
 /// status, oldest first; fields they do not cover are kept from `current`.
-pub fn observation_status(
+pub(crate) fn observation_status(
     name: &str,
     view: &ObservationView,
     configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
@@ -369,6 +430,36 @@ mod tests {
         assert_eq!(get(&next.conditions, "Ready").unwrap().reason, "Observing");
         assert_eq!(next.total.as_ref().unwrap().bytes, 2000);
         assert_eq!(next.summary.as_ref().unwrap().nodes, "1/1");
+    }
+
+    #[test]
+    fn totals_count_each_window_once() {
+        let w = |start: i64, bytes: u64| WindowResult {
+            start,
+            end: start + 10,
+            packets: 1,
+            bytes,
+            ..Default::default()
+        };
+        let mut s = NetworkObservationStatus::default();
+        write_window(&w(100, 1000), &mut s);
+        write_window(&w(100, 1000), &mut s);
+        assert_eq!(
+            s.total.as_ref().unwrap().bytes,
+            1000,
+            "a window written twice counts once"
+        );
+        write_window(&w(110, 500), &mut s);
+        let t = s.total.as_ref().unwrap();
+        assert_eq!((t.bytes, t.packets, t.windows), (1500, 2, 2));
+        assert_eq!(s.last_window.as_ref().unwrap().bytes_per_second, 50);
+        assert_eq!(s.summary.as_ref().unwrap().throughput, "50 B/s");
+        write_window(&w(100, 9999), &mut s);
+        assert_eq!(
+            s.total.as_ref().unwrap().bytes,
+            1500,
+            "an older window is ignored"
+        );
     }
 
     #[test]

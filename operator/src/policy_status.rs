@@ -31,11 +31,11 @@ use kube::{
 use tracing::{info, instrument, warn};
 
 use crate::{
+    collect::policy_book::PolicyDelta,
     compile::PolicyView,
     context::Context,
     error::{Error, Result},
-    results::write_policy_counts,
-    status_apply::apply_status,
+    status_apply::{apply_status, time},
 };
 
 const CONTROLLER: &str = "flowpolicy-status";
@@ -56,10 +56,32 @@ fn list(items: &[String]) -> String {
     s
 }
 
+/// Applies final policy-counter windows to a status: windows that end after
+/// `countedUntil` are added, so replaying one (after an operator restart)
+/// never counts it twice.
+fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
+    for d in deltas {
+        let shown = s.counted_until.as_ref().map(|t| t.0.as_second());
+        if shown.is_some_and(|e| e >= d.end) {
+            continue;
+        }
+        let b = s.blocked.get_or_insert_with(Default::default);
+        b.packets += d.blocked.packets;
+        b.connections += d.blocked.connections;
+        let a = s.audited.get_or_insert_with(Default::default);
+        a.packets += d.audited.packets;
+        a.connections += d.audited.connections;
+        s.counted_until = Some(time(d.end));
+    }
+}
+
+/// A condition's status, reason and message.
+type Verdict = (bool, &'static str, String);
+
 /// The status of a policy, from the compiler's view and the agents' reports
 /// (`configs`: node name -> its NodeAgentConfig). Keeps `current`'s match
 /// counters and condition transition times.
-pub fn policy_status(
+pub(crate) fn policy_status(
     namespace: &str,
     name: &str,
     view: &PolicyView,
@@ -71,30 +93,47 @@ pub fn policy_status(
     let generation = Some(view.generation);
     s.observed_generation = generation;
     s.revision = view.revision.clone();
-
-    // Ready.
-    match (&view.error, &view.revision) {
-        (Some(e), Some(rev)) => conditions::set(
+    let nodes = NodeStates::of(namespace, name, view, configs);
+    for (type_, (status, reason, message)) in [
+        (conditions::READY, ready(view)),
+        (conditions::ENFORCED, enforced(view, &nodes)),
+        (conditions::DEGRADED, degraded(view, &nodes)),
+    ] {
+        conditions::set(
             &mut s.conditions,
-            conditions::READY,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+    let targeted = view.targeted_nodes.len();
+    s.nodes = Some(PolicyNodes {
+        targeted: targeted as u32,
+        enforcing: nodes.enforcing.len() as u32,
+    });
+    s.pods = Some(PolicyPods {
+        selected: view.selected_pods as u32,
+        unenforceable: view.unenforceable_pods.len() as u32,
+    });
+    s.summary = Some(PolicySummary {
+        nodes: format!("{}/{targeted}", nodes.enforcing.len()),
+    });
+    s
+}
+
+/// Ready: the spec is valid and compiled.
+fn ready(view: &PolicyView) -> Verdict {
+    match (&view.error, &view.revision) {
+        (Some(e), Some(rev)) => (
             false,
             reason::INVALID_SPEC,
             format!("{e}; the previous valid revision {rev} stays in force"),
-            generation,
-            now,
         ),
-        (Some(e), None) => conditions::set(
-            &mut s.conditions,
-            conditions::READY,
-            false,
-            reason::INVALID_SPEC,
-            e.to_string(),
-            generation,
-            now,
-        ),
-        (None, _) => conditions::set(
-            &mut s.conditions,
-            conditions::READY,
+        (Some(e), None) => (false, reason::INVALID_SPEC, e.to_string()),
+        (None, _) => (
             true,
             reason::COMPILED,
             format!(
@@ -102,115 +141,105 @@ pub fn policy_status(
                 view.selected_pods,
                 view.targeted_nodes.len()
             ),
-            generation,
-            now,
         ),
-    };
-
-    // Enforced: each targeted node's agent reports this revision applied.
-    let mut enforcing = Vec::new();
-    let mut waiting = Vec::new();
-    let mut degraded = Vec::new();
-    for node in &view.targeted_nodes {
-        let nac = configs.get(node);
-        let status = nac.and_then(|n| n.status.as_ref());
-        let applied = status.is_some_and(|st| {
-            st.policies.iter().any(|p| {
-                p.namespace == namespace
-                    && p.name == name
-                    && Some(&p.revision) == view.revision.as_ref()
-            })
-        });
-        if applied {
-            enforcing.push(node.clone());
-        } else {
-            waiting.push(node.clone());
-        }
-        if let Some(c) = status
-            .and_then(|st| conditions::get(&st.conditions, conditions::DEGRADED))
-            .filter(|c| c.status == "True")
-        {
-            degraded.push(format!("node {node}: {}: {}", c.reason, c.message));
-        }
     }
+}
+
+/// Where the policy's revision is applied, from the agents' reports.
+struct NodeStates {
+    enforcing: Vec<String>,
+    waiting: Vec<String>,
+    /// `node <name>: <reason>: <message>` of degraded nodes.
+    degraded: Vec<String>,
+}
+
+impl NodeStates {
+    fn of(
+        namespace: &str,
+        name: &str,
+        view: &PolicyView,
+        configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
+    ) -> Self {
+        let mut n = NodeStates {
+            enforcing: Vec::new(),
+            waiting: Vec::new(),
+            degraded: Vec::new(),
+        };
+        for node in &view.targeted_nodes {
+            let status = configs.get(node).and_then(|n| n.status.as_ref());
+            let applied = status.is_some_and(|st| {
+                st.policies.iter().any(|p| {
+                    p.namespace == namespace
+                        && p.name == name
+                        && Some(&p.revision) == view.revision.as_ref()
+                })
+            });
+            if applied {
+                n.enforcing.push(node.clone());
+            } else {
+                n.waiting.push(node.clone());
+            }
+            if let Some(c) = status
+                .and_then(|st| conditions::get(&st.conditions, conditions::DEGRADED))
+                .filter(|c| c.status == "True")
+            {
+                n.degraded
+                    .push(format!("node {node}: {}: {}", c.reason, c.message));
+            }
+        }
+        n
+    }
+}
+
+/// Enforced: each targeted node's agent reports this revision applied.
+fn enforced(view: &PolicyView, nodes: &NodeStates) -> Verdict {
     let targeted = view.targeted_nodes.len();
-    match (targeted, waiting.is_empty(), &view.revision) {
-        (0, _, _) => conditions::set(
-            &mut s.conditions,
-            conditions::ENFORCED,
+    match (targeted, nodes.waiting.is_empty(), &view.revision) {
+        (0, _, _) => (
             false,
             reason::NO_TARGETS,
-            "no running pod with an IP matches podSelector: nothing to enforce",
-            generation,
-            now,
+            "no running pod with an IP matches podSelector: nothing to enforce".to_owned(),
         ),
-        (_, true, Some(rev)) => conditions::set(
-            &mut s.conditions,
-            conditions::ENFORCED,
+        (_, true, Some(rev)) => (
             true,
             reason::ENFORCED,
             format!("revision {rev} is in force on {targeted} node(s)"),
-            generation,
-            now,
         ),
-        _ => conditions::set(
-            &mut s.conditions,
-            conditions::ENFORCED,
+        _ => (
             false,
             reason::PENDING,
             format!(
                 "{} of {targeted} node(s) enforce revision {}; waiting for: {}",
-                enforcing.len(),
+                nodes.enforcing.len(),
                 view.revision.as_deref().unwrap_or("-"),
-                list(&waiting)
+                list(&nodes.waiting)
             ),
-            generation,
-            now,
         ),
-    };
+    }
+}
 
-    // Degraded: host-network pods (cannot be isolated) and degraded nodes.
-    let (d, r, m) = if !view.unenforceable_pods.is_empty() {
+/// Degraded: host-network pods (cannot be isolated) and degraded nodes.
+fn degraded(view: &PolicyView, nodes: &NodeStates) -> Verdict {
+    let degraded = &nodes.degraded;
+    if !view.unenforceable_pods.is_empty() {
         let mut m = format!(
             "{} selected pod(s) use the host network and cannot be isolated per pod (not enforced for them): {}",
             view.unenforceable_pods.len(),
             list(&view.unenforceable_pods)
         );
         if !degraded.is_empty() {
-            m.push_str(&format!("; {}", list(&degraded)));
+            m.push_str(&format!("; {}", list(degraded)));
         }
         (true, reason::HOST_NETWORK_POD, m)
     } else if !degraded.is_empty() {
-        (true, reason::NODE_DEGRADED, list(&degraded))
+        (true, reason::NODE_DEGRADED, list(degraded))
     } else {
         (
             false,
             reason::AS_EXPECTED,
             "enforced as specified wherever it applies".to_owned(),
         )
-    };
-    conditions::set(
-        &mut s.conditions,
-        conditions::DEGRADED,
-        d,
-        r,
-        m,
-        generation,
-        now,
-    );
-
-    s.nodes = Some(PolicyNodes {
-        targeted: targeted as u32,
-        enforcing: enforcing.len() as u32,
-    });
-    s.pods = Some(PolicyPods {
-        selected: view.selected_pods as u32,
-        unenforceable: view.unenforceable_pods.len() as u32,
-    });
-    s.summary = Some(PolicySummary {
-        nodes: format!("{}/{targeted}", enforcing.len()),
-    });
-    s
+    }
 }
 
 fn configs_by_node(store: &Store<NodeAgentConfig>) -> BTreeMap<String, Arc<NodeAgentConfig>> {
@@ -313,7 +342,7 @@ fn error_policy(_: Arc<FlowPolicy>, e: &Error, ctx: Arc<Context>) -> Action {
 
 /// What of one NodeAgentConfig the status of its policies depends on.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `(namespace, name, revision)` in the spec, and applied by the agent.
     spec: BTreeSet<(String, String, String)>,
     applied: BTreeSet<(String, String, String)>,
@@ -322,7 +351,7 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    pub fn of(nac: &NodeAgentConfig) -> Self {
+    pub(crate) fn of(nac: &NodeAgentConfig) -> Self {
         let refs = |v: &[flowlens_api::node_agent_config::PolicyRef]| {
             v.iter()
                 .map(|p| (p.namespace.clone(), p.name.clone(), p.revision.clone()))
@@ -341,7 +370,10 @@ impl NodeFacts {
 
 /// The policies whose status a change of one node's config can change: a
 /// config write for one policy must not wake every policy of the node.
-pub fn affected_policies(prev: Option<&NodeFacts>, next: &NodeFacts) -> BTreeSet<(String, String)> {
+pub(crate) fn affected_policies(
+    prev: Option<&NodeFacts>,
+    next: &NodeFacts,
+) -> BTreeSet<(String, String)> {
     let empty = NodeFacts::default();
     let prev = prev.unwrap_or(&empty);
     let key = |(ns, n, _): &(String, String, String)| (ns.clone(), n.clone());
@@ -595,6 +627,23 @@ mod tests {
             "{}",
             d.message
         );
+    }
+
+    #[test]
+    fn policy_counts_count_each_window_once() {
+        let d = |end: i64, n: u64| PolicyDelta {
+            end,
+            blocked: flowlens_api::report::Matches {
+                packets: n,
+                connections: n,
+            },
+            ..Default::default()
+        };
+        let mut s = FlowPolicyStatus::default();
+        write_policy_counts(&[d(110, 3), d(120, 4)], &mut s);
+        write_policy_counts(&[d(120, 4)], &mut s);
+        assert_eq!(s.blocked.as_ref().unwrap().connections, 7);
+        assert_eq!(s.counted_until.as_ref().unwrap().0.as_second(), 120);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
@@ -13,7 +14,7 @@ use crate::{config_writer::FIELD_MANAGER, metrics::Metrics};
 
 /// Applies `status` to the object `name` of `api`; `resource` labels the
 /// write metric (e.g. `flowpolicies/status`).
-pub async fn apply_status<K>(
+pub(crate) async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
     status: &impl Serialize,
@@ -36,4 +37,9 @@ where
     .await?;
     metrics.wrote(resource, "apply");
     Ok(())
+}
+
+/// A status timestamp from Unix seconds.
+pub(crate) fn time(unix: i64) -> Time {
+    Time(Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH))
 }

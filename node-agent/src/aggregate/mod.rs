@@ -9,7 +9,7 @@
 //! for remotes traced on other nodes). A connection between two traced pods
 //! counts as one flow, at the client.
 
-pub mod role;
+pub(crate) mod role;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -24,10 +24,11 @@ use flowlens_agent_common::{
 use flowlens_api::{
     GroupBy,
     histogram::Histogram,
+    network_observation::{FlowEndpoint, PodDimensions},
     node_agent_config::NodeAgentConfigSpec,
     report::{
-        LocalDims, Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow,
-        Role, Series, Traffic,
+        Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow, Role,
+        Series, Traffic,
     },
 };
 
@@ -35,7 +36,7 @@ use crate::tables::Tables;
 
 /// Everything one drain of the kernel tables returned.
 #[derive(Clone, Debug, Default)]
-pub struct Drained {
+pub(crate) struct Drained {
     pub flows: Vec<(FlowKey, FlowStats)>,
     pub overflow: Vec<(OverflowKey, FlowStats)>,
     pub rtt: Vec<(RttKey, u64)>,
@@ -64,7 +65,7 @@ struct ConnFacts {
 }
 
 /// An address from the kernel's 16-byte form (IPv4-mapped for IPv4).
-pub fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
+pub(crate) fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(*b);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
@@ -74,7 +75,7 @@ pub fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct SeriesKey {
-    local: LocalDims,
+    local: FlowEndpoint,
     remote: Option<IpAddr>,
     port: u16,
     protocol: u8,
@@ -84,10 +85,7 @@ struct SeriesKey {
 impl SeriesKey {
     fn other() -> Self {
         SeriesKey {
-            local: LocalDims {
-                other: true,
-                ..Default::default()
-            },
+            local: FlowEndpoint::other(),
             remote: None,
             port: 0,
             protocol: 0,
@@ -122,7 +120,7 @@ struct ObsView {
     uid: String,
     params: ObsParams,
     /// Local address -> the dimensions of its endpoint.
-    dims: HashMap<[u8; 16], LocalDims>,
+    dims: HashMap<[u8; 16], FlowEndpoint>,
 }
 
 #[derive(Clone)]
@@ -150,7 +148,7 @@ impl OpenWindow {
 
 /// Counters the aggregator keeps about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AggregatorStats {
+pub(crate) struct AggregatorStats {
     /// Packets of addresses that are not a local endpoint of the config.
     pub unattributed_packets: u64,
     /// Rule matches of slots unknown to the generation's tables.
@@ -159,8 +157,7 @@ pub struct AggregatorStats {
 
 /// Per-observation windows and per-policy counters of one node.
 #[derive(Clone)]
-pub struct Aggregator {
-    node: String,
+pub(crate) struct Aggregator {
     started_ms: i64,
     observations: BTreeMap<String, (ObsView, OpenWindow)>,
     /// Connection -> (local role, last seen ms): the SYN is only seen once.
@@ -183,9 +180,8 @@ fn window_start(now_ms: i64, seconds: u32) -> i64 {
 const ROLE_MEMORY_MS: i64 = 10 * 60 * 1000;
 
 impl Aggregator {
-    pub fn new(node: impl Into<String>, now_ms: i64) -> Self {
+    pub(crate) fn new(now_ms: i64) -> Self {
         Aggregator {
-            node: node.into(),
             started_ms: now_ms,
             observations: BTreeMap::new(),
             roles: HashMap::new(),
@@ -199,13 +195,13 @@ impl Aggregator {
     }
 
     /// Tables in force for a kernel generation (to attribute rule counters).
-    pub fn set_generation_tables(&mut self, generation: u32, tables: Arc<Tables>) {
+    pub(crate) fn set_generation_tables(&mut self, generation: u32, tables: Arc<Tables>) {
         self.generation_tables[(generation & 1) as usize] = Some(tables);
     }
 
     /// Takes a new config. Windows of removed or reshaped observations are
     /// closed (as incomplete) and returned by the next [`Self::close_due`].
-    pub fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
+    pub(crate) fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
         let endpoints: HashMap<String, &flowlens_api::node_agent_config::LocalEndpoint> =
             spec.endpoints.iter().map(|e| (e.key(), e)).collect();
         let mut next = BTreeMap::new();
@@ -222,39 +218,18 @@ impl Aggregator {
                 let Some(e) = endpoints.get(key) else {
                     continue;
                 };
-                let d = LocalDims {
-                    namespace: o
-                        .group_by
-                        .contains(&GroupBy::Namespace)
-                        .then(|| e.namespace.clone()),
-                    workload: o
-                        .group_by
-                        .contains(&GroupBy::Workload)
-                        .then(|| e.workload.to_string()),
-                    pod: o.group_by.contains(&GroupBy::Pod).then(|| e.pod.clone()),
-                    node: o
-                        .group_by
-                        .contains(&GroupBy::Node)
-                        .then(|| spec.node_name.clone()),
-                    zone: if o.group_by.contains(&GroupBy::Zone) {
-                        spec.zone.clone()
-                    } else {
-                        None
+                let d = FlowEndpoint::project(
+                    &o.group_by,
+                    &o.keep_labels,
+                    &PodDimensions {
+                        namespace: &e.namespace,
+                        workload: &e.workload,
+                        pod: &e.pod,
+                        node: Some(&spec.node_name),
+                        zone: spec.zone.as_deref(),
+                        labels: &e.labels,
                     },
-                    // keepLabels are dimensions (groupBy's label:<key>
-                    // items must be among them; both are honoured).
-                    labels: o
-                        .keep_labels
-                        .iter()
-                        .chain(o.group_by.iter().filter_map(|g| match g {
-                            GroupBy::Label(k) => Some(k),
-                            _ => None,
-                        }))
-                        .filter_map(|k| e.labels.get(k).map(|v| (k.clone(), v.clone())))
-                        .collect(),
-
-                    other: false,
-                };
+                );
                 for ip in &e.ips {
                     if let Ok(ip) = ip.parse::<IpAddr>() {
                         dims.insert(crate::tables::prefix::addr_bytes(ip), d.clone());
@@ -285,7 +260,7 @@ impl Aggregator {
     }
 
     /// Adds one drain's records at time `now_ms`.
-    pub fn ingest(&mut self, d: &Drained, now_ms: i64) {
+    pub(crate) fn ingest(&mut self, d: &Drained, now_ms: i64) {
         let mut conns: HashMap<ConnId, ConnFacts> = HashMap::new();
         for (k, s) in &d.flows {
             let id = ConnId {
@@ -426,7 +401,7 @@ impl Aggregator {
     }
 
     /// Closes every window that ended by `now_ms`.
-    pub fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+    pub(crate) fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
         let uids: Vec<String> = self.observations.keys().cloned().collect();
         for uid in uids {
@@ -461,7 +436,7 @@ impl Aggregator {
     }
 
     /// The open windows as they stand (for `flowlens-agent dump`).
-    pub fn snapshot(&self) -> Vec<ObservationWindow> {
+    pub(crate) fn snapshot(&self) -> Vec<ObservationWindow> {
         self.observations
             .iter()
             .map(|(_, (view, w))| {
@@ -480,7 +455,7 @@ impl Aggregator {
 
     /// The open windows as they would stand after also counting `peeked`
     /// (records read from the live tables without draining them).
-    pub fn preview(
+    pub(crate) fn preview(
         &self,
         peeked: &Drained,
         now_ms: i64,
@@ -491,7 +466,7 @@ impl Aggregator {
     }
 
     /// The next time (ms) a window of any observation ends.
-    pub fn next_boundary_ms(&self, now_ms: i64) -> Option<i64> {
+    pub(crate) fn next_boundary_ms(&self, now_ms: i64) -> Option<i64> {
         self.observations
             .values()
             .map(|(v, _)| {
@@ -502,12 +477,12 @@ impl Aggregator {
     }
 
     /// The next time (ms) the policy window ends.
-    pub fn next_policy_boundary_ms(&self, now_ms: i64) -> i64 {
+    pub(crate) fn next_policy_boundary_ms(&self, now_ms: i64) -> i64 {
         (window_start(now_ms, POLICY_WINDOW_SECONDS) + i64::from(POLICY_WINDOW_SECONDS)) * 1000
     }
 
     /// Closes every open window now, as incomplete (on shutdown).
-    pub fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+    pub(crate) fn flush(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
         for (_, (view, w)) in std::mem::take(&mut self.observations) {
             out.push(self.finish(&view, w, false, true));
@@ -527,12 +502,8 @@ impl Aggregator {
     }
 
     /// Policy matches of the open policy window.
-    pub fn policy_snapshot(&self) -> Vec<PolicyMatches> {
+    pub(crate) fn policy_snapshot(&self) -> Vec<PolicyMatches> {
         self.policy.values().cloned().collect()
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
     }
 
     /// A completed part: `closed_early` when it was closed before its

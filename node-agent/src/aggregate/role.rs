@@ -11,7 +11,7 @@ const EPHEMERAL_START: u16 = 32768;
 /// seen leaving/entering the local endpoint. Without a handshake (UDP, or a
 /// connection older than the agent), the side with the lower well-known
 /// port is the server; with no such port, the side that sent is the client.
-pub fn local_role(
+pub(crate) fn local_role(
     tx_flags: u32,
     rx_flags: u32,
     local_port: u16,
@@ -34,7 +34,7 @@ pub fn local_role(
 }
 
 /// The server port of a connection given the local role.
-pub fn server_port(role: Role, local_port: u16, remote_port: u16) -> u16 {
+pub(crate) fn server_port(role: Role, local_port: u16, remote_port: u16) -> u16 {
     match role {
         Role::Client => remote_port,
         Role::Server => local_port,

@@ -70,7 +70,7 @@ fn flow(
 const T0: i64 = 1_000_000;
 
 fn agg() -> Aggregator {
-    let mut a = Aggregator::new("n1", T0 - 30_000);
+    let mut a = Aggregator::new(T0 - 30_000);
     a.set_config(&spec(), T0 - 30_000);
     let _ = a.close_due(T0);
     a
@@ -224,7 +224,7 @@ fn the_role_survives_drains_without_the_handshake() {
 
 #[test]
 fn windows_align_to_the_clock_and_the_first_is_incomplete() {
-    let mut a = Aggregator::new("n1", T0 + 3_000);
+    let mut a = Aggregator::new(T0 + 3_000);
     a.set_config(&spec(), T0 + 3_000);
     a.ingest(
         &Drained {
@@ -245,7 +245,7 @@ fn windows_align_to_the_clock_and_the_first_is_incomplete() {
 fn series_beyond_the_budget_fold_into_other() {
     let mut s = spec();
     s.observations[0].max_series = 2;
-    let mut a = Aggregator::new("n1", T0);
+    let mut a = Aggregator::new(T0);
     a.set_config(&s, T0);
     let flows = (0..5)
         .map(|i| {

@@ -28,14 +28,14 @@ use super::{
 };
 
 /// Program names in the eBPF object.
-pub const PROG_FROM_POD: &str = "fl_from_pod";
-pub const PROG_TO_POD: &str = "fl_to_pod";
-pub const PROG_SOCKOPS: &str = "fl_sockops";
-pub const PROG_TCP_PROBE: &str = "fl_tcp_probe";
-pub const PROG_TCP_RETRANS: &str = "fl_tcp_retrans";
-pub const PROG_KFREE_SKB: &str = "fl_kfree_skb";
-pub const PROG_CONNECT4: &str = "fl_connect4";
-pub const PROG_CONNECT6: &str = "fl_connect6";
+pub(crate) const PROG_FROM_POD: &str = "fl_from_pod";
+pub(crate) const PROG_TO_POD: &str = "fl_to_pod";
+pub(crate) const PROG_SOCKOPS: &str = "fl_sockops";
+pub(crate) const PROG_TCP_PROBE: &str = "fl_tcp_probe";
+pub(crate) const PROG_TCP_RETRANS: &str = "fl_tcp_retrans";
+pub(crate) const PROG_KFREE_SKB: &str = "fl_kfree_skb";
+pub(crate) const PROG_CONNECT4: &str = "fl_connect4";
+pub(crate) const PROG_CONNECT6: &str = "fl_connect6";
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or(DatapathError::Unsupported {
@@ -80,7 +80,7 @@ fn pin(link: FdLink, path: &Path) -> Result<()> {
 }
 
 /// Loads every program of the object (the verifier runs here).
-pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for name in [PROG_FROM_POD, PROG_TO_POD] {
         let p: &mut SchedClassifier = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
@@ -103,7 +103,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
 /// Attaches (or adopts) a cgroup program at `cgroup`, pinned as `pin_name`.
 /// Link-based cgroup attachments take no mode flags (the kernel rejects
 /// `BPF_F_ALLOW_MULTI` there) and coexist with other programs anyway.
-pub fn cgroup_hook(
+pub(crate) fn cgroup_hook(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
     name: &'static str,
@@ -149,7 +149,7 @@ pub fn cgroup_hook(
 }
 
 /// Attaches (or adopts) a tracepoint program, pinned as `pin_name`.
-pub fn tracepoint_hook(
+pub(crate) fn tracepoint_hook(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
     name: &'static str,
@@ -175,17 +175,17 @@ pub fn tracepoint_hook(
 }
 
 /// Removes a pinned link (detaching it when nothing else holds it).
-pub fn unpin(layout: &PinLayout, pin_name: &str) {
+pub(crate) fn unpin(layout: &PinLayout, pin_name: &str) {
     let _ = fs::remove_file(layout.link(pin_name));
 }
 
 /// One TC attachment: interface name and index.
-pub type Interface = (String, u32);
+pub(crate) type Interface = (String, u32);
 
 /// Makes the set of interfaces with TC programs equal to `wanted`:
 /// attaches new ones, adopts pinned ones, detaches the rest (including pins
 /// of interfaces that no longer exist). Returns the interfaces attached.
-pub fn sync_tc(
+pub(crate) fn sync_tc(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
     wanted: &BTreeSet<Interface>,
@@ -250,7 +250,7 @@ pub fn sync_tc(
 
 /// Detaches everything this layout pinned and removes its maps: used by
 /// `flowlens-agent cleanup` when Flowlens is removed from a node.
-pub fn remove_all(layout: &PinLayout) -> std::io::Result<usize> {
+pub(crate) fn remove_all(layout: &PinLayout) -> std::io::Result<usize> {
     let mut n = 0;
     for dir in [layout.links(), layout.maps()] {
         if let Ok(entries) = fs::read_dir(&dir) {

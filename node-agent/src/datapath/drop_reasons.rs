@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 /// The tracepoint format file, relative to the tracefs mount.
-pub const FORMAT: &str = "events/skb/kfree_skb/format";
+pub(crate) const FORMAT: &str = "events/skb/kfree_skb/format";
 
 /// Parses the `__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, ...)`
 /// list of a format file into value → name.
-pub fn parse(format: &str) -> BTreeMap<u32, String> {
+pub(crate) fn parse(format: &str) -> BTreeMap<u32, String> {
     let mut out = BTreeMap::new();
     let Some(start) = format.find("__print_symbolic(REC->reason") else {
         return out;
@@ -34,7 +34,7 @@ pub fn parse(format: &str) -> BTreeMap<u32, String> {
 
 /// The metric label of a reason slot: its name, `UNKNOWN_<n>` for a value
 /// the table does not list, `OTHER` for the last (shared) slot.
-pub fn label(names: &BTreeMap<u32, String>, slot: u32, slots: u32) -> String {
+pub(crate) fn label(names: &BTreeMap<u32, String>, slot: u32, slots: u32) -> String {
     if slot + 1 == slots {
         return "OTHER".into();
     }
@@ -74,13 +74,15 @@ mod tests {
     /// The running kernel's table, when tracefs is mounted.
     #[test]
     fn the_running_kernel_lists_no_socket() {
-        for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-            if let Ok(f) = std::fs::read_to_string(format!("{root}/{FORMAT}")) {
-                let names = parse(&f);
-                assert!(names.values().any(|n| n == "NO_SOCKET"), "{names:?}");
-                return;
-            }
-        }
-        eprintln!("skipped: tracefs not mounted");
+        // As the agent does: use tracefs where it is mounted, else mount it.
+        let root = crate::datapath::pins::ensure_tracefs().unwrap_or_else(|e| {
+            panic!(
+                "tracefs is not mounted and mounting it failed ({e}): run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
+            )
+        });
+        let f = std::fs::read_to_string(root.join(FORMAT))
+            .unwrap_or_else(|e| panic!("reading {}/{FORMAT}: {e}", root.display()));
+        let names = parse(&f);
+        assert!(names.values().any(|n| n == "NO_SOCKET"), "{names:?}");
     }
 }

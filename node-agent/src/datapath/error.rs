@@ -46,14 +46,14 @@ pub enum DatapathError {
 }
 
 impl DatapathError {
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         DatapathError::Io {
             context: context.into(),
             source,
         }
     }
 
-    pub fn map(name: impl Into<String>, source: aya::maps::MapError) -> Self {
+    pub(crate) fn map(name: impl Into<String>, source: aya::maps::MapError) -> Self {
         DatapathError::Map {
             name: name.into(),
             source,
@@ -61,7 +61,7 @@ impl DatapathError {
     }
 
     /// A short label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             DatapathError::NoEbpfObject => "no_ebpf_object",
             DatapathError::Load(_) => "load",
@@ -74,4 +74,4 @@ impl DatapathError {
     }
 }
 
-pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = DatapathError> = std::result::Result<T, E>;

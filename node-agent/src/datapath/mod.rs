@@ -5,13 +5,13 @@
 //! writes compiled tables into the inactive generation and flips to it in one
 //! array update; [`Datapath::drain`] swaps and empties the result tables.
 
-pub mod attach;
-pub mod drop_reasons;
-pub mod error;
+pub(crate) mod attach;
+pub(crate) mod drop_reasons;
+pub(crate) mod error;
 pub mod pins;
 mod results;
-pub mod skb_layout;
-pub mod sys;
+pub(crate) mod skb_layout;
+pub(crate) mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -33,7 +33,7 @@ use flowlens_agent_common::{
 use flowlens_api::node_agent_config::DatapathHooks;
 use tracing::{info, warn};
 
-pub use error::{DatapathError, Result};
+pub(crate) use error::{DatapathError, Result};
 use pins::PinLayout;
 use results::Swappable;
 
@@ -90,7 +90,7 @@ pub struct DatapathOptions {
 
 /// Global kernel counters (summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
+pub(crate) struct KernelCounters {
     pub flow_table_full: u64,
     pub rtt_table_full: u64,
     pub conn_table_full: u64,
@@ -102,7 +102,7 @@ pub struct KernelCounters {
 
 /// Sizes of the tables drained last time, against their capacity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TableFill {
+pub(crate) struct TableFill {
     pub flows: (usize, u32),
     pub rtt: (usize, u32),
     pub overflow: (usize, u32),
@@ -126,11 +126,11 @@ pub struct Datapath {
     leftovers: Option<Drained>,
     /// Drop reason names of the running kernel, by value.
     drop_reason_names: BTreeMap<u32, String>,
-    pub fill: TableFill,
+    pub(crate) fill: TableFill,
 }
 
 /// A stable hash of a revision string (kept in the kernel per generation).
-pub fn revision_hash(revision: &str) -> u64 {
+pub(crate) fn revision_hash(revision: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     revision.hash(&mut h);
     h.finish() | 1
@@ -346,7 +346,7 @@ impl Datapath {
     /// Removes the pins of other layout versions (an agent of another
     /// version ran before): their programs detach, their maps go. Called once
     /// this agent enforces its first config, so enforcement has no gap.
-    pub fn remove_other_layouts(&self) -> usize {
+    pub(crate) fn remove_other_layouts(&self) -> usize {
         let mut removed = 0;
         for old in self.layout.other_versions() {
             match attach::remove_all(&old) {
@@ -364,7 +364,7 @@ impl Datapath {
 
     /// Kernel drops of traced endpoints by reason label, summed over CPUs
     /// (cumulative since the maps were created); reasons never seen are left out.
-    pub fn drops_by_reason(&mut self) -> Result<BTreeMap<String, u64>> {
+    pub(crate) fn drops_by_reason(&mut self) -> Result<BTreeMap<String, u64>> {
         let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_DROP_REASONS")?;
         let mut out = BTreeMap::new();
         for slot in 0..NUM_DROP_REASONS {
@@ -381,20 +381,16 @@ impl Datapath {
     }
 
     /// The hooks in use, by purpose.
-    pub fn hooks(&self) -> &DatapathHooks {
+    pub(crate) fn hooks(&self) -> &DatapathHooks {
         &self.hooks
     }
 
-    pub fn generation(&self) -> u32 {
+    pub(crate) fn generation(&self) -> u32 {
         self.generation
     }
 
-    pub fn layout(&self) -> &PinLayout {
-        &self.layout
-    }
-
     /// The revision hash the kernel enforces now (0 when never configured).
-    pub fn active_revision_hash(&mut self) -> Result<u64> {
+    pub(crate) fn active_revision_hash(&mut self) -> Result<u64> {
         let c = read_config(&mut self.ebpf)?;
         Ok(c.revision_hash[(c.epoch & 1) as usize])
     }
@@ -402,7 +398,7 @@ impl Datapath {
     /// Writes `tables` into the inactive generation, then makes it active
     /// with one array update. Lookups see either the old or the new tables in
     /// full, never a mix. Old entries are deleted after an RCU barrier.
-    pub fn apply(&mut self, tables: Arc<Tables>, revision: &str) -> Result<()> {
+    pub(crate) fn apply(&mut self, tables: Arc<Tables>, revision: &str) -> Result<()> {
         let next = self.generation ^ 1;
         self.clear_generation(next)?;
         {
@@ -545,7 +541,7 @@ impl Datapath {
     }
 
     /// Makes the cgroup table equal to `wanted` (cgroup id -> pod addresses).
-    pub fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, CgroupEndpoint>) -> Result<()> {
+    pub(crate) fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, CgroupEndpoint>) -> Result<()> {
         let mut map: HashMap<&mut MapData, u64, CgroupEndpoint> =
             typed(&mut self.ebpf, "FL_CGROUPS")?;
         let current = match &self.cgroups {
@@ -568,7 +564,7 @@ impl Datapath {
     }
 
     /// Makes the set of interfaces carrying the TC programs equal to `wanted`.
-    pub fn sync_interfaces(
+    pub(crate) fn sync_interfaces(
         &mut self,
         wanted: &BTreeSet<attach::Interface>,
     ) -> Result<BTreeSet<attach::Interface>> {
@@ -576,7 +572,7 @@ impl Datapath {
     }
 
     /// Swaps out and empties every result table.
-    pub fn drain(&mut self) -> Result<Drained> {
+    pub(crate) fn drain(&mut self) -> Result<Drained> {
         let mut d = self.leftovers.take().unwrap_or_default();
         let flows = self.flows.swap_and_drain(&mut self.ebpf)?;
         let overflow = self.overflow.swap_and_drain(&mut self.ebpf)?;
@@ -596,7 +592,7 @@ impl Datapath {
     }
 
     /// The live tables, read without draining (for `dump`).
-    pub fn peek(&self) -> Result<Drained> {
+    pub(crate) fn peek(&self) -> Result<Drained> {
         Ok(Drained {
             flows: self.flows.peek()?,
             overflow: self.overflow.peek()?,
@@ -606,7 +602,7 @@ impl Datapath {
     }
 
     /// The global counters, summed over CPUs (cumulative since the maps were created).
-    pub fn counters(&mut self) -> Result<KernelCounters> {
+    pub(crate) fn counters(&mut self) -> Result<KernelCounters> {
         let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_COUNTERS")?;
         let mut v = [0u64; NUM_COUNTERS as usize];
         for (i, slot) in v.iter_mut().enumerate() {

@@ -31,24 +31,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const TRACEFS_MAGIC: i64 = 0x74726163;
 
 #[derive(Clone, Debug)]
-pub struct PinLayout {
+pub(crate) struct PinLayout {
     dir: PathBuf,
 }
 
 impl PinLayout {
-    pub fn new(root: &Path) -> Self {
+    pub(crate) fn new(root: &Path) -> Self {
         PinLayout {
             dir: root.join(LAYOUT_VERSION),
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Layouts of other versions under the same root (`v<N>` directories an
     /// agent of another version pinned).
-    pub fn other_versions(&self) -> Vec<PinLayout> {
+    pub(crate) fn other_versions(&self) -> Vec<PinLayout> {
         let Some(root) = self.dir.parent() else {
             return Vec::new();
         };
@@ -71,31 +71,31 @@ impl PinLayout {
         out
     }
 
-    pub fn maps(&self) -> PathBuf {
+    pub(crate) fn maps(&self) -> PathBuf {
         self.dir.join("maps")
     }
 
-    pub fn links(&self) -> PathBuf {
+    pub(crate) fn links(&self) -> PathBuf {
         self.dir.join("links")
     }
 
-    pub fn map(&self, name: &str) -> PathBuf {
+    pub(crate) fn map(&self, name: &str) -> PathBuf {
         self.maps().join(name)
     }
 
-    pub fn link(&self, name: &str) -> PathBuf {
+    pub(crate) fn link(&self, name: &str) -> PathBuf {
         self.links().join(name)
     }
 
     /// The pin of a TC link.
-    pub fn tc_link(&self, ifname: &str, ifindex: u32, ingress: bool) -> PathBuf {
+    pub(crate) fn tc_link(&self, ifname: &str, ifindex: u32, ingress: bool) -> PathBuf {
         let dir = if ingress { "ingress" } else { "egress" };
         self.links()
             .join(format!("tc_{ifindex}_{dir}_{}", ifname.replace('.', "~")))
     }
 
     /// Parses a TC link pin name back into (ifname, ifindex, ingress).
-    pub fn parse_tc_link(name: &str) -> Option<(String, u32, bool)> {
+    pub(crate) fn parse_tc_link(name: &str) -> Option<(String, u32, bool)> {
         let mut parts = name.splitn(4, '_');
         if parts.next()? != "tc" {
             return None;
@@ -110,7 +110,7 @@ impl PinLayout {
     }
 
     /// Creates the directories (mounting bpffs first if needed).
-    pub fn prepare(&self) -> io::Result<()> {
+    pub(crate) fn prepare(&self) -> io::Result<()> {
         ensure_bpffs(&self.dir)?;
         std::fs::create_dir_all(self.maps())?;
         std::fs::create_dir_all(self.links())?;
@@ -140,7 +140,7 @@ fn mount(fstype: &str, target: &Path) -> io::Result<()> {
 
 /// Makes sure `path` is on a BPF file system, mounting one at
 /// `/sys/fs/bpf` when none is there.
-pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
+pub(crate) fn ensure_bpffs(path: &Path) -> io::Result<()> {
     // Find the nearest existing ancestor and check its file system.
     let mut probe = path.to_path_buf();
     while !probe.exists() {
@@ -170,7 +170,7 @@ pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
 }
 
 /// Makes sure tracefs is mounted (tracepoint attachment reads event ids from it).
-pub fn ensure_tracefs() -> io::Result<PathBuf> {
+pub(crate) fn ensure_tracefs() -> io::Result<PathBuf> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if fs_magic(Path::new(p)).ok() == Some(TRACEFS_MAGIC) {
             return Ok(PathBuf::from(p));

@@ -21,7 +21,7 @@ use super::{
 /// Entries read per batch syscall.
 const BATCH: usize = 4096;
 
-pub struct Swappable<K, V> {
+pub(crate) struct Swappable<K, V> {
     outer: &'static str,
     a: MapData,
     b: MapData,
@@ -61,7 +61,7 @@ fn map_id(m: &MapData) -> Result<u32> {
 impl<K: Pod, V: Pod> Swappable<K, V> {
     /// Opens (or creates) the two maps `<stem>_a` and `<stem>_b` and makes
     /// sure one of them is in the outer map `outer`.
-    pub fn open(
+    pub(crate) fn open(
         ebpf: &mut Ebpf,
         layout: &PinLayout,
         outer: &'static str,
@@ -102,27 +102,27 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
         Ok(s)
     }
 
-    pub fn capacity(&self) -> u32 {
+    pub(crate) fn capacity(&self) -> u32 {
         self.capacity
     }
 
     /// Empties the spare map (left over when an agent died mid-drain: real,
     /// unreported counts) without touching the active one.
-    pub fn drain_spare(&mut self) -> Result<Vec<(K, V)>> {
+    pub(crate) fn drain_spare(&mut self) -> Result<Vec<(K, V)>> {
         let spare = if self.a_active { &self.b } else { &self.a };
         sys::lookup_and_delete_all(spare.fd().as_fd(), BATCH)
             .map_err(|e| DatapathError::io(format!("draining {}", self.outer), e))
     }
 
     /// Reads the active map without draining it.
-    pub fn peek(&self) -> Result<Vec<(K, V)>> {
+    pub(crate) fn peek(&self) -> Result<Vec<(K, V)>> {
         let active = if self.a_active { &self.a } else { &self.b };
         sys::lookup_all(active.fd().as_fd(), BATCH)
             .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
     }
 
     /// Swaps the spare map in, then empties the one swapped out.
-    pub fn swap_and_drain(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
+    pub(crate) fn swap_and_drain(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
         {
             let mut outer = outer_map(ebpf, self.outer)?;
             let next = if self.a_active { &self.b } else { &self.a };
@@ -136,7 +136,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
 
     /// Re-sets the active map: a no-op for the data, but the kernel waits for
     /// every running BPF program before returning (an RCU barrier).
-    pub fn barrier(&self, ebpf: &mut Ebpf) -> Result<()> {
+    pub(crate) fn barrier(&self, ebpf: &mut Ebpf) -> Result<()> {
         let mut outer = outer_map(ebpf, self.outer)?;
         let active = if self.a_active { &self.a } else { &self.b };
         outer

@@ -51,7 +51,7 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 }
 
 /// Opens a pinned BPF object (map, program or link).
-pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c =
         std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let mut attr = Attr::zeroed();
@@ -64,7 +64,7 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
 
 /// Reads and deletes every entry of a hash map, `chunk` entries per syscall.
 /// Meant for maps with no concurrent writer (swapped out of the datapath).
-pub fn lookup_and_delete_all<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn lookup_and_delete_all<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
 ) -> io::Result<Vec<(K, V)>> {
@@ -73,7 +73,7 @@ pub fn lookup_and_delete_all<K: aya::Pod, V: aya::Pod>(
 
 /// Reads every entry of a hash map without changing it (a racy snapshot
 /// when programs write concurrently: good for a debug view).
-pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn lookup_all<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
 ) -> io::Result<Vec<(K, V)>> {
@@ -135,7 +135,7 @@ fn batch_all<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Atomically replaces the program of a BPF link.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = Attr::zeroed();
     // struct { link_fd, new_prog_fd, flags, old_prog_fd: u32 }
     attr.put_u32(0, link.as_raw_fd() as u32);

@@ -12,13 +12,13 @@ use flowlens_api::report::{ObservationWindow, PolicyWindow, ReportAck, ReportBat
 
 /// Windows kept while the collector is unreachable (per kind). With the
 /// default 30 s windows that is two hours of one observation.
-pub const BUFFER_WINDOWS: usize = 256;
+pub(crate) const BUFFER_WINDOWS: usize = 256;
 
 /// Observation windows per request (each is at most `maxSeries` series).
-pub const BATCH_WINDOWS: usize = 16;
+pub(crate) const BATCH_WINDOWS: usize = 16;
 
 #[derive(Default)]
-pub struct ReportBuffer {
+pub(crate) struct ReportBuffer {
     pending: VecDeque<ObservationWindow>,
     held: VecDeque<ObservationWindow>,
     pending_policies: VecDeque<PolicyWindow>,
@@ -29,13 +29,13 @@ pub struct ReportBuffer {
 
 /// What one request carries, to be confirmed with [`ReportBuffer::sent`].
 #[derive(Debug, Default)]
-pub struct Sending {
+pub(crate) struct Sending {
     pub windows: usize,
     pub policies: usize,
 }
 
 impl ReportBuffer {
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         ReportBuffer {
             capacity: capacity.max(1),
             ..Default::default()
@@ -43,7 +43,11 @@ impl ReportBuffer {
     }
 
     /// Adds completed windows; returns how many old ones were dropped.
-    pub fn push(&mut self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>) -> usize {
+    pub(crate) fn push(
+        &mut self,
+        windows: Vec<ObservationWindow>,
+        policies: Vec<PolicyWindow>,
+    ) -> usize {
         self.pending.extend(windows);
         self.pending_policies.extend(policies);
         let mut dropped = 0;
@@ -61,25 +65,31 @@ impl ReportBuffer {
         dropped
     }
 
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty() || !self.pending_policies.is_empty()
     }
 
-    pub fn has_held(&self) -> bool {
+    pub(crate) fn has_held(&self) -> bool {
         !self.held.is_empty() || !self.held_policies.is_empty()
     }
 
     /// Windows not yet committed.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.len() + self.held.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0 && !self.has_pending() && !self.has_held()
     }
 
     /// The next request: the oldest pending windows, at most `max_windows`.
-    pub fn batch(&self, node: &str, agent: &str, max_windows: usize) -> (ReportBatch, Sending) {
+    pub(crate) fn batch(
+        &self,
+        node: &str,
+        agent: &str,
+        max_windows: usize,
+    ) -> (ReportBatch, Sending) {
         let n = self.pending.len().min(max_windows.max(1));
         let batch = ReportBatch {
             node: node.to_owned(),
@@ -95,7 +105,7 @@ impl ReportBuffer {
     }
 
     /// The collector received what [`Self::batch`] returned.
-    pub fn sent(&mut self, s: &Sending) {
+    pub(crate) fn sent(&mut self, s: &Sending) {
         for _ in 0..s.windows {
             if let Some(w) = self.pending.pop_front() {
                 self.held.push_back(w);
@@ -109,7 +119,7 @@ impl ReportBuffer {
     }
 
     /// Applies an answer; returns the observation windows now committed.
-    pub fn ack(&mut self, ack: &ReportAck) -> usize {
+    pub(crate) fn ack(&mut self, ack: &ReportAck) -> usize {
         if self.collector.as_ref().is_some_and(|c| *c != ack.collector) {
             // A new collector process: it has none of the held windows.
             let held = std::mem::take(&mut self.held);

@@ -15,10 +15,10 @@ use hyper_util::{
 };
 
 /// Longest a request may take.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error(
         "cannot read the ServiceAccount token {path}: {source} (mount a projected token with audience {audience}, or set --token-file)"
     )]
@@ -44,7 +44,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             SendError::Unreachable { .. } => "unreachable",
             SendError::Refused { status, .. } if *status >= 500 => "unavailable",
@@ -57,7 +57,7 @@ impl SendError {
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A client for one collector endpoint (rebuilt when the endpoint changes).
-pub struct CollectorClient {
+pub(crate) struct CollectorClient {
     endpoint: CollectorEndpoint,
     url: hyper::Uri,
     client: HttpsClient,
@@ -88,7 +88,7 @@ fn tls_config(ca_bundle: Option<&str>) -> Result<rustls::ClientConfig, SendError
 }
 
 impl CollectorClient {
-    pub fn new(endpoint: &CollectorEndpoint) -> Result<Self, SendError> {
+    pub(crate) fn new(endpoint: &CollectorEndpoint) -> Result<Self, SendError> {
         let base = endpoint.url.trim_end_matches('/');
         let full = if base.ends_with("/v1/reports") {
             base.to_owned()
@@ -117,12 +117,12 @@ impl CollectorClient {
         })
     }
 
-    pub fn endpoint(&self) -> &CollectorEndpoint {
+    pub(crate) fn endpoint(&self) -> &CollectorEndpoint {
         &self.endpoint
     }
 
     /// Sends one batch; the answer says what the operator committed.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         batch: &ReportBatch,
         token_file: &Path,

@@ -5,8 +5,8 @@
 //! while anything is held (to learn what was committed, and to notice a
 //! restarted collector), with capped exponential backoff on failure.
 
-pub mod buffer;
-pub mod client;
+pub(crate) mod buffer;
+pub(crate) mod client;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -25,10 +25,10 @@ use crate::{
 use flowlens_api::node_agent_config::CollectorEndpoint;
 
 /// How often to ask what was committed while windows are held.
-pub const HEARTBEAT: Duration = Duration::from_secs(3);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(3);
 /// Longest wait between two attempts while the collector is unreachable
 /// (the operator waits longer than this for agents after it restarts).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ReporterOptions {

@@ -2,7 +2,7 @@
 //! (endpoints, peer and port LPM entries) and the slot map used to attribute
 //! rule counters. Pure: no I/O, no kernel.
 
-pub mod prefix;
+pub(crate) mod prefix;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,11 +21,11 @@ use flowlens_api::{
 use prefix::{AddrEntry, AddrPrefix, PortPrefix, PortSpan, addr_bytes, peer_masks, port_masks};
 
 /// Rule slots per endpoint and direction (bits of a `u64`).
-pub const MAX_SLOTS: usize = 64;
+pub(crate) const MAX_SLOTS: usize = 64;
 
 /// A local endpoint as the datapath sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointRef {
+pub(crate) struct EndpointRef {
     /// `namespace/pod`.
     pub key: String,
     pub uid: String,
@@ -37,7 +37,7 @@ pub struct EndpointRef {
 
 /// What a rule slot stands for (to attribute counters).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotRule {
+pub(crate) struct SlotRule {
     pub rule_id: String,
     pub namespace: String,
     pub policy: String,
@@ -46,7 +46,7 @@ pub struct SlotRule {
 
 /// A problem found while compiling, reported in status and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// More than 64 rules for one endpoint and direction; `dropped` rules are
     /// not in force (Audit rules are dropped first).
     TooManyRules {
@@ -100,7 +100,7 @@ impl std::fmt::Display for Problem {
 
 /// The compiled tables, without generation (added when written).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Tables {
+pub(crate) struct Tables {
     /// Kernel endpoint entries: address -> info.
     pub endpoints: Vec<([u8; 16], EndpointInfo)>,
     /// Peer LPM entries: (direction, endpoint id, prefix, mask).
@@ -115,7 +115,7 @@ pub struct Tables {
 
 impl Tables {
     /// The endpoint with this id.
-    pub fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
+    pub(crate) fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
         self.endpoint_refs.iter().find(|e| e.id == id)
     }
 }
@@ -128,18 +128,72 @@ fn kernel_direction(d: Direction) -> u8 {
 }
 
 /// Compiles a config. Never fails: problems are collected in `Tables::problems`.
-pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
+pub(crate) fn compile(spec: &NodeAgentConfigSpec) -> Tables {
     let mut t = Tables::default();
+    let sets = address_sets(spec, &mut t.problems);
+    let ids = number_endpoints(spec, &mut t);
+    let per_endpoint = rules_per_endpoint(spec, &ids, &mut t.problems);
 
-    // Address sets.
-    let mut sets: HashMap<&str, Vec<AddrEntry>> = HashMap::new();
+    let mut reported_sets = BTreeSet::new();
+    let mut info: HashMap<u32, EndpointInfo> = HashMap::new();
+    // Endpoints with the same rule list share the computed LPM contents.
+    let mut cache: HashMap<Vec<&str>, LpmContents> = HashMap::new();
+    for ((id, dir), rules) in per_endpoint {
+        let rules = rank_rules(rules, id, dir, &mut t);
+        let rules_info = assign_slots(&rules, id, dir, &mut t);
+        let signature: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+        let (peers, ports) = cache
+            .entry(signature)
+            .or_insert_with(|| lpm_contents(&rules, &sets))
+            .clone();
+        for r in &rules {
+            if !r.any_peer
+                && let Some(name) = &r.address_set
+                && !sets.contains_key(name.as_str())
+                && reported_sets.insert(name.clone())
+            {
+                t.problems.push(Problem::UnknownAddressSet {
+                    rule: r.id.clone(),
+                    set: name.clone(),
+                });
+            }
+        }
+        t.peers
+            .extend(peers.into_iter().map(|(p, m)| (dir, id, p, m)));
+        t.ports
+            .extend(ports.into_iter().map(|(p, m)| (dir, id, p, m)));
+        let e = info.entry(id).or_insert(EndpointInfo {
+            id,
+            ..Default::default()
+        });
+        if dir == DIRECTION_EGRESS {
+            e.egress = rules_info;
+            e.flags |= ENDPOINT_POLICY_EGRESS;
+        } else {
+            e.ingress = rules_info;
+            e.flags |= ENDPOINT_POLICY_INGRESS;
+        }
+    }
+    endpoint_entries(&mut t, info);
+    t
+}
+
+/// The LPM contents of one endpoint and direction: peers, then ports.
+type LpmContents = (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>);
+
+/// Address sets by name; entries that do not parse are problems.
+fn address_sets<'a>(
+    spec: &'a NodeAgentConfigSpec,
+    problems: &mut Vec<Problem>,
+) -> HashMap<&'a str, Vec<AddrEntry>> {
+    let mut sets = HashMap::new();
     for set in &spec.address_sets {
         let mut entries = Vec::new();
         for e in &set.entries {
             let cidr = match e.cidr.parse() {
                 Ok(n) => AddrPrefix::from_net(&n),
                 Err(_) => {
-                    t.problems.push(Problem::BadCidr {
+                    problems.push(Problem::BadCidr {
                         set: set.name.clone(),
                         value: e.cidr.clone(),
                     });
@@ -150,7 +204,7 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
             for x in &e.except {
                 match x.parse() {
                     Ok(n) => except.push(AddrPrefix::from_net(&n)),
-                    Err(_) => t.problems.push(Problem::BadCidr {
+                    Err(_) => problems.push(Problem::BadCidr {
                         set: set.name.clone(),
                         value: x.clone(),
                     }),
@@ -160,8 +214,12 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
         }
         sets.insert(set.name.as_str(), entries);
     }
+    sets
+}
 
-    // Endpoints, with ids in sorted order.
+/// Endpoints, with ids in sorted order (into `t.endpoint_refs`); returns
+/// key -> id.
+fn number_endpoints(spec: &NodeAgentConfigSpec, t: &mut Tables) -> HashMap<String, u32> {
     let traced: BTreeSet<&str> = spec
         .observations
         .iter()
@@ -193,8 +251,15 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
             has_rules: false,
         });
     }
+    ids
+}
 
-    // Rules per (endpoint id, direction).
+/// Rules per (endpoint id, kernel direction).
+fn rules_per_endpoint<'a>(
+    spec: &'a NodeAgentConfigSpec,
+    ids: &HashMap<String, u32>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<(u32, u8), Vec<&'a BlockRule>> {
     let mut per_endpoint: BTreeMap<(u32, u8), Vec<&BlockRule>> = BTreeMap::new();
     for rule in &spec.rules {
         for ep in &rule.endpoints {
@@ -203,136 +268,121 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
                     .entry((id, kernel_direction(rule.direction)))
                     .or_default()
                     .push(rule),
-                None => t.problems.push(Problem::UnknownEndpoint {
+                None => problems.push(Problem::UnknownEndpoint {
                     rule: rule.id.clone(),
                     endpoint: ep.clone(),
                 }),
             }
         }
     }
-    let mut reported_sets = BTreeSet::new();
-    let mut info: HashMap<u32, EndpointInfo> = HashMap::new();
-    // Endpoints with the same rule list share the computed LPM contents.
-    type LpmContents = (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>);
-    let mut cache: HashMap<Vec<&str>, LpmContents> = HashMap::new();
+    per_endpoint
+}
 
-    for ((id, dir), mut rules) in per_endpoint {
-        rules.sort_by(|a, b| {
-            let rank = |r: &BlockRule| if r.mode == PolicyMode::Enforce { 0 } else { 1 };
-            rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
-        });
-        rules.dedup_by(|a, b| a.id == b.id);
-        if rules.len() > MAX_SLOTS {
-            let dropped = rules
-                .split_off(MAX_SLOTS)
-                .into_iter()
-                .map(|r| r.id.clone())
-                .collect();
-            let endpoint = t.endpoint(id).map(|e| e.key.clone()).unwrap_or_default();
-            let direction = if dir == DIRECTION_EGRESS {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            };
-            t.problems.push(Problem::TooManyRules {
-                endpoint,
-                direction,
-                dropped,
-            });
-        }
-        let mut rules_info = DirectionRules::default();
-        for (slot, r) in rules.iter().enumerate() {
-            if r.mode == PolicyMode::Enforce {
-                rules_info.enforce_mask |= 1 << slot;
-            }
-            if r.ports.is_empty() {
-                rules_info.any_port_mask |= 1 << slot;
-            }
-            t.slots.insert(
-                (id, dir, slot as u8),
-                SlotRule {
-                    rule_id: r.id.clone(),
-                    namespace: r.policy.namespace.clone(),
-                    policy: r.policy.name.clone(),
-                    mode: r.mode,
-                },
-            );
-        }
-        let signature: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
-        let (peers, ports) = cache
-            .entry(signature)
-            .or_insert_with(|| {
-                let all = [AddrEntry {
-                    cidr: AddrPrefix::new(0, 0),
-                    except: Vec::new(),
-                }];
-                let empty: [AddrEntry; 0] = [];
-                let peer_slots: Vec<(u8, &[AddrEntry])> = rules
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, r)| {
-                        let entries: &[AddrEntry] = if r.any_peer {
-                            &all
-                        } else {
-                            match r.address_set.as_deref().and_then(|n| sets.get(n)) {
-                                Some(e) => e.as_slice(),
-                                None => &empty,
-                            }
-                        };
-                        (slot as u8, entries)
-                    })
-                    .collect();
-                let spans: Vec<Vec<PortSpan>> = rules
-                    .iter()
-                    .map(|r| {
-                        r.ports
-                            .iter()
-                            .map(|p| PortSpan {
-                                protocol: p.protocol.number(),
-                                first: p.first,
-                                last: p.last,
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let port_slots: Vec<(u8, &[PortSpan])> = spans
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| !s.is_empty())
-                    .map(|(slot, s)| (slot as u8, s.as_slice()))
-                    .collect();
-                (peer_masks(&peer_slots), port_masks(&port_slots))
-            })
-            .clone();
-        for r in &rules {
-            if !r.any_peer
-                && let Some(name) = &r.address_set
-                && !sets.contains_key(name.as_str())
-                && reported_sets.insert(name.clone())
-            {
-                t.problems.push(Problem::UnknownAddressSet {
-                    rule: r.id.clone(),
-                    set: name.clone(),
-                });
-            }
-        }
-        t.peers
-            .extend(peers.into_iter().map(|(p, m)| (dir, id, p, m)));
-        t.ports
-            .extend(ports.into_iter().map(|(p, m)| (dir, id, p, m)));
-        let e = info.entry(id).or_insert(EndpointInfo {
-            id,
-            ..Default::default()
-        });
-        if dir == DIRECTION_EGRESS {
-            e.egress = rules_info;
-            e.flags |= ENDPOINT_POLICY_EGRESS;
+/// One endpoint's rules in slot order (Enforce first, then by id), at most
+/// `MAX_SLOTS`; the rest are a problem.
+fn rank_rules<'a>(
+    mut rules: Vec<&'a BlockRule>,
+    id: u32,
+    dir: u8,
+    t: &mut Tables,
+) -> Vec<&'a BlockRule> {
+    rules.sort_by(|a, b| {
+        let rank = |r: &BlockRule| if r.mode == PolicyMode::Enforce { 0 } else { 1 };
+        rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
+    });
+    rules.dedup_by(|a, b| a.id == b.id);
+    if rules.len() > MAX_SLOTS {
+        let dropped = rules
+            .split_off(MAX_SLOTS)
+            .into_iter()
+            .map(|r| r.id.clone())
+            .collect();
+        let endpoint = t.endpoint(id).map(|e| e.key.clone()).unwrap_or_default();
+        let direction = if dir == DIRECTION_EGRESS {
+            Direction::Egress
         } else {
-            e.ingress = rules_info;
-            e.flags |= ENDPOINT_POLICY_INGRESS;
-        }
+            Direction::Ingress
+        };
+        t.problems.push(Problem::TooManyRules {
+            endpoint,
+            direction,
+            dropped,
+        });
     }
+    rules
+}
 
+/// Records each rule's slot (into `t.slots`) and returns the direction's
+/// slot masks.
+fn assign_slots(rules: &[&BlockRule], id: u32, dir: u8, t: &mut Tables) -> DirectionRules {
+    let mut rules_info = DirectionRules::default();
+    for (slot, r) in rules.iter().enumerate() {
+        if r.mode == PolicyMode::Enforce {
+            rules_info.enforce_mask |= 1 << slot;
+        }
+        if r.ports.is_empty() {
+            rules_info.any_port_mask |= 1 << slot;
+        }
+        t.slots.insert(
+            (id, dir, slot as u8),
+            SlotRule {
+                rule_id: r.id.clone(),
+                namespace: r.policy.namespace.clone(),
+                policy: r.policy.name.clone(),
+                mode: r.mode,
+            },
+        );
+    }
+    rules_info
+}
+
+/// The peer and port LPM entries of a slot-ordered rule list.
+fn lpm_contents(rules: &[&BlockRule], sets: &HashMap<&str, Vec<AddrEntry>>) -> LpmContents {
+    let all = [AddrEntry {
+        cidr: AddrPrefix::new(0, 0),
+        except: Vec::new(),
+    }];
+    let empty: [AddrEntry; 0] = [];
+    let peer_slots: Vec<(u8, &[AddrEntry])> = rules
+        .iter()
+        .enumerate()
+        .map(|(slot, r)| {
+            let entries: &[AddrEntry] = if r.any_peer {
+                &all
+            } else {
+                match r.address_set.as_deref().and_then(|n| sets.get(n)) {
+                    Some(e) => e.as_slice(),
+                    None => &empty,
+                }
+            };
+            (slot as u8, entries)
+        })
+        .collect();
+    let spans: Vec<Vec<PortSpan>> = rules
+        .iter()
+        .map(|r| {
+            r.ports
+                .iter()
+                .map(|p| PortSpan {
+                    protocol: p.protocol.number(),
+                    first: p.first,
+                    last: p.last,
+                })
+                .collect()
+        })
+        .collect();
+    let port_slots: Vec<(u8, &[PortSpan])> = spans
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(slot, s)| (slot as u8, s.as_slice()))
+        .collect();
+    (peer_masks(&peer_slots), port_masks(&port_slots))
+}
+
+/// The kernel's endpoint entries: one per address of every endpoint that is
+/// traced or has rules.
+fn endpoint_entries(t: &mut Tables, mut info: HashMap<u32, EndpointInfo>) {
     for ep in &mut t.endpoint_refs {
         let mut i = info.remove(&ep.id).unwrap_or(EndpointInfo {
             id: ep.id,
@@ -349,7 +399,6 @@ pub fn compile(spec: &NodeAgentConfigSpec) -> Tables {
             t.endpoints.push((addr_bytes(*ip), i));
         }
     }
-    t
 }
 
 #[cfg(test)]

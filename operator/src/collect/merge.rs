@@ -15,16 +15,37 @@ use std::{
 use flowlens_api::{
     GroupBy,
     histogram::Histogram,
-    network_observation::{FlowEndpoint, LatencyPercentiles, TopFlow},
-    report::{LocalDims, ObservationWindow, Role, Traffic, protocol_name},
+    network_observation::{FlowEndpoint, LatencyPercentiles, PodDimensions, TopFlow},
+    report::{ObservationWindow, Role, Series, Traffic, protocol_name},
 };
 
 use super::Directory;
-use crate::{model::PodInfo, results::WindowResult};
+use crate::model::PodInfo;
+
+/// One observation's window, summed over every node that reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct WindowResult {
+    /// Unix seconds.
+    pub start: i64,
+    pub end: i64,
+    pub nodes_reporting: u32,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub payload_bytes: u64,
+    pub retransmits: u64,
+    pub drops: u64,
+    pub cross_zone_bytes: u64,
+    pub latency: Option<LatencyPercentiles>,
+    pub top_flows: Vec<TopFlow>,
+    pub series: u64,
+    pub max_series: u64,
+    pub folded_series: u64,
+}
 
 /// The observation's aggregation parameters.
 #[derive(Clone, Debug)]
-pub struct MergeParams<'a> {
+pub(crate) struct MergeParams<'a> {
     pub group_by: &'a [GroupBy],
     pub keep_labels: &'a [String],
     pub top_n: usize,
@@ -41,13 +62,9 @@ struct FlowId {
 
 impl FlowId {
     fn other() -> Self {
-        let other = FlowEndpoint {
-            other: true,
-            ..Default::default()
-        };
         FlowId {
-            source: other.clone(),
-            destination: other,
+            source: FlowEndpoint::other(),
+            destination: FlowEndpoint::other(),
             port: 0,
             protocol: 0,
         }
@@ -69,44 +86,21 @@ impl FlowAcc {
     }
 }
 
-fn local_endpoint(d: &LocalDims) -> FlowEndpoint {
-    FlowEndpoint {
-        namespace: d.namespace.clone(),
-        workload: d.workload.clone(),
-        pod: d.pod.clone(),
-        node: d.node.clone(),
-        zone: d.zone.clone(),
-        labels: d.labels.clone(),
-        address: None,
-        external: false,
-        other: d.other,
-    }
-}
-
-/// A remote pod projected on `groupBy` and `keepLabels` (the same
-/// dimensions the agents give local pods).
+/// A remote pod projected on the observation's dimensions (the same
+/// projection the agents apply to local pods).
 fn pod_endpoint(p: &PodInfo, zone: Option<&str>, params: &MergeParams) -> FlowEndpoint {
-    let g = |x: GroupBy| params.group_by.contains(&x);
-    let label_keys = params
-        .keep_labels
-        .iter()
-        .chain(params.group_by.iter().filter_map(|g| match g {
-            GroupBy::Label(k) => Some(k),
-            _ => None,
-        }));
-    FlowEndpoint {
-        namespace: g(GroupBy::Namespace).then(|| p.namespace.clone()),
-        workload: g(GroupBy::Workload).then(|| p.workload.to_string()),
-        pod: g(GroupBy::Pod).then(|| p.name.clone()),
-        node: g(GroupBy::Node).then(|| p.node.clone()).flatten(),
-        zone: g(GroupBy::Zone).then(|| zone.map(str::to_owned)).flatten(),
-        labels: label_keys
-            .filter_map(|k| p.labels.get(k).map(|v| (k.clone(), v.clone())))
-            .collect(),
-        address: None,
-        external: false,
-        other: false,
-    }
+    FlowEndpoint::project(
+        params.group_by,
+        params.keep_labels,
+        &PodDimensions {
+            namespace: &p.namespace,
+            workload: &p.workload,
+            pod: &p.name,
+            node: p.node.as_deref(),
+            zone,
+            labels: &p.labels,
+        },
+    )
 }
 
 fn percentiles(h: &Histogram) -> LatencyPercentiles {
@@ -119,7 +113,7 @@ fn percentiles(h: &Histogram) -> LatencyPercentiles {
 }
 
 /// Merges the parts (`(node, part)`) of the window `[start, end)`.
-pub fn merge(
+pub(crate) fn merge(
     start: i64,
     end: i64,
     parts: &[(String, ObservationWindow)],
@@ -132,6 +126,23 @@ pub fn merge(
         max_series: params.max_series as u64,
         ..Default::default()
     };
+    let (flows, agent_folded) = sum_parts(parts, params, dir, &mut r);
+    let budget = apply_budget(flows, params.max_series);
+    r.series = budget.series;
+    r.folded_series = budget.folded + agent_folded;
+    r.top_flows = top_flows(budget.flows, params.top_n);
+    r
+}
+
+/// Sums every series of the parts into `r`'s totals (applying the counting
+/// rule) and into flows keyed by their dimensions. Returns the flows and
+/// the series the agents already folded.
+fn sum_parts(
+    parts: &[(String, ObservationWindow)],
+    params: &MergeParams,
+    dir: &impl Directory,
+    r: &mut WindowResult,
+) -> (HashMap<FlowId, FlowAcc>, u64) {
     let mut flows: HashMap<FlowId, FlowAcc> = HashMap::new();
     let mut latency = Histogram::default();
     let mut nodes = BTreeSet::new();
@@ -181,29 +192,7 @@ pub fn merge(
                 r.cross_zone_bytes += traffic.bytes;
             }
 
-            let id = if s.local.other || s.remote.is_none() {
-                FlowId::other()
-            } else {
-                let local = local_endpoint(&s.local);
-                let remote = match (remote_pod, remote_ip) {
-                    (Some(p), _) => pod_endpoint(p, remote_zone, params),
-                    (None, ip) => FlowEndpoint {
-                        address: ip.map(|i| i.to_string()).or_else(|| s.remote.clone()),
-                        external: true,
-                        ..Default::default()
-                    },
-                };
-                let (source, destination) = match s.role {
-                    Role::Client => (local, remote),
-                    Role::Server => (remote, local),
-                };
-                FlowId {
-                    source,
-                    destination,
-                    port: s.port,
-                    protocol: s.protocol,
-                }
-            };
+            let id = flow_id(s, remote_ip, remote_pod, remote_zone, params);
             let acc = flows.entry(id).or_default();
             acc.traffic.add(&traffic);
             acc.flows += connections;
@@ -212,9 +201,45 @@ pub fn merge(
     }
     r.nodes_reporting = nodes.len() as u32;
     r.latency = (!latency.is_empty()).then(|| percentiles(&latency));
+    (flows, agent_folded)
+}
 
-    // The cardinality budget: the biggest `maxSeries` flows stay, the rest
-    // fold into `other`.
+/// The flow a series belongs to: client and server dimensions, port and
+/// protocol (the `other` flow for the agents' overflow bucket).
+fn flow_id(
+    s: &Series,
+    remote_ip: Option<IpAddr>,
+    remote_pod: Option<&PodInfo>,
+    remote_zone: Option<&str>,
+    params: &MergeParams,
+) -> FlowId {
+    if s.local.other || s.remote.is_none() {
+        return FlowId::other();
+    }
+    let local = s.local.clone();
+    let remote = match (remote_pod, remote_ip) {
+        (Some(p), _) => pod_endpoint(p, remote_zone, params),
+        (None, ip) => FlowEndpoint {
+            address: ip.map(|i| i.to_string()).or_else(|| s.remote.clone()),
+            external: true,
+            ..Default::default()
+        },
+    };
+    let (source, destination) = match s.role {
+        Role::Client => (local, remote),
+        Role::Server => (remote, local),
+    };
+    FlowId {
+        source,
+        destination,
+        port: s.port,
+        protocol: s.protocol,
+    }
+}
+
+/// The cardinality budget: the biggest `max_series` flows stay, the rest
+/// fold into `other`, which is ranked by its bytes among them.
+fn apply_budget(flows: HashMap<FlowId, FlowAcc>, max_series: usize) -> Budgeted {
     let mut ranked: Vec<(FlowId, FlowAcc)> = flows.into_iter().collect();
     ranked.sort_by(|(ka, a), (kb, b)| {
         b.traffic
@@ -223,21 +248,19 @@ pub fn merge(
             .then_with(|| ka.cmp(kb))
     });
     let mut other: Option<FlowAcc> = None;
-    let mut kept: Vec<(FlowId, FlowAcc)> =
-        Vec::with_capacity(ranked.len().min(params.max_series + 1));
+    let mut kept: Vec<(FlowId, FlowAcc)> = Vec::with_capacity(ranked.len().min(max_series + 1));
     let mut folded = 0u64;
     for (id, acc) in ranked {
         if id == FlowId::other() {
             other.get_or_insert_with(Default::default).add(&acc);
-        } else if kept.len() < params.max_series {
+        } else if kept.len() < max_series {
             kept.push((id, acc));
         } else {
             folded += 1;
             other.get_or_insert_with(Default::default).add(&acc);
         }
     }
-    r.series = kept.len() as u64;
-    r.folded_series = folded + agent_folded;
+    let series = kept.len() as u64;
     if let Some(o) = other {
         let pos = kept
             .iter()
@@ -245,9 +268,27 @@ pub fn merge(
             .unwrap_or(kept.len());
         kept.insert(pos, (FlowId::other(), o));
     }
-    r.top_flows = kept
-        .into_iter()
-        .take(params.top_n)
+    Budgeted {
+        series,
+        folded,
+        flows: kept,
+    }
+}
+
+/// Flows within the budget.
+struct Budgeted {
+    /// Flows kept (without `other`).
+    series: u64,
+    /// Flows folded into `other`.
+    folded: u64,
+    /// The kept flows and `other`, by bytes.
+    flows: Vec<(FlowId, FlowAcc)>,
+}
+
+/// The first `top_n` flows, as status shows them.
+fn top_flows(kept: Vec<(FlowId, FlowAcc)>, top_n: usize) -> Vec<TopFlow> {
+    kept.into_iter()
+        .take(top_n)
         .map(|(id, acc)| {
             let rtt = (!acc.rtt.is_empty()).then(|| percentiles(&acc.rtt));
             TopFlow {
@@ -266,8 +307,7 @@ pub fn merge(
                 rtt_p99_micros: rtt.as_ref().map(|l| l.p99_micros),
             }
         })
-        .collect();
-    r
+        .collect()
 }
 
 #[cfg(test)]

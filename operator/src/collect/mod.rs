@@ -9,16 +9,16 @@
 //! The I/O around it (HTTP, authentication, status writes) is in
 //! [`crate::collector`].
 
-pub mod merge;
-pub mod observation_book;
-pub mod policy_book;
+pub(crate) mod merge;
+pub(crate) mod observation_book;
+pub(crate) mod policy_book;
 
 use std::net::IpAddr;
 
 use crate::model::PodInfo;
 
 /// What the merge needs to know about the cluster, for one observation.
-pub trait Directory {
+pub(crate) trait Directory {
     /// The (non host-network) pod that has this address.
     fn pod(&self, ip: &IpAddr) -> Option<&PodInfo>;
     /// Whether the observation traces the pod with this address (then that
@@ -30,7 +30,7 @@ pub trait Directory {
 
 /// Whether a report part arrived in time to count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// Stored (or replaced an earlier copy of the same part).
     Stored,
     /// Its window is already final: dropped (and acknowledged, so the agent
@@ -44,7 +44,7 @@ pub enum Accepted {
 
 impl Accepted {
     /// The `outcome` label of the report-parts metric.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Accepted::Stored => "stored",
             Accepted::Late => "late",
@@ -65,7 +65,7 @@ pub struct Timing {
 }
 
 impl Timing {
-    pub fn deadline_ms(&self, end_s: i64, first_seen_ms: i64) -> i64 {
+    pub(crate) fn deadline_ms(&self, end_s: i64, first_seen_ms: i64) -> i64 {
         (end_s * 1000)
             .max(first_seen_ms)
             .max(self.started_ms + self.startup_grace_ms)

@@ -14,7 +14,7 @@ use super::{Accepted, Timing};
 
 /// A final window with every part received, ready to merge.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FinalWindow {
+pub(crate) struct FinalWindow {
     pub uid: String,
     pub start: i64,
     pub end: i64,
@@ -51,34 +51,33 @@ struct Entry {
     windows: BTreeMap<i64, OpenWindow>,
 }
 
-pub struct ObservationBook {
+pub(crate) struct ObservationBook {
     timing: Timing,
     entries: HashMap<String, Entry>,
 }
 
 impl ObservationBook {
-    pub fn new(timing: Timing) -> Self {
+    pub(crate) fn new(timing: Timing) -> Self {
         ObservationBook {
             timing,
             entries: HashMap::new(),
         }
     }
 
-    /// Whether the book already tracks this observation.
-    pub fn knows(&self, uid: &str) -> bool {
-        self.entries.contains_key(uid)
-    }
-
     /// Starts tracking an observation whose status already counts every
-    /// window up to `counted_through` (the end of its `lastWindow`).
-    pub fn track(&mut self, uid: &str, counted_through: i64) {
-        let e = self.entries.entry(uid.to_owned()).or_default();
-        e.finalized_through = e.finalized_through.max(counted_through);
-        e.counted_through = e.counted_through.max(counted_through);
+    /// window up to `counted_through` (the end of its `lastWindow`). Only the
+    /// first call for an observation counts: later windows are this
+    /// collector's own, and resent parts of them are `late`.
+    pub(crate) fn track(&mut self, uid: &str, counted_through: i64) {
+        self.entries.entry(uid.to_owned()).or_insert_with(|| Entry {
+            finalized_through: counted_through,
+            counted_through,
+            windows: BTreeMap::new(),
+        });
     }
 
     /// Adds a part sent by `agent` on `node`. Sending a part again replaces it.
-    pub fn add(
+    pub(crate) fn add(
         &mut self,
         node: &str,
         agent: &str,
@@ -105,7 +104,7 @@ impl ObservationBook {
 
     /// Final windows, oldest first. `expected(uid)` gives the nodes the
     /// observation selects now.
-    pub fn take_final<'a>(
+    pub(crate) fn take_final<'a>(
         &mut self,
         now_ms: i64,
         expected: impl Fn(&str) -> Option<&'a BTreeSet<String>>,
@@ -136,17 +135,17 @@ impl ObservationBook {
     }
 
     /// Stops tracking a deleted observation.
-    pub fn forget(&mut self, uid: &str) {
+    pub(crate) fn forget(&mut self, uid: &str) {
         self.entries.remove(uid);
     }
 
     /// UIDs tracked (to forget deleted observations).
-    pub fn uids(&self) -> Vec<String> {
+    pub(crate) fn uids(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
     }
 
     /// Parts held in open windows (a gauge).
-    pub fn open_parts(&self) -> usize {
+    pub(crate) fn open_parts(&self) -> usize {
         self.entries
             .values()
             .flat_map(|e| e.windows.values())

@@ -9,11 +9,11 @@ use flowlens_api::report::{Matches, PolicyWindow};
 use super::{Accepted, Timing};
 
 /// `(namespace, name)`.
-pub type PolicyKey = (String, String);
+pub(crate) type PolicyKey = (String, String);
 
 /// What one policy matched in one final window, over every node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyDelta {
+pub(crate) struct PolicyDelta {
     /// End of the window (unix seconds).
     pub end: i64,
     pub blocked: Matches,
@@ -29,7 +29,7 @@ struct OpenWindow {
     parts: BTreeMap<(String, String), PolicyWindow>,
 }
 
-pub struct PolicyBook {
+pub(crate) struct PolicyBook {
     timing: Timing,
     window_seconds: i64,
     finalized_through: i64,
@@ -38,7 +38,7 @@ pub struct PolicyBook {
 }
 
 impl PolicyBook {
-    pub fn new(timing: Timing, window_seconds: u32) -> Self {
+    pub(crate) fn new(timing: Timing, window_seconds: u32) -> Self {
         PolicyBook {
             timing,
             window_seconds: i64::from(window_seconds),
@@ -49,7 +49,13 @@ impl PolicyBook {
 
     /// Adds a part. A part flushed by a stopping agent covers the start of
     /// a window (it ends early); the window is identified by its start.
-    pub fn add(&mut self, node: &str, agent: &str, part: PolicyWindow, now_ms: i64) -> Accepted {
+    pub(crate) fn add(
+        &mut self,
+        node: &str,
+        agent: &str,
+        part: PolicyWindow,
+        now_ms: i64,
+    ) -> Accepted {
         let end = part.start + self.window_seconds;
         if end <= self.finalized_through {
             return Accepted::Late;
@@ -66,7 +72,7 @@ impl PolicyBook {
     }
 
     /// Per-policy sums of every window whose deadline passed, oldest first.
-    pub fn take_final(&mut self, now_ms: i64) -> Vec<(PolicyKey, PolicyDelta)> {
+    pub(crate) fn take_final(&mut self, now_ms: i64) -> Vec<(PolicyKey, PolicyDelta)> {
         let mut out = Vec::new();
         while let Some((&start, w)) = self.windows.first_key_value() {
             let end = start + self.window_seconds;
@@ -107,7 +113,7 @@ impl PolicyBook {
     }
 
     /// End of the last final window.
-    pub fn finalized_through(&self) -> i64 {
+    pub(crate) fn finalized_through(&self) -> i64 {
         self.finalized_through
     }
 }

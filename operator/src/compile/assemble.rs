@@ -15,7 +15,7 @@ use flowlens_api::{
 use super::{Compiler, content_hash};
 use crate::model::{NodeInfo, PodKey};
 
-pub fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigSpec {
+pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigSpec {
     // Local endpoints, with the labels the observations tracing them keep.
     let mut keep: BTreeMap<PodKey, BTreeSet<String>> = BTreeMap::new();
     let mut observations = Vec::new();

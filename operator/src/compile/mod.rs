@@ -9,9 +9,8 @@
 //! - An invalid spec keeps its last valid version in force (enforcement is
 //!   never dropped by a bad edit) and is reported, never acted on.
 
-pub mod assemble;
-pub mod selector;
-pub mod workload;
+pub(crate) mod assemble;
+pub(crate) mod selector;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -30,16 +29,16 @@ use sha2::{Digest, Sha256};
 use crate::model::{NamespaceInfo, NodeInfo, PodInfo, PodKey};
 
 /// A content hash: the first 16 hex digits of SHA-256.
-pub fn content_hash(bytes: &[u8]) -> String {
+pub(crate) fn content_hash(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Identifies a policy: (namespace, name).
-pub type PolicyKey = (String, String);
+pub(crate) type PolicyKey = (String, String);
 
 /// An observation as compiled.
-pub struct Observation {
+pub(crate) struct Observation {
     pub name: String,
     pub uid: String,
     pub generation: i64,
@@ -54,10 +53,13 @@ pub struct Observation {
     /// Selected pods that cannot (host network).
     pub untraceable: BTreeSet<PodKey>,
     pub by_node: BTreeMap<String, BTreeSet<PodKey>>,
+    /// The end (Unix seconds) of the last window its status shows, as last
+    /// seen: the collector's watermark when it first hears of the observation.
+    pub counted_through: Option<i64>,
 }
 
 /// One rule of a compiled policy.
-pub struct Rule {
+pub(crate) struct Rule {
     pub direction: Direction,
     pub index: usize,
     pub any_peer: bool,
@@ -71,13 +73,13 @@ pub struct Rule {
 
 /// A named, canonical address set.
 #[derive(Debug)]
-pub struct BuiltSet {
+pub(crate) struct BuiltSet {
     pub name: String,
     pub entries: Vec<CidrEntry>,
 }
 
 /// A policy as compiled.
-pub struct Policy {
+pub(crate) struct Policy {
     pub namespace: String,
     pub name: String,
     pub uid: String,
@@ -94,7 +96,7 @@ pub struct Policy {
 
 /// What a status controller needs to know about a policy.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PolicyView {
+pub(crate) struct PolicyView {
     pub revision: Option<String>,
     pub error: Option<FieldErrors>,
     pub generation: i64,
@@ -105,7 +107,7 @@ pub struct PolicyView {
 
 /// What a status controller needs to know about an observation.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ObservationView {
+pub(crate) struct ObservationView {
     pub error: Option<FieldErrors>,
     pub generation: i64,
     /// The generation of the spec in force.
@@ -186,53 +188,49 @@ impl Compiler {
     }
 
     /// Policies whose targets, validity or revision may have changed.
-    pub fn take_dirty_policies(&mut self) -> BTreeSet<PolicyKey> {
+    pub(crate) fn take_dirty_policies(&mut self) -> BTreeSet<PolicyKey> {
         std::mem::take(&mut self.dirty_policies)
     }
 
     /// Observations whose selection or validity may have changed.
-    pub fn take_dirty_observations(&mut self) -> BTreeSet<String> {
+    pub(crate) fn take_dirty_observations(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.dirty_observations)
     }
 
-    pub fn node_names(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn node_names(&self) -> impl Iterator<Item = &String> {
         self.nodes.keys()
     }
 
-    pub fn namespace_names(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn namespace_names(&self) -> impl Iterator<Item = &String> {
         self.namespaces.keys()
     }
 
-    pub fn pod_keys(&self) -> impl Iterator<Item = &PodKey> {
+    pub(crate) fn pod_keys(&self) -> impl Iterator<Item = &PodKey> {
         self.pods.keys()
     }
 
-    pub fn policy_keys(&self) -> impl Iterator<Item = &PolicyKey> {
+    pub(crate) fn policy_keys(&self) -> impl Iterator<Item = &PolicyKey> {
         self.policies.keys()
     }
 
-    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+    pub(crate) fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.get(name)
     }
 
-    pub fn pod(&self, key: &str) -> Option<&PodInfo> {
+    pub(crate) fn pod(&self, key: &str) -> Option<&PodInfo> {
         self.pods.get(key)
     }
 
     /// The isolatable pod owning an IP.
-    pub fn pod_by_ip(&self, ip: &IpAddr) -> Option<&PodInfo> {
+    pub(crate) fn pod_by_ip(&self, ip: &IpAddr) -> Option<&PodInfo> {
         self.by_ip.get(ip).and_then(|k| self.pods.get(k))
     }
 
-    pub fn observation(&self, name: &str) -> Option<&Observation> {
-        self.observations.get(name)
-    }
-
-    pub fn observations(&self) -> impl Iterator<Item = &Observation> {
+    pub(crate) fn observations(&self) -> impl Iterator<Item = &Observation> {
         self.observations.values()
     }
 
-    pub fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
+    pub(crate) fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
         self.policies.get(key)
     }
 
@@ -245,7 +243,7 @@ impl Compiler {
         }
     }
 
-    pub fn delete_node(&mut self, name: &str) {
+    pub(crate) fn delete_node(&mut self, name: &str) {
         if self.nodes.remove(name).is_some() {
             self.dirty.insert(name.to_owned());
         }
@@ -262,7 +260,7 @@ impl Compiler {
         }
     }
 
-    pub fn delete_namespace(&mut self, name: &str) {
+    pub(crate) fn delete_namespace(&mut self, name: &str) {
         if self.namespaces.remove(name).is_some() && !self.bulk {
             self.namespace_labels_changed();
         }
@@ -353,7 +351,7 @@ impl Compiler {
         }
     }
 
-    pub fn delete_pod(&mut self, key: &str) {
+    pub(crate) fn delete_pod(&mut self, key: &str) {
         if let Some(old) = self.pods.remove(key) {
             self.index_pod(&old, false);
             if !self.bulk {
@@ -446,7 +444,6 @@ impl Compiler {
             let now =
                 new.is_some_and(|p| in_ns(p) && selector::matches(&spec.pod_selector, &p.labels));
             if was || now {
-                let before = pol.by_node.keys().cloned().collect::<BTreeSet<_>>();
                 remove_member(
                     &mut pol.targets,
                     &mut pol.unenforceable,
@@ -464,11 +461,6 @@ impl Compiler {
                 }
                 if pol.targets.contains(key) || was_target {
                     touch = true;
-                }
-
-                let after = pol.by_node.keys().cloned().collect::<BTreeSet<_>>();
-                if before != after {
-                    self.dirty_policies.insert(pkey.clone());
                 }
                 self.dirty_policies.insert(pkey.clone());
             }
@@ -554,6 +546,7 @@ impl Compiler {
                 selected: BTreeSet::new(),
                 untraceable: BTreeSet::new(),
                 by_node: BTreeMap::new(),
+                counted_through: None,
             });
         let same =
             o.generation == generation && o.uid == uid && o.spec.is_some() == error.is_none();
@@ -576,7 +569,15 @@ impl Compiler {
         }
     }
 
-    pub fn delete_observation(&mut self, name: &str) {
+    /// Records the end of the last window an observation's status shows
+    /// (changes nothing compiled).
+    pub(crate) fn set_counted_through(&mut self, name: &str, end: Option<i64>) {
+        if let Some(o) = self.observations.get_mut(name) {
+            o.counted_through = end;
+        }
+    }
+
+    pub(crate) fn delete_observation(&mut self, name: &str) {
         if let Some(o) = self.observations.remove(name) {
             self.dirty.extend(o.by_node.into_keys());
             self.dirty_observations.insert(name.to_owned());
@@ -615,7 +616,7 @@ impl Compiler {
         self.dirty_observations.insert(name.to_owned());
     }
 
-    pub fn observation_view(&self, name: &str) -> Option<ObservationView> {
+    pub(crate) fn observation_view(&self, name: &str) -> Option<ObservationView> {
         let o = self.observations.get(name)?;
         Some(ObservationView {
             error: o.error.clone(),
@@ -627,20 +628,6 @@ impl Compiler {
             traced_pods: o.selected.len(),
             untraceable_pods: o.untraceable.iter().cloned().collect(),
         })
-    }
-
-    /// Addresses of every pod an observation traces (cluster-wide).
-    pub fn traced_addresses(&self, name: &str) -> BTreeSet<IpAddr> {
-        self.observations
-            .get(name)
-            .map(|o| {
-                o.selected
-                    .iter()
-                    .filter_map(|k| self.pods.get(k))
-                    .flat_map(|p| p.ips.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     // ---- policies ----
@@ -687,7 +674,7 @@ impl Compiler {
         }
     }
 
-    pub fn delete_policy(&mut self, namespace: &str, name: &str) {
+    pub(crate) fn delete_policy(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(p) = self.policies.remove(&key) {
             self.dirty.extend(p.by_node.into_keys());
@@ -764,7 +751,7 @@ impl Compiler {
         self.dirty_policies.insert(key.clone());
     }
 
-    pub fn policy_view(&self, key: &PolicyKey) -> Option<PolicyView> {
+    pub(crate) fn policy_view(&self, key: &PolicyKey) -> Option<PolicyView> {
         let p = self.policies.get(key)?;
         Some(PolicyView {
             revision: p.revision.clone(),

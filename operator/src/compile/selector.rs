@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use flowlens_api::label_selector::{LabelSelector, LabelSelectorOperator};
 
 /// Whether `labels` satisfy `selector`. `{}` matches everything.
-pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     selector
         .match_labels
         .iter()
@@ -23,7 +23,7 @@ pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
 
 /// A `(key, value)` pair every matching object must carry, if the selector
 /// has one (used to look candidates up in a label index instead of scanning).
-pub fn required_pair(selector: &LabelSelector) -> Option<(&str, &str)> {
+pub(crate) fn required_pair(selector: &LabelSelector) -> Option<(&str, &str)> {
     if let Some((k, v)) = selector.match_labels.iter().next() {
         return Some((k, v));
     }

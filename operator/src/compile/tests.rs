@@ -128,7 +128,11 @@ fn namespace_selector_and_pod_selector() {
     // Relabel the data namespace into the selection.
     c.take_dirty_nodes();
     c.upsert_namespace(ns("data", &[("team", "store")]));
-    assert!(c.take_dirty_nodes().contains("n2") || cfg(&mut c, "n2").observations.is_empty());
+    c.take_dirty_nodes();
+    assert!(
+        cfg(&mut c, "n2").observations.is_empty(),
+        "data's only pod (app=db) does not match the podSelector"
+    );
     c.upsert_pod(pod("data", "db-1", "n2", "10.0.2.1", &[("app", "web")]));
     assert_eq!(
         cfg(&mut c, "n2").observations[0].endpoints,

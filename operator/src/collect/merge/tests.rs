@@ -81,8 +81,8 @@ fn traffic(packets: u64, bytes: u64) -> Traffic {
     }
 }
 
-fn dims(ns: &str, workload: &str) -> LocalDims {
-    LocalDims {
+fn dims(ns: &str, workload: &str) -> FlowEndpoint {
+    FlowEndpoint {
         namespace: Some(ns.into()),
         workload: Some(format!("Deployment/{workload}")),
         ..Default::default()
@@ -91,7 +91,7 @@ fn dims(ns: &str, workload: &str) -> LocalDims {
 
 #[allow(clippy::too_many_arguments)]
 fn series(
-    local: LocalDims,
+    local: FlowEndpoint,
     remote: &str,
     port: u16,
     role: Role,
@@ -282,7 +282,7 @@ fn series_beyond_max_series_fold_into_other() {
 fn agents_folded_series_join_the_other_bucket() {
     let d = Dir::new();
     let mut p = part(vec![Series {
-        local: LocalDims {
+        local: FlowEndpoint {
             other: true,
             ..Default::default()
         },

@@ -2,19 +2,21 @@
 //! converted once at the edge (so the core and its benchmarks never touch
 //! full API objects, and the operator does not keep whole Pods in memory).
 
+mod workload;
+
 use std::{collections::BTreeMap, net::IpAddr};
 
 use flowlens_api::node_agent_config::WorkloadRef;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 
-use crate::compile::workload::workload_of;
+use workload::workload_of;
 
 /// `namespace/name`.
-pub type PodKey = String;
+pub(crate) type PodKey = String;
 
 /// The node label holding a node's zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const LEGACY_ZONE_LABEL: &str = "failure-domain.beta.kubernetes.io/zone";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,13 +34,13 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    pub fn key(&self) -> PodKey {
+    pub(crate) fn key(&self) -> PodKey {
         format!("{}/{}", self.namespace, self.name)
     }
 
     /// Running on a node with an IP, not host-networked: traffic can be
     /// attributed to it and blocked for it alone.
-    pub fn isolatable(&self) -> bool {
+    pub(crate) fn isolatable(&self) -> bool {
         self.node.is_some() && !self.ips.is_empty() && !self.host_network && !self.finished
     }
 }
@@ -57,7 +59,7 @@ pub struct NamespaceInfo {
 }
 
 /// Converts a Pod.
-pub fn pod_info(p: &Pod) -> PodInfo {
+pub(crate) fn pod_info(p: &Pod) -> PodInfo {
     let spec = p.spec.as_ref();
     let status = p.status.as_ref();
     let mut ips: Vec<IpAddr> = status
@@ -105,7 +107,7 @@ pub fn pod_info(p: &Pod) -> PodInfo {
 }
 
 /// Converts a Node.
-pub fn node_info(n: &Node) -> NodeInfo {
+pub(crate) fn node_info(n: &Node) -> NodeInfo {
     let labels = n.labels();
     NodeInfo {
         name: n.name_any(),
@@ -118,7 +120,7 @@ pub fn node_info(n: &Node) -> NodeInfo {
 }
 
 /// Converts a Namespace.
-pub fn namespace_info(n: &Namespace) -> NamespaceInfo {
+pub(crate) fn namespace_info(n: &Namespace) -> NamespaceInfo {
     NamespaceInfo {
         name: n.name_any(),
         labels: n.labels().clone(),

@@ -5,11 +5,11 @@
 use flowlens_api::node_agent_config::WorkloadRef;
 
 /// The controlling owner of a pod: `(kind, name)`.
-pub type Owner<'a> = (&'a str, &'a str);
+pub(crate) type Owner<'a> = (&'a str, &'a str);
 
 /// The workload of a pod named `pod` with controlling owner `owner` and the
 /// `pod-template-hash` label `template_hash`.
-pub fn workload_of(
+pub(crate) fn workload_of(
     pod: &str,
     owner: Option<Owner<'_>>,
     template_hash: Option<&str>,
