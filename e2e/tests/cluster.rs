@@ -92,6 +92,15 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
         },
     )
     .await;
+    // Reports go over TLS, verified with the CA the operator provisioned.
+    for c in configs.list(&ListParams::default()).await.unwrap().items {
+        let collector = c.spec.collector.clone().expect("a collector endpoint");
+        assert!(collector.url.starts_with("https://"), "{}", collector.url);
+        assert!(
+            collector.ca_bundle.as_deref().is_some_and(|b| b.contains("BEGIN CERTIFICATE")),
+            "a CA bundle for the collector"
+        );
+    }
     // /debug/window answers only on the node itself: a pod is refused.
     let ns = TestNamespace::new("fl-priv", &[]).unwrap();
     let (pod, _) = ns.deploy("probe", "sleep infinity").unwrap();

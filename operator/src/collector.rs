@@ -13,7 +13,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -290,31 +289,99 @@ fn add_policy_parts(
     }
 }
 
-/// TLS files of the report endpoint.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+/// The report endpoint's certificate, replaceable while serving (the
+/// operator renews what it provisions; see [`crate::collector_tls`]).
+pub struct ServerTls {
+    config: std::sync::RwLock<Arc<rustls::ServerConfig>>,
 }
 
-/// Serves the report endpoint, over TLS when `tls` is set.
-pub async fn serve(addr: SocketAddr, router: Router, tls: Option<TlsFiles>) -> anyhow::Result<()> {
+/// How long a client may take to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ServerTls {
+    /// From PEM files (`--collector-tls-cert`, `--collector-tls-key`, as
+    /// cert-manager writes them).
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<ServerTls> {
+        use anyhow::Context as _;
+        let read = |p: &std::path::Path, flag: &str| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {flag} {}", p.display()))
+        };
+        ServerTls::from_pem(
+            &read(cert, "--collector-tls-cert")?,
+            &read(key, "--collector-tls-key")?,
+        )
+    }
+
+    /// From a PEM certificate chain and key.
+    pub fn from_pem(cert: &str, key: &str) -> anyhow::Result<ServerTls> {
+        Ok(ServerTls {
+            config: std::sync::RwLock::new(server_config(cert, key)?),
+        })
+    }
+
+    /// Serves a new certificate to connections from now on.
+    pub fn replace(&self, cert: &str, key: &str) -> anyhow::Result<()> {
+        *self.config.write().expect("tls lock") = server_config(cert, key)?;
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.read().expect("tls lock").clone())
+    }
+}
+
+fn server_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("parsing the collector's certificate (PEM)")?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .context("parsing the collector's private key (PEM)")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the collector's certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the report endpoint, over TLS when `tls` is set. An accept error
+/// (file descriptors exhausted, say) is logged and retried, never fatal.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, tls = tls.is_some(), "report endpoint listening");
     let Some(tls) = tls else {
         axum::serve(listener, router).await?;
         return Ok(());
     };
-    let acceptor = tls_acceptor(&tls)?;
     loop {
-        let (stream, peer) = listener.accept().await?;
-        let acceptor = acceptor.clone();
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot accept a report connection; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = tls.acceptor();
         let router = router.clone();
         tokio::spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
@@ -328,24 +395,4 @@ pub async fn serve(addr: SocketAddr, router: Router, tls: Option<TlsFiles>) -> a
             }
         });
     }
-}
-
-fn tls_acceptor(tls: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use anyhow::Context as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .with_context(|| format!("reading --collector-tls-cert {}", tls.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing --collector-tls-cert {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .with_context(|| format!("reading --collector-tls-key {}", tls.key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("--collector-tls-cert and --collector-tls-key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -10,7 +10,8 @@ use flowlens_api::{NetworkObservation, NodeAgentConfig, node_agent_config::Colle
 use flowlens_operator::{
     auth::Authenticator,
     collect::Timing,
-    collector::{self, Collector},
+    collector::{self, Collector, ServerTls},
+    collector_tls::{self, CollectorTls},
     compile::Compiler,
     config_writer,
     context::{Context, SyncState, Triggers},
@@ -76,6 +77,13 @@ struct Args {
     #[arg(long, env = "FLOWLENS_COLLECTOR_CA")]
     collector_ca_file: Option<PathBuf>,
 
+    /// In a cluster (POD_NAMESPACE set) without --collector-tls-cert, the
+    /// operator provisions the report endpoint's CA and certificate in the
+    /// Secret `flowlens-collector-tls` and serves TLS; this serves plain
+    /// HTTP instead.
+    #[arg(long, env = "FLOWLENS_COLLECTOR_INSECURE")]
+    collector_insecure: bool,
+
     /// The ServiceAccount (`namespace/name`) agents authenticate as; `*`
     /// accepts any account whose token is bound to a pod.
     #[arg(
@@ -123,9 +131,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Args {
-    /// Where agents send reports, and the CA they verify it with.
-    fn collector_endpoint(&self) -> anyhow::Result<Option<CollectorEndpoint>> {
-        let tls = self.collector_tls_cert.is_some();
+    /// The namespace whose Secret holds a provisioned collector certificate,
+    /// when the operator provisions one.
+    fn provisioned_tls_namespace(&self) -> Option<String> {
+        if self.collector_tls_cert.is_some() || self.collector_insecure {
+            return None;
+        }
+        std::env::var("POD_NAMESPACE").ok()
+    }
+
+    /// Where agents send reports, and the CA they verify it with
+    /// (`provisioned_ca`: the operator's own, see `collector_tls`).
+    fn collector_endpoint(
+        &self,
+        provisioned_ca: Option<&str>,
+    ) -> anyhow::Result<Option<CollectorEndpoint>> {
+        let tls = self.collector_tls_cert.is_some() || provisioned_ca.is_some();
         let url = match (&self.collector_url, std::env::var("POD_NAMESPACE")) {
             (Some(u), _) => u.clone(),
             (None, Ok(ns)) => format!(
@@ -140,9 +161,75 @@ impl Args {
                 std::fs::read_to_string(f)
                     .with_context(|| format!("reading the collector CA bundle {}", f.display()))?,
             ),
-            (None, None) => None,
+            (None, None) => provisioned_ca.map(str::to_owned),
         };
         Ok(Some(CollectorEndpoint { url, ca_bundle }))
+    }
+}
+
+fn now_s() -> i64 {
+    collector::now_ms() / 1000
+}
+
+/// The report endpoint's TLS: from files, provisioned by the operator, or
+/// none (plain HTTP).
+async fn collector_tls(
+    args: &Args,
+    client: &Client,
+) -> anyhow::Result<(Option<Arc<ServerTls>>, Option<CollectorTls>)> {
+    if let (Some(cert), Some(key)) = (&args.collector_tls_cert, &args.collector_tls_key) {
+        return Ok((Some(Arc::new(ServerTls::from_files(cert, key)?)), None));
+    }
+    let Some(ns) = args.provisioned_tls_namespace() else {
+        return Ok((None, None));
+    };
+    let tls = collector_tls::ensure(client, &ns, now_s())
+        .await
+        .with_context(|| {
+            format!(
+                "provisioning the report endpoint's certificate (Secret {ns}/{}): the operator needs get, create and patch on secrets there",
+                collector_tls::SECRET_NAME
+            )
+        })?;
+    let server = ServerTls::from_pem(&tls.cert, &tls.key)?;
+    Ok((Some(Arc::new(server)), Some(tls)))
+}
+
+/// Renews the provisioned certificate when due (checked hourly): the
+/// endpoint serves the new one, and agents get a changed CA bundle through
+/// their configs.
+async fn renew_collector_tls(
+    args: &Args,
+    ctx: Arc<Context>,
+    server: Option<Arc<ServerTls>>,
+    mut current: Option<CollectorTls>,
+) {
+    let (Some(server), Some(ns)) = (server, args.provisioned_tls_namespace()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let next = match collector_tls::ensure(&ctx.client, &ns, now_s()).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot renew the report endpoint's certificate; retrying in an hour");
+                continue;
+            }
+        };
+        if current.as_ref() == Some(&next) {
+            continue;
+        }
+        if let Err(e) = server.replace(&next.cert, &next.key) {
+            warn!(error = %e, "cannot serve the renewed certificate");
+            continue;
+        }
+        if current.as_ref().map(|c| &c.ca_bundle) != Some(&next.ca_bundle) {
+            match args.collector_endpoint(Some(&next.ca_bundle)) {
+                Ok(endpoint) => ctx.with_compiler(|c| c.set_collector(endpoint)),
+                Err(e) => warn!(error = %e, "cannot publish the renewed CA bundle"),
+            }
+        }
+        current = Some(next);
     }
 }
 
@@ -224,7 +311,9 @@ async fn main() -> anyhow::Result<()> {
     let (policy_tx, policy_rx) = mpsc::unbounded_channel();
     let (obs_tx, obs_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(Metrics::new());
-    let collector_endpoint = args.collector_endpoint()?;
+    let (server_tls, provisioned_tls) = collector_tls(&args, &client).await?;
+    let collector_endpoint =
+        args.collector_endpoint(provisioned_tls.as_ref().map(|t| t.ca_bundle.as_str()))?;
     if collector_endpoint.is_none() {
         warn!(
             "no --collector-url (and no POD_NAMESPACE): agents are not told where to report; observation results stay empty unless agents set --collector-url"
@@ -303,15 +392,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = leading.set(ctx.clone());
 
     let collector_router = collector::router(ctx.clone(), collector.clone());
-    let tls = args
-        .collector_tls_cert
-        .clone()
-        .zip(args.collector_tls_key.clone())
-        .map(|(cert, key)| collector::TlsFiles { cert, key });
     let collector_addr = args.collector_addr;
-    let collector_server = collector::serve(collector_addr, collector_router, tls);
+    let collector_server =
+        collector::serve(collector_addr, collector_router, server_tls.clone());
 
     tokio::select! {
+        _ = renew_collector_tls(&args, ctx.clone(), server_tls, provisioned_tls) => error!("certificate renewal ended"),
         r = collector_server => error!(addr = %collector_addr, "report endpoint failed: {r:?}"),
         _ = finalize::finalize_loop(ctx.clone(), collector) => error!("window finalizer ended"),
         _ = nac_watch => error!("NodeAgentConfig watch ended"),
