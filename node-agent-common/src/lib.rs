@@ -143,6 +143,13 @@ pub const fn rule_scope(generation: u32, direction: u8, endpoint_id: u32) -> [u8
     v.to_be_bytes()
 }
 
+/// The inverse of [`rule_scope`]: `(generation, direction, endpoint id)`.
+#[inline(always)]
+pub const fn split_rule_scope(scope: [u8; 4]) -> (u32, u8, u32) {
+    let v = u32::from_be_bytes(scope);
+    (v >> 31, ((v >> 30) & 1) as u8, v & (MAX_ENDPOINT_ID - 1))
+}
+
 /// LPM key data of the peer table: scope, then the peer address. The prefix
 /// length is `32 + address prefix` (IPv4 prefixes are `96 + n`). The last 4
 /// bytes pad the key to a multiple of 8 and are never covered by a prefix.

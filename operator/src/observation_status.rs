@@ -110,28 +110,15 @@ fn write_windows(results: &[WindowResult], s: &mut NetworkObservationStatus) {
     }
 }
 
-/// The status of an observation. `results` are final windows not yet in
-/// status, oldest first; fields they do not cover are kept from `current`.
-pub(crate) fn observation_status(
-    name: &str,
+/// Ready: the spec is valid and the observation runs on every selected
+/// node (`deployed_on` of `selected`); the reason also tells a window that
+/// exceeded `maxSeries`.
+fn ready(
     view: &ObservationView,
-    configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
-    results: &[WindowResult],
-    current: &NetworkObservationStatus,
-    now: Timestamp,
-) -> NetworkObservationStatus {
-    let mut s = current.clone();
-    let result = results.last();
-    // Window figures first: conditions describe the window status shows.
-    write_windows(results, &mut s);
-    let generation = Some(view.generation);
-    s.observed_generation = generation;
-    let selected = view.selected_nodes.len() as u32;
-    let deployed_on = view
-        .selected_nodes
-        .iter()
-        .filter(|n| deployed(configs.get(*n), name, view.spec_generation))
-        .count();
+    s: &NetworkObservationStatus,
+    selected: u32,
+    deployed_on: usize,
+) -> (bool, &'static str, String) {
     let untraceable = if view.untraceable_pods.is_empty() {
         String::new()
     } else {
@@ -146,7 +133,7 @@ pub(crate) fn observation_status(
                 .join(", ")
         )
     };
-    let (ready, r, m) = match &view.error {
+    match &view.error {
         Some(e) if view.spec_generation > 0 => (
             false,
             reason::INVALID_SPEC,
@@ -181,7 +168,32 @@ pub(crate) fn observation_status(
                 ),
             ),
         },
-    };
+    }
+}
+
+/// The status of an observation. `results` are final windows not yet in
+/// status, oldest first; fields they do not cover are kept from `current`.
+pub(crate) fn observation_status(
+    name: &str,
+    view: &ObservationView,
+    configs: &BTreeMap<String, Arc<NodeAgentConfig>>,
+    results: &[WindowResult],
+    current: &NetworkObservationStatus,
+    now: Timestamp,
+) -> NetworkObservationStatus {
+    let mut s = current.clone();
+    let result = results.last();
+    // Window figures first: conditions describe the window status shows.
+    write_windows(results, &mut s);
+    let generation = Some(view.generation);
+    s.observed_generation = generation;
+    let selected = view.selected_nodes.len() as u32;
+    let deployed_on = view
+        .selected_nodes
+        .iter()
+        .filter(|n| deployed(configs.get(*n), name, view.spec_generation))
+        .count();
+    let (ready, r, m) = ready(view, &s, selected, deployed_on);
     conditions::set(
         &mut s.conditions,
         conditions::READY,

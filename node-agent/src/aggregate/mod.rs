@@ -18,8 +18,8 @@ use std::{
 };
 
 use flowlens_agent_common::{
-    DIRECTION_EGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats, MAX_ENDPOINT_ID,
-    OverflowKey, PROTO_TCP, RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP,
+    DIRECTION_EGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats, OverflowKey, PROTO_TCP,
+    RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, split_rule_scope,
 };
 use flowlens_api::{
     GroupBy,
@@ -176,6 +176,46 @@ fn window_start(now_ms: i64, seconds: u32) -> i64 {
     s - s.rem_euclid(i64::from(seconds.max(1)))
 }
 
+/// One drain's flow and RTT records, by connection.
+fn connections(d: &Drained) -> HashMap<ConnId, ConnFacts> {
+    let mut conns: HashMap<ConnId, ConnFacts> = HashMap::new();
+    for (k, s) in &d.flows {
+        let id = ConnId {
+            local: k.local_addr,
+            remote: k.remote_addr,
+            local_port: k.local_port,
+            remote_port: k.remote_port,
+            protocol: k.protocol,
+        };
+        let f = conns.entry(id).or_default();
+        let t = Traffic {
+            packets: s.packets,
+            bytes: s.bytes,
+            payload_bytes: s.payload_bytes,
+        };
+        f.drops += u64::from(s.drops);
+        if k.direction == DIRECTION_EGRESS {
+            f.tx.add(&t);
+            f.tx_flags |= s.flags;
+            f.retransmits += u64::from(s.retransmits);
+        } else {
+            f.rx.add(&t);
+            f.rx_flags |= s.flags;
+        }
+    }
+    for (k, n) in &d.rtt {
+        let id = ConnId {
+            local: k.local_addr,
+            remote: k.remote_addr,
+            local_port: k.local_port,
+            remote_port: k.remote_port,
+            protocol: PROTO_TCP,
+        };
+        conns.entry(id).or_default().rtt.add_bucket(k.bucket, *n);
+    }
+    conns
+}
+
 /// How long a connection's role is remembered after it was last seen.
 const ROLE_MEMORY_MS: i64 = 10 * 60 * 1000;
 
@@ -261,92 +301,69 @@ impl Aggregator {
 
     /// Adds one drain's records at time `now_ms`.
     pub(crate) fn ingest(&mut self, d: &Drained, now_ms: i64) {
-        let mut conns: HashMap<ConnId, ConnFacts> = HashMap::new();
-        for (k, s) in &d.flows {
-            let id = ConnId {
-                local: k.local_addr,
-                remote: k.remote_addr,
-                local_port: k.local_port,
-                remote_port: k.remote_port,
-                protocol: k.protocol,
-            };
-            let f = conns.entry(id).or_default();
-            let t = Traffic {
-                packets: s.packets,
-                bytes: s.bytes,
-                payload_bytes: s.payload_bytes,
-            };
-            f.drops += u64::from(s.drops);
-            if k.direction == DIRECTION_EGRESS {
-                f.tx.add(&t);
-                f.tx_flags |= s.flags;
-                f.retransmits += u64::from(s.retransmits);
-            } else {
-                f.rx.add(&t);
-                f.rx_flags |= s.flags;
-            }
+        for (id, facts) in connections(d) {
+            self.add_connection(id, &facts, now_ms);
         }
-        for (k, n) in &d.rtt {
-            let id = ConnId {
-                local: k.local_addr,
-                remote: k.remote_addr,
-                local_port: k.local_port,
-                remote_port: k.remote_port,
-                protocol: PROTO_TCP,
-            };
-            conns.entry(id).or_default().rtt.add_bucket(k.bucket, *n);
-        }
+        self.add_overflow(&d.overflow);
+        self.add_rule_counters(&d.rules);
+        self.roles
+            .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
+    }
 
-        for (id, facts) in conns {
-            let cached = self.roles.get(&id).map(|(r, _)| *r);
-            let decided =
-                (facts.tx_flags | facts.rx_flags) & (FLOW_FLAG_SYN | FLOW_FLAG_SYN_ACK) != 0;
-            let role = match (decided, cached) {
-                (false, Some(r)) => r,
-                _ => role::local_role(
-                    facts.tx_flags,
-                    facts.rx_flags,
-                    id.local_port,
-                    id.remote_port,
-                    !facts.tx.is_zero(),
-                ),
+    /// Adds one connection's facts to the series of every observation that
+    /// traces its local side.
+    fn add_connection(&mut self, id: ConnId, facts: &ConnFacts, now_ms: i64) {
+        let cached = self.roles.get(&id).map(|(r, _)| *r);
+        let decided = (facts.tx_flags | facts.rx_flags) & (FLOW_FLAG_SYN | FLOW_FLAG_SYN_ACK) != 0;
+        let role = match (decided, cached) {
+            (false, Some(r)) => r,
+            _ => role::local_role(
+                facts.tx_flags,
+                facts.rx_flags,
+                id.local_port,
+                id.remote_port,
+                !facts.tx.is_zero(),
+            ),
+        };
+        self.roles.insert(id, (role, now_ms));
+        let port = role::server_port(role, id.local_port, id.remote_port);
+        let mut attributed = false;
+        for (view, window) in self.observations.values_mut() {
+            let Some(dims) = view.dims.get(&id.local) else {
+                continue;
             };
-            self.roles.insert(id, (role, now_ms));
-            let port = role::server_port(role, id.local_port, id.remote_port);
-            let mut attributed = false;
-            for (view, window) in self.observations.values_mut() {
-                let Some(dims) = view.dims.get(&id.local) else {
-                    continue;
-                };
-                attributed = true;
-                let remote_traced_here = view.dims.contains_key(&id.remote);
-                let key = SeriesKey {
-                    local: dims.clone(),
-                    remote: Some(ip_from_bytes(&id.remote)),
-                    port,
-                    protocol: id.protocol,
-                    role,
-                };
-                let counts_flow = !(remote_traced_here && role == Role::Server);
-                let new_flow = counts_flow && window.seen.insert(id);
-                let acc = series_slot(window, key, view.params.max_series);
-                if new_flow {
-                    acc.flows += 1;
-                }
-                acc.tx.add(&facts.tx);
-                if !remote_traced_here {
-                    acc.rx.add(&facts.rx);
-                }
-                acc.retransmits += facts.retransmits;
-                acc.drops += facts.drops;
-                acc.rtt.merge(&facts.rtt);
+            attributed = true;
+            let remote_traced_here = view.dims.contains_key(&id.remote);
+            let key = SeriesKey {
+                local: dims.clone(),
+                remote: Some(ip_from_bytes(&id.remote)),
+                port,
+                protocol: id.protocol,
+                role,
+            };
+            let counts_flow = !(remote_traced_here && role == Role::Server);
+            let new_flow = counts_flow && window.seen.insert(id);
+            let acc = series_slot(window, key, view.params.max_series);
+            if new_flow {
+                acc.flows += 1;
             }
-            if !attributed {
-                self.stats.unattributed_packets += facts.tx.packets + facts.rx.packets;
+            acc.tx.add(&facts.tx);
+            if !remote_traced_here {
+                acc.rx.add(&facts.rx);
             }
+            acc.retransmits += facts.retransmits;
+            acc.drops += facts.drops;
+            acc.rtt.merge(&facts.rtt);
         }
+        if !attributed {
+            self.stats.unattributed_packets += facts.tx.packets + facts.rx.packets;
+        }
+    }
 
-        for (k, s) in &d.overflow {
+    /// Traffic of connections the kernel's flow table had no room for: into
+    /// the `other` series of the observations tracing their local address.
+    fn add_overflow(&mut self, overflow: &[(OverflowKey, FlowStats)]) {
+        for (k, s) in overflow {
             let t = Traffic {
                 packets: s.packets,
                 bytes: s.bytes,
@@ -365,12 +382,13 @@ impl Aggregator {
                 }
             }
         }
+    }
 
-        for (k, c) in &d.rules {
-            let scope = u32::from_be_bytes(k.scope);
-            let generation = scope >> 31;
-            let direction = ((scope >> 30) & 1) as u8;
-            let endpoint = scope & (MAX_ENDPOINT_ID - 1);
+    /// Rule counters into the open policy window, by the policy of the
+    /// rule in their slot (in the tables of their generation).
+    fn add_rule_counters(&mut self, rules: &[(RuleCounterKey, RuleCounters)]) {
+        for (k, c) in rules {
+            let (generation, direction, endpoint) = split_rule_scope(k.scope);
             let rule = self.generation_tables[generation as usize]
                 .as_ref()
                 .and_then(|t| t.slots.get(&(endpoint, direction, k.slot)));
@@ -396,8 +414,6 @@ impl Aggregator {
                 _ => {}
             }
         }
-        self.roles
-            .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
     }
 
     /// Closes every window that ended by `now_ms`.

@@ -74,6 +74,9 @@ pub enum RttHook {
     None,
 }
 
+/// The first kernel with tcx links (TC programs attached without qdiscs).
+const TCX_SINCE: aya::util::KernelVersion = aya::util::KernelVersion::new(6, 6, 0);
+
 /// How to open the datapath.
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {
@@ -196,10 +199,11 @@ impl Datapath {
         Ok(dp)
     }
 
+    /// Attaches the hooks that are not per interface (RTT, connect,
+    /// retransmits, drops), each as far as the kernel allows, and records
+    /// which are in use in `self.hooks`.
     fn attach_global_hooks(&mut self, opts: &DatapathOptions) {
-        self.hooks.flows = if aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        {
+        self.hooks.flows = if aya::util::KernelVersion::current().is_ok_and(|v| v >= TCX_SINCE) {
             "tcx".into()
         } else {
             "tc".into()
@@ -215,8 +219,23 @@ impl Datapath {
             "probed kernel: fentry/fexit (BPF tracing programs) {}",
             if fentry { "available" } else { "unavailable" }
         );
+        self.hooks.rtt = self.attach_rtt_hook(opts, tracefs.is_ok());
+        self.hooks.connect = self.attach_connect_hooks(opts);
+        self.hooks.retransmits = if tracefs.is_ok() {
+            self.attach_retransmit_hook()
+        } else {
+            "none".into()
+        };
+        self.hooks.drops = match &tracefs {
+            Ok(root) => self.attach_drop_hook(root),
+            Err(_) => "none".into(),
+        };
+        info!(flows = %self.hooks.flows, rtt = %self.hooks.rtt, connect = %self.hooks.connect, retransmits = %self.hooks.retransmits, drops = %self.hooks.drops, "kernel hooks in use");
+    }
 
-        // RTT: sock_ops when a cgroup v2 root is known, else tcp_probe.
+    /// RTT: sock_ops when a cgroup v2 root is known, else tcp_probe. Returns
+    /// the hook in use.
+    fn attach_rtt_hook(&mut self, opts: &DatapathOptions, tracefs: bool) -> String {
         let mut rtt = "none".to_owned();
         let want_sockops = matches!(opts.rtt_hook, RttHook::Auto | RttHook::SockOps);
         if want_sockops && let Some(cg) = &opts.cgroup_root {
@@ -235,7 +254,7 @@ impl Datapath {
             attach::unpin(&self.layout, "tp_tcp_probe");
         } else {
             attach::unpin(&self.layout, "sockops");
-            if matches!(opts.rtt_hook, RttHook::Auto | RttHook::TcpProbe) && tracefs.is_ok() {
+            if matches!(opts.rtt_hook, RttHook::Auto | RttHook::TcpProbe) && tracefs {
                 match attach::tracepoint_hook(
                     &mut self.ebpf,
                     &self.layout,
@@ -249,56 +268,55 @@ impl Datapath {
                 }
             }
         }
-        self.hooks.rtt = rtt;
+        rtt
+    }
 
-        let mut connect = "none".to_owned();
-        if let Some(cg) = &opts.cgroup_root {
-            let c4 = attach::cgroup_hook(
-                &mut self.ebpf,
-                &self.layout,
-                attach::PROG_CONNECT4,
-                cg,
-                "connect4",
-            );
-            let c6 = attach::cgroup_hook(
-                &mut self.ebpf,
-                &self.layout,
-                attach::PROG_CONNECT6,
-                cg,
-                "connect6",
-            );
-            match (c4, c6) {
-                (Ok(()), Ok(())) => connect = "cgroup/connect4+connect6".into(),
-                (a, b) => {
-                    warn!(connect4 = ?a.err(), connect6 = ?b.err(), "connect-time rejection unavailable")
-                }
+    /// Connect-time rejection (cgroup connect4 and connect6). Returns the
+    /// hooks in use.
+    fn attach_connect_hooks(&mut self, opts: &DatapathOptions) -> String {
+        let Some(cg) = &opts.cgroup_root else {
+            return "none".into();
+        };
+        let c4 = attach::cgroup_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_CONNECT4,
+            cg,
+            "connect4",
+        );
+        let c6 = attach::cgroup_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_CONNECT6,
+            cg,
+            "connect6",
+        );
+        match (c4, c6) {
+            (Ok(()), Ok(())) => "cgroup/connect4+connect6".into(),
+            (a, b) => {
+                warn!(connect4 = ?a.err(), connect6 = ?b.err(), "connect-time rejection unavailable");
+                "none".into()
             }
         }
-        self.hooks.connect = connect;
+    }
 
-        self.hooks.retransmits = if tracefs.is_ok() {
-            match attach::tracepoint_hook(
-                &mut self.ebpf,
-                &self.layout,
-                attach::PROG_TCP_RETRANS,
-                "tcp",
-                "tcp_retransmit_skb",
-                "tp_tcp_retransmit_skb",
-            ) {
-                Ok(()) => "tracepoint/tcp/tcp_retransmit_skb".into(),
-                Err(e) => {
-                    warn!(error = %e, "retransmit hook unavailable");
-                    "none".into()
-                }
+    /// Retransmits: the `tcp:tcp_retransmit_skb` tracepoint. Returns the
+    /// hook in use.
+    fn attach_retransmit_hook(&mut self) -> String {
+        match attach::tracepoint_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_TCP_RETRANS,
+            "tcp",
+            "tcp_retransmit_skb",
+            "tp_tcp_retransmit_skb",
+        ) {
+            Ok(()) => "tracepoint/tcp/tcp_retransmit_skb".into(),
+            Err(e) => {
+                warn!(error = %e, "retransmit hook unavailable");
+                "none".into()
             }
-        } else {
-            "none".into()
-        };
-        self.hooks.drops = match &tracefs {
-            Ok(root) => self.attach_drop_hook(root),
-            Err(_) => "none".into(),
-        };
-        info!(flows = %self.hooks.flows, rtt = %self.hooks.rtt, connect = %self.hooks.connect, retransmits = %self.hooks.retransmits, drops = %self.hooks.drops, "kernel hooks in use");
+        }
     }
 
     /// Kernel drops: `skb:kfree_skb`, reading packets at the `sk_buff`

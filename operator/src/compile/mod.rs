@@ -404,14 +404,34 @@ impl Compiler {
 
     /// Incremental bookkeeping for one pod.
     fn pod_changed(&mut self, key: &str, old: Option<&PodInfo>, new: Option<&PodInfo>) {
-        let mut touch = false;
         let new_ns_labels = new.map(|p| self.ns_labels(&p.namespace).clone());
+        let ns_labels = new_ns_labels.as_ref();
+        let traced = self.observations_pod_changed(key, old, new, ns_labels);
+        let targeted = self.policies_pod_changed(key, old, new, ns_labels);
+        if traced || targeted {
+            for p in [old, new].into_iter().flatten() {
+                if let Some(n) = &p.node {
+                    self.dirty.insert(n.clone());
+                }
+            }
+        }
+    }
 
+    /// Updates the observations that select (or selected) the pod; true when
+    /// it is (or was) traced by one (then its node's config changes).
+    fn observations_pod_changed(
+        &mut self,
+        key: &str,
+        old: Option<&PodInfo>,
+        new: Option<&PodInfo>,
+        new_ns_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let mut touch = false;
         for obs in self.observations.values_mut() {
             let Some(spec) = &obs.spec else { continue };
             let was_selected = obs.selected.contains(key);
             let was = was_selected || obs.untraceable.contains(key);
-            let now = match (new, &new_ns_labels) {
+            let now = match (new, new_ns_labels) {
                 (Some(p), Some(l)) => Self::obs_selects(spec, p, l),
                 _ => false,
             };
@@ -434,7 +454,20 @@ impl Compiler {
             }
             self.dirty_observations.insert(obs.name.clone());
         }
+        touch
+    }
 
+    /// Updates the policies that target the pod (true when it is or was a
+    /// target) and the rules that select it as a peer (their nodes' configs
+    /// change).
+    fn policies_pod_changed(
+        &mut self,
+        key: &str,
+        old: Option<&PodInfo>,
+        new: Option<&PodInfo>,
+        new_ns_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let mut touch = false;
         for (pkey, pol) in self.policies.iter_mut() {
             let Some(spec) = &pol.spec else { continue };
             // Targets: pods of the policy's namespace.
@@ -465,45 +498,49 @@ impl Compiler {
                 self.dirty_policies.insert(pkey.clone());
             }
             // Peers: pods anywhere.
-            let mut peers_changed = false;
-            for rule in &mut pol.rules {
-                if rule.any_peer {
-                    continue;
-                }
-                let was = rule.peer_pods.get(key).cloned();
-                let now = match (new, &new_ns_labels) {
-                    (Some(p), Some(l))
-                        if Self::peer_eligible(p)
-                            && rule
-                                .peers
-                                .iter()
-                                .any(|x| Self::peer_selects(x, &pol.namespace, p, l)) =>
-                    {
-                        Some(p.ips.clone())
-                    }
-                    _ => None,
-                };
-                if was != now {
-                    match now {
-                        Some(ips) => rule.peer_pods.insert(key.to_owned(), ips),
-                        None => rule.peer_pods.remove(key),
-                    };
-                    rule.address_set = None;
-                    peers_changed = true;
-                }
-            }
-            if peers_changed {
+            if Self::peers_pod_changed(&mut pol.rules, &pol.namespace, key, new, new_ns_labels) {
                 self.dirty.extend(pol.by_node.keys().cloned());
             }
         }
+        touch
+    }
 
-        if touch {
-            for p in [old, new].into_iter().flatten() {
-                if let Some(n) = &p.node {
-                    self.dirty.insert(n.clone());
+    /// Updates the peer pods of one policy's rules; true when one changed.
+    fn peers_pod_changed(
+        rules: &mut [Rule],
+        namespace: &str,
+        key: &str,
+        new: Option<&PodInfo>,
+        new_ns_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let mut changed = false;
+        for rule in rules {
+            if rule.any_peer {
+                continue;
+            }
+            let was = rule.peer_pods.get(key).cloned();
+            let now = match (new, new_ns_labels) {
+                (Some(p), Some(l))
+                    if Self::peer_eligible(p)
+                        && rule
+                            .peers
+                            .iter()
+                            .any(|x| Self::peer_selects(x, namespace, p, l)) =>
+                {
+                    Some(p.ips.clone())
                 }
+                _ => None,
+            };
+            if was != now {
+                match now {
+                    Some(ips) => rule.peer_pods.insert(key.to_owned(), ips),
+                    None => rule.peer_pods.remove(key),
+                };
+                rule.address_set = None;
+                changed = true;
             }
         }
+        changed
     }
 
     /// Pods of namespace `ns` that may match `sel` (an index lookup when the
