@@ -179,6 +179,11 @@ install_crds() {
     crd/networkobservations.flowlens.dev crd/flowpolicies.flowlens.dev crd/nodeagentconfigs.flowlens.dev >/dev/null
 }
 
+# The real cluster (hack/cluster.sh) shares .flowlens/kubeconfig.
+real_cluster_runs() {
+  [[ -f "$state/cluster/run/kube-apiserver.pid" ]] && kill -0 "$(cat "$state/cluster/run/kube-apiserver.pid")" 2>/dev/null
+}
+
 cmd_up() {
   if [[ "${USE_EXISTING_CLUSTER:-}" == "true" ]]; then
     [[ -n "${KUBECONFIG:-}" ]] || die "USE_EXISTING_CLUSTER=true needs KUBECONFIG"
@@ -186,6 +191,7 @@ cmd_up() {
     echo "export FLOWLENS_KUBECONFIG=$KUBECONFIG"
     return 0
   fi
+  real_cluster_runs && die "the real cluster (just cluster) runs and owns .flowlens/kubeconfig: stop it with 'just cluster-down' first"
   command -v kubectl >/dev/null || die "kubectl is missing"
   command -v curl >/dev/null || die "curl is missing (apt-get install curl)"
   mkdir -p "$logs" "$run"
@@ -218,8 +224,13 @@ stop_pid() {
 cmd_down() {
   stop_pid kube-apiserver
   stop_pid etcd
-  rm -rf "$state"
-  log "stopped; removed $state"
+  if real_cluster_runs; then
+    rm -rf "$pki" "$logs" "$run" "$state/etcd" "$state/apiserver-certs"
+    log "stopped; the real cluster's files in $state stay"
+  else
+    rm -rf "$state"
+    log "stopped; removed $state"
+  fi
 }
 
 cmd_status() {

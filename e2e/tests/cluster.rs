@@ -97,7 +97,10 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
         let collector = c.spec.collector.clone().expect("a collector endpoint");
         assert!(collector.url.starts_with("https://"), "{}", collector.url);
         assert!(
-            collector.ca_bundle.as_deref().is_some_and(|b| b.contains("BEGIN CERTIFICATE")),
+            collector
+                .ca_bundle
+                .as_deref()
+                .is_some_and(|b| b.contains("BEGIN CERTIFICATE")),
             "a CA bundle for the collector"
         );
     }

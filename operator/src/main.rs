@@ -393,8 +393,7 @@ async fn main() -> anyhow::Result<()> {
 
     let collector_router = collector::router(ctx.clone(), collector.clone());
     let collector_addr = args.collector_addr;
-    let collector_server =
-        collector::serve(collector_addr, collector_router, server_tls.clone());
+    let collector_server = collector::serve(collector_addr, collector_router, server_tls.clone());
 
     tokio::select! {
         _ = renew_collector_tls(&args, ctx.clone(), server_tls, provisioned_tls) => error!("certificate renewal ended"),
