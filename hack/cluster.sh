@@ -493,7 +493,7 @@ cmd_down() {
   done
   local pass m
   for pass in 1 2 3; do
-    findmnt -rn -o TARGET | grep -E "^($rundir|$var|/run/netns/cni-)" | sort -r |
+    { findmnt -rn -o TARGET | grep -E "^($rundir|$var|/run/netns/cni-)" || true; } | sort -r |
       while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   done
   rm -f /run/netns/cni-*
@@ -519,7 +519,7 @@ cmd_down() {
   rm -rf "$var" "$rundir"
   restore_sysctls
   restore_propagation
-  rm -rf "$top"
+  rm -rf "$top" "$state/kubecache"
   rm -f "$kubeconfig"
   rmdir "$state" 2>/dev/null || true
   log "stopped; the machine is as it was"
