@@ -10,7 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use flowlens_api::{FlowPolicy, NetworkObservation, NodeAgentConfig};
+use flowlens_api::{
+    FlowPolicy, NetworkObservation, NodeAgentConfig,
+    network_observation::{NetworkObservationStatus, TrafficTotal},
+};
 use flowlens_e2e::{
     cluster::client,
     kubectl::{TestNamespace, exec, kubectl, require_cluster, wait_until},
@@ -34,6 +37,81 @@ fn wire_payload(d: &flowlens_e2e::kubectl::InterfaceCounters) -> u64 {
 
 fn pct(a: u64, b: u64) -> f64 {
     (a as f64 - b as f64) / b as f64 * 100.0
+}
+
+/// A NetworkObservation of one test namespace (5 s windows, grouped down to
+/// pods), read back through the API.
+struct Observed {
+    api: Api<NetworkObservation>,
+    name: String,
+}
+
+impl Observed {
+    /// Applies it and waits for its first window: the node's agent runs it.
+    async fn start(client: &kube::Client, ns: &TestNamespace) -> Observed {
+        let name = ns.name.clone();
+        flowlens_e2e::kubectl::apply(&format!(
+            r#"apiVersion: flowlens.dev/v1alpha1
+kind: NetworkObservation
+metadata: {{name: {name}}}
+spec:
+  namespaces: [{ns}]
+  keepLabels: [app]
+  groupBy: [namespace, workload, pod]
+  window: 5s
+"#,
+            ns = ns.name
+        ))
+        .unwrap();
+        let o = Observed {
+            api: Api::all(client.clone()),
+            name,
+        };
+        o.wait("a first window in status", |s| {
+            s.last_window.as_ref().map(|_| ())
+        })
+        .await;
+        o
+    }
+
+    /// Polls the status until `f` finds what it wants.
+    async fn wait<T>(&self, what: &str, f: impl Fn(NetworkObservationStatus) -> Option<T>) -> T {
+        eventually(Duration::from_secs(90), what, || {
+            let (api, name) = (self.api.clone(), self.name.clone());
+            let f = &f;
+            async move { f(api.get(&name).await.ok()?.status?) }
+        })
+        .await
+    }
+
+    /// The total so far.
+    async fn total(&self) -> TrafficTotal {
+        self.wait("a total", |s| Some(s.total.unwrap_or_default()))
+            .await
+    }
+
+    /// The total once a window that started after now is in status (every
+    /// window up to now is counted).
+    async fn total_after_now(&self) -> TrafficTotal {
+        let now = now_s();
+        self.wait("windows after the traffic", |s| {
+            (s.last_window.as_ref()?.start.0.as_second() > now).then_some(s.total?)
+        })
+        .await
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "networkobservation", &self.name, "--wait=false"]);
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,38 +226,8 @@ async fn pod_traffic_in_status_matches_the_pods_interface_counters() {
     let ns = TestNamespace::new("fl-traffic", &[]).unwrap();
     let (server, server_ip) = ns.deploy("server", "exec iperf3 -s").unwrap();
     let (client_pod, _) = ns.deploy("client", "exec sleep infinity").unwrap();
-    let obs_name = ns.name.clone();
-    flowlens_e2e::kubectl::apply(&format!(
-        r#"apiVersion: flowlens.dev/v1alpha1
-kind: NetworkObservation
-metadata: {{name: {obs_name}}}
-spec:
-  namespaces: [{ns}]
-  keepLabels: [app]
-  groupBy: [namespace, workload, pod]
-  window: 5s
-"#,
-        ns = ns.name
-    ))
-    .unwrap();
-    let observations = Api::<NetworkObservation>::all(client.clone());
-    // Wait until the node's agent runs the observation: a first window.
-    let first = eventually(Duration::from_secs(60), "a first window in status", || {
-        let o = observations.clone();
-        let name = obs_name.clone();
-        async move {
-            let s = o.get(&name).await.ok()?.status?;
-            s.last_window.as_ref().map(|w| w.end.0.as_second())
-        }
-    })
-    .await;
-    let total_before = observations
-        .get(&obs_name)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.total)
-        .unwrap_or_default();
+    let obs = Observed::start(&client, &ns).await;
+    let total_before = obs.total().await;
     let before = ns.eth0(&client_pod).unwrap();
     // Paced, so that nothing is still queued when it ends.
     exec(
@@ -200,25 +248,7 @@ spec:
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let after = ns.eth0(&client_pod).unwrap();
-    let traffic_end = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()) as i64;
-    let status = eventually(
-        Duration::from_secs(60),
-        "the traffic's windows in status",
-        || {
-            let o = observations.clone();
-            let name = obs_name.clone();
-            async move {
-                let s = o.get(&name).await.ok()?.status?;
-                (s.last_window.as_ref()?.start.0.as_second() > traffic_end).then_some(s)
-            }
-        },
-    )
-    .await;
-    assert!(first > 0);
-    let total = status.total.clone().unwrap();
+    let total = obs.total_after_now().await;
     // Top flows (of the last window) name the real pods and workloads: look
     // while a second transfer runs.
     let (ns_name, pod, ip) = (ns.name.clone(), client_pod.clone(), server_ip.clone());
@@ -229,15 +259,11 @@ spec:
             &["iperf3", "-c", &ip, "-t", "12", "-b", "10M"],
         )
     });
-    let top = eventually(Duration::from_secs(30), "a top flow to 5201", || {
-        let o = observations.clone();
-        let name = obs_name.clone();
-        async move {
-            let s = o.get(&name).await.ok()?.status?;
+    let top = obs
+        .wait("a top flow to 5201", |s| {
             s.top_flows.into_iter().find(|f| f.port == 5201)
-        }
-    })
-    .await;
+        })
+        .await;
     second.join().unwrap().unwrap();
     let d = after.since(&before);
     let counted = total.payload_bytes - total_before.payload_bytes;
@@ -262,50 +288,18 @@ spec:
     );
     assert_eq!(top.source.pod.as_deref(), Some(client_pod.as_str()));
     assert_eq!(top.destination.pod.as_deref(), Some(server.as_str()));
-    let _ = kubectl(&["delete", "networkobservation", &obs_name, "--wait=false"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_blocks_in_the_kernel_and_its_counters_rise() {
     require_cluster();
     let client = client().await.unwrap();
-    let ns = TestNamespace::new("fl-policy", &[]).unwrap();
-    let (_, db_ip) = ns
-        .deploy("db", "nc -lk -p 5432 & exec nc -lk -p 8080")
-        .unwrap();
-    let (web, _) = ns.deploy("web", "exec sleep infinity").unwrap();
-    flowlens_e2e::kubectl::apply(&format!(
-        r#"apiVersion: flowlens.dev/v1alpha1
-kind: FlowPolicy
-metadata: {{name: web-no-db, namespace: {ns}}}
-spec:
-  mode: Enforce
-  podSelector: {{matchLabels: {{app: web}}}}
-  egress:
-  - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]
-    ports: [{{protocol: TCP, port: 5432}}]
-"#,
-        ns = ns.name
-    ))
-    .unwrap();
+    let (ns, web, db_ip) = blocked_web_and_db("fl-policy").await;
     let policies = Api::<FlowPolicy>::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(60), "Enforced on every node", || {
-        let p = policies.clone();
-        async move {
-            let s = p.get("web-no-db").await.ok()?.status?;
-            let enforced = s
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Enforced" && c.status == "True");
-            let nodes = s.nodes?;
-            (enforced && nodes.targeted >= 1 && nodes.enforcing == nodes.targeted).then_some(())
-        }
-    })
-    .await;
     let attempts = 20;
     let script = format!(
         "ok=0; for i in $(seq 1 {attempts}); do nc -z -w 2 {db_ip} 5432 && ok=$((ok+1)); done; \
-         allowed=0; nc -z -w 2 {db_ip} 8080 && allowed=1; echo $ok $allowed"
+         allowed=0; nc -z -w 2 {db_ip} 5201 && allowed=1; echo $ok $allowed"
     );
     let out = exec(&ns.name, &web, &["bash", "-c", &script]).unwrap();
     let v: Vec<u64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
@@ -359,14 +353,16 @@ spec:
     ))
     .unwrap();
     let policies = Api::<FlowPolicy>::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(60), "Enforced", || {
+    eventually(Duration::from_secs(60), "Enforced on every node", || {
         let p = policies.clone();
         async move {
             let s = p.get("web-no-db").await.ok()?.status?;
-            s.conditions
+            let enforced = s
+                .conditions
                 .iter()
-                .any(|c| c.type_ == "Enforced" && c.status == "True")
-                .then_some(())
+                .any(|c| c.type_ == "Enforced" && c.status == "True");
+            let nodes = s.nodes?;
+            (enforced && nodes.targeted >= 1 && nodes.enforcing == nodes.targeted).then_some(())
         }
     })
     .await;
@@ -479,23 +475,8 @@ async fn a_standby_operator_takes_over_and_no_window_is_lost_or_doubled() {
     let ns = TestNamespace::new("fl-lead", &[]).unwrap();
     let (_, server_ip) = ns.deploy("server", "exec iperf3 -s").unwrap();
     let (client_pod, _) = ns.deploy("client", "exec sleep infinity").unwrap();
-    let obs_name = ns.name.clone();
-    flowlens_e2e::kubectl::apply(&format!(
-        "apiVersion: flowlens.dev/v1alpha1\nkind: NetworkObservation\nmetadata: {{name: {obs_name}}}\nspec:\n  namespaces: [{ns}]\n  window: 5s\n",
-        ns = ns.name
-    ))
-    .unwrap();
-    let observations = Api::<NetworkObservation>::all(client.clone());
-    let before_total = eventually(Duration::from_secs(60), "a first window", || {
-        let o = observations.clone();
-        let name = obs_name.clone();
-        async move {
-            let s = o.get(&name).await.ok()?.status?;
-            s.last_window.as_ref()?;
-            Some(s.total.unwrap_or_default())
-        }
-    })
-    .await;
+    let obs = Observed::start(&client, &ns).await;
+    let before_total = obs.total().await;
     let before = ns.eth0(&client_pod).unwrap();
     let (ns_name, pod, ip) = (ns.name.clone(), client_pod.clone(), server_ip.clone());
     let traffic = std::thread::spawn(move || {
@@ -556,20 +537,7 @@ async fn a_standby_operator_takes_over_and_no_window_is_lost_or_doubled() {
     traffic.join().unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let after = ns.eth0(&client_pod).unwrap();
-    let end = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let status = eventually(Duration::from_secs(90), "windows after the traffic", || {
-        let o = observations.clone();
-        let name = obs_name.clone();
-        async move {
-            let s = o.get(&name).await.ok()?.status?;
-            (s.last_window.as_ref()?.start.0.as_second() > end).then_some(s)
-        }
-    })
-    .await;
-    let total = status.total.unwrap();
+    let total = obs.total_after_now().await;
     let d = after.since(&before);
     let counted = total.payload_bytes - before_total.payload_bytes;
     let wire = wire_payload(&d);
@@ -581,7 +549,6 @@ async fn a_standby_operator_takes_over_and_no_window_is_lost_or_doubled() {
         pct(counted, wire).abs() < 0.5,
         "status {counted} vs interface {wire}"
     );
-    let _ = kubectl(&["delete", "networkobservation", &obs_name, "--wait=false"]);
 }
 
 fn flowlens_programs() -> usize {
