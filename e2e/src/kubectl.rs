@@ -55,6 +55,12 @@ pub fn apply(yaml: &str) -> anyhow::Result<()> {
     kubectl_stdin(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
 }
 
+/// `kubectl -n <ns> rollout status <what>` (a Deployment or DaemonSet, e.g.
+/// `ds/flowlens-agent`), up to two minutes.
+pub fn rollout_status(ns: &str, what: &str) -> anyhow::Result<()> {
+    kubectl(&["-n", ns, "rollout", "status", what, "--timeout=120s"]).map(|_| ())
+}
+
 /// `kubectl exec` in the first container of a pod.
 pub fn exec(ns: &str, pod: &str, cmd: &[&str]) -> anyhow::Result<String> {
     let mut args = vec!["-n", ns, "exec", pod, "--"];
@@ -123,14 +129,7 @@ spec:
 "#,
             ns = self.name
         ))?;
-        kubectl(&[
-            "-n",
-            &self.name,
-            "rollout",
-            "status",
-            &format!("deploy/{app}"),
-            "--timeout=120s",
-        ])?;
+        rollout_status(&self.name, &format!("deploy/{app}"))?;
         let out = kubectl(&[
             "-n",
             &self.name,

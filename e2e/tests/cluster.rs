@@ -16,7 +16,7 @@ use flowlens_api::{
 };
 use flowlens_e2e::{
     cluster::client,
-    kubectl::{TestNamespace, exec, kubectl, require_cluster, wait_until},
+    kubectl::{TestNamespace, exec, kubectl, require_cluster, rollout_status, wait_until},
     objects::eventually,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -410,15 +410,7 @@ async fn a_rolling_update_of_the_agents_lets_no_blocked_connection_through() {
         "ds/flowlens-agent",
     ])
     .unwrap();
-    kubectl(&[
-        "-n",
-        "flowlens-system",
-        "rollout",
-        "status",
-        "ds/flowlens-agent",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    rollout_status("flowlens-system", "ds/flowlens-agent").unwrap();
     let rollout = started.elapsed();
     let (attempts, through, stream_rc) = parse_three(&load.join().unwrap().unwrap());
     println!(
@@ -582,15 +574,7 @@ async fn uninstall_keeps_enforcing_until_the_cleanup_removes_every_program() {
         "deleting the DaemonSet must not be what removes enforcement"
     );
     kubectl(&["apply", "-k", "deploy/overlays/local/uninstall"]).unwrap();
-    kubectl(&[
-        "-n",
-        "flowlens-uninstall",
-        "rollout",
-        "status",
-        "ds/flowlens-cleanup",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    rollout_status("flowlens-uninstall", "ds/flowlens-cleanup").unwrap();
     wait_until(
         Duration::from_secs(30),
         Duration::from_millis(200),
@@ -607,22 +591,6 @@ async fn uninstall_keeps_enforcing_until_the_cleanup_removes_every_program() {
     .unwrap();
     // Put Flowlens back for the other tests.
     kubectl(&["apply", "-k", "deploy/overlays/local"]).unwrap();
-    kubectl(&[
-        "-n",
-        "flowlens-system",
-        "rollout",
-        "status",
-        "ds/flowlens-agent",
-        "--timeout=120s",
-    ])
-    .unwrap();
-    kubectl(&[
-        "-n",
-        "flowlens-system",
-        "rollout",
-        "status",
-        "deploy/flowlens-operator",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    rollout_status("flowlens-system", "ds/flowlens-agent").unwrap();
+    rollout_status("flowlens-system", "deploy/flowlens-operator").unwrap();
 }
