@@ -106,10 +106,12 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Saturating: counts come from reports, which must never overflow the
+    /// operator's arithmetic.
     pub fn add(&mut self, o: &Traffic) {
-        self.packets += o.packets;
-        self.bytes += o.bytes;
-        self.payload_bytes += o.payload_bytes;
+        self.packets = self.packets.saturating_add(o.packets);
+        self.bytes = self.bytes.saturating_add(o.bytes);
+        self.payload_bytes = self.payload_bytes.saturating_add(o.payload_bytes);
     }
 
     pub fn is_zero(&self) -> bool {
@@ -157,9 +159,10 @@ pub struct Matches {
 }
 
 impl Matches {
+    /// Saturating, like [`Traffic::add`].
     pub fn add(&mut self, o: &Matches) {
-        self.packets += o.packets;
-        self.connections += o.connections;
+        self.packets = self.packets.saturating_add(o.packets);
+        self.connections = self.connections.saturating_add(o.connections);
     }
 }
 

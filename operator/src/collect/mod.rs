@@ -65,10 +65,30 @@ pub struct Timing {
 }
 
 impl Timing {
+    /// Saturating: window times come from reports, and a report must never
+    /// overflow the operator's arithmetic.
     pub(crate) fn deadline_ms(&self, end_s: i64, first_seen_ms: i64) -> i64 {
-        (end_s * 1000)
+        end_s
+            .saturating_mul(1000)
             .max(first_seen_ms)
-            .max(self.started_ms + self.startup_grace_ms)
-            + self.grace_ms
+            .max(self.started_ms.saturating_add(self.startup_grace_ms))
+            .saturating_add(self.grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_far_future_window_does_not_overflow_the_deadline() {
+        let t = Timing {
+            started_ms: 1_000,
+            startup_grace_ms: 15_000,
+            grace_ms: 5_000,
+        };
+        assert_eq!(t.deadline_ms(100, 0), 105_000);
+        assert_eq!(t.deadline_ms(9_300_000_000_000_000, 0), i64::MAX);
+        assert_eq!(t.deadline_ms(i64::MAX, i64::MAX), i64::MAX);
     }
 }

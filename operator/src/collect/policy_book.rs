@@ -56,7 +56,7 @@ impl PolicyBook {
         part: PolicyWindow,
         now_ms: i64,
     ) -> Accepted {
-        let end = part.start + self.window_seconds;
+        let end = part.start.saturating_add(self.window_seconds);
         if end <= self.finalized_through {
             return Accepted::Late;
         }
@@ -75,7 +75,7 @@ impl PolicyBook {
     pub(crate) fn take_final(&mut self, now_ms: i64) -> Vec<(PolicyKey, PolicyDelta)> {
         let mut out = Vec::new();
         while let Some((&start, w)) = self.windows.first_key_value() {
-            let end = start + self.window_seconds;
+            let end = start.saturating_add(self.window_seconds);
             if now_ms < self.timing.deadline_ms(end, w.first_seen_ms) {
                 break;
             }
