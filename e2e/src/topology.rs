@@ -30,6 +30,13 @@ use crate::process::{Proc, require_root, run, run_quiet, workspace_bin};
 pub(crate) const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const GATEWAY_PEER: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 
+/// The pods' IPv4 gateway: the node's side of every pod veth.
+const POD_GATEWAY4: &str = "169.254.1.1";
+/// The IPv6 gateway of pods (on the node) and of nodes (in the fabric).
+const GATEWAY6: &str = "fe80::1";
+/// Host part of the fabric router's address, 10.<slot octet>.0.<this>.
+const FABRIC_ROUTER_HOST: u8 = 254;
+
 const CGROUP2_CANDIDATES: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
 /// An exclusive slot of names and addresses for one test.
@@ -148,6 +155,202 @@ pub(crate) fn ensure_bpffs() {
     }
 }
 
+/// The pod's side of its veth: its addresses, and default routes via the
+/// node's link-local gateways.
+fn configure_pod_side(netns: &str, ip4: Ipv4Addr, ip6: Ipv6Addr) {
+    ip(netns, &["link", "set", "eth0", "up"]);
+    ip(netns, &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"]);
+    ip(
+        netns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip(
+        netns,
+        &["route", "add", POD_GATEWAY4, "dev", "eth0", "scope", "link"],
+    );
+    ip(
+        netns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            POD_GATEWAY4,
+            "dev",
+            "eth0",
+        ],
+    );
+    ip(
+        netns,
+        &[
+            "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ],
+    );
+}
+
+/// The node's side of a pod's veth (`host_if`): the gateway addresses, and
+/// host routes to the pod.
+fn configure_pod_host_side(node_ns: &str, host_if: &str, ip4: Ipv4Addr, ip6: Ipv6Addr) {
+    ip(
+        node_ns,
+        &["addr", "add", &format!("{POD_GATEWAY4}/32"), "dev", host_if],
+    );
+    ip(
+        node_ns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            host_if,
+            "nodad",
+        ],
+    );
+    ip(node_ns, &["link", "set", host_if, "up"]);
+    ip(
+        node_ns,
+        &["route", "add", &format!("{ip4}/32"), "dev", host_if],
+    );
+    ip(
+        node_ns,
+        &["-6", "route", "add", &format!("{ip6}/128"), "dev", host_if],
+    );
+}
+
+/// The node's side of its uplink: its addresses, and default routes via
+/// the fabric router.
+fn configure_uplink_node_side(nd: &Node, router4: Ipv4Addr) {
+    ip(&nd.netns, &["link", "set", "uplink", "up"]);
+    ip(
+        &nd.netns,
+        &[
+            "addr",
+            "add",
+            &format!("{}/32", nd.uplink4),
+            "dev",
+            "uplink",
+        ],
+    );
+    ip(
+        &nd.netns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/128", nd.uplink6),
+            "dev",
+            "uplink",
+            "nodad",
+        ],
+    );
+    ip(
+        &nd.netns,
+        &[
+            "route",
+            "add",
+            &router4.to_string(),
+            "dev",
+            "uplink",
+            "scope",
+            "link",
+        ],
+    );
+    ip(
+        &nd.netns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &router4.to_string(),
+            "dev",
+            "uplink",
+        ],
+    );
+    ip(
+        &nd.netns,
+        &[
+            "-6", "route", "add", "default", "via", GATEWAY6, "dev", "uplink",
+        ],
+    );
+}
+
+/// The fabric's side of node `nd`'s uplink (`up`): the router addresses and
+/// a host route to the node.
+fn configure_uplink_fabric_side(fabric: &str, up: &str, nd: &Node, router4: Ipv4Addr) {
+    ip(fabric, &["link", "set", up, "up"]);
+    ip(
+        fabric,
+        &["addr", "add", &format!("{router4}/32"), "dev", up],
+    );
+    ip(
+        fabric,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            up,
+            "nodad",
+        ],
+    );
+    ip(
+        fabric,
+        &["route", "add", &format!("{}/32", nd.uplink4), "dev", up],
+    );
+}
+
+/// Routes node `nd`'s pod prefixes (`pods4`, `pods6`) in the fabric via
+/// the node's uplink `up`; and its uplink's IPv6 address.
+fn route_node_pods(fabric: &str, up: &str, nd: &Node, pods4: &str, pods6: &str) {
+    ip(
+        fabric,
+        &[
+            "route",
+            "add",
+            pods4,
+            "via",
+            &nd.uplink4.to_string(),
+            "dev",
+            up,
+        ],
+    );
+    ip(
+        fabric,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", nd.uplink6),
+            "dev",
+            up,
+        ],
+    );
+    ip(
+        fabric,
+        &[
+            "-6",
+            "route",
+            "add",
+            pods6,
+            "via",
+            &nd.uplink6.to_string(),
+            "dev",
+            up,
+        ],
+    );
+}
+
 fn uid_for(slot: u8, node: u8, pod: u8) -> String {
     format!(
         "00000000-0000-4000-8000-{:04x}{:04x}{:04x}",
@@ -264,72 +467,8 @@ impl Topology {
                 "netns", &netns,
             ],
         );
-        // Pod side.
-        ip(&netns, &["link", "set", "eth0", "up"]);
-        ip(
-            &netns,
-            &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"],
-        );
-        ip(
-            &netns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/128"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        ip(
-            &netns,
-            &[
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ],
-        );
-        ip(
-            &netns,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ],
-        );
-        ip(
-            &netns,
-            &[
-                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-            ],
-        );
-        // Host side.
-        ip(
-            &node_ns,
-            &["addr", "add", "169.254.1.1/32", "dev", &host_if],
-        );
-        ip(
-            &node_ns,
-            &["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"],
-        );
-        ip(&node_ns, &["link", "set", &host_if, "up"]);
-        ip(
-            &node_ns,
-            &["route", "add", &format!("{ip4}/32"), "dev", &host_if],
-        );
-        ip(
-            &node_ns,
-            &["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if],
-        );
+        configure_pod_side(&netns, ip4, ip6);
+        configure_pod_host_side(&node_ns, &host_if, ip4, ip6);
         let uid = uid_for(n, k, p);
         let cgroup = self.nodes[node].cgroup.join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup).unwrap();
@@ -382,110 +521,15 @@ impl Topology {
                 "netns", fabric,
             ],
         );
-        let router4 = Ipv4Addr::new(10, o, 0, 254);
-        // Node side.
-        ip(&nd.netns, &["link", "set", "uplink", "up"]);
-        ip(
-            &nd.netns,
-            &[
-                "addr",
-                "add",
-                &format!("{}/32", nd.uplink4),
-                "dev",
-                "uplink",
-            ],
-        );
-        ip(
-            &nd.netns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/128", nd.uplink6),
-                "dev",
-                "uplink",
-                "nodad",
-            ],
-        );
-        ip(
-            &nd.netns,
-            &[
-                "route",
-                "add",
-                &router4.to_string(),
-                "dev",
-                "uplink",
-                "scope",
-                "link",
-            ],
-        );
-        ip(
-            &nd.netns,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &router4.to_string(),
-                "dev",
-                "uplink",
-            ],
-        );
-        ip(
-            &nd.netns,
-            &[
-                "-6", "route", "add", "default", "via", "fe80::1", "dev", "uplink",
-            ],
-        );
-        // Fabric side.
-        ip(fabric, &["link", "set", &up, "up"]);
-        ip(
+        let router4 = Ipv4Addr::new(10, o, 0, FABRIC_ROUTER_HOST);
+        configure_uplink_node_side(nd, router4);
+        configure_uplink_fabric_side(fabric, &up, nd, router4);
+        route_node_pods(
             fabric,
-            &["addr", "add", &format!("{router4}/32"), "dev", &up],
-        );
-        ip(
-            fabric,
-            &["-6", "addr", "add", "fe80::1/64", "dev", &up, "nodad"],
-        );
-        ip(
-            fabric,
-            &["route", "add", &format!("{}/32", nd.uplink4), "dev", &up],
-        );
-        ip(
-            fabric,
-            &[
-                "route",
-                "add",
-                &format!("10.{o}.{k}.0/24"),
-                "via",
-                &nd.uplink4.to_string(),
-                "dev",
-                &up,
-            ],
-        );
-        ip(
-            fabric,
-            &[
-                "-6",
-                "route",
-                "add",
-                &format!("{}/128", nd.uplink6),
-                "dev",
-                &up,
-            ],
-        );
-        ip(
-            fabric,
-            &[
-                "-6",
-                "route",
-                "add",
-                &format!("fd00:f1:{n}:{k}::/64"),
-                "via",
-                &nd.uplink6.to_string(),
-                "dev",
-                &up,
-            ],
+            &up,
+            nd,
+            &format!("10.{o}.{k}.0/24"),
+            &format!("fd00:f1:{n}:{k}::/64"),
         );
     }
 

@@ -69,6 +69,15 @@ pub struct ControlOptions {
     pub max_drain_interval: Duration,
 }
 
+/// How deep under the cgroup root pod cgroups are looked for.
+const POD_CGROUP_MAX_DEPTH: usize = 6;
+
+/// Pods without an interface named in the node's problem message.
+const MISSING_PODS_NAMED: usize = 5;
+
+/// Pods without an interface listed in the node's status.
+const MISSING_PODS_LISTED: usize = 20;
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -251,6 +260,14 @@ impl ControlLoop {
         let Some(tables) = self.tables.clone() else {
             return;
         };
+        let missing = self.attach_pod_interfaces(&tables);
+        self.sync_pod_cgroups(&tables);
+        self.publish_attachment(&tables, missing);
+    }
+
+    /// Attaches to the interfaces of the pods traced or with rules; returns
+    /// the pods (`namespace/pod`) no interface routes to.
+    fn attach_pod_interfaces(&mut self, tables: &Tables) -> Vec<String> {
         let routes = interfaces::read_routes().unwrap_or_else(|e| {
             warn!(error = %e, "cannot read routes");
             Vec::new()
@@ -287,11 +304,14 @@ impl ControlLoop {
         self.metrics
             .attached_interfaces
             .set(self.attached.len() as i64);
+        missing
+    }
 
-        // Cgroups of pods with rules, for connect-time rejection.
+    /// Cgroups of pods with rules, for connect-time rejection.
+    fn sync_pod_cgroups(&mut self, tables: &Tables) {
         let mut cgroup_entries = BTreeMap::new();
         if let Some(root) = &self.opts.cgroup_root {
-            let found = cgroups::find_pod_cgroups(root, 6);
+            let found = cgroups::find_pod_cgroups(root, POD_CGROUP_MAX_DEPTH);
             for ep in tables.endpoint_refs.iter().filter(|e| e.has_rules) {
                 let Some((id, _)) = found.get(&ep.uid) else {
                     continue;
@@ -309,7 +329,11 @@ impl ControlLoop {
         if let Err(e) = self.datapath.sync_cgroups(&cgroup_entries) {
             warn!(error = %e, "cannot sync pod cgroups");
         }
+    }
 
+    /// Publishes which pods are attached, and the config's problems and
+    /// the `missing` pods' as the node's problems.
+    fn publish_attachment(&mut self, tables: &Tables, mut missing: Vec<String>) {
         let attached_count = tables
             .endpoint_refs
             .iter()
@@ -333,15 +357,24 @@ impl ControlLoop {
                 message: format!(
                     "no interface routes to {} pod(s) yet ({}{}): their traffic is neither counted nor blocked",
                     missing.len(),
-                    missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-                    if missing.len() > 5 { ", ..." } else { "" }
+                    missing
+                        .iter()
+                        .take(MISSING_PODS_NAMED)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if missing.len() > MISSING_PODS_NAMED {
+                        ", ..."
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
         self.shared.update(|s| {
             s.endpoints = EndpointAttachment {
                 attached: attached_count,
-                missing: missing.into_iter().take(20).collect(),
+                missing: missing.into_iter().take(MISSING_PODS_LISTED).collect(),
             };
             s.problems.retain(|p| p.reason == reason::FLOW_TABLE_FULL);
             s.problems.extend(problems);

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowlens_agent::{
     cgroups, config_source,
-    control::{ControlLoop, ControlOptions, Event},
+    control::{Completed, ControlLoop, ControlOptions, Event},
     datapath::{self, Datapath, DatapathOptions, RttHook, pins},
     dump, http,
     metrics::Metrics,
@@ -181,24 +181,19 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How often the control loop reconciles the datapath with the pods.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Worker threads of the async runtime (HTTP, config watch, status, reports).
+const WORKER_THREADS: usize = 2;
+
+/// How long the reporter gets to send the windows flushed at shutdown.
+const REPORTER_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
-    let node = match (&args.node_name, &args.config_file) {
-        (Some(n), _) => n.clone(),
-        (None, Some(f)) => config_source::parse_config(
-            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-        )
-        .map(|s| s.node_name)
-        .unwrap_or_else(|_| "standalone".into()),
-        (None, None) => {
-            anyhow::bail!("set --node-name (or NODE_NAME), or --config-file for standalone mode")
-        }
-    };
-    let cgroup_root = match args.cgroup_root.as_deref() {
-        Some("none") => None,
-        Some(p) => Some(PathBuf::from(p)),
-        None => cgroups::cgroup2_root().map(|root| cgroups::pod_cgroup_root(&root)),
-    };
+    let node = node_name(&args)?;
+    let cgroup_root = cgroup_root(&args);
     let dp_opts = DatapathOptions {
         bpffs_root: args.bpffs_root.clone(),
         cgroup_root: cgroup_root.clone(),
@@ -219,7 +214,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             node: node.clone(),
             cgroup_root,
             cni_cache_dir: args.cni_cache_dir.clone(),
-            reconcile_interval: Duration::from_secs(2),
+            reconcile_interval: RECONCILE_INTERVAL,
             max_drain_interval: Duration::from_secs(args.max_drain_interval_secs.max(1)),
         },
         datapath,
@@ -232,55 +227,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .spawn(move || control.run(events_rx))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let router = http::router(shared.clone(), metrics.clone(), events_tx.clone());
-        let addr = args.http_addr;
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(addr, router).await {
-                error!(addr = %addr, error = %e, "HTTP server failed");
-            }
-        });
-
-        let client = if let Some(path) = &args.config_file {
-            config_source::watch_file(path.clone(), events_tx.clone());
-            None
-        } else {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
-            tokio::spawn(config_source::watch_api(
-                client.clone(),
-                node.clone(),
-                events_tx.clone(),
-            ));
-            tokio::spawn(status::run(client.clone(), node.clone(), shared.clone()));
-            Some(client)
-        };
-        // Standalone without a collector: windows are served by
-        // /debug/window (and `dump`) only.
-        let reporter_task = if client.is_some() || args.collector_url.is_some() {
-            let reporter = report::Reporter::new(report::ReporterOptions {
-                node: node.clone(),
-                collector_url: args.collector_url.clone(),
-                token_file: args.token_file.clone(),
-            });
-            tokio::spawn(reporter.run(completed_rx, shared.clone(), metrics.clone()))
-        } else {
-            tokio::spawn(async move {
-                let mut rx = completed_rx;
-                while rx.recv().await.is_some() {}
-            })
-        };
+        spawn_http_server(args.http_addr, router);
+        let client = start_config_source(&args, &node, &shared, &events_tx).await?;
+        let reporter_task = spawn_reporter(
+            &args,
+            &node,
+            client.is_some(),
+            completed_rx,
+            shared.clone(),
+            metrics.clone(),
+        );
 
         shutdown_signal().await;
         info!("shutting down: flushing open windows; pinned programs keep enforcing");
         let _ = events_tx.send(Event::Shutdown);
         let _ = tokio::task::spawn_blocking(move || control_thread.join()).await;
         // Give the reporter a moment to send the flushed parts.
-        if tokio::time::timeout(Duration::from_secs(3), reporter_task)
+        if tokio::time::timeout(REPORTER_SHUTDOWN_GRACE, reporter_task)
             .await
             .is_err()
         {
@@ -289,6 +257,90 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// This node's name: `--node-name`, else the config file's, else
+/// `standalone`.
+fn node_name(args: &RunArgs) -> anyhow::Result<String> {
+    Ok(match (&args.node_name, &args.config_file) {
+        (Some(n), _) => n.clone(),
+        (None, Some(f)) => config_source::parse_config(
+            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        )
+        .map(|s| s.node_name)
+        .unwrap_or_else(|_| "standalone".into()),
+        (None, None) => {
+            anyhow::bail!("set --node-name (or NODE_NAME), or --config-file for standalone mode")
+        }
+    })
+}
+
+/// The cgroup v2 directory holding pods' cgroups (`none`: no cgroup hooks).
+fn cgroup_root(args: &RunArgs) -> Option<PathBuf> {
+    match args.cgroup_root.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => cgroups::cgroup2_root().map(|root| cgroups::pod_cgroup_root(&root)),
+    }
+}
+
+fn spawn_http_server(addr: SocketAddr, router: axum::Router) {
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, router).await {
+            error!(addr = %addr, error = %e, "HTTP server failed");
+        }
+    });
+}
+
+/// Feeds the control loop its config: from `--config-file`, or from the
+/// API server (then also publishes the node's status); returns the API
+/// client when there is one.
+async fn start_config_source(
+    args: &RunArgs,
+    node: &str,
+    shared: &Shared,
+    events_tx: &std::sync::mpsc::Sender<Event>,
+) -> anyhow::Result<Option<kube::Client>> {
+    if let Some(path) = &args.config_file {
+        config_source::watch_file(path.clone(), events_tx.clone());
+        return Ok(None);
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
+    tokio::spawn(config_source::watch_api(
+        client.clone(),
+        node.to_owned(),
+        events_tx.clone(),
+    ));
+    tokio::spawn(status::run(client.clone(), node.to_owned(), shared.clone()));
+    Ok(Some(client))
+}
+
+/// Sends completed windows to the operator. Standalone without a
+/// collector, windows are served by /debug/window (and `dump`) only, and
+/// completed ones are discarded.
+fn spawn_reporter(
+    args: &RunArgs,
+    node: &str,
+    from_api_server: bool,
+    completed_rx: tokio::sync::mpsc::UnboundedReceiver<Completed>,
+    shared: Shared,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    if from_api_server || args.collector_url.is_some() {
+        let reporter = report::Reporter::new(report::ReporterOptions {
+            node: node.to_owned(),
+            collector_url: args.collector_url.clone(),
+            token_file: args.token_file.clone(),
+        });
+        tokio::spawn(reporter.run(completed_rx, shared, metrics))
+    } else {
+        tokio::spawn(async move {
+            let mut rx = completed_rx;
+            while rx.recv().await.is_some() {}
+        })
+    }
 }
 
 async fn shutdown_signal() {

@@ -65,6 +65,14 @@ impl Default for Metrics {
     }
 }
 
+/// Buckets of the RTT histogram, in microseconds (50 µs to 1 s).
+const RTT_BUCKETS_US: [f64; 14] = [
+    50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6,
+];
+
+/// Buckets of the drain-duration histogram, in seconds.
+const DRAIN_BUCKETS_S: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("flowlens_agent");
@@ -72,9 +80,7 @@ impl Metrics {
             bytes: Family::default(),
             packets: Family::default(),
             flows: Gauge::default(),
-            rtt: Histogram::new([
-                50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6,
-            ]),
+            rtt: Histogram::new(RTT_BUCKETS_US),
             policy_packets: Family::default(),
             policy_connections: Family::default(),
             table_entries: Family::default(),
@@ -82,7 +88,7 @@ impl Metrics {
             table_full: Family::default(),
             kernel_drops: Family::default(),
             drops_without_flow: Counter::default(),
-            drain_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
             windows_reported: Counter::default(),
@@ -91,97 +97,128 @@ impl Metrics {
             report_buffer: Gauge::default(),
             registry: Registry::default(),
         };
+        // In this order: the exposition lists metrics as registered.
+        m.register_traffic(&mut registry);
+        m.register_policies(&mut registry);
+        m.register_tables(&mut registry);
+        m.register_kernel_drops(&mut registry);
+        m.register_datapath(&mut registry);
+        m.register_reporting(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// Bytes, packets, flows and RTT of traced pods.
+    fn register_traffic(&self, registry: &mut Registry) {
         registry.register(
             "bytes",
             "IP-layer bytes seen at traced pod interfaces",
-            m.bytes.clone(),
+            self.bytes.clone(),
         );
         registry.register(
             "packets",
             "Packets seen at traced pod interfaces",
-            m.packets.clone(),
+            self.packets.clone(),
         );
         registry.register(
             "flows",
             "Flow-table entries in the last drain",
-            m.flows.clone(),
+            self.flows.clone(),
         );
         registry.register(
             "rtt_microseconds",
             "TCP smoothed RTT samples of traced pods",
-            m.rtt.clone(),
+            self.rtt.clone(),
         );
+    }
+
+    /// What policies matched.
+    fn register_policies(&self, registry: &mut Registry) {
         registry.register(
             "policy_packets",
             "Packets matched by policies",
-            m.policy_packets.clone(),
+            self.policy_packets.clone(),
         );
         registry.register(
             "policy_connections",
             "Connection attempts matched by policies",
-            m.policy_connections.clone(),
+            self.policy_connections.clone(),
         );
+    }
+
+    /// Fill of the kernel tables.
+    fn register_tables(&self, registry: &mut Registry) {
         registry.register(
             "table_entries",
             "Entries of a kernel table at the last drain",
-            m.table_entries.clone(),
+            self.table_entries.clone(),
         );
         registry.register(
             "table_capacity",
             "Capacity of a kernel table",
-            m.table_capacity.clone(),
+            self.table_capacity.clone(),
         );
         registry.register(
             "table_full",
             "Updates a full kernel table could not store",
-            m.table_full.clone(),
+            self.table_full.clone(),
         );
+    }
+
+    /// Packets of traced pods the kernel dropped.
+    fn register_kernel_drops(&self, registry: &mut Registry) {
         registry.register(
             "kernel_drops",
             "Packets of traced pods the kernel dropped, by drop reason",
-            m.kernel_drops.clone(),
+            self.kernel_drops.clone(),
         );
         registry.register(
             "kernel_drops_without_flow",
             "Kernel drops of traced pods whose flow had no entry (not in any window)",
-            m.drops_without_flow.clone(),
+            self.drops_without_flow.clone(),
         );
+    }
+
+    /// Draining, configuring and attaching the datapath.
+    fn register_datapath(&self, registry: &mut Registry) {
         registry.register(
             "drain_duration_seconds",
             "Time to swap and drain the kernel tables",
-            m.drain_seconds.clone(),
+            self.drain_seconds.clone(),
         );
         registry.register(
             "config_applies",
             "Configurations applied to the datapath",
-            m.applies.clone(),
+            self.applies.clone(),
         );
         registry.register(
             "attached_interfaces",
             "Pod interfaces carrying the TC programs",
-            m.attached_interfaces.clone(),
+            self.attached_interfaces.clone(),
         );
+    }
+
+    /// Windows reported to the operator.
+    fn register_reporting(&self, registry: &mut Registry) {
         registry.register(
             "windows_reported",
             "Observation windows acknowledged by the operator",
-            m.windows_reported.clone(),
+            self.windows_reported.clone(),
         );
         registry.register(
             "windows_dropped",
             "Observation windows dropped because the report buffer was full",
-            m.windows_dropped.clone(),
+            self.windows_dropped.clone(),
         );
         registry.register(
             "reports",
             "Report requests to the operator, by result",
-            m.reports.clone(),
+            self.reports.clone(),
         );
         registry.register(
             "report_buffer_windows",
             "Completed windows held until the operator commits them",
-            m.report_buffer.clone(),
+            self.report_buffer.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// The text exposition format.

@@ -5,7 +5,7 @@
 //! half-synced view would drop rules for pods not seen yet.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -46,10 +46,40 @@ fn object(spec: &NodeAgentConfigSpec, node_uid: &str) -> serde_json::Value {
     })
 }
 
+/// How long after a failed write its node is marked dirty again.
+const RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// A node and its config (`None`: the node is gone, delete its config).
+type NodeWork = (String, Option<NodeAgentConfigSpec>);
+
+/// Node name -> node UID (the owner of its config).
+type NodeUids = BTreeMap<String, String>;
+
 /// Runs until the process ends.
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<NodeAgentConfig> = Api::all(ctx.client.clone());
-    // Wait for the initial sync of every input and of the configs themselves.
+    wait_for_sync(&ctx).await;
+    loop {
+        let started = Instant::now();
+        let (work, node_uids) = compile_dirty(&ctx);
+        ctx.metrics
+            .compile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        // Decide what to write, then write up to WRITE_CONCURRENCY configs
+        // at once (a policy change touches many nodes).
+        let todo = changed_configs(&ctx, work);
+        let failed = write_all(&ctx, &api, todo, &node_uids).await;
+        ctx.metrics.reconciled(CONTROLLER, started);
+        if !failed.is_empty() {
+            retry_later(&ctx, failed);
+        }
+        ctx.changed.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+/// Waits for the initial sync of every input and of the configs themselves.
+async fn wait_for_sync(ctx: &Context) {
     while !ctx.sync.is_synced() {
         let notified = ctx.sync.notify.notified();
         if ctx.sync.is_synced() {
@@ -58,95 +88,104 @@ pub async fn run(ctx: Arc<Context>) {
         notified.await;
     }
     ctx.configs.wait_until_ready().await.ok();
-    loop {
-        let started = Instant::now();
-        let (mut work, node_uids) = ctx.with_compiler(|c| {
-            let mut dirty = c.take_dirty_nodes();
-            // Configs whose node is gone.
-            for nac in ctx.configs.state() {
-                if c.node(&nac.name_any()).is_none() {
-                    dirty.insert(nac.name_any());
-                }
-            }
-            let work: Vec<(String, Option<NodeAgentConfigSpec>)> = dirty
-                .into_iter()
-                .map(|n| {
-                    let cfg = c.node_config(&n);
-                    (n, cfg)
-                })
-                .collect();
-            let uids: std::collections::BTreeMap<String, String> = work
-                .iter()
-                .filter_map(|(n, _)| c.node(n).map(|i| (n.clone(), i.uid.clone())))
-                .collect();
-            (work, uids)
-        });
-        ctx.metrics
-            .compile_seconds
-            .observe(started.elapsed().as_secs_f64());
-        // Decide what to write, then write up to WRITE_CONCURRENCY configs
-        // at once (a policy change touches many nodes).
-        let mut todo = Vec::new();
-        for (node, spec) in work.drain(..) {
-            let current = ctx
-                .configs
-                .get(&kube::runtime::reflector::ObjectRef::new(&node));
-            let written = ctx
-                .written
-                .lock()
-                .expect("written lock")
-                .get(&node)
-                .cloned();
-            match (&spec, &current) {
-                // Already written by us (the reflector may lag behind), or already there.
-                (Some(s), _) if written.as_deref() == Some(s.revision.as_str()) => {}
-                (Some(s), Some(cur)) if cur.spec == *s => {
-                    ctx.written
-                        .lock()
-                        .expect("written lock")
-                        .insert(node.clone(), s.revision.clone());
-                }
-                (None, None) => {}
-                _ => todo.push((node, spec)),
+}
+
+/// Compiles the config of every dirty node and of every node that is gone
+/// but still has a config; with the UIDs of the nodes that exist.
+fn compile_dirty(ctx: &Context) -> (Vec<NodeWork>, NodeUids) {
+    ctx.with_compiler(|c| {
+        let mut dirty = c.take_dirty_nodes();
+        // Configs whose node is gone.
+        for nac in ctx.configs.state() {
+            if c.node(&nac.name_any()).is_none() {
+                dirty.insert(nac.name_any());
             }
         }
-        let failed: BTreeSet<String> = futures::stream::iter(todo)
-            .map(|(node, spec)| {
-                let ctx = &ctx;
-                let api = &api;
-                let uid = node_uids.get(&node).cloned().unwrap_or_default();
-                async move {
-                    let outcome = match &spec {
-                        Some(s) => write(ctx, api, s, &uid).await,
-                        None => delete(ctx, api, &node).await,
-                    };
-                    ctx.metrics.reconciling(CONTROLLER);
-                    match outcome {
-                        Ok(()) => None,
-                        Err(e) => {
-                            warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
-                            ctx.metrics.failed(CONTROLLER, e.metric_label());
-                            Some(node)
-                        }
+        let work: Vec<NodeWork> = dirty
+            .into_iter()
+            .map(|n| {
+                let cfg = c.node_config(&n);
+                (n, cfg)
+            })
+            .collect();
+        let uids: NodeUids = work
+            .iter()
+            .filter_map(|(n, _)| c.node(n).map(|i| (n.clone(), i.uid.clone())))
+            .collect();
+        (work, uids)
+    })
+}
+
+/// The configs of `work` that differ from what is written; notes the ones
+/// found already in place as written.
+fn changed_configs(ctx: &Context, work: Vec<NodeWork>) -> Vec<NodeWork> {
+    let mut todo = Vec::new();
+    for (node, spec) in work {
+        let current = ctx
+            .configs
+            .get(&kube::runtime::reflector::ObjectRef::new(&node));
+        let written = ctx
+            .written
+            .lock()
+            .expect("written lock")
+            .get(&node)
+            .cloned();
+        match (&spec, &current) {
+            // Already written by us (the reflector may lag behind), or already there.
+            (Some(s), _) if written.as_deref() == Some(s.revision.as_str()) => {}
+            (Some(s), Some(cur)) if cur.spec == *s => {
+                ctx.written
+                    .lock()
+                    .expect("written lock")
+                    .insert(node.clone(), s.revision.clone());
+            }
+            (None, None) => {}
+            _ => todo.push((node, spec)),
+        }
+    }
+    todo
+}
+
+/// Writes (or deletes) the configs of `todo`, WRITE_CONCURRENCY at once;
+/// returns the nodes whose write failed.
+async fn write_all(
+    ctx: &Context,
+    api: &Api<NodeAgentConfig>,
+    todo: Vec<NodeWork>,
+    node_uids: &NodeUids,
+) -> BTreeSet<String> {
+    futures::stream::iter(todo)
+        .map(|(node, spec)| {
+            let uid = node_uids.get(&node).cloned().unwrap_or_default();
+            async move {
+                let outcome = match &spec {
+                    Some(s) => write(ctx, api, s, &uid).await,
+                    None => delete(ctx, api, &node).await,
+                };
+                ctx.metrics.reconciling(CONTROLLER);
+                match outcome {
+                    Ok(()) => None,
+                    Err(e) => {
+                        warn!(node = %node, error = %e, "cannot write NodeAgentConfig; will retry");
+                        ctx.metrics.failed(CONTROLLER, e.metric_label());
+                        Some(node)
                     }
                 }
-            })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .filter_map(futures::future::ready)
-            .collect()
-            .await;
-        ctx.metrics.reconciled(CONTROLLER, started);
-        if !failed.is_empty() {
-            // Retry after a pause.
-            let ctx2 = ctx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                ctx2.with_compiler(|c| c.mark_dirty(failed));
-            });
-        }
-        ctx.changed.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
-    }
+            }
+        })
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .filter_map(futures::future::ready)
+        .collect()
+        .await
+}
+
+/// Marks the nodes `failed` dirty again after RETRY_DELAY.
+fn retry_later(ctx: &Arc<Context>, failed: BTreeSet<String>) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RETRY_DELAY).await;
+        ctx.with_compiler(|c| c.mark_dirty(failed));
+    });
 }
 
 async fn write(

@@ -259,37 +259,23 @@ async fn check_crds(client: &Client) -> Result<(), Error> {
     }
 }
 
+/// How many NodeAgentConfig events the shared reflector buffers for its
+/// subscribers.
+const CONFIG_STORE_BUFFER: usize = 1024;
+
+/// The shortest lease `--lease-duration` is rounded up to, in seconds.
+const MIN_LEASE_SECONDS: u64 = 2;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logs(args.log_format);
-    let client = Client::try_default()
-        .await
-        .context("connecting to the API server (KUBECONFIG, ~/.kube/config or in-cluster)")?;
-    if let Err(e) = check_crds(&client).await {
-        error!("{e}");
-        eprintln!("flowlens-operator: {e}");
-        std::process::exit(1);
-    }
+    let client = connect().await?;
     info!("starting flowlens-operator {}", env!("CARGO_PKG_VERSION"));
 
-    let leading = http::Leading::default();
-    let router = http::router(leading.clone());
-    let addr = args.metrics_addr;
-    tokio::spawn(async move {
-        if let Err(e) = http::serve(addr, router).await {
-            error!(addr = %addr, error = %e, "metrics server failed");
-        }
-    });
+    let leading = spawn_http_server(args.metrics_addr);
     let mut leadership = if args.leader_election {
-        let opts = leader::LeaderOptions {
-            namespace: std::env::var("POD_NAMESPACE")
-                .context("--leader-election needs POD_NAMESPACE (the Lease's namespace)")?,
-            pod_name: std::env::var("POD_NAME")
-                .context("--leader-election needs POD_NAME (this replica's identity)")?,
-            lease_name: args.lease_name.clone(),
-            lease_seconds: args.lease_duration.as_secs().max(2),
-        };
+        let opts = leader_options(&args)?;
         tokio::select! {
             l = leader::acquire(client.clone(), &opts) => Some(l?),
             _ = shutdown_signal() => return Ok(()),
@@ -305,89 +291,21 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // One watch of NodeAgentConfigs, shared by the writer and both controllers.
-    let (configs, writer) = reflector::store_shared::<NodeAgentConfig>(1024);
+    let (configs, writer) = reflector::store_shared::<NodeAgentConfig>(CONFIG_STORE_BUFFER);
     let for_policies = writer.subscribe().expect("a shared store");
     let for_observations = writer.subscribe().expect("a shared store");
     let (policy_tx, policy_rx) = mpsc::unbounded_channel();
     let (obs_tx, obs_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(Metrics::new());
     let (server_tls, provisioned_tls) = collector_tls(&args, &client).await?;
-    let collector_endpoint =
-        args.collector_endpoint(provisioned_tls.as_ref().map(|t| t.ca_bundle.as_str()))?;
-    if collector_endpoint.is_none() {
-        warn!(
-            "no --collector-url (and no POD_NAMESPACE): agents are not told where to report; observation results stay empty unless agents set --collector-url"
-        );
-    }
-    let mut compiler = Compiler::new();
-    compiler.set_collector(collector_endpoint);
-    let auth = Authenticator::new(
-        client.clone(),
-        Some(args.report_audience.clone())
-            .filter(|a| !a.is_empty())
-            .into_iter()
-            .collect(),
-        Some(args.agent_service_account.clone()).filter(|a| a != "*" && !a.is_empty()),
-    );
-    let timing = Timing {
-        started_ms: collector::now_ms(),
-        startup_grace_ms: args.report_startup_grace.as_millis() as i64,
-        grace_ms: args.report_grace.as_millis() as i64,
+    let compiler = new_compiler(&args, provisioned_tls.as_ref())?;
+    let collector = new_collector(&args, &client);
+    let triggers = Triggers {
+        policies: policy_tx,
+        observations: obs_tx,
     };
-    let collector = Arc::new(Collector::new(auth, timing));
-    let ctx = Arc::new(Context {
-        policy_results: Default::default(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "flowlens-operator".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
-        client: client.clone(),
-        compiler: std::sync::Mutex::new(compiler),
-        sync: SyncState::default(),
-        changed: Default::default(),
-        configs,
-        written: Default::default(),
-        metrics: metrics.clone(),
-        results: ResultStore::default(),
-        triggers: Triggers {
-            policies: policy_tx,
-            observations: obs_tx,
-        },
-    });
-
-    let nac_watch = {
-        let ctx = ctx.clone();
-        watcher(
-            Api::<NodeAgentConfig>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(move |ev| {
-            // A config changed or deleted by someone else is rewritten.
-            if let Ok(watcher::Event::Apply(n) | watcher::Event::Delete(n)) = &ev {
-                let ours = ctx
-                    .written
-                    .lock()
-                    .expect("written lock")
-                    .get(&n.name_any())
-                    .cloned();
-                let deleted = matches!(ev, Ok(watcher::Event::Delete(_)));
-                if deleted || ours.is_some_and(|r| r != n.spec.revision) {
-                    ctx.written
-                        .lock()
-                        .expect("written lock")
-                        .remove(&n.name_any());
-                    let name = n.name_any();
-                    ctx.with_compiler(|c| c.mark_dirty([name]));
-                }
-            }
-            futures::future::ready(())
-        })
-    };
+    let ctx = new_context(&client, compiler, configs, metrics, triggers);
+    let nac_watch = watch_node_agent_configs(ctx.clone(), client.clone(), writer);
 
     let _ = leading.set(ctx.clone());
 
@@ -411,6 +329,147 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown_signal() => info!("shutting down"),
     }
     Ok(())
+}
+
+/// Connects to the API server; exits with the install command when the
+/// CRDs are missing.
+async fn connect() -> anyhow::Result<Client> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the API server (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    if let Err(e) = check_crds(&client).await {
+        error!("{e}");
+        eprintln!("flowlens-operator: {e}");
+        std::process::exit(1);
+    }
+    Ok(client)
+}
+
+/// Serves /metrics, /healthz and /readyz in the background; they report on
+/// the context once it is set in the returned cell.
+fn spawn_http_server(addr: SocketAddr) -> http::Leading {
+    let leading = http::Leading::default();
+    let router = http::router(leading.clone());
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, router).await {
+            error!(addr = %addr, error = %e, "metrics server failed");
+        }
+    });
+    leading
+}
+
+/// The lease this replica competes for (`--leader-election`).
+fn leader_options(args: &Args) -> anyhow::Result<leader::LeaderOptions> {
+    Ok(leader::LeaderOptions {
+        namespace: std::env::var("POD_NAMESPACE")
+            .context("--leader-election needs POD_NAMESPACE (the Lease's namespace)")?,
+        pod_name: std::env::var("POD_NAME")
+            .context("--leader-election needs POD_NAME (this replica's identity)")?,
+        lease_name: args.lease_name.clone(),
+        lease_seconds: args.lease_duration.as_secs().max(MIN_LEASE_SECONDS),
+    })
+}
+
+/// A compiler that tells agents where to report (see
+/// [`Args::collector_endpoint`]).
+fn new_compiler(args: &Args, provisioned_tls: Option<&CollectorTls>) -> anyhow::Result<Compiler> {
+    let collector_endpoint =
+        args.collector_endpoint(provisioned_tls.map(|t| t.ca_bundle.as_str()))?;
+    if collector_endpoint.is_none() {
+        warn!(
+            "no --collector-url (and no POD_NAMESPACE): agents are not told where to report; observation results stay empty unless agents set --collector-url"
+        );
+    }
+    let mut compiler = Compiler::new();
+    compiler.set_collector(collector_endpoint);
+    Ok(compiler)
+}
+
+/// The report collector: authenticates agents and times windows.
+fn new_collector(args: &Args, client: &Client) -> Arc<Collector> {
+    let auth = Authenticator::new(
+        client.clone(),
+        Some(args.report_audience.clone())
+            .filter(|a| !a.is_empty())
+            .into_iter()
+            .collect(),
+        Some(args.agent_service_account.clone()).filter(|a| a != "*" && !a.is_empty()),
+    );
+    let timing = Timing {
+        started_ms: collector::now_ms(),
+        startup_grace_ms: args.report_startup_grace.as_millis() as i64,
+        grace_ms: args.report_grace.as_millis() as i64,
+    };
+    Arc::new(Collector::new(auth, timing))
+}
+
+fn new_context(
+    client: &Client,
+    compiler: Compiler,
+    configs: reflector::Store<NodeAgentConfig>,
+    metrics: Arc<Metrics>,
+    triggers: Triggers,
+) -> Arc<Context> {
+    Arc::new(Context {
+        policy_results: Default::default(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "flowlens-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client: client.clone(),
+        compiler: std::sync::Mutex::new(compiler),
+        sync: SyncState::default(),
+        changed: Default::default(),
+        configs,
+        written: Default::default(),
+        metrics,
+        results: ResultStore::default(),
+        triggers,
+    })
+}
+
+/// Watches NodeAgentConfigs into the shared store, and has a config that
+/// someone else changed or deleted rewritten.
+fn watch_node_agent_configs(
+    ctx: Arc<Context>,
+    client: Client,
+    writer: reflector::store::Writer<NodeAgentConfig>,
+) -> impl Future<Output = ()> {
+    watcher(
+        Api::<NodeAgentConfig>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect_shared(writer)
+    .for_each(move |ev| {
+        if let Ok(watcher::Event::Apply(n) | watcher::Event::Delete(n)) = &ev {
+            let deleted = matches!(ev, Ok(watcher::Event::Delete(_)));
+            rewrite_if_foreign(&ctx, n, deleted);
+        }
+        futures::future::ready(())
+    })
+}
+
+/// Marks `n`'s node dirty when its config was deleted or is not the
+/// revision the writer last wrote.
+fn rewrite_if_foreign(ctx: &Context, n: &NodeAgentConfig, deleted: bool) {
+    let ours = ctx
+        .written
+        .lock()
+        .expect("written lock")
+        .get(&n.name_any())
+        .cloned();
+    if deleted || ours.is_some_and(|r| r != n.spec.revision) {
+        ctx.written
+            .lock()
+            .expect("written lock")
+            .remove(&n.name_any());
+        let name = n.name_any();
+        ctx.with_compiler(|c| c.mark_dirty([name]));
+    }
 }
 
 async fn shutdown_signal() {

@@ -128,9 +128,28 @@ async fn clear_terminating(client: &kube::Client, name: &str) -> anyhow::Result<
     flowlens_e2e::cluster::delete_namespace(client, name).await
 }
 
+/// Latency between the two zones.
+const INTER_ZONE_DELAY: Duration = Duration::from_millis(5);
+
+const CHECKOUT_PORT: u16 = 8080;
+const PAYMENTS_API_PORT: u16 = 8443;
+const POSTGRES_PORT: u16 = 5432;
+
+/// A count (or duration in ms) no demo reaches: traffic runs until stopped.
+const FOREVER: &str = "100000000";
+
 struct Demo {
     sim: SimCluster,
     traffic: Vec<Proc>,
+}
+
+/// The shop application's pods (indexes into the topology's pods).
+struct Shop {
+    web1: usize,
+    web2: usize,
+    checkout: usize,
+    api: usize,
+    pg: usize,
 }
 
 async fn start() -> anyhow::Result<Demo> {
@@ -140,11 +159,20 @@ async fn start() -> anyhow::Result<Demo> {
         ("demo-b1", "zone-b"),
     ];
     let mut sim = SimCluster::new(RUN, &nodes).await?;
-    sim.topo
-        .add_delay("zone-a", "zone-b", Duration::from_millis(5));
+    sim.topo.add_delay("zone-a", "zone-b", INTER_ZONE_DELAY);
     let applied = apply_samples(&sim.client).await?;
     println!("applied {}", applied.join(", "));
 
+    let shop = add_shop(&mut sim).await?;
+    sim.start_operator(&[]);
+    sim.start_agents().await?;
+    let traffic = start_traffic(&sim, &shop);
+    Ok(Demo { sim, traffic })
+}
+
+/// The shop's pods: two web pods (one per zone), checkout, the payments API
+/// and postgres.
+async fn add_shop(sim: &mut SimCluster) -> anyhow::Result<Shop> {
     let name = |n: &'static str| ("app.kubernetes.io/name", n);
     let version = |v: &'static str| ("app.kubernetes.io/version", v);
     let web1 = sim
@@ -186,82 +214,73 @@ async fn start() -> anyhow::Result<Demo> {
     let pg = sim
         .add_pod(1, "payments", "postgres-0", &[name("postgres")], None)
         .await?;
-    sim.start_operator(&[]);
-    sim.start_agents().await?;
+    Ok(Shop {
+        web1,
+        web2,
+        checkout,
+        api,
+        pg,
+    })
+}
 
-    let ip = |p: usize| sim.topo.pods[p].ip4.to_string();
+/// The shop's servers and continuous traffic between its pods.
+fn start_traffic(sim: &SimCluster, shop: &Shop) -> Vec<Proc> {
+    let Shop {
+        web1,
+        web2,
+        checkout,
+        api,
+        pg,
+    } = *shop;
+    let addr = |p: usize, port: u16| format!("{}:{port}", sim.topo.pods[p].ip4);
     let mut traffic = vec![
-        echo_server(&sim.topo, checkout, 8080),
-        echo_server(&sim.topo, api, 8443),
-        echo_server(&sim.topo, pg, 5432),
+        echo_server(&sim.topo, checkout, CHECKOUT_PORT),
+        echo_server(&sim.topo, api, PAYMENTS_API_PORT),
+        echo_server(&sim.topo, pg, POSTGRES_PORT),
     ];
     let tool = workspace_bin("flowlens-traffic");
     let mut spawn = |name: &str, pod: usize, args: &[&str]| {
         traffic.push(Proc::spawn(name, sim.topo.pod_cmd(pod, &tool, args), None));
     };
-    let forever = "100000000";
     // Shoppers: web -> checkout, same zone and across zones.
-    spawn(
-        "web-checkout",
-        web1,
-        &[
-            "ping-pong",
-            "--to",
-            &format!("{}:8080", ip(checkout)),
-            "--count",
-            forever,
-            "--interval-ms",
-            "20",
-            "--size",
-            "512",
-        ],
-    );
-    spawn(
-        "web-checkout-xz",
-        web2,
-        &[
-            "ping-pong",
-            "--to",
-            &format!("{}:8080", ip(checkout)),
-            "--count",
-            forever,
-            "--interval-ms",
-            "20",
-            "--size",
-            "512",
-        ],
-    );
+    for (name, web) in [("web-checkout", web1), ("web-checkout-xz", web2)] {
+        spawn(
+            name,
+            web,
+            &[
+                "ping-pong",
+                "--to",
+                &addr(checkout, CHECKOUT_PORT),
+                "--count",
+                FOREVER,
+                "--interval-ms",
+                "20",
+                "--size",
+                "512",
+            ],
+        );
+    }
     // Checkout -> payments API -> postgres: steady streams.
-    spawn(
-        "checkout-api",
-        checkout,
-        &[
-            "stream",
-            "--to",
-            &format!("{}:8443", ip(api)),
-            "--duration-ms",
-            forever,
-            "--chunk",
-            "8192",
-            "--interval-ms",
-            "5",
-        ],
-    );
-    spawn(
-        "api-postgres",
-        api,
-        &[
-            "stream",
-            "--to",
-            &format!("{}:5432", ip(pg)),
-            "--duration-ms",
-            forever,
-            "--chunk",
-            "4096",
-            "--interval-ms",
-            "5",
-        ],
-    );
+    for (name, from, to, port, chunk) in [
+        ("checkout-api", checkout, api, PAYMENTS_API_PORT, "8192"),
+        ("api-postgres", api, pg, POSTGRES_PORT, "4096"),
+    ] {
+        spawn(
+            name,
+            from,
+            &[
+                "stream",
+                "--to",
+                &addr(to, port),
+                "--duration-ms",
+                FOREVER,
+                "--chunk",
+                chunk,
+                "--interval-ms",
+                "5",
+            ],
+        );
+    }
     // A web pod trying to reach postgres directly: web-no-direct-db blocks it.
     spawn(
         "web-postgres",
@@ -269,16 +288,16 @@ async fn start() -> anyhow::Result<Demo> {
         &[
             "connect-loop",
             "--to",
-            &format!("{}:5432", ip(pg)),
+            &addr(pg, POSTGRES_PORT),
             "--duration-ms",
-            forever,
+            FOREVER,
             "--interval-ms",
             "500",
             "--timeout-ms",
             "200",
         ],
     );
-    Ok(Demo { sim, traffic })
+    traffic
 }
 
 async fn stopped() {

@@ -12,12 +12,51 @@ use flowlens_api::{
     },
 };
 
-use super::{Compiler, content_hash};
+use super::{Compiler, Rule, content_hash};
 use crate::model::{NodeInfo, PodKey};
+
+/// Local pod -> the labels the observations tracing it keep.
+type KeptLabels = BTreeMap<PodKey, BTreeSet<String>>;
+
+/// The blocking part of a node's config.
+#[derive(Default)]
+struct Blocking {
+    /// Sorted by id.
+    rules: Vec<BlockRule>,
+    /// The address sets the rules refer to, by name.
+    sets: BTreeMap<String, AddressSet>,
+    policies: BTreeSet<PolicyRef>,
+}
 
 pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigSpec {
     // Local endpoints, with the labels the observations tracing them keep.
-    let mut keep: BTreeMap<PodKey, BTreeSet<String>> = BTreeMap::new();
+    let mut keep = KeptLabels::new();
+    let observations = observation_configs(c, node, &mut keep);
+    let blocking = blocking(c, node, &mut keep);
+    let endpoints = local_endpoints(c, &keep);
+
+    let mut spec = NodeAgentConfigSpec {
+        node_name: node.name.clone(),
+        zone: node.zone.clone(),
+        revision: String::new(),
+        collector: c.collector.clone(),
+        endpoints,
+        observations,
+        address_sets: blocking.sets.into_values().collect(),
+        rules: blocking.rules,
+        policies: blocking.policies.into_iter().collect(),
+    };
+    spec.revision = content_hash(&serde_json::to_vec(&spec).expect("a spec serializes"));
+    spec
+}
+
+/// The observations tracing pods on `node`; records the labels each keeps
+/// of its local pods in `keep`.
+fn observation_configs(
+    c: &Compiler,
+    node: &NodeInfo,
+    keep: &mut KeptLabels,
+) -> Vec<ObservationConfig> {
     let mut observations = Vec::new();
     for o in c.observations.values() {
         let (Some(spec), Some(local)) = (&o.spec, o.by_node.get(&node.name)) else {
@@ -44,10 +83,13 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
             endpoints: local.iter().cloned().collect(),
         });
     }
+    observations
+}
 
-    let mut rules = Vec::new();
-    let mut sets: BTreeMap<String, AddressSet> = BTreeMap::new();
-    let mut policies = BTreeSet::new();
+/// The rules of the policies targeting pods on `node`, with their address
+/// sets; adds those pods to `keep`.
+fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blocking {
+    let mut out = Blocking::default();
     for pol in c.policies.values_mut() {
         let (Some(spec), Some(revision), Some(local)) =
             (&pol.spec, &pol.revision, pol.by_node.get(&node.name))
@@ -62,42 +104,58 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
             name: pol.name.clone(),
             revision: revision.clone(),
         };
-        policies.insert(policy.clone());
+        out.policies.insert(policy.clone());
         for k in local {
             keep.entry(k.clone()).or_default();
         }
         let mode: PolicyMode = spec.mode;
         for rule in &mut pol.rules {
-            let dir = match rule.direction {
-                Direction::Egress => "egress",
-                Direction::Ingress => "ingress",
-            };
-            let address_set = if rule.any_peer {
-                None
-            } else {
-                let s = Compiler::rule_set(rule);
-                sets.entry(s.name.clone()).or_insert_with(|| AddressSet {
-                    name: s.name.clone(),
-                    entries: s.entries.clone(),
-                });
-                Some(s.name.clone())
-            };
-            rules.push(BlockRule {
-                id: format!("{}/{}/{dir}/{}", policy.namespace, policy.name, rule.index),
-                policy: policy.clone(),
-                direction: rule.direction,
-                mode,
-                endpoints: local.iter().cloned().collect(),
-                any_peer: rule.any_peer,
-                address_set,
-                ports: rule.ports.clone(),
-            });
+            let block = block_rule(rule, &policy, mode, local, &mut out.sets);
+            out.rules.push(block);
         }
     }
-    rules.sort_by(|a, b| a.id.cmp(&b.id));
+    out.rules.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
 
-    let endpoints: Vec<LocalEndpoint> = keep
-        .iter()
+/// One rule of `policy` for the pods `local`; adds its address set (unless
+/// it matches any peer) to `sets`.
+fn block_rule(
+    rule: &mut Rule,
+    policy: &PolicyRef,
+    mode: PolicyMode,
+    local: &BTreeSet<PodKey>,
+    sets: &mut BTreeMap<String, AddressSet>,
+) -> BlockRule {
+    let dir = match rule.direction {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    };
+    let address_set = if rule.any_peer {
+        None
+    } else {
+        let s = Compiler::rule_set(rule);
+        sets.entry(s.name.clone()).or_insert_with(|| AddressSet {
+            name: s.name.clone(),
+            entries: s.entries.clone(),
+        });
+        Some(s.name.clone())
+    };
+    BlockRule {
+        id: format!("{}/{}/{dir}/{}", policy.namespace, policy.name, rule.index),
+        policy: policy.clone(),
+        direction: rule.direction,
+        mode,
+        endpoints: local.iter().cloned().collect(),
+        any_peer: rule.any_peer,
+        address_set,
+        ports: rule.ports.clone(),
+    }
+}
+
+/// The pods in `keep` that still exist, with the labels kept of each.
+fn local_endpoints(c: &Compiler, keep: &KeptLabels) -> Vec<LocalEndpoint> {
+    keep.iter()
         .filter_map(|(k, labels)| {
             let p = c.pods.get(k)?;
             Some(LocalEndpoint {
@@ -112,19 +170,5 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
                     .collect(),
             })
         })
-        .collect();
-
-    let mut spec = NodeAgentConfigSpec {
-        node_name: node.name.clone(),
-        zone: node.zone.clone(),
-        revision: String::new(),
-        collector: c.collector.clone(),
-        endpoints,
-        observations,
-        address_sets: sets.into_values().collect(),
-        rules,
-        policies: policies.into_iter().collect(),
-    };
-    spec.revision = content_hash(&serde_json::to_vec(&spec).expect("a spec serializes"));
-    spec
+        .collect()
 }
