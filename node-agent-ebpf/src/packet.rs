@@ -208,6 +208,26 @@ fn parse_direct(ctx: &TcContext, p: &mut Packet) -> bool {
     true
 }
 
+/// IPv6 extension headers the slow path skips (`next header` values).
+const IPV6_EXT_HOP_BY_HOP: u8 = 0;
+const IPV6_EXT_ROUTING: u8 = 43;
+const IPV6_EXT_FRAGMENT: u8 = 44;
+const IPV6_EXT_DEST_OPTS: u8 = 60;
+/// Extension headers skipped at most (a bounded loop for the verifier).
+const IPV6_MAX_EXT_HEADERS: u32 = 4;
+
+/// The network layer as the slow path found it.
+struct L3 {
+    /// Offset of the transport header.
+    l4_off: usize,
+    /// Length of the IP header(s).
+    l3_hdr: u64,
+    /// The IP length field (header included).
+    l3_total: u64,
+    /// False for non-first fragments (they carry no transport header).
+    first_fragment: bool,
+}
+
 #[inline(always)]
 fn parse_inner(ctx: &TcContext, p: &mut Packet) -> Option<()> {
     let skb = skb(ctx);
@@ -223,106 +243,133 @@ fn parse_inner(ctx: &TcContext, p: &mut Packet) -> Option<()> {
 
     p.packets = segs;
 
-    let (l4_off, l3_hdr, l3_total, first_fragment) = match ethertype {
-        ETH_P_IP => {
-            let h: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-            if h[0] >> 4 != 4 {
-                return None;
-            }
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return None;
-            }
-            let tot_len = u16::from_be_bytes([h[2], h[3]]) as u64;
-            let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-            p.protocol = h[9];
-            p.src = v4_mapped([h[12], h[13], h[14], h[15]]);
-            p.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
-            (ETH_HLEN + ihl, ihl as u64, tot_len, frag_off == 0)
-        }
-        ETH_P_IPV6 => {
-            let h: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
-            if h[0] >> 4 != 6 {
-                return None;
-            }
-            let payload_len = u16::from_be_bytes([h[4], h[5]]) as u64;
-            let mut next = h[6];
-            p.src = ctx.load(ETH_HLEN + 8).ok()?;
-            p.dst = ctx.load(ETH_HLEN + 24).ok()?;
-            let mut off = ETH_HLEN + 40;
-            let mut first = true;
-            // Skip up to four extension headers.
-            let mut i = 0;
-            while i < 4 {
-                match next {
-                    // Hop-by-hop, routing, destination options.
-                    0 | 43 | 60 => {
-                        let e: [u8; 2] = ctx.load(off).ok()?;
-                        next = e[0];
-                        off += (e[1] as usize + 1) * 8;
-                    }
-                    // Fragment header: 8 bytes.
-                    44 => {
-                        let e: [u8; 4] = ctx.load(off).ok()?;
-                        next = e[0];
-                        let frag = u16::from_be_bytes([e[2], e[3]]) >> 3;
-                        first = frag == 0;
-                        off += 8;
-                    }
-                    _ => break,
-                }
-                i += 1;
-            }
-            p.protocol = next;
-            let l3_hdr = (off - ETH_HLEN) as u64;
-            (off, l3_hdr, payload_len + 40, first)
-        }
+    let l3 = match ethertype {
+        ETH_P_IP => parse_ipv4_slow(ctx, p)?,
+        ETH_P_IPV6 => parse_ipv6_slow(ctx, p)?,
         _ => return None,
     };
 
     // The L3 size of the (super-)packet: the IP length field for ordinary
     // packets (it excludes link-layer padding), the skb length for GSO
     // super-packets (whose length field is not meaningful).
-    let l3_super = if segs > 1 || l3_total == 0 || l3_total > l3_len_skb {
+    let l3_super = if segs > 1 || l3.l3_total == 0 || l3.l3_total > l3_len_skb {
         l3_len_skb
     } else {
-        l3_total
+        l3.l3_total
     };
 
-    let mut l4_hdr: u64 = 0;
-    if first_fragment {
-        match p.protocol {
-            PROTO_TCP => {
-                let t: [u8; 14] = ctx.load(l4_off).ok()?;
-                p.sport = u16::from_be_bytes([t[0], t[1]]);
-                p.dport = u16::from_be_bytes([t[2], t[3]]);
-                l4_hdr = ((t[12] >> 4) as u64) * 4;
-                p.tcp_flags = t[13];
-            }
-            PROTO_UDP => {
-                let u: [u8; 4] = ctx.load(l4_off).ok()?;
-                p.sport = u16::from_be_bytes([u[0], u[1]]);
-                p.dport = u16::from_be_bytes([u[2], u[3]]);
-                l4_hdr = 8;
-            }
-            PROTO_SCTP => {
-                let s: [u8; 4] = ctx.load(l4_off).ok()?;
-                p.sport = u16::from_be_bytes([s[0], s[1]]);
-                p.dport = u16::from_be_bytes([s[2], s[3]]);
-                l4_hdr = 12;
-            }
-            PROTO_ICMP | PROTO_ICMPV6 => {
-                let i: [u8; 1] = ctx.load(l4_off).ok()?;
-                p.icmp_type = i[0];
-                l4_hdr = 8;
-            }
-            _ => {}
-        }
-    }
+    let l4_hdr: u64 = if l3.first_fragment {
+        parse_l4_slow(ctx, p, l3.l4_off)?
+    } else {
+        0
+    };
 
-    let hdrs = l3_hdr + l4_hdr;
+    let hdrs = l3.l3_hdr + l4_hdr;
     let payload_super = if l3_super > hdrs { l3_super - hdrs } else { 0 };
     p.bytes = l3_super + (segs - 1) * hdrs;
     p.payload_bytes = payload_super;
     Some(())
+}
+
+/// The IPv4 header (with options) at `ETH_HLEN`: protocol and addresses.
+#[inline(always)]
+fn parse_ipv4_slow(ctx: &TcContext, p: &mut Packet) -> Option<L3> {
+    let h: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if h[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as u64;
+    let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    p.protocol = h[9];
+    p.src = v4_mapped([h[12], h[13], h[14], h[15]]);
+    p.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
+    Some(L3 {
+        l4_off: ETH_HLEN + ihl,
+        l3_hdr: ihl as u64,
+        l3_total: tot_len,
+        first_fragment: frag_off == 0,
+    })
+}
+
+/// The IPv6 header at `ETH_HLEN` and up to IPV6_MAX_EXT_HEADERS extension
+/// headers: protocol and addresses.
+#[inline(always)]
+fn parse_ipv6_slow(ctx: &TcContext, p: &mut Packet) -> Option<L3> {
+    let h: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    if h[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = u16::from_be_bytes([h[4], h[5]]) as u64;
+    let mut next = h[6];
+    p.src = ctx.load(ETH_HLEN + 8).ok()?;
+    p.dst = ctx.load(ETH_HLEN + 24).ok()?;
+    let mut off = ETH_HLEN + 40;
+    let mut first = true;
+    let mut i = 0;
+    while i < IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS => {
+                let e: [u8; 2] = ctx.load(off).ok()?;
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            // Fragment header: 8 bytes.
+            IPV6_EXT_FRAGMENT => {
+                let e: [u8; 4] = ctx.load(off).ok()?;
+                next = e[0];
+                let frag = u16::from_be_bytes([e[2], e[3]]) >> 3;
+                first = frag == 0;
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    p.protocol = next;
+    let l3_hdr = (off - ETH_HLEN) as u64;
+    Some(L3 {
+        l4_off: off,
+        l3_hdr,
+        l3_total: payload_len + 40,
+        first_fragment: first,
+    })
+}
+
+/// The transport header at `l4_off`: ports, TCP flags or ICMP type; returns
+/// its length (0 for other protocols).
+#[inline(always)]
+fn parse_l4_slow(ctx: &TcContext, p: &mut Packet, l4_off: usize) -> Option<u64> {
+    let mut l4_hdr: u64 = 0;
+    match p.protocol {
+        PROTO_TCP => {
+            let t: [u8; 14] = ctx.load(l4_off).ok()?;
+            p.sport = u16::from_be_bytes([t[0], t[1]]);
+            p.dport = u16::from_be_bytes([t[2], t[3]]);
+            l4_hdr = ((t[12] >> 4) as u64) * 4;
+            p.tcp_flags = t[13];
+        }
+        PROTO_UDP => {
+            let u: [u8; 4] = ctx.load(l4_off).ok()?;
+            p.sport = u16::from_be_bytes([u[0], u[1]]);
+            p.dport = u16::from_be_bytes([u[2], u[3]]);
+            l4_hdr = 8;
+        }
+        PROTO_SCTP => {
+            let s: [u8; 4] = ctx.load(l4_off).ok()?;
+            p.sport = u16::from_be_bytes([s[0], s[1]]);
+            p.dport = u16::from_be_bytes([s[2], s[3]]);
+            l4_hdr = 12;
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let i: [u8; 1] = ctx.load(l4_off).ok()?;
+            p.icmp_type = i[0];
+            l4_hdr = 8;
+        }
+        _ => {}
+    }
+    Some(l4_hdr)
 }
