@@ -369,6 +369,7 @@ EOF
 
 cmd_up() {
   [[ $EUID -eq 0 ]] || die "the cluster needs root (containerd, kubelet, iptables)"
+  [[ "$cni" == bridge || "$cni" == ptp ]] || die "FLOWLENS_CNI=$cni: use bridge (the default) or ptp"
   if [[ -f "$state/run/kube-apiserver.pid" ]] && kill -0 "$(cat "$state/run/kube-apiserver.pid")" 2>/dev/null; then
     die "the simulated control plane (just up) runs and owns .flowlens/kubeconfig: stop it with 'just down' first"
   fi

@@ -309,6 +309,24 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_secret_is_replaced_not_trusted() {
+        let tls = generate(&service_names("ns"), NOW).unwrap();
+        let (mut data, annotations) = to_secret_data(&tls);
+        let secret = |data, annotations| Secret {
+            data: Some(data),
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Someone edited the annotations away, or a key is missing.
+        assert_eq!(from_secret(&secret(data.clone(), BTreeMap::new())), None);
+        data.remove(TLS_KEY);
+        assert_eq!(from_secret(&secret(data, annotations)), None);
+    }
+
+    #[test]
     fn renews_what_expires_and_keeps_the_old_ca_trusted() {
         let names = service_names("ns");
         let tls = generate(&names, NOW).unwrap();
