@@ -6,7 +6,7 @@ use flowlens_api::{
     flow_policy::{PolicyMode, Protocol},
     node_agent_config::{
         AddressSet, BlockRule, CidrEntry, Direction, LocalEndpoint, NodeAgentConfigSpec,
-        ObservationConfig, PolicyRef, PortRange, WorkloadRef,
+        ObservationConfig, PolicyRef, PortRange, ServiceBackend, ServiceFrontend, WorkloadRef,
     },
 };
 
@@ -141,6 +141,41 @@ impl<'a> SpecBuilder<'a> {
                     protocol: *protocol,
                     first: *first,
                     last: *last,
+                })
+                .collect(),
+        });
+        self
+    }
+
+    /// Adds a Service frontend `test/<name>` at `address:port` (TCP) whose
+    /// backends are `backends` (pod, target port), IPv4 or IPv6 like the
+    /// address.
+    pub fn service(
+        &mut self,
+        name: &str,
+        address: &str,
+        port: u16,
+        backends: &[(usize, u16)],
+    ) -> &mut Self {
+        let v6 = address.contains(':');
+        self.spec.services.push(ServiceFrontend {
+            service: format!("test/{name}"),
+            address: address.into(),
+            port,
+            protocol: Protocol::Tcp,
+            client_affinity: false,
+            backends: backends
+                .iter()
+                .map(|(pod, port)| {
+                    let p = &self.topo.pods[*pod];
+                    ServiceBackend {
+                        address: if v6 {
+                            p.ip6.to_string()
+                        } else {
+                            p.ip4.to_string()
+                        },
+                        port: *port,
+                    }
                 })
                 .collect(),
         });

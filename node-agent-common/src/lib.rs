@@ -283,6 +283,8 @@ pub const COUNTER_CONNECT_DENIED: u32 = 5;
 /// Kernel drops of traced endpoints whose flow had no entry to count them in
 /// (for example a connection blocked before its first packet was counted).
 pub const COUNTER_DROPS_WITHOUT_FLOW: u32 = 6;
+/// Connections to a Service translated to a backend at `connect()`.
+pub const COUNTER_SERVICE_TRANSLATED: u32 = 7;
 pub const NUM_COUNTERS: u32 = 8;
 
 /// Histogram layout: values below 32 µs have their own bucket; above, each
@@ -357,6 +359,82 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// Key of the Service frontend table: an address and port kube-proxy
+/// translates, in one configuration generation.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub generation: u32,
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// `ServiceInfo::flags`: a client keeps its backend (`sessionAffinity: ClientIP`).
+pub const SERVICE_CLIENT_AFFINITY: u32 = 1;
+
+/// The most backends the connect hook examines for one connection: beyond,
+/// a client whose examined backends are all blocked is refused (fail closed).
+pub const SERVICE_BACKENDS_EXAMINED: u32 = 16;
+
+/// Value of the Service frontend table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Names the Service (a hash of `namespace/name`) in connection records.
+    pub service_id: u64,
+    /// Backends are `FL_SVC_BACKENDS[(generation, first .. first + count)]`.
+    pub first: u32,
+    pub count: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of the Service backend table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub generation: u32,
+    pub index: u32,
+}
+
+/// A Service backend: a pod address and its target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceBackendAddr {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of the record of connections translated at `connect()`: client,
+/// backend, backend port and protocol (the client port is not known yet
+/// when `connect()` runs).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceConnKey {
+    pub client: [u8; 16],
+    pub backend: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// What a translated socket connected to, for `getpeername()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSocket {
+    pub frontend: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
@@ -376,6 +454,12 @@ assert_size!(ConnState, 8);
 assert_size!(CgroupEndpoint, 32);
 assert_size!(DatapathConfig, 32);
 assert_size!(SkbLayout, 16);
+assert_size!(ServiceKey, 24);
+assert_size!(ServiceInfo, 24);
+assert_size!(BackendKey, 8);
+assert_size!(ServiceBackendAddr, 24);
+assert_size!(ServiceConnKey, 36);
+assert_size!(ServiceSocket, 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -396,6 +480,12 @@ mod pod {
     unsafe impl aya::Pod for CgroupEndpoint {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SkbLayout {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for ServiceBackendAddr {}
+    unsafe impl aya::Pod for ServiceConnKey {}
+    unsafe impl aya::Pod for ServiceSocket {}
 }
 
 #[cfg(test)]

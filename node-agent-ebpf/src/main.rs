@@ -6,7 +6,10 @@
 //! - `fl_sockops` (preferred) / `fl_tcp_probe` (fallback): smoothed RTT.
 //! - `fl_tcp_retrans`: TCP retransmissions of traced flows.
 //! - `fl_kfree_skb`: kernel drops of traced flows, by reason.
-//! - `fl_connect4` / `fl_connect6`: reject blocked connections at `connect()`.
+//! - `fl_connect4` / `fl_connect6`: reject blocked connections at `connect()`,
+//!   and translate connections to Services (`service.rs`).
+//! - `fl_getpeername4` / `fl_getpeername6`: a translated socket's peer is the
+//!   Service address it connected to.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -25,6 +28,7 @@ mod maps;
 mod packet;
 mod policy;
 mod rtt;
+mod service;
 
 use aya_ebpf::{
     EbpfContext,
@@ -40,13 +44,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, TcContext, TracePointContext},
 };
 use flowlens_agent_common::{
-    COUNTER_CONNECT_DENIED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS,
+    COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS,
     ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+    PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey, ServiceSocket, VERDICT_DROP,
+    VERDICT_PASS, v4_mapped,
 };
 
 use crate::{
-    maps::{FL_CGROUPS, FL_ENDPOINTS, bump, config},
+    maps::{FL_CGROUPS, FL_ENDPOINTS, FL_SVC_CONNS, FL_SVC_SOCKS, bump, config},
     packet::{TCP_ACK, TCP_SYN},
 };
 
@@ -108,6 +113,17 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     };
 
     let mut passes = true;
+    // A packet to a Service frontend did not go through our connect()
+    // translation: kube-proxy will pick its backend, so it may not pass if
+    // the rules block one.
+    if egress
+        && ep.flags & ENDPOINT_POLICY_EGRESS != 0
+        && let Some(svc) = service::frontend(generation, &p.dst, p.dport, p.protocol)
+        && let Some(why) = service::any_blocked(generation, svc, &p.src, ep, p.protocol)
+    {
+        policy::count(generation, why.endpoint_id, &why.decision, p.packets, 0);
+        return TC_ACT_SHOT;
+    }
     if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
         // The connection key: the flow key with direction 0.
         key.direction = 0;
@@ -300,7 +316,7 @@ pub fn fl_kfree_skb(ctx: TracePointContext) -> u32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn fl_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr as *const bpf_sock_addr;
+    let sa = ctx.sock_addr;
     let (ip4, port, protocol) = unsafe {
         (
             ctx_u32(&raw const (*sa).user_ip4),
@@ -308,27 +324,77 @@ pub fn fl_connect4(ctx: SockAddrContext) -> i32 {
             ctx_u32(&raw const (*sa).protocol),
         )
     };
-    on_connect(v4_mapped(ip4.to_ne_bytes()), true, port, protocol)
+    on_connect(&ctx, false, v4_mapped(ip4.to_ne_bytes()), true, port, protocol)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn fl_connect6(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr as *const bpf_sock_addr;
-    let (ip6, port, protocol) = unsafe {
+    let remote = unsafe { read_ip6(ctx.sock_addr) };
+    let (port, protocol) = unsafe {
         (
-            [
-                ctx_u32(&raw const (*sa).user_ip6[0]),
-                ctx_u32(&raw const (*sa).user_ip6[1]),
-                ctx_u32(&raw const (*sa).user_ip6[2]),
-                ctx_u32(&raw const (*sa).user_ip6[3]),
-            ],
-            ctx_u32(&raw const (*sa).user_port),
-            ctx_u32(&raw const (*sa).protocol),
+            ctx_u32(&raw const (*ctx.sock_addr).user_port),
+            ctx_u32(&raw const (*ctx.sock_addr).protocol),
         )
     };
-    let remote = ip6_bytes(ip6);
     let mapped = remote[..10] == [0u8; 10] && remote[10] == 0xff && remote[11] == 0xff;
-    on_connect(remote, mapped, port, protocol)
+    on_connect(&ctx, true, remote, mapped, port, protocol)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn fl_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(s) = unsafe { FL_SVC_SOCKS.get(&cookie) } {
+        let sa = ctx.sock_addr;
+        let a = [s.frontend[12], s.frontend[13], s.frontend[14], s.frontend[15]];
+        unsafe {
+            ctx_write_u32(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
+            ctx_write_u32(&raw mut (*sa).user_port, s.port.to_be() as u32);
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn fl_getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(s) = unsafe { FL_SVC_SOCKS.get(&cookie) } {
+        unsafe {
+            write_ip6(ctx.sock_addr, &s.frontend);
+            ctx_write_u32(&raw mut (*ctx.sock_addr).user_port, s.port.to_be() as u32);
+        }
+    }
+    1
+}
+
+/// Reads `user_ip6` (four loads at constant offsets).
+#[inline(always)]
+unsafe fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
+    unsafe {
+        ip6_bytes([
+            ctx_u32(&raw const (*sa).user_ip6[0]),
+            ctx_u32(&raw const (*sa).user_ip6[1]),
+            ctx_u32(&raw const (*sa).user_ip6[2]),
+            ctx_u32(&raw const (*sa).user_ip6[3]),
+        ])
+    }
+}
+
+/// Writes `user_ip6` (four stores at constant offsets).
+#[inline(always)]
+unsafe fn write_ip6(sa: *mut bpf_sock_addr, a: &[u8; 16]) {
+    let w = |i: usize| u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
+    unsafe {
+        ctx_write_u32(&raw mut (*sa).user_ip6[0], w(0));
+        ctx_write_u32(&raw mut (*sa).user_ip6[1], w(1));
+        ctx_write_u32(&raw mut (*sa).user_ip6[2], w(2));
+        ctx_write_u32(&raw mut (*sa).user_ip6[3], w(3));
+    }
+}
+
+/// Writes a 32-bit context field (a single store at a constant offset).
+#[inline(always)]
+unsafe fn ctx_write_u32(p: *mut u32, v: u32) {
+    unsafe { core::ptr::write_volatile(p, v) }
 }
 
 /// The pod addresses of the calling task's cgroup (or of the nearest
@@ -356,7 +422,14 @@ fn caller_endpoint() -> Option<&'static flowlens_agent_common::CgroupEndpoint> {
 /// Returns 1 to allow the connect, 0 to reject it with EPERM. `port_raw` is
 /// the context's `user_port` (network order in the low 16 bits).
 #[inline(always)]
-fn on_connect(remote: [u8; 16], v4: bool, port_raw: u32, protocol: u32) -> i32 {
+fn on_connect(
+    ctx: &SockAddrContext,
+    ctx6: bool,
+    remote: [u8; 16],
+    v4: bool,
+    port_raw: u32,
+    protocol: u32,
+) -> i32 {
     let Some(cfg) = config() else {
         return 1;
     };
@@ -370,12 +443,49 @@ fn on_connect(remote: [u8; 16], v4: bool, port_raw: u32, protocol: u32) -> i32 {
     let protocol = protocol as u8;
     let port = u16::from_be(port_raw as u16);
     let generation = maps::generation(cfg.epoch);
-    if let Some(ep) = unsafe {
+    let ep = unsafe {
         FL_ENDPOINTS.get(&EndpointKey {
             generation,
             addr: local,
         })
-    } {
+    };
+    if let Some(svc) = service::frontend(generation, &remote, port, protocol) {
+        return match service::choose(generation, svc, &local, ep, protocol) {
+            service::Choice::Backend(b) => {
+                translate(ctx, ctx6, &b);
+                let conn = ServiceConnKey {
+                    client: local,
+                    backend: b.addr,
+                    port: b.port,
+                    protocol,
+                    _pad: 0,
+                };
+                let _ = FL_SVC_CONNS.insert(&conn, &svc.service_id, 0);
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let sock = ServiceSocket {
+                    frontend: remote,
+                    port,
+                    _pad: [0; 6],
+                };
+                let _ = FL_SVC_SOCKS.insert(&cookie, &sock, 0);
+                bump(COUNTER_SERVICE_TRANSLATED);
+                1
+            }
+            service::Choice::Refused(why) => {
+                policy::count(generation, why.endpoint_id, &why.decision, 0, 1);
+                bump(COUNTER_CONNECT_DENIED);
+                0
+            }
+            service::Choice::Unavailable => 1,
+        };
+    }
+    if protocol == PROTO_UDP {
+        // A UDP socket may reconnect elsewhere: its old Service is no more
+        // its peer.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = FL_SVC_SOCKS.remove(&cookie);
+    }
+    if let Some(ep) = ep {
         let d = policy::evaluate(generation, ep, ROLE_CLIENT, &remote, protocol, port);
         if d.verdict == VERDICT_DROP {
             policy::count(generation, ep.id, &d, 0, 1);
@@ -398,6 +508,21 @@ fn on_connect(remote: [u8; 16], v4: bool, port_raw: u32, protocol: u32) -> i32 {
         }
     }
     1
+}
+
+/// Rewrites the connect()'s destination to `b`.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, ctx6: bool, b: &flowlens_agent_common::ServiceBackendAddr) {
+    let sa = ctx.sock_addr;
+    unsafe {
+        if !ctx6 {
+            let a = [b.addr[12], b.addr[13], b.addr[14], b.addr[15]];
+            ctx_write_u32(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
+        } else {
+            write_ip6(sa, &b.addr);
+        }
+        ctx_write_u32(&raw mut (*sa).user_port, b.port.to_be() as u32);
+    }
 }
 
 #[cfg(not(test))]

@@ -17,7 +17,8 @@ use aya_ebpf::{
 use flowlens_agent_common::{
     CgroupEndpoint, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
     FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey, RttKey,
-    RuleCounterKey, RuleCounters, SkbLayout,
+    RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey,
+    ServiceSocket, SkbLayout, BackendKey,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -44,6 +45,23 @@ pub static FL_CONNS: LruHashMap<ConnKey, ConnState, 262144> = LruHashMap::new();
 
 #[btf_map]
 pub static FL_CGROUPS: HashMap<u64, CgroupEndpoint, 16384> = HashMap::new();
+
+/// Service frontends (ClusterIPs, node ports, ...) by generation.
+#[btf_map]
+pub static FL_SERVICES: HashMap<ServiceKey, ServiceInfo, 65536> = HashMap::new();
+
+/// Service backends by generation and index.
+#[btf_map]
+pub static FL_SVC_BACKENDS: HashMap<BackendKey, ServiceBackendAddr, 262144> = HashMap::new();
+
+/// Connections translated at `connect()` -> the Service's id, read by the
+/// agent to name the Service of a flow.
+#[btf_map]
+pub static FL_SVC_CONNS: LruHashMap<ServiceConnKey, u64, 65536> = LruHashMap::new();
+
+/// Socket cookie -> the frontend it connected to (for `getpeername()`).
+#[btf_map]
+pub static FL_SVC_SOCKS: LruHashMap<u64, ServiceSocket, 65536> = LruHashMap::new();
 
 #[btf_map]
 pub static FL_COUNTERS: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();

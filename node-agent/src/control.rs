@@ -307,12 +307,18 @@ impl ControlLoop {
         missing
     }
 
-    /// Cgroups of pods with rules, for connect-time rejection.
+    /// Cgroups of local endpoints, for connect-time rejection (pods with
+    /// rules) and Service translation (every endpoint, so traced pods'
+    /// Service connections are counted under the backend).
     fn sync_pod_cgroups(&mut self, tables: &Tables) {
         let mut cgroup_entries = BTreeMap::new();
         if let Some(root) = &self.opts.cgroup_root {
             let found = cgroups::find_pod_cgroups(root, POD_CGROUP_MAX_DEPTH);
-            for ep in tables.endpoint_refs.iter().filter(|e| e.has_rules) {
+            for ep in tables
+                .endpoint_refs
+                .iter()
+                .filter(|e| e.has_rules || e.traced)
+            {
                 let Some((id, _)) = found.get(&ep.uid) else {
                     continue;
                 };
@@ -436,6 +442,11 @@ impl ControlLoop {
                     .inc_by(now - before);
             }
         }
+        if k.service_translated > prev.service_translated {
+            self.metrics
+                .service_translated
+                .inc_by(k.service_translated - prev.service_translated);
+        }
         if k.drops_without_flow > prev.drops_without_flow {
             self.metrics
                 .drops_without_flow
@@ -482,6 +493,7 @@ impl ControlLoop {
             s.kernel.connect_denied = k.connect_denied;
             s.kernel.drops = drops.clone();
             s.kernel.drops_without_flow = k.drops_without_flow;
+            s.kernel.service_translated = k.service_translated;
             s.problems.retain(|p| p.reason != reason::FLOW_TABLE_FULL);
             if full_now {
                 s.problems.push(Problem {

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub(crate) table_full: Family<TableLabels, Counter>,
     pub(crate) kernel_drops: Family<ReasonLabels, Counter>,
     pub(crate) drops_without_flow: Counter,
+    pub(crate) service_translated: Counter,
     pub(crate) drain_seconds: Histogram,
     pub(crate) applies: Family<ResultLabels, Counter>,
     pub(crate) attached_interfaces: Gauge,
@@ -88,6 +89,7 @@ impl Metrics {
             table_full: Family::default(),
             kernel_drops: Family::default(),
             drops_without_flow: Counter::default(),
+            service_translated: Counter::default(),
             drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "kernel_drops_without_flow",
             "Kernel drops of traced pods whose flow had no entry (not in any window)",
             self.drops_without_flow.clone(),
+        );
+        registry.register(
+            "service_connections_translated",
+            "Connections of local pods to a Service address sent to a backend at connect()",
+            self.service_translated.clone(),
         );
     }
 

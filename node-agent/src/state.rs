@@ -80,6 +80,9 @@ pub(crate) struct KernelState {
     pub drops: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub drops_without_flow: u64,
+    /// Connections to Services translated to a backend at `connect()`.
+    #[serde(default)]
+    pub service_translated: u64,
     pub last_drain_micros: u64,
 }
 

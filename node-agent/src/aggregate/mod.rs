@@ -41,6 +41,20 @@ pub(crate) struct Drained {
     pub overflow: Vec<(OverflowKey, FlowStats)>,
     pub rtt: Vec<(RttKey, u64)>,
     pub rules: Vec<(RuleCounterKey, RuleCounters)>,
+    /// Connections the connect hook translated from a Service frontend to
+    /// a backend, with the Service's id (only those seen in `flows`).
+    pub services: Vec<ConnService>,
+}
+
+/// A connection a local client opened through a Service (the client port
+/// is not part of it: the connect hook runs before one is chosen).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConnService {
+    pub client: [u8; 16],
+    pub backend: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub service_id: u64,
 }
 
 /// A connection as seen from a local endpoint.
@@ -62,6 +76,8 @@ struct ConnFacts {
     retransmits: u64,
     drops: u64,
     rtt: Histogram,
+    /// The Service the local client connected through (its id).
+    service: Option<u64>,
 }
 
 /// An address from the kernel's 16-byte form (IPv4-mapped for IPv4).
@@ -80,6 +96,7 @@ struct SeriesKey {
     port: u16,
     protocol: u8,
     role: Role,
+    service: Option<String>,
 }
 
 impl SeriesKey {
@@ -90,6 +107,7 @@ impl SeriesKey {
             port: 0,
             protocol: 0,
             role: Role::Client,
+            service: None,
         }
     }
 }
@@ -168,6 +186,10 @@ pub(crate) struct Aggregator {
     closed: Vec<ObservationWindow>,
     /// Parts completed so far (numbers them).
     parts: u64,
+    /// Service id -> `namespace/name`, of this config and the one before
+    /// (a connection translated just before a change still drains after it).
+    service_names: HashMap<u64, String>,
+    service_names_before: HashMap<u64, String>,
     pub stats: AggregatorStats,
 }
 
@@ -213,6 +235,18 @@ fn connections(d: &Drained) -> HashMap<ConnId, ConnFacts> {
         };
         conns.entry(id).or_default().rtt.add_bucket(k.bucket, *n);
     }
+    if !d.services.is_empty() {
+        let via: HashMap<([u8; 16], [u8; 16], u16, u8), u64> = d
+            .services
+            .iter()
+            .map(|c| ((c.client, c.backend, c.port, c.protocol), c.service_id))
+            .collect();
+        for (id, f) in conns.iter_mut() {
+            f.service = via
+                .get(&(id.local, id.remote, id.remote_port, id.protocol))
+                .copied();
+        }
+    }
     conns
 }
 
@@ -230,6 +264,8 @@ impl Aggregator {
             generation_tables: [None, None],
             closed: Vec::new(),
             parts: 0,
+            service_names: HashMap::new(),
+            service_names_before: HashMap::new(),
             stats: AggregatorStats::default(),
         }
     }
@@ -244,6 +280,17 @@ impl Aggregator {
     pub(crate) fn set_config(&mut self, spec: &NodeAgentConfigSpec, now_ms: i64) {
         let endpoints: HashMap<String, &flowlens_api::node_agent_config::LocalEndpoint> =
             spec.endpoints.iter().map(|e| (e.key(), e)).collect();
+        let current: HashMap<u64, String> = spec
+            .services
+            .iter()
+            .map(|f| {
+                (
+                    crate::tables::services::service_id(&f.service),
+                    f.service.clone(),
+                )
+            })
+            .collect();
+        self.service_names_before = std::mem::replace(&mut self.service_names, current);
         let mut next = BTreeMap::new();
         for o in &spec.observations {
             let params = ObsParams {
@@ -327,6 +374,15 @@ impl Aggregator {
         };
         self.roles.insert(id, (role, now_ms));
         let port = role::server_port(role, id.local_port, id.remote_port);
+        // A connection the local pod opened through a Service is named by it.
+        let service = match (role, facts.service) {
+            (Role::Client, Some(sid)) => self
+                .service_names
+                .get(&sid)
+                .or_else(|| self.service_names_before.get(&sid))
+                .cloned(),
+            _ => None,
+        };
         let mut attributed = false;
         for (view, window) in self.observations.values_mut() {
             let Some(dims) = view.dims.get(&id.local) else {
@@ -340,6 +396,7 @@ impl Aggregator {
                 port,
                 protocol: id.protocol,
                 role,
+                service: service.clone(),
             };
             let counts_flow = !(remote_traced_here && role == Role::Server);
             let new_flow = counts_flow && window.seen.insert(id);
@@ -575,6 +632,7 @@ fn build_window<'a>(
             port: k.port,
             protocol: k.protocol,
             role: k.role,
+            service: k.service.clone(),
             flows: a.flows,
             tx: a.tx,
             rx: a.rx,

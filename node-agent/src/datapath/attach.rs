@@ -36,6 +36,8 @@ pub(crate) const PROG_TCP_RETRANS: &str = "fl_tcp_retrans";
 pub(crate) const PROG_KFREE_SKB: &str = "fl_kfree_skb";
 pub(crate) const PROG_CONNECT4: &str = "fl_connect4";
 pub(crate) const PROG_CONNECT6: &str = "fl_connect6";
+pub(crate) const PROG_GETPEERNAME4: &str = "fl_getpeername4";
+pub(crate) const PROG_GETPEERNAME6: &str = "fl_getpeername6";
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or(DatapathError::Unsupported {
@@ -93,7 +95,12 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
         let p: &mut TracePoint = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
     }
-    for name in [PROG_CONNECT4, PROG_CONNECT6] {
+    for name in [
+        PROG_CONNECT4,
+        PROG_CONNECT6,
+        PROG_GETPEERNAME4,
+        PROG_GETPEERNAME6,
+    ] {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
     }

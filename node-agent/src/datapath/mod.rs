@@ -10,6 +10,7 @@ pub(crate) mod drop_reasons;
 pub(crate) mod error;
 pub mod pins;
 mod results;
+mod service_tables;
 pub(crate) mod skb_layout;
 pub(crate) mod sys;
 
@@ -59,6 +60,10 @@ const PINNED_MAPS: &[&str] = &[
     "FL_OVERFLOW",
     "FL_RTT",
     "FL_RULE_CNT",
+    "FL_SERVICES",
+    "FL_SVC_BACKENDS",
+    "FL_SVC_CONNS",
+    "FL_SVC_SOCKS",
 ];
 
 /// Which hook to use for RTT samples.
@@ -101,6 +106,8 @@ pub(crate) struct KernelCounters {
     pub connect_denied: u64,
     /// Kernel drops of traced endpoints that found no flow entry.
     pub drops_without_flow: u64,
+    /// Connections to Services translated to a backend at `connect()`.
+    pub service_translated: u64,
 }
 
 /// Sizes of the tables drained last time, against their capacity.
@@ -193,6 +200,8 @@ impl Datapath {
             overflow: dp.overflow.drain_spare()?,
             rtt: dp.rtt.drain_spare()?,
             rules: dp.rules.drain_spare()?,
+            // Before any config: Service names are not known yet.
+            services: Vec::new(),
         };
         dp.leftovers = Some(leftovers);
         dp.attach_global_hooks(opts);
@@ -292,10 +301,33 @@ impl Datapath {
             "connect6",
         );
         match (c4, c6) {
-            (Ok(()), Ok(())) => "cgroup/connect4+connect6".into(),
+            (Ok(()), Ok(())) => {}
             (a, b) => {
                 warn!(connect4 = ?a.err(), connect6 = ?b.err(), "connect-time rejection unavailable");
-                "none".into()
+                return "none".into();
+            }
+        }
+        // A socket translated to a Service backend reports the Service
+        // address as its peer, as it would through kube-proxy.
+        let p4 = attach::cgroup_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_GETPEERNAME4,
+            cg,
+            "getpeername4",
+        );
+        let p6 = attach::cgroup_hook(
+            &mut self.ebpf,
+            &self.layout,
+            attach::PROG_GETPEERNAME6,
+            cg,
+            "getpeername6",
+        );
+        match (p4, p6) {
+            (Ok(()), Ok(())) => "cgroup/connect4+connect6+getpeername4+getpeername6".into(),
+            (a, b) => {
+                warn!(getpeername4 = ?a.err(), getpeername6 = ?b.err(), "Service clients will see the backend as their peer");
+                "cgroup/connect4+connect6".into()
             }
         }
     }
@@ -468,6 +500,7 @@ impl Datapath {
                     .map_err(|e| DatapathError::map("FL_PORTS (is the table full?)", e))?;
             }
         }
+        service_tables::write(&mut self.ebpf, next, &tables.services)?;
         // The flip.
         let mut config = read_config(&mut self.ebpf)?;
         config.epoch = next_epoch(config.epoch, next);
@@ -485,6 +518,8 @@ impl Datapath {
 
     /// Deletes every table entry of generation `g`.
     fn clear_generation(&mut self, g: u32) -> Result<()> {
+        let known = self.written[g as usize].as_ref().map(|t| &t.services);
+        service_tables::clear(&mut self.ebpf, g, known)?;
         if let Some(t) = self.written[g as usize].take() {
             let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointInfo> =
                 typed(&mut self.ebpf, "FL_ENDPOINTS")?;
@@ -602,6 +637,10 @@ impl Datapath {
             overflow: (overflow.len(), self.overflow.capacity()),
             rules: (rules.len(), self.rules.capacity()),
         };
+        let known: Vec<&crate::tables::services::ServiceTables> =
+            self.written.iter().flatten().map(|t| &t.services).collect();
+        d.services
+            .extend(service_tables::services_of(&self.ebpf, &flows, &known)?);
         d.flows.extend(flows);
         d.overflow.extend(overflow);
         d.rtt.extend(rtt);
@@ -611,8 +650,12 @@ impl Datapath {
 
     /// The live tables, read without draining (for `dump`).
     pub(crate) fn peek(&self) -> Result<Drained> {
+        let flows = self.flows.peek()?;
+        let known: Vec<&crate::tables::services::ServiceTables> =
+            self.written.iter().flatten().map(|t| &t.services).collect();
         Ok(Drained {
-            flows: self.flows.peek()?,
+            services: service_tables::services_of(&self.ebpf, &flows, &known)?,
+            flows,
             overflow: self.overflow.peek()?,
             rtt: self.rtt.peek()?,
             rules: self.rules.peek()?,
@@ -635,6 +678,7 @@ impl Datapath {
             rtt_samples: v[flowlens_agent_common::COUNTER_RTT_SAMPLES as usize],
             connect_denied: v[flowlens_agent_common::COUNTER_CONNECT_DENIED as usize],
             drops_without_flow: v[flowlens_agent_common::COUNTER_DROPS_WITHOUT_FLOW as usize],
+            service_translated: v[flowlens_agent_common::COUNTER_SERVICE_TRANSLATED as usize],
         })
     }
 }

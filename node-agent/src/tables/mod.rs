@@ -3,6 +3,7 @@
 //! rule counters. Pure: no I/O, no kernel.
 
 pub(crate) mod prefix;
+pub(crate) mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -62,6 +63,12 @@ pub(crate) enum Problem {
     UnknownEndpoint { rule: String, endpoint: String },
     /// An endpoint IP that does not parse.
     BadEndpointIp { endpoint: String, value: String },
+    /// A Service frontend or backend address that does not parse (or a
+    /// backend of the other IP family).
+    BadServiceAddress { service: String, value: String },
+    /// The kernel's Service `table` is full: later frontends are not
+    /// translated (their connections go through kube-proxy unchecked).
+    TooManyServices { table: &'static str, limit: usize },
 }
 
 impl std::fmt::Display for Problem {
@@ -94,6 +101,14 @@ impl std::fmt::Display for Problem {
             Problem::BadEndpointIp { endpoint, value } => {
                 write!(f, "endpoint {endpoint}: {value:?} is not an IP address")
             }
+            Problem::BadServiceAddress { service, value } => write!(
+                f,
+                "service {service}: {value:?} is not an IP address of the frontend's family"
+            ),
+            Problem::TooManyServices { table, limit } => write!(
+                f,
+                "more than {limit} Service {table}: the rest are not translated at connect()"
+            ),
         }
     }
 }
@@ -110,6 +125,8 @@ pub(crate) struct Tables {
     /// (endpoint id, direction, slot) -> rule.
     pub slots: BTreeMap<(u32, u8, u8), SlotRule>,
     pub endpoint_refs: Vec<EndpointRef>,
+    /// Service frontends and backends (the socket-level load balancer).
+    pub services: services::ServiceTables,
     pub problems: Vec<Problem>,
 }
 
@@ -175,6 +192,7 @@ pub(crate) fn compile(spec: &NodeAgentConfigSpec) -> Tables {
         }
     }
     endpoint_entries(&mut t, info);
+    t.services = services::compile(spec, &mut t.problems);
     t
 }
 
