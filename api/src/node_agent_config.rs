@@ -82,6 +82,49 @@ pub struct NodeAgentConfigSpec {
     /// them back once applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyRef>,
+
+    /// Service addresses kube-proxy would translate for this node's pods,
+    /// with their ready backends. The agent translates `connect()`s of its
+    /// local endpoints to them itself (a socket-level load balancer), so
+    /// rules and counts see the backend pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceFrontend>,
+}
+
+/// One address and port of a Service: a ClusterIP, an externalIP, a
+/// LoadBalancer ingress IP, or one of this node's addresses with a NodePort.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceFrontend {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `sessionAffinity: ClientIP`: a client always gets the same backend.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_affinity: bool,
+    /// Ready backends (pod address and target port, named ports resolved),
+    /// at most [`MAX_SERVICE_BACKENDS`]. Empty: the agent leaves the
+    /// connection to kube-proxy, which refuses it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<ServiceBackend>,
+}
+
+/// The most backends one frontend carries to agents; kube-proxy's choice
+/// among more is not reproduced (the operator keeps the first, sorted).
+pub const MAX_SERVICE_BACKENDS: usize = 256;
+
+/// A ready endpoint of a Service port.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceBackend {
+    pub address: String,
+    pub port: u16,
 }
 
 /// The operator's report endpoint.

@@ -135,6 +135,10 @@ pub struct Series {
     /// IP protocol number.
     pub protocol: u8,
     pub role: Role,
+    /// The Service (`namespace/name`) the local pods' connections went
+    /// through; `remote` and `port` are then the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Connections seen in the window.
     pub flows: u64,
     /// From the local pods.
