@@ -82,6 +82,7 @@ fn load() -> Compiler {
             name: format!("node-{n}"),
             uid: format!("n{n}"),
             zone: Some(format!("zone-{}", n % 3)),
+            addresses: Vec::new(),
         });
     }
     for ns in 0..NAMESPACES {

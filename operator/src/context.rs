@@ -23,9 +23,11 @@ pub(crate) enum Kind {
     Pod = 4,
     Observation = 8,
     Policy = 16,
+    Service = 32,
+    EndpointSlice = 64,
 }
 
-const ALL_KINDS: u8 = 1 | 2 | 4 | 8 | 16;
+const ALL_KINDS: u8 = 1 | 2 | 4 | 8 | 16 | 32 | 64;
 
 /// Tracks the initial sync of every watched kind.
 #[derive(Default)]

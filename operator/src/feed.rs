@@ -1,15 +1,21 @@
-//! Feeds watch events of Nodes, Namespaces, Pods, NetworkObservations and
-//! FlowPolicies into the compiler (kube-runtime watchers: relist, resume
-//! and backoff are theirs). A relist replaces the kind's whole state, so
-//! objects deleted while the watch was down are deleted here too.
+//! Feeds watch events of Nodes, Namespaces, Pods, Services, EndpointSlices,
+//! NetworkObservations and FlowPolicies into the compiler (kube-runtime
+//! watchers: relist, resume and backoff are theirs). A relist replaces the
+//! kind's whole state, so objects deleted while the watch was down are
+//! deleted here too.
+//!
+//! EndpointSlices are watched in the version the API server serves:
+//! `discovery.k8s.io/v1` (1.21+), else `v1beta1` (1.20 and older; removed
+//! in 1.25), as untyped objects converted by [`model::endpoint_slice_info`].
 
-use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
+use std::{collections::BTreeSet, fmt::Debug, sync::Arc, time::Duration};
 
 use flowlens_api::{FlowPolicy, NetworkObservation};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -89,6 +95,49 @@ impl Feed for Pod {
     }
 }
 
+impl Feed for Service {
+    const KIND: Kind = Kind::Service;
+    const NAME: &'static str = "Service";
+    fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        )
+    }
+    fn apply(&self, c: &mut Compiler) {
+        c.upsert_service(model::service_info(self));
+    }
+    fn delete(key: &str, c: &mut Compiler) {
+        c.delete_service(key);
+    }
+    fn keys(c: &Compiler) -> BTreeSet<String> {
+        c.service_keys().cloned().collect()
+    }
+}
+
+/// EndpointSlices, of whichever version the API server serves.
+impl Feed for DynamicObject {
+    const KIND: Kind = Kind::EndpointSlice;
+    const NAME: &'static str = "EndpointSlice";
+    fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        )
+    }
+    fn apply(&self, c: &mut Compiler) {
+        c.upsert_endpoint_slice(model::endpoint_slice_info(self));
+    }
+    fn delete(key: &str, c: &mut Compiler) {
+        c.delete_endpoint_slice(key);
+    }
+    fn keys(c: &Compiler) -> BTreeSet<String> {
+        c.endpoint_slice_keys().cloned().collect()
+    }
+}
+
 impl Feed for NetworkObservation {
     const KIND: Kind = Kind::Observation;
     const NAME: &'static str = "NetworkObservation";
@@ -142,10 +191,7 @@ impl Feed for FlowPolicy {
     }
 }
 
-async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>)
-where
-    K::DynamicType: Default,
-{
+async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
     let mut stream = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
         .boxed();
@@ -175,14 +221,71 @@ where
                         o.apply(c);
                     }
                 });
-                if ctx.sync.mark(K::KIND) {
-                    ctx.with_compiler(|c| c.finish_bulk());
-                    info!("initial sync of every watched kind complete");
-                }
+                mark_synced(&ctx, K::KIND);
                 info!(kind = K::NAME, objects = n, "listed");
             }
             watcher::Event::Apply(o) => ctx.with_compiler(|c| o.apply(c)),
             watcher::Event::Delete(o) => ctx.with_compiler(|c| K::delete(&o.key(), c)),
+        }
+    }
+}
+
+/// Records that a kind finished its initial list; the last one ends the
+/// bulk load.
+fn mark_synced(ctx: &Context, kind: Kind) {
+    if ctx.sync.mark(kind) {
+        ctx.with_compiler(|c| c.finish_bulk());
+        info!("initial sync of every watched kind complete");
+    }
+}
+
+/// The EndpointSlice group.
+const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+
+/// The EndpointSlice version to watch among those served: `v1`, else
+/// `v1beta1`.
+fn endpoint_slice_version<'a>(served: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+    let served: Vec<&str> = served.into_iter().collect();
+    ["v1", "v1beta1"].into_iter().find(|v| served.contains(v))
+}
+
+/// Asks the API server which EndpointSlice version it serves (retrying
+/// while it does not answer); `None` when it serves none.
+async fn discover_endpoint_slices(client: &Client) -> Option<ApiResource> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match kube::discovery::group(client, DISCOVERY_GROUP).await {
+            Ok(g) => {
+                let v = endpoint_slice_version(g.versions())?;
+                let gvk = GroupVersionKind::gvk(DISCOVERY_GROUP, v, "EndpointSlice");
+                return Some(ApiResource::from_gvk_with_plural(&gvk, "endpointslices"));
+            }
+            Err(kube::Error::Discovery(_)) => return None,
+            Err(e) => {
+                warn!(error = %e, "discovering the EndpointSlice version failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Watches EndpointSlices in the version the server serves. Without any,
+/// Services have no known backends and none reach agents.
+async fn run_endpoint_slices(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    match discover_endpoint_slices(&client).await {
+        Some(ar) => {
+            info!(version = %ar.api_version, "watching EndpointSlices");
+            run::<DynamicObject>(ctx, Api::all_with(client, &ar)).await;
+        }
+        None => {
+            warn!(
+                "the API server serves no {DISCOVERY_GROUP} EndpointSlices: Services are not handed to agents"
+            );
+            ctx.with_compiler(|c| c.set_endpoint_slices_served(false));
+            mark_synced(&ctx, Kind::EndpointSlice);
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -195,7 +298,26 @@ pub async fn run_all(ctx: Arc<Context>) {
         run::<Node>(ctx.clone(), Api::all(client.clone())),
         run::<Namespace>(ctx.clone(), Api::all(client.clone())),
         run::<Pod>(ctx.clone(), Api::all(client.clone())),
+        run::<Service>(ctx.clone(), Api::all(client.clone())),
+        run_endpoint_slices(ctx.clone()),
         run::<NetworkObservation>(ctx.clone(), Api::all(client.clone())),
         run::<FlowPolicy>(ctx.clone(), Api::all(client.clone())),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_slice_version_prefers_v1() {
+        assert_eq!(endpoint_slice_version(["v1beta1", "v1"]), Some("v1"));
+        assert_eq!(
+            endpoint_slice_version(["v1beta1"]),
+            Some("v1beta1"),
+            "Kubernetes 1.20"
+        );
+        assert_eq!(endpoint_slice_version(["v2alpha1"]), None);
+        assert_eq!(endpoint_slice_version([]), None);
+    }
 }

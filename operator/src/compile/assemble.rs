@@ -12,7 +12,7 @@ use flowlens_api::{
     },
 };
 
-use super::{Compiler, Rule, content_hash};
+use super::{Compiler, Rule, content_hash, services};
 use crate::model::{NodeInfo, PodKey};
 
 /// Local pod -> the labels the observations tracing it keep.
@@ -34,6 +34,14 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
     let observations = observation_configs(c, node, &mut keep);
     let blocking = blocking(c, node, &mut keep);
     let endpoints = local_endpoints(c, &keep);
+    // The agent translates connections of its local endpoints only: a node
+    // without any gets no Services (most nodes of a large cluster carry
+    // none, and configs stay small).
+    let services = if endpoints.is_empty() || c.no_endpoint_slices {
+        Vec::new()
+    } else {
+        services::frontends(c, node)
+    };
 
     let mut spec = NodeAgentConfigSpec {
         node_name: node.name.clone(),
@@ -45,6 +53,7 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
         address_sets: blocking.sets.into_values().collect(),
         rules: blocking.rules,
         policies: blocking.policies.into_iter().collect(),
+        services,
     };
     spec.revision = content_hash(&serde_json::to_vec(&spec).expect("a spec serializes"));
     spec

@@ -6,11 +6,14 @@
 //!   policy targets, rule peers) one pod at a time, without rescanning.
 //! - A namespace label change re-resolves the selectors that use namespace
 //!   labels; a policy or observation change re-resolves that object only.
+//! - A Service or EndpointSlice change recompiles every node that has
+//!   local endpoints (see [`services`]).
 //! - An invalid spec keeps its last valid version in force (enforcement is
 //!   never dropped by a bad edit) and is reported, never acted on.
 
 pub(crate) mod assemble;
 pub(crate) mod selector;
+pub(crate) mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -26,7 +29,9 @@ use flowlens_api::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::model::{NamespaceInfo, NodeInfo, PodInfo, PodKey};
+use crate::model::{
+    EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, PodKey, ServiceInfo, ServiceKey, SliceKey,
+};
 
 /// A content hash: the first 16 hex digits of SHA-256.
 pub(crate) fn content_hash(bytes: &[u8]) -> String {
@@ -128,6 +133,17 @@ pub struct Compiler {
     label_index: HashMap<(String, String, String), BTreeSet<PodKey>>,
     /// Pod IP -> pod (isolatable pods only).
     by_ip: HashMap<IpAddr, PodKey>,
+    /// Node address (InternalIP, ExternalIP) -> node.
+    node_by_address: HashMap<IpAddr, String>,
+    /// Host-network pod IP -> pod (its address is its node's).
+    host_network_by_ip: HashMap<IpAddr, PodKey>,
+    services: HashMap<ServiceKey, ServiceInfo>,
+    slices: HashMap<SliceKey, EndpointSliceInfo>,
+    slices_by_service: HashMap<ServiceKey, BTreeSet<SliceKey>>,
+    /// The API server serves no EndpointSlices: Services have no known
+    /// backends, so none are handed to agents (they would refuse every
+    /// connection to them).
+    no_endpoint_slices: bool,
     observations: BTreeMap<String, Observation>,
     policies: BTreeMap<PolicyKey, Policy>,
     collector: Option<CollectorEndpoint>,
@@ -226,6 +242,18 @@ impl Compiler {
         self.by_ip.get(ip).and_then(|k| self.pods.get(k))
     }
 
+    /// The node whose address this is: one of its InternalIP and ExternalIP
+    /// addresses, or the IP of a host-network pod on it.
+    pub(crate) fn node_by_address(&self, ip: &IpAddr) -> Option<&NodeInfo> {
+        let name = self.node_by_address.get(ip).or_else(|| {
+            self.host_network_by_ip
+                .get(ip)
+                .and_then(|k| self.pods.get(k))
+                .and_then(|p| p.node.as_ref())
+        })?;
+        self.nodes.get(name)
+    }
+
     pub(crate) fn observations(&self) -> impl Iterator<Item = &Observation> {
         self.observations.values()
     }
@@ -239,14 +267,121 @@ impl Compiler {
     pub fn upsert_node(&mut self, n: NodeInfo) {
         if self.nodes.get(&n.name) != Some(&n) {
             self.dirty.insert(n.name.clone());
+            self.unindex_node_addresses(&n.name);
+            for a in &n.addresses {
+                self.node_by_address.insert(*a, n.name.clone());
+            }
             self.nodes.insert(n.name.clone(), n);
         }
     }
 
     pub(crate) fn delete_node(&mut self, name: &str) {
+        self.unindex_node_addresses(name);
         if self.nodes.remove(name).is_some() {
             self.dirty.insert(name.to_owned());
         }
+    }
+
+    fn unindex_node_addresses(&mut self, name: &str) {
+        if let Some(old) = self.nodes.get(name) {
+            for a in &old.addresses {
+                if self.node_by_address.get(a).map(String::as_str) == Some(name) {
+                    self.node_by_address.remove(a);
+                }
+            }
+        }
+    }
+
+    // ---- services ----
+
+    pub(crate) fn service_keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    pub(crate) fn endpoint_slice_keys(&self) -> impl Iterator<Item = &SliceKey> {
+        self.slices.keys()
+    }
+
+    pub(crate) fn upsert_service(&mut self, s: ServiceInfo) {
+        let key = s.key();
+        if self.services.get(&key) != Some(&s) {
+            self.services.insert(key, s);
+            self.services_changed();
+        }
+    }
+
+    pub(crate) fn delete_service(&mut self, key: &str) {
+        if self.services.remove(key).is_some() {
+            self.services_changed();
+        }
+    }
+
+    pub(crate) fn upsert_endpoint_slice(&mut self, s: EndpointSliceInfo) {
+        let key = s.key();
+        if self.slices.get(&key) == Some(&s) {
+            return;
+        }
+        self.unindex_slice(&key);
+        if let Some(svc) = &s.service {
+            self.slices_by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.slices.insert(key, s);
+        self.services_changed();
+    }
+
+    pub(crate) fn delete_endpoint_slice(&mut self, key: &str) {
+        self.unindex_slice(key);
+        if self.slices.remove(key).is_some() {
+            self.services_changed();
+        }
+    }
+
+    fn unindex_slice(&mut self, key: &str) {
+        let Some(svc) = self.slices.get(key).and_then(|s| s.service.clone()) else {
+            return;
+        };
+        if let Some(set) = self.slices_by_service.get_mut(&svc) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_by_service.remove(&svc);
+            }
+        }
+    }
+
+    /// Records whether the API server serves EndpointSlices at all.
+    pub(crate) fn set_endpoint_slices_served(&mut self, served: bool) {
+        if self.no_endpoint_slices == served {
+            self.no_endpoint_slices = !served;
+            self.services_changed();
+        }
+    }
+
+    /// Any Service or backend may be reached from any node, so every node
+    /// with local endpoints is recompiled (nodes without any carry no
+    /// Services). That is O(nodes x Services) per Endpoints change: on a
+    /// large, churning cluster this is the first cost to cut (issue 12),
+    /// for example by recompiling only the frontends of the changed Service.
+    fn services_changed(&mut self) {
+        if self.bulk {
+            return;
+        }
+        let nodes: BTreeSet<String> = self
+            .observations
+            .values()
+            .filter(|o| o.spec.is_some())
+            .flat_map(|o| o.by_node.keys())
+            .chain(
+                self.policies
+                    .values()
+                    .filter(|p| p.spec.is_some())
+                    .flat_map(|p| p.by_node.keys()),
+            )
+            .cloned()
+            .collect();
+        self.dirty.extend(nodes);
     }
 
     pub fn upsert_namespace(&mut self, ns: NamespaceInfo) {
@@ -324,12 +459,19 @@ impl Compiler {
                 e.remove(&key);
             }
         }
-        if p.isolatable() {
+        let by_ip = if p.isolatable() {
+            Some(&mut self.by_ip)
+        } else if p.host_network && p.node.is_some() && !p.finished {
+            Some(&mut self.host_network_by_ip)
+        } else {
+            None
+        };
+        if let Some(by_ip) = by_ip {
             for ip in &p.ips {
                 if add {
-                    self.by_ip.insert(*ip, key.clone());
-                } else if self.by_ip.get(ip) == Some(&key) {
-                    self.by_ip.remove(ip);
+                    by_ip.insert(*ip, key.clone());
+                } else if by_ip.get(ip) == Some(&key) {
+                    by_ip.remove(ip);
                 }
             }
         }

@@ -9,15 +9,16 @@ use flowlens_api::{
 use super::*;
 use crate::model::{NamespaceInfo, NodeInfo, PodInfo};
 
-fn node(name: &str, zone: &str) -> NodeInfo {
+pub(super) fn node(name: &str, zone: &str) -> NodeInfo {
     NodeInfo {
         name: name.into(),
         uid: format!("uid-{name}"),
         zone: Some(zone.into()),
+        addresses: Vec::new(),
     }
 }
 
-fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+pub(super) fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
     NamespaceInfo {
         name: name.into(),
         labels: labels
@@ -27,7 +28,7 @@ fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
     }
 }
 
-fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> PodInfo {
+pub(super) fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> PodInfo {
     PodInfo {
         namespace: ns.into(),
         name: name.into(),
@@ -51,16 +52,16 @@ fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> P
     }
 }
 
-fn obs(yaml: &str) -> NetworkObservationSpec {
+pub(super) fn obs(yaml: &str) -> NetworkObservationSpec {
     serde_yaml::from_str(yaml).unwrap()
 }
 
-fn pol(yaml: &str) -> FlowPolicySpec {
+pub(super) fn pol(yaml: &str) -> FlowPolicySpec {
     serde_yaml::from_str(yaml).unwrap()
 }
 
 /// A small shop: web and api in `shop` (zone a), db in `data` (zone b).
-fn shop() -> Compiler {
+pub(super) fn shop() -> Compiler {
     let mut c = Compiler::new();
     c.upsert_node(node("n1", "a"));
     c.upsert_node(node("n2", "b"));
@@ -79,7 +80,7 @@ fn shop() -> Compiler {
     c
 }
 
-fn cfg(c: &mut Compiler, n: &str) -> NodeAgentConfigSpec {
+pub(super) fn cfg(c: &mut Compiler, n: &str) -> NodeAgentConfigSpec {
     c.node_config(n).unwrap()
 }
 
@@ -457,17 +458,79 @@ impl Lcg {
     }
 }
 
+/// One of three Services of namespace `a`, with random ports and settings.
+fn random_service(rng: &mut Lcg) -> crate::model::ServiceInfo {
+    let k = rng.next(3);
+    crate::model::ServiceInfo {
+        namespace: "a".into(),
+        name: format!("s{k}"),
+        cluster_ips: match rng.next(4) {
+            0 => Vec::new(),
+            1 => vec![
+                format!("10.96.0.{k}").parse().unwrap(),
+                format!("fd00:96::{k}").parse().unwrap(),
+            ],
+            _ => vec![format!("10.96.0.{k}").parse().unwrap()],
+        },
+        external_ips: if rng.next(3) == 0 {
+            vec!["203.0.113.1".parse().unwrap()]
+        } else {
+            Vec::new()
+        },
+        load_balancer_ips: Vec::new(),
+        ports: vec![crate::model::ServicePortInfo {
+            name: ["", "http"][rng.next(2) as usize].into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: (rng.next(2) == 0).then_some(30080),
+        }],
+        node_ports: rng.next(2) == 0,
+        client_affinity: rng.next(2) == 0,
+        internal_local: rng.next(3) == 0,
+    }
+}
+
+/// One of four EndpointSlices of namespace `a`, for a random Service.
+fn random_slice(rng: &mut Lcg) -> crate::model::EndpointSliceInfo {
+    let endpoints = (0..rng.next(4))
+        .map(|_| crate::model::SliceEndpoint {
+            addresses: vec![
+                format!("10.{}.{}.{}", rng.next(3), rng.next(3), rng.next(250) + 1)
+                    .parse()
+                    .unwrap(),
+            ],
+            node: Some(format!("n{}", rng.next(3) + 1)),
+        })
+        .collect();
+    crate::model::EndpointSliceInfo {
+        namespace: "a".into(),
+        name: format!("e{}", rng.next(4)),
+        service: Some(format!("a/s{}", rng.next(3))),
+        endpoints,
+        ports: vec![crate::model::SlicePort {
+            name: ["", "http"][rng.next(2) as usize].into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
 /// The incremental compiler agrees with a bulk compile of the final state
-/// after any sequence of events.
+/// after any sequence of events, and so does what a writer that recompiles
+/// only the nodes marked dirty would have written.
 #[test]
 fn incremental_equals_bulk() {
+    let mut frontends = 0;
     for seed in 1..=20u64 {
+        let mut written: BTreeMap<String, Option<NodeAgentConfigSpec>> = BTreeMap::new();
         let mut rng = Lcg(seed);
         let mut inc = Compiler::new();
         let nss = ["a", "b", "c"];
         let apps = ["web", "api", "db"];
-        for n in ["n1", "n2", "n3"] {
-            inc.upsert_node(node(n, if n == "n3" { "z2" } else { "z1" }));
+        for (i, n) in ["n1", "n2", "n3"].into_iter().enumerate() {
+            let mut info = node(n, if n == "n3" { "z2" } else { "z1" });
+            info.addresses = vec![format!("192.0.2.{i}").parse().unwrap()];
+            inc.upsert_node(info);
         }
         for (i, n) in nss.iter().enumerate() {
             inc.upsert_namespace(ns(n, &[("team", if i == 0 { "x" } else { "y" })]));
@@ -481,7 +544,11 @@ fn incremental_equals_bulk() {
         inc.upsert_policy("a", "p1", "pu1", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]"));
         inc.upsert_policy("b", "p2", "pu2", 1, pol("mode: Audit\npodSelector: {}\ningress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}}]}]"));
         for step in 0..300 {
-            match rng.next(10) {
+            for n in inc.take_dirty_nodes() {
+                let spec = inc.node_config(&n);
+                written.insert(n, spec);
+            }
+            match rng.next(14) {
                 0..=5 => {
                     let n = nss[rng.next(3) as usize];
                     let name = format!("p{}", rng.next(12));
@@ -510,6 +577,10 @@ fn incremental_equals_bulk() {
                     let app = apps[rng.next(3) as usize];
                     inc.upsert_policy("c", "p3", "pu3", step, pol(&format!("podSelector: {{matchLabels: {{app: {app}}}}}\negress: [{{to: [{{namespaceSelector: {{}}}}]}}]")));
                 }
+                10 => inc.upsert_service(random_service(&mut rng)),
+                11 => inc.delete_service(&format!("a/s{}", rng.next(3))),
+                12 => inc.upsert_endpoint_slice(random_slice(&mut rng)),
+                13 => inc.delete_endpoint_slice(&format!("a/e{}", rng.next(4))),
                 _ => {
                     inc.upsert_observation(
                         "o2",
@@ -533,6 +604,12 @@ fn incremental_equals_bulk() {
         for n in inc.namespaces.values() {
             bulk.upsert_namespace(n.clone());
         }
+        for s in inc.services.values() {
+            bulk.upsert_service(s.clone());
+        }
+        for s in inc.slices.values() {
+            bulk.upsert_endpoint_slice(s.clone());
+        }
         for p in inc.pods.values() {
             bulk.upsert_pod(p.clone());
         }
@@ -549,12 +626,16 @@ fn incremental_equals_bulk() {
             );
         }
         bulk.finish_bulk();
+        for n in inc.take_dirty_nodes() {
+            let spec = inc.node_config(&n);
+            written.insert(n, spec);
+        }
         for n in ["n1", "n2", "n3"] {
-            assert_eq!(
-                inc.node_config(n),
-                bulk.node_config(n),
-                "seed {seed}, node {n}"
-            );
+            let want = bulk.node_config(n);
+            assert_eq!(inc.node_config(n), want, "seed {seed}, node {n}");
+            assert_eq!(written[n], want, "seed {seed}, node {n}: as written");
+            frontends += want.map_or(0, |w| w.services.len());
         }
     }
+    assert!(frontends > 0, "the events reach Services");
 }

@@ -2,6 +2,8 @@
 //! converted once at the edge (so the core and its benchmarks never touch
 //! full API objects, and the operator does not keep whole Pods in memory).
 
+mod endpoint_slice;
+mod service;
 mod workload;
 
 use std::{collections::BTreeMap, net::IpAddr};
@@ -10,6 +12,10 @@ use flowlens_api::node_agent_config::WorkloadRef;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 
+pub(crate) use endpoint_slice::{EndpointSliceInfo, SliceKey, endpoint_slice_info};
+#[cfg(test)]
+pub(crate) use endpoint_slice::{SliceEndpoint, SlicePort};
+pub(crate) use service::{ServiceInfo, ServiceKey, ServicePortInfo, service_info};
 use workload::workload_of;
 
 /// `namespace/name`.
@@ -50,6 +56,9 @@ pub struct NodeInfo {
     pub name: String,
     pub uid: String,
     pub zone: Option<String>,
+    /// Its `InternalIP` and `ExternalIP` addresses (NodePorts are open on
+    /// them; a peer with one of them is the node).
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +125,24 @@ pub(crate) fn node_info(n: &Node) -> NodeInfo {
             .get(ZONE_LABEL)
             .or_else(|| labels.get(LEGACY_ZONE_LABEL))
             .cloned(),
+        addresses: node_addresses(n),
     }
+}
+
+/// A node's `InternalIP` and `ExternalIP` addresses, sorted.
+fn node_addresses(n: &Node) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Converts a Namespace.
@@ -173,5 +199,25 @@ mod tests {
     fn zone_labels() {
         let n: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "n1", "labels": {"failure-domain.beta.kubernetes.io/zone": "z9"}}})).unwrap();
         assert_eq!(node_info(&n).zone.as_deref(), Some("z9"));
+    }
+
+    #[test]
+    fn node_addresses_are_internal_and_external_ips() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "192.0.2.2"},
+                {"type": "ExternalIP", "address": "198.51.100.2"},
+                {"type": "InternalDNS", "address": "n1.internal"}
+            ]}
+        }))
+        .unwrap();
+        let a: Vec<String> = node_info(&n)
+            .addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(a, vec!["192.0.2.2", "198.51.100.2"]);
     }
 }
