@@ -106,6 +106,11 @@ pub struct ServiceFrontend {
     /// `sessionAffinity: ClientIP`: a client always gets the same backend.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_affinity: bool,
+    /// A NodePort on one of this node's addresses: kube-proxy translates
+    /// the port on every local address of the node (the pod network's
+    /// gateway address included), so the agent translates it on each.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_port: bool,
     /// Ready backends (pod address and target port, named ports resolved),
     /// at most [`MAX_SERVICE_BACKENDS`]. Empty: the agent leaves the
     /// connection to kube-proxy, which refuses it.

@@ -164,6 +164,7 @@ impl<'a> SpecBuilder<'a> {
             port,
             protocol: Protocol::Tcp,
             client_affinity: false,
+            node_port: false,
             backends: backends
                 .iter()
                 .map(|(pod, port)| {

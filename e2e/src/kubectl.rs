@@ -111,6 +111,26 @@ impl TestNamespace {
     /// A one-replica Deployment of the test image running `command`, and
     /// its pod once it runs: (pod name, pod IP).
     pub fn deploy(&self, app: &str, command: &str) -> anyhow::Result<(String, String)> {
+        self.deploy_with_ports(app, command, &[])
+    }
+
+    /// Like [`Self::deploy`], with named container ports (for Services'
+    /// named target ports).
+    pub fn deploy_with_ports(
+        &self,
+        app: &str,
+        command: &str,
+        ports: &[(&str, u16)],
+    ) -> anyhow::Result<(String, String)> {
+        let ports: String = if ports.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = ports
+                .iter()
+                .map(|(name, port)| format!("{{name: {name}, containerPort: {port}}}"))
+                .collect();
+            format!("        ports: [{}]\n", list.join(", "))
+        };
         apply(&format!(
             r#"apiVersion: apps/v1
 kind: Deployment
@@ -126,7 +146,7 @@ spec:
       - name: main
         image: {TESTBOX}
         command: [bash, -c, {command:?}]
-"#,
+{ports}"#,
             ns = self.name
         ))?;
         rollout_status(&self.name, &format!("deploy/{app}"))?;

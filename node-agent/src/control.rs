@@ -182,7 +182,7 @@ impl ControlLoop {
             return;
         }
         let started = Instant::now();
-        let tables = Arc::new(tables::compile(&spec));
+        let tables = Arc::new(tables::compile(&spec, &crate::interfaces::host_addresses()));
         // A restarted agent finds the kernel enforcing some revision: when it
         // is this one, the tables it compiles are those in force (compilation
         // is deterministic), so counters of that generation stay attributable.

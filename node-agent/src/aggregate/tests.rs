@@ -349,7 +349,7 @@ fn overflow_keeps_totals() {
 #[test]
 fn rule_counters_are_attributed_through_the_generation_tables() {
     let mut a = agg();
-    let tables = Arc::new(crate::tables::compile(&spec()));
+    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
     a.set_generation_tables(1, tables);
     let key = |verdict| RuleCounterKey {
         scope: rule_scope(1, DIRECTION_EGRESS, 1),

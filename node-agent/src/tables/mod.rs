@@ -144,8 +144,10 @@ fn kernel_direction(d: Direction) -> u8 {
     }
 }
 
-/// Compiles a config. Never fails: problems are collected in `Tables::problems`.
-pub(crate) fn compile(spec: &NodeAgentConfigSpec) -> Tables {
+/// Compiles a config for a node whose own addresses are `host_addrs` (where
+/// NodePorts are translated). Never fails: problems are collected in
+/// `Tables::problems`.
+pub(crate) fn compile(spec: &NodeAgentConfigSpec, host_addrs: &[IpAddr]) -> Tables {
     let mut t = Tables::default();
     let sets = address_sets(spec, &mut t.problems);
     let ids = number_endpoints(spec, &mut t);
@@ -192,7 +194,7 @@ pub(crate) fn compile(spec: &NodeAgentConfigSpec) -> Tables {
         }
     }
     endpoint_entries(&mut t, info);
-    t.services = services::compile(spec, &mut t.problems);
+    t.services = services::compile(spec, host_addrs, &mut t.problems);
     t
 }
 
@@ -458,7 +460,7 @@ rules:
 
     #[test]
     fn endpoints_get_flags_and_one_entry_per_ip() {
-        let t = compile(&spec(BASE));
+        let t = compile(&spec(BASE), &[]);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
         let client: Vec<_> = t.endpoints.iter().filter(|(_, i)| i.id == 1).collect();
         assert_eq!(client.len(), 2, "IPv4 and IPv6 entries");
@@ -477,7 +479,7 @@ rules:
 
     #[test]
     fn peers_and_ports_are_scoped_to_their_endpoint() {
-        let t = compile(&spec(BASE));
+        let t = compile(&spec(BASE), &[]);
         let client_peers: Vec<_> = t
             .peers
             .iter()
@@ -524,7 +526,7 @@ rules:
             };
             s.rules.push(r);
         }
-        let t = compile(&s);
+        let t = compile(&s, &[]);
         let client = t.endpoints.iter().find(|(_, i)| i.id == 1).unwrap().1;
         assert_eq!(
             client.egress.enforce_mask.count_ones(),
@@ -558,7 +560,7 @@ rules:
                 except: vec![],
             });
         s.endpoints[2].ips.push("not-an-ip".into());
-        let t = compile(&s);
+        let t = compile(&s, &[]);
         assert_eq!(t.problems.len(), 4, "{:?}", t.problems);
         // The rule with a missing set matches no peer: no peer entries for it.
         assert!(t.peers.iter().all(|(_, id, _, m)| *id != 1 || *m == 0));
@@ -568,7 +570,7 @@ rules:
     fn identical_rule_lists_compile_once_and_replicate() {
         let mut s = spec(BASE);
         s.rules[1].endpoints = vec!["a/db".into(), "a/idle".into()];
-        let t = compile(&s);
+        let t = compile(&s, &[]);
         let ingress: Vec<_> = t
             .peers
             .iter()

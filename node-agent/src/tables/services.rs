@@ -46,7 +46,11 @@ pub(crate) fn service_id(name: &str) -> u64 {
 }
 
 /// Compiles `spec.services`; bad addresses and overflow become problems.
-pub(crate) fn compile(spec: &NodeAgentConfigSpec, problems: &mut Vec<Problem>) -> ServiceTables {
+pub(crate) fn compile(
+    spec: &NodeAgentConfigSpec,
+    host_addrs: &[IpAddr],
+    problems: &mut Vec<Problem>,
+) -> ServiceTables {
     let mut t = ServiceTables::default();
     let mut ranges: HashMap<Vec<ServiceBackendAddr>, (u32, u32)> = HashMap::new();
     let mut seen: HashSet<Frontend> = HashSet::new();
@@ -59,15 +63,28 @@ pub(crate) fn compile(spec: &NodeAgentConfigSpec, problems: &mut Vec<Problem>) -
             continue;
         };
         let protocol = f.protocol.number();
-        let frontend = Frontend {
-            addr: addr_bytes(addr),
-            port: f.port,
-            protocol,
-        };
-        if !seen.insert(frontend) {
+        // A NodePort is translated on every local address of the family.
+        let addrs: Vec<IpAddr> = std::iter::once(addr)
+            .chain(
+                host_addrs
+                    .iter()
+                    .filter(|h| f.node_port && h.is_ipv4() == addr.is_ipv4())
+                    .copied(),
+            )
+            .collect();
+        let frontends: Vec<Frontend> = addrs
+            .into_iter()
+            .map(|a| Frontend {
+                addr: addr_bytes(a),
+                port: f.port,
+                protocol,
+            })
+            .filter(|fr| seen.insert(*fr))
+            .collect();
+        if frontends.is_empty() {
             continue;
         }
-        if t.frontends.len() >= MAX_FRONTEND_ENTRIES {
+        if t.frontends.len() + frontends.len() > MAX_FRONTEND_ENTRIES {
             problems.push(Problem::TooManyServices {
                 table: "frontends",
                 limit: MAX_FRONTEND_ENTRIES,
@@ -100,20 +117,19 @@ pub(crate) fn compile(spec: &NodeAgentConfigSpec, problems: &mut Vec<Problem>) -
         };
         let id = service_id(&f.service);
         t.names.insert(id, f.service.clone());
-        t.frontends.push((
-            frontend,
-            ServiceInfo {
-                service_id: id,
-                first,
-                count,
-                flags: if f.client_affinity {
-                    SERVICE_CLIENT_AFFINITY
-                } else {
-                    0
-                },
-                _pad: 0,
+        let info = ServiceInfo {
+            service_id: id,
+            first,
+            count,
+            flags: if f.client_affinity {
+                SERVICE_CLIENT_AFFINITY
+            } else {
+                0
             },
-        ));
+            _pad: 0,
+        };
+        t.frontends
+            .extend(frontends.into_iter().map(|fr| (fr, info)));
     }
     t
 }
@@ -160,6 +176,7 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
             client_affinity: false,
+            node_port: false,
             backends: backends
                 .iter()
                 .map(|(a, p)| ServiceBackend {
@@ -191,7 +208,7 @@ mod tests {
             ..Default::default()
         };
         let mut problems = Vec::new();
-        let t = compile(&spec, &mut problems);
+        let t = compile(&spec, &[], &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(t.backends.len(), 3, "db's two backends once, web's one");
         assert_eq!(t.frontends.len(), 3);
@@ -223,13 +240,46 @@ mod tests {
             ..Default::default()
         };
         let mut problems = Vec::new();
-        let t = compile(&spec, &mut problems);
+        let t = compile(&spec, &[], &mut problems);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert_eq!(t.frontends.len(), 1);
         assert_eq!(
             t.frontends[0].1.count, 1,
             "only the IPv4 backend of an IPv4 frontend"
         );
+    }
+
+    #[test]
+    fn a_node_port_is_translated_on_every_local_address_of_its_family() {
+        let mut np = frontend("shop/db", "192.0.2.2", 30432, &[("10.244.0.5", 5432)]);
+        np.node_port = true;
+        let spec = NodeAgentConfigSpec {
+            services: vec![
+                np,
+                frontend("shop/db", "10.97.0.20", 5432, &[("10.244.0.5", 5432)]),
+            ],
+            ..Default::default()
+        };
+        let host: Vec<IpAddr> = ["192.0.2.2", "10.244.0.1", "fd00::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut problems = Vec::new();
+        let t = compile(&spec, &host, &mut problems);
+        let addrs: Vec<IpAddr> = t
+            .frontends
+            .iter()
+            .map(|(f, _)| crate::aggregate::ip_from_bytes(&f.addr))
+            .collect();
+        assert_eq!(
+            addrs,
+            ["192.0.2.2", "10.244.0.1", "10.97.0.20"]
+                .iter()
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .collect::<Vec<_>>(),
+            "the gateway address too, the IPv6 one not, the ClusterIP once"
+        );
+        assert_eq!(t.backends.len(), 1, "one backend range shared");
     }
 
     #[test]
