@@ -7,8 +7,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::patterns;
 
-/// One dimension of `groupBy`: `namespace`, `workload`, `pod`, `node`, `zone`
-/// or `label:<key>` (the key must also be listed in `keepLabels`).
+/// One dimension of `groupBy`: `namespace`, `workload`, `pod`, `node`, `zone`,
+/// `service` or `label:<key>` (the key must also be listed in `keepLabels`).
+///
+/// `service` is the Service a client connected through (none for direct
+/// connections). It is not a pod dimension: top flows always carry it, so
+/// traffic through a Service is never merged with direct traffic; alone
+/// (`groupBy: [service]`) it groups traffic by Service without pod
+/// dimensions.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GroupBy {
     Namespace,
@@ -16,6 +22,7 @@ pub enum GroupBy {
     Pod,
     Node,
     Zone,
+    Service,
     Label(String),
 }
 
@@ -34,6 +41,7 @@ impl fmt::Display for GroupBy {
             GroupBy::Pod => f.write_str("pod"),
             GroupBy::Node => f.write_str("node"),
             GroupBy::Zone => f.write_str("zone"),
+            GroupBy::Service => f.write_str("service"),
             GroupBy::Label(k) => write!(f, "label:{k}"),
         }
     }
@@ -42,7 +50,7 @@ impl fmt::Display for GroupBy {
 /// Why a `groupBy` item was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{0:?} is not a groupBy dimension: use namespace, workload, pod, node, zone or label:<key>"
+    "{0:?} is not a groupBy dimension: use namespace, workload, pod, node, zone, service or label:<key>"
 )]
 pub struct GroupByError(pub String);
 
@@ -56,6 +64,7 @@ impl FromStr for GroupBy {
             "pod" => GroupBy::Pod,
             "node" => GroupBy::Node,
             "zone" => GroupBy::Zone,
+            "service" => GroupBy::Service,
             other => match other.strip_prefix("label:") {
                 Some(key) if crate::labels::label_key(key).is_ok() => {
                     GroupBy::Label(key.to_owned())
@@ -109,6 +118,7 @@ mod tests {
             "pod",
             "node",
             "zone",
+            "service",
             "label:app.kubernetes.io/name",
         ] {
             let g: GroupBy = s.parse().unwrap();
@@ -120,7 +130,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown() {
-        for s in ["service", "label:", "label:-bad", "Pod"] {
+        for s in ["services", "label:", "label:-bad", "Pod"] {
             assert!(s.parse::<GroupBy>().is_err(), "{s}");
         }
     }

@@ -110,7 +110,11 @@ pub struct NetworkObservationSpec {
     pub keep_labels: Vec<String>,
 
     /// Dimensions to group results by: `namespace`, `workload`, `pod`, `node`,
-    /// `zone`, `label:<key>`. Default `[namespace, workload]`.
+    /// `zone`, `service`, `label:<key>`. Default `[namespace, workload]`.
+    /// `service` is the Service a client connected through: top flows always
+    /// name it (traffic through a Service is never merged with direct
+    /// traffic), and `[service]` alone groups by Service without pod
+    /// dimensions.
     #[serde(default = "GroupBy::defaults")]
     #[schemars(length(min = 1, max = 8))]
     pub group_by: Vec<GroupBy>,
@@ -244,7 +248,8 @@ pub struct WindowTraffic {
     pub payload_bytes: u64,
     pub bytes_per_second: u64,
     pub packets_per_second: u64,
-    /// Bytes between pods in different zones (both zones known).
+    /// Bytes between a pod and a pod or node of another zone (both zones
+    /// known).
     #[serde(default)]
     pub cross_zone_bytes: u64,
     /// TCP segments retransmitted by traced pods.
@@ -289,8 +294,10 @@ pub struct LatencyPercentiles {
 }
 
 /// The dimensions of one side of a flow. Only the dimensions in `groupBy` are
-/// set. A peer that is not a known pod has `external: true` and its address;
-/// the overflow bucket of `maxSeries` has `other: true`.
+/// set. A node, or a pod on the host network (whose address is its node's),
+/// has `node` and `hostNetwork: true` (and `zone` when grouping by zone). A
+/// peer that is neither a known pod nor a node has `external: true` and its
+/// address; the overflow bucket of `maxSeries` has `other: true`.
 #[derive(
     Serialize,
     Deserialize,
@@ -322,6 +329,10 @@ pub struct FlowEndpoint {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub external: bool,
+    /// The node's own network: a node address (InternalIP, ExternalIP) or a
+    /// `hostNetwork` pod, named by `node`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub other: bool,
 }
@@ -372,6 +383,7 @@ impl FlowEndpoint {
                 .collect(),
             address: None,
             external: false,
+            host_network: false,
             other: false,
         }
     }
@@ -392,8 +404,14 @@ impl FlowEndpoint {
 pub struct TopFlow {
     pub source: FlowEndpoint,
     pub destination: FlowEndpoint,
-    /// The server port (0 when the protocol has none).
+    /// The server port (0 when the protocol has none); through a Service,
+    /// the backend's (target) port.
     pub port: u16,
+    /// The Service (`namespace/name`) the client connected through; the
+    /// `destination` is then the backend it was sent to. Absent for direct
+    /// connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` or the IP protocol number.
     pub protocol: String,
     pub bytes: u64,

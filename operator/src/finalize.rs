@@ -19,7 +19,7 @@ use crate::{
     collector::{Collector, now_ms},
     compile::{Compiler, Observation},
     context::Context,
-    model::PodInfo,
+    model::{NodeInfo, PodInfo},
 };
 
 /// How often due windows are finalized.
@@ -34,6 +34,10 @@ struct ObservationDirectory<'a> {
 impl Directory for ObservationDirectory<'_> {
     fn pod(&self, ip: &IpAddr) -> Option<&PodInfo> {
         self.compiler.pod_by_ip(ip)
+    }
+
+    fn node(&self, ip: &IpAddr) -> Option<&NodeInfo> {
+        self.compiler.node_by_address(ip)
     }
 
     fn traced(&self, ip: &IpAddr) -> bool {

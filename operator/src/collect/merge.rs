@@ -6,6 +6,15 @@
 //! side of a series is traced, what the series *received* is dropped here
 //! (the remote's agent reports it as sent), and a connection between two
 //! traced pods counts once, at its client. Nothing is counted twice.
+//!
+//! Remote addresses are named as a pod, else as a node (a node address or
+//! a host-network pod's: `node` and `hostNetwork`), else as external.
+//!
+//! A flow through a Service carries it (`service`) and is never merged with
+//! direct traffic. Only the client's agent knows the Service: what the
+//! server's side reports of such a connection (its replies, when the
+//! client is traced too) is attached to the client's flow when the client
+//! reported exactly one way of reaching that server and port.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -20,7 +29,7 @@ use flowlens_api::{
 };
 
 use super::Directory;
-use crate::model::PodInfo;
+use crate::model::{NodeInfo, PodInfo};
 
 /// One observation's window, summed over every node that reported it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -58,6 +67,8 @@ struct FlowId {
     destination: FlowEndpoint,
     port: u16,
     protocol: u8,
+    /// The Service the client connected through.
+    service: Option<String>,
 }
 
 impl FlowId {
@@ -67,7 +78,13 @@ impl FlowId {
             destination: FlowEndpoint::other(),
             port: 0,
             protocol: 0,
+            service: None,
         }
+    }
+
+    /// The flow without its Service.
+    fn direct(&self) -> (&FlowEndpoint, &FlowEndpoint, u16, u8) {
+        (&self.source, &self.destination, self.port, self.protocol)
     }
 }
 
@@ -76,6 +93,9 @@ struct FlowAcc {
     traffic: Traffic,
     flows: u64,
     rtt: Histogram,
+    /// Some series speaks for the connections (not only the server's side
+    /// of connections from a traced client, which cannot know the Service).
+    speaks: bool,
 }
 
 impl FlowAcc {
@@ -83,6 +103,7 @@ impl FlowAcc {
         self.traffic.add(&o.traffic);
         self.flows += o.flows;
         self.rtt.merge(&o.rtt);
+        self.speaks |= o.speaks;
     }
 }
 
@@ -101,6 +122,22 @@ fn pod_endpoint(p: &PodInfo, zone: Option<&str>, params: &MergeParams) -> FlowEn
             labels: &p.labels,
         },
     )
+}
+
+/// A node, or a host-network pod on it, projected on the observation's
+/// dimensions: always named (it is the identity of such a peer), its zone
+/// when grouping by zone.
+fn node_endpoint(n: &NodeInfo, params: &MergeParams) -> FlowEndpoint {
+    FlowEndpoint {
+        node: Some(n.name.clone()),
+        zone: params
+            .group_by
+            .contains(&GroupBy::Zone)
+            .then(|| n.zone.clone())
+            .flatten(),
+        host_network: true,
+        ..Default::default()
+    }
 }
 
 fn percentiles(h: &Histogram) -> LatencyPercentiles {
@@ -126,7 +163,8 @@ pub(crate) fn merge(
         max_series: params.max_series as u64,
         ..Default::default()
     };
-    let (flows, agent_folded) = sum_parts(parts, params, dir, &mut r);
+    let (mut flows, agent_folded) = sum_parts(parts, params, dir, &mut r);
+    attach_replies(&mut flows);
     let budget = apply_budget(flows, params.max_series);
     r.series = budget.series;
     r.folded_series = budget.folded + agent_folded;
@@ -154,6 +192,10 @@ fn sum_parts(
         for s in &part.series {
             let remote_ip: Option<IpAddr> = s.remote.as_deref().and_then(|a| a.parse().ok());
             let remote_pod = remote_ip.and_then(|ip| dir.pod(&ip));
+            let remote_node = match remote_pod {
+                Some(_) => None,
+                None => remote_ip.and_then(|ip| dir.node(&ip)),
+            };
             let remote_traced = remote_ip.is_some_and(|ip| dir.traced(&ip));
             let rx = if remote_traced {
                 Traffic::default()
@@ -183,20 +225,30 @@ fn sum_parts(
             r.retransmits += s.retransmits;
             r.drops += s.drops;
             latency.merge(rtt);
-            let remote_zone = remote_pod
-                .and_then(|p| p.node.as_deref())
-                .and_then(|n| dir.zone(n));
+            let remote_zone = match remote_node {
+                Some(n) => n.zone.as_deref(),
+                None => remote_pod
+                    .and_then(|p| p.node.as_deref())
+                    .and_then(|n| dir.zone(n)),
+            };
             if let (Some(a), Some(b)) = (local_zone, remote_zone)
                 && a != b
             {
                 r.cross_zone_bytes += traffic.bytes;
             }
 
-            let id = flow_id(s, remote_ip, remote_pod, remote_zone, params);
+            let remote = Remote {
+                ip: remote_ip,
+                pod: remote_pod,
+                node: remote_node,
+                zone: remote_zone,
+            };
+            let id = flow_id(s, &remote, params);
             let acc = flows.entry(id).or_default();
             acc.traffic.add(&traffic);
             acc.flows += connections;
             acc.rtt.merge(rtt);
+            acc.speaks |= !client_side_counts;
         }
     }
     r.nodes_reporting = nodes.len() as u32;
@@ -204,23 +256,30 @@ fn sum_parts(
     (flows, agent_folded)
 }
 
-/// The flow a series belongs to: client and server dimensions, port and
-/// protocol (the `other` flow for the agents' overflow bucket).
-fn flow_id(
-    s: &Series,
-    remote_ip: Option<IpAddr>,
-    remote_pod: Option<&PodInfo>,
-    remote_zone: Option<&str>,
-    params: &MergeParams,
-) -> FlowId {
+/// What is known of a series' remote address.
+struct Remote<'a> {
+    ip: Option<IpAddr>,
+    pod: Option<&'a PodInfo>,
+    /// When it is no pod's: the node it belongs to.
+    node: Option<&'a NodeInfo>,
+    zone: Option<&'a str>,
+}
+
+/// The flow a series belongs to: client and server dimensions, port,
+/// protocol and Service (the `other` flow for the agents' overflow bucket).
+fn flow_id(s: &Series, remote: &Remote, params: &MergeParams) -> FlowId {
     if s.local.other || s.remote.is_none() {
         return FlowId::other();
     }
     let local = s.local.clone();
-    let remote = match (remote_pod, remote_ip) {
-        (Some(p), _) => pod_endpoint(p, remote_zone, params),
-        (None, ip) => FlowEndpoint {
-            address: ip.map(|i| i.to_string()).or_else(|| s.remote.clone()),
+    let remote = match (remote.pod, remote.node) {
+        (Some(p), _) => pod_endpoint(p, remote.zone, params),
+        (None, Some(n)) => node_endpoint(n, params),
+        (None, None) => FlowEndpoint {
+            address: remote
+                .ip
+                .map(|i| i.to_string())
+                .or_else(|| s.remote.clone()),
             external: true,
             ..Default::default()
         },
@@ -234,6 +293,34 @@ fn flow_id(
         destination,
         port: s.port,
         protocol: s.protocol,
+        service: s.service.clone(),
+    }
+}
+
+/// Attaches what only the server's side reported (its half of connections
+/// from a traced client) to the client's flow through a Service, when the
+/// client reached that server and port one way only: through that one
+/// Service. Otherwise (direct connections too, or several Services) it
+/// stays a flow of its own without a Service.
+fn attach_replies(flows: &mut HashMap<FlowId, FlowAcc>) {
+    let mut ways: HashMap<(&FlowEndpoint, &FlowEndpoint, u16, u8), Vec<&FlowId>> = HashMap::new();
+    for (id, acc) in flows.iter() {
+        if acc.speaks {
+            ways.entry(id.direct()).or_default().push(id);
+        }
+    }
+    let moves: Vec<(FlowId, FlowId)> = flows
+        .iter()
+        .filter(|(id, acc)| !acc.speaks && id.service.is_none())
+        .filter_map(|(id, _)| match ways.get(&id.direct())?.as_slice() {
+            [only] if only.service.is_some() => Some((id.clone(), (*only).clone())),
+            _ => None,
+        })
+        .collect();
+    for (from, to) in moves {
+        if let Some(acc) = flows.remove(&from) {
+            flows.entry(to).or_default().add(&acc);
+        }
     }
 }
 
@@ -295,6 +382,7 @@ fn top_flows(kept: Vec<(FlowId, FlowAcc)>, top_n: usize) -> Vec<TopFlow> {
                 source: id.source,
                 destination: id.destination,
                 port: id.port,
+                service: id.service,
                 protocol: if id.protocol == 0 {
                     "-".into()
                 } else {

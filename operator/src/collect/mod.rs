@@ -15,12 +15,15 @@ pub(crate) mod policy_book;
 
 use std::net::IpAddr;
 
-use crate::model::PodInfo;
+use crate::model::{NodeInfo, PodInfo};
 
 /// What the merge needs to know about the cluster, for one observation.
 pub(crate) trait Directory {
     /// The (non host-network) pod that has this address.
     fn pod(&self, ip: &IpAddr) -> Option<&PodInfo>;
+    /// The node that has this address: one of its InternalIP and ExternalIP
+    /// addresses, or the IP of a host-network pod on it.
+    fn node(&self, ip: &IpAddr) -> Option<&NodeInfo>;
     /// Whether the observation traces the pod with this address (then that
     /// pod's own agent reports what it sends).
     fn traced(&self, ip: &IpAddr) -> bool;

@@ -56,29 +56,33 @@ fn service_port(
     p: &ServicePortInfo,
     out: &mut Vec<ServiceFrontend>,
 ) {
-    let frontend = |address: IpAddr, port: u16, local_only: bool| ServiceFrontend {
-        service: s.key(),
-        address: address.to_string(),
-        port,
-        protocol: p.protocol,
-        client_affinity: s.client_affinity,
-        backends: backends(
-            c,
-            s,
-            p,
-            address.is_ipv4(),
-            local_only.then_some(node.name.as_str()),
-        ),
-    };
+    // `local_only`: internalTrafficPolicy Local applies; `node_port`: one
+    // of this node's addresses with a nodePort.
+    let frontend =
+        |address: IpAddr, port: u16, local_only: bool, node_port: bool| ServiceFrontend {
+            service: s.key(),
+            address: address.to_string(),
+            port,
+            protocol: p.protocol,
+            client_affinity: s.client_affinity,
+            node_port,
+            backends: backends(
+                c,
+                s,
+                p,
+                address.is_ipv4(),
+                local_only.then_some(node.name.as_str()),
+            ),
+        };
     for ip in &s.cluster_ips {
-        out.push(frontend(*ip, p.port, s.internal_local));
+        out.push(frontend(*ip, p.port, s.internal_local, false));
     }
     for ip in s.external_ips.iter().chain(&s.load_balancer_ips) {
-        out.push(frontend(*ip, p.port, false));
+        out.push(frontend(*ip, p.port, false, false));
     }
     if let (true, Some(node_port)) = (s.node_ports, p.node_port) {
         for ip in &node.addresses {
-            out.push(frontend(*ip, node_port, false));
+            out.push(frontend(*ip, node_port, false, true));
         }
     }
 }

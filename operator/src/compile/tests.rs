@@ -639,3 +639,30 @@ fn incremental_equals_bulk() {
     }
     assert!(frontends > 0, "the events reach Services");
 }
+
+#[test]
+fn node_addresses_and_host_network_pods_resolve_to_their_node() {
+    let mut c = shop();
+    let mut n2 = node("n2", "b");
+    n2.addresses = vec!["192.0.2.2".parse().unwrap()];
+    c.upsert_node(n2);
+    let mut hn = pod("kube-system", "exporter-1", "n1", "192.0.2.1", &[]);
+    hn.host_network = true;
+    c.upsert_pod(hn);
+    let name = |c: &Compiler, ip: &str| {
+        c.node_by_address(&ip.parse().unwrap())
+            .map(|n| n.name.clone())
+    };
+    assert_eq!(name(&c, "192.0.2.2").as_deref(), Some("n2"));
+    assert_eq!(
+        name(&c, "192.0.2.1").as_deref(),
+        Some("n1"),
+        "a host-network pod"
+    );
+    assert_eq!(name(&c, "10.0.1.1"), None, "a pod's own address");
+    assert!(c.pod_by_ip(&"192.0.2.1".parse().unwrap()).is_none());
+    c.delete_pod("kube-system/exporter-1");
+    assert_eq!(name(&c, "192.0.2.1"), None);
+    c.upsert_node(node("n2", "b"));
+    assert_eq!(name(&c, "192.0.2.2"), None, "the address is gone");
+}

@@ -10,6 +10,7 @@ use super::*;
 #[derive(Default)]
 struct Dir {
     pods: HashMap<IpAddr, PodInfo>,
+    nodes: HashMap<IpAddr, NodeInfo>,
     traced: HashSet<IpAddr>,
     zones: BTreeMap<String, String>,
 }
@@ -17,6 +18,9 @@ struct Dir {
 impl Directory for Dir {
     fn pod(&self, ip: &IpAddr) -> Option<&PodInfo> {
         self.pods.get(ip)
+    }
+    fn node(&self, ip: &IpAddr) -> Option<&NodeInfo> {
+        self.nodes.get(ip)
     }
     fn traced(&self, ip: &IpAddr) -> bool {
         self.traced.contains(ip)
@@ -37,6 +41,17 @@ impl Dir {
         d.zones.insert("n2".into(), "z2".into());
         d.zones.insert("n3".into(), "z1".into());
         d
+    }
+
+    /// An address of node `node` (a node address or a host-network pod's).
+    fn add_node_address(&mut self, addr: &str, node: &str) {
+        let n = NodeInfo {
+            name: node.into(),
+            uid: node.into(),
+            zone: self.zones.get(node).cloned(),
+            addresses: vec![ip(addr)],
+        };
+        self.nodes.insert(ip(addr), n);
     }
 
     fn add_pod(
@@ -416,4 +431,183 @@ fn the_servers_rtt_counts_only_when_its_client_is_not_traced() {
         &d,
     );
     assert_eq!(r.latency.unwrap().samples, 3);
+}
+
+#[test]
+fn node_addresses_and_host_network_pods_are_named_as_their_node() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_node_address("192.0.2.2", "n2");
+    d.add_node_address("198.51.100.2", "n2");
+    let p = part(vec![
+        // The kubelet probing web (from n1's own address would be the same).
+        series(
+            dims("shop", "web"),
+            "192.0.2.2",
+            8080,
+            Role::Server,
+            1,
+            traffic(2, 200),
+            traffic(2, 200),
+            &[],
+        ),
+        // web -> a host-network DaemonSet pod on n2, through its ExternalIP.
+        series(
+            dims("shop", "web"),
+            "198.51.100.2",
+            9100,
+            Role::Client,
+            1,
+            traffic(1, 100),
+            traffic(1, 100),
+            &[],
+        ),
+    ]);
+    let params = MergeParams {
+        group_by: &[GroupBy::Namespace, GroupBy::Zone],
+        ..DEFAULT
+    };
+    let r = merge(100, 110, &[("n1".into(), p)], &params, &d);
+    assert_eq!(r.top_flows.len(), 2);
+    let node = FlowEndpoint {
+        node: Some("n2".into()),
+        zone: Some("z2".into()),
+        host_network: true,
+        ..Default::default()
+    };
+    let probe = r.top_flows.iter().find(|f| f.port == 8080).unwrap();
+    assert_eq!(probe.source, node, "named as the node, not external");
+    let scrape = r.top_flows.iter().find(|f| f.port == 9100).unwrap();
+    assert_eq!(scrape.destination, node);
+    assert_eq!(r.cross_zone_bytes, 600, "n2 is in z2");
+    let json = serde_json::to_value(&scrape.destination).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"node": "n2", "zone": "z2", "hostNetwork": true})
+    );
+}
+
+fn through(mut s: Series, service: &str) -> Series {
+    s.service = Some(service.into());
+    s
+}
+
+#[test]
+fn flows_through_a_service_name_it_and_are_not_merged_with_direct_ones() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", false);
+    let direct = series(
+        dims("shop", "web"),
+        "10.0.2.1",
+        5432,
+        Role::Client,
+        1,
+        traffic(1, 100),
+        traffic(1, 100),
+        &[],
+    );
+    let via = through(
+        series(
+            dims("shop", "web"),
+            "10.0.2.1",
+            5432,
+            Role::Client,
+            2,
+            traffic(3, 300),
+            traffic(3, 300),
+            &[],
+        ),
+        "shop/db",
+    );
+    let r = merge(
+        100,
+        110,
+        &[("n1".into(), part(vec![direct, via]))],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.top_flows.len(), 2, "{:#?}", r.top_flows);
+    assert_eq!(r.top_flows[0].service.as_deref(), Some("shop/db"));
+    assert_eq!(
+        r.top_flows[0].destination.workload.as_deref(),
+        Some("Deployment/db"),
+        "the destination is the backend pod"
+    );
+    assert_eq!((r.top_flows[0].bytes, r.top_flows[0].flows), (600, 2));
+    assert_eq!(r.top_flows[1].service, None);
+    assert_eq!(r.bytes, 800);
+
+    // groupBy [service]: no pod dimensions, one flow per Service and port.
+    let params = MergeParams {
+        group_by: &[GroupBy::Service],
+        ..DEFAULT
+    };
+    let local = FlowEndpoint::default();
+    let p = part(vec![
+        through(
+            series(
+                local.clone(),
+                "10.0.2.1",
+                5432,
+                Role::Client,
+                1,
+                traffic(2, 200),
+                traffic(2, 200),
+                &[],
+            ),
+            "shop/db",
+        ),
+        series(
+            local,
+            "10.0.2.1",
+            5432,
+            Role::Client,
+            1,
+            traffic(1, 100),
+            traffic(1, 100),
+            &[],
+        ),
+    ]);
+    let r = merge(100, 110, &[("n1".into(), p)], &params, &d);
+    let services: Vec<Option<&str>> = r.top_flows.iter().map(|f| f.service.as_deref()).collect();
+    assert_eq!(services, vec![Some("shop/db"), None]);
+    assert_eq!(r.top_flows[0].destination, FlowEndpoint::default());
+}
+
+#[test]
+fn the_servers_side_of_a_service_connection_joins_the_clients_flow() {
+    let d = web_and_db();
+    // web -> Service shop/db -> db-1: web's agent knows the Service, db's
+    // agent sees a connection from web's address.
+    let from_n1 = part(vec![through(web_db_side(Role::Client, &[1000]), "shop/db")]);
+    let from_n2 = part(vec![web_db_side(Role::Server, &[])]);
+    let r = merge(
+        100,
+        110,
+        &[
+            ("n1".into(), from_n1.clone()),
+            ("n2".into(), from_n2.clone()),
+        ],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.top_flows.len(), 1, "{:#?}", r.top_flows);
+    let f = &r.top_flows[0];
+    assert_eq!(f.service.as_deref(), Some("shop/db"));
+    assert_eq!((f.bytes, f.flows), (10_780, 1), "both directions, once");
+
+    // web also connected to db directly: which of the two the server's
+    // side belongs to is unknown, so it stays a flow of its own.
+    let mut both = from_n1;
+    both.series.push(web_db_side(Role::Client, &[]));
+    let r = merge(
+        100,
+        110,
+        &[("n1".into(), both), ("n2".into(), from_n2)],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(r.top_flows.len(), 2, "{:#?}", r.top_flows);
+    assert_eq!(r.bytes, 10_520 * 2 + 260, "the server's side once");
 }

@@ -206,6 +206,12 @@ fn node_ports_use_only_this_nodes_addresses() {
         n1.iter()
             .all(|f| f.client_affinity && f.backends == vec![backend("10.0.2.1", 5432)])
     );
+    let node_ports: Vec<&str> = n1
+        .iter()
+        .filter(|f| f.node_port)
+        .map(|f| f.address.as_str())
+        .collect();
+    assert_eq!(node_ports, vec!["192.0.2.1", "198.51.100.1"]);
     let n2 = cfg(&mut c, "n2").services;
     assert!(
         n2.iter()
