@@ -594,3 +594,208 @@ async fn uninstall_keeps_enforcing_until_the_cleanup_removes_every_program() {
     rollout_status("flowlens-system", "ds/flowlens-agent").unwrap();
     rollout_status("flowlens-system", "deploy/flowlens-operator").unwrap();
 }
+
+/// `{"spec": ...}` of this node's NodeAgentConfig lists `address:port` as a
+/// Service frontend with backends, and the agent applied that revision.
+fn agent_translates(address: &str, port: u16) -> bool {
+    let Ok(out) = kubectl(&["get", "nodeagentconfigs", "-o", "json"]) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+        return false;
+    };
+    v["items"].as_array().into_iter().flatten().any(|nac| {
+        let listed = nac["spec"]["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|f| {
+                f["address"] == address
+                    && f["port"] == port
+                    && f["backends"].as_array().is_some_and(|b| !b.is_empty())
+            });
+        listed && nac["status"]["appliedRevision"] == nac["spec"]["revision"]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_services_blocked_connections_are_refused_and_traffic_counts_once() {
+    require_cluster();
+    let client = client().await.unwrap();
+    let ns = TestNamespace::new("fl-svc", &[]).unwrap();
+    let (db, _) = ns
+        .deploy_with_ports(
+            "db",
+            "nc -lk -p 5432 & exec iperf3 -s",
+            &[("pg", 5432), ("iperf", 5201)],
+        )
+        .unwrap();
+    let (web, _) = ns.deploy("web", "exec sleep infinity").unwrap();
+    // db: 5432 as is, and 80 -> the named port `iperf` (5201); db-np: a
+    // NodePort to the named port `pg`.
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: {ns}}}
+spec:
+  selector: {{app: db}}
+  ports:
+  - {{name: pg, port: 5432, targetPort: 5432}}
+  - {{name: http, port: 80, targetPort: iperf}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db-np, namespace: {ns}}}
+spec:
+  type: NodePort
+  selector: {{app: db}}
+  ports:
+  - {{name: pg, port: 15432, targetPort: pg}}
+---
+apiVersion: flowlens.dev/v1alpha1
+kind: FlowPolicy
+metadata: {{name: web-no-db, namespace: {ns}}}
+spec:
+  mode: Enforce
+  podSelector: {{matchLabels: {{app: web}}}}
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]
+    ports: [{{protocol: TCP, port: 5432}}]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    let get = |what: &str, path: &str| {
+        kubectl(&[
+            "-n",
+            &ns.name,
+            "get",
+            what,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+        .unwrap()
+    };
+    let cluster_ip = get("service/db", "{.spec.clusterIP}");
+    let node_port: u16 = get("service/db-np", "{.spec.ports[0].nodePort}")
+        .parse()
+        .unwrap();
+    let node_ip = kubectl(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+    ])
+    .unwrap();
+    let obs = Observed::start(&client, &ns).await;
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the agent translates the Services",
+        || {
+            (agent_translates(&cluster_ip, 5432)
+                && agent_translates(&cluster_ip, 80)
+                && agent_translates(&node_ip, node_port))
+            .then_some(())
+        },
+    );
+
+    // Blocked through the ClusterIP and the NodePort: refused by connect()
+    // itself (nc fails at once instead of waiting for its 2 s timeout).
+    let attempts = 20;
+    let script = format!(
+        "t0=$(date +%s%N); ok=0; for i in $(seq 1 {attempts}); do \
+           nc -z -w 2 {cluster_ip} 5432 && ok=$((ok+1)); nc -z -w 2 {node_ip} {node_port} && ok=$((ok+1)); \
+         done; ms=$(( ($(date +%s%N) - t0) / 1000000 )); \
+         allowed=0; nc -z -w 2 {cluster_ip} 80 && allowed=1; echo $ok $allowed $ms"
+    );
+    let out = exec(&ns.name, &web, &["bash", "-c", &script]).unwrap();
+    let v: Vec<u64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    println!(
+        "through Services: {} of {} blocked connections got through, in {} ms; allowed port: {}",
+        v[0],
+        2 * attempts,
+        v[2],
+        v[1]
+    );
+    assert_eq!(v[0], 0, "blocked connections that got through a Service");
+    assert_eq!(v[1], 1, "the Service's allowed port (80 -> iperf) works");
+    assert!(
+        v[2] < 2 * attempts * 500,
+        "{} ms for {} refusals: not refused at connect()",
+        v[2],
+        2 * attempts
+    );
+    let policies = Api::<FlowPolicy>::namespaced(client.clone(), &ns.name);
+    let blocked = eventually(Duration::from_secs(60), "refusals in status", || {
+        let p = policies.clone();
+        async move {
+            let b = p.get("web-no-db").await.ok()?.status?.blocked?;
+            (b.connections >= 2 * attempts).then_some(b)
+        }
+    })
+    .await;
+    assert_eq!(
+        blocked.connections,
+        2 * attempts,
+        "each refusal counted once"
+    );
+
+    // Bytes through the Service: once, as the web -> db pod flow.
+    let total_before = obs.total().await;
+    let before = ns.eth0(&web).unwrap();
+    exec(
+        &ns.name,
+        &web,
+        &[
+            "iperf3",
+            "-c",
+            &cluster_ip,
+            "-p",
+            "80",
+            "-t",
+            "4",
+            "-b",
+            "200M",
+            "--connect-timeout",
+            "3000",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = ns.eth0(&web).unwrap();
+    let total = obs.total_after_now().await;
+    let d = after.since(&before);
+    let counted = total.payload_bytes - total_before.payload_bytes;
+    let wire = wire_payload(&d);
+    println!(
+        "through the Service: web eth0 {wire} payload bytes; status {counted} ({:+.4}%)",
+        pct(counted, wire)
+    );
+    assert!(
+        pct(counted, wire).abs() < 0.5,
+        "status {counted} vs interface {wire}: {:+.3}% (2x would be double counting)",
+        pct(counted, wire)
+    );
+    let (ns_name, pod, ip) = (ns.name.clone(), web.clone(), cluster_ip.clone());
+    let second = std::thread::spawn(move || {
+        exec(
+            &ns_name,
+            &pod,
+            &["iperf3", "-c", &ip, "-p", "80", "-t", "12", "-b", "10M"],
+        )
+    });
+    let service = format!("{}/db", ns.name);
+    let top = obs
+        .wait("a top flow through the Service", |s| {
+            s.top_flows
+                .into_iter()
+                .find(|f| f.service.as_deref() == Some(service.as_str()))
+        })
+        .await;
+    second.join().unwrap().unwrap();
+    println!("top flow: {top:?}");
+    assert_eq!(top.port, 5201, "the backend's port, not the Service's");
+    assert_eq!(top.destination.pod.as_deref(), Some(db.as_str()));
+    assert_eq!(top.source.pod.as_deref(), Some(web.as_str()));
+}

@@ -44,10 +44,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, TcContext, TracePointContext},
 };
 use flowlens_agent_common::{
-    COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS,
-    ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey, ServiceSocket, VERDICT_DROP,
-    VERDICT_PASS, v4_mapped,
+    COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey,
+    ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
 };
 
 use crate::{
@@ -324,7 +324,14 @@ pub fn fl_connect4(ctx: SockAddrContext) -> i32 {
             ctx_u32(&raw const (*sa).protocol),
         )
     };
-    on_connect(&ctx, false, v4_mapped(ip4.to_ne_bytes()), true, port, protocol)
+    on_connect(
+        &ctx,
+        false,
+        v4_mapped(ip4.to_ne_bytes()),
+        true,
+        port,
+        protocol,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -345,7 +352,12 @@ pub fn fl_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(s) = unsafe { FL_SVC_SOCKS.get(&cookie) } {
         let sa = ctx.sock_addr;
-        let a = [s.frontend[12], s.frontend[13], s.frontend[14], s.frontend[15]];
+        let a = [
+            s.frontend[12],
+            s.frontend[13],
+            s.frontend[14],
+            s.frontend[15],
+        ];
         unsafe {
             ctx_write_u32(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
             ctx_write_u32(&raw mut (*sa).user_port, s.port.to_be() as u32);

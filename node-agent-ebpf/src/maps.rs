@@ -15,10 +15,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    CgroupEndpoint, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
-    FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey, RttKey,
-    RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey,
-    ServiceSocket, SkbLayout, BackendKey,
+    BackendKey, CgroupEndpoint, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo,
+    EndpointKey, FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey,
+    RttKey, RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo,
+    ServiceKey, ServiceSocket, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
