@@ -147,11 +147,23 @@ impl<'a> SpecBuilder<'a> {
         self
     }
 
-    /// Adds a Service frontend `test/<name>` at `address:port` (TCP) whose
+    /// Adds a TCP Service frontend `test/<name>` at `address:port` whose
     /// backends are `backends` (pod, target port), IPv4 or IPv6 like the
     /// address.
     pub fn service(
         &mut self,
+        name: &str,
+        address: &str,
+        port: u16,
+        backends: &[(usize, u16)],
+    ) -> &mut Self {
+        self.service_of(Protocol::Tcp, name, address, port, backends)
+    }
+
+    /// [`Self::service`] for another protocol.
+    pub fn service_of(
+        &mut self,
+        protocol: Protocol,
         name: &str,
         address: &str,
         port: u16,
@@ -162,7 +174,7 @@ impl<'a> SpecBuilder<'a> {
             service: format!("test/{name}"),
             address: address.into(),
             port,
-            protocol: Protocol::Tcp,
+            protocol,
             client_affinity: false,
             node_port: false,
             backends: backends

@@ -182,7 +182,7 @@ fn malformed() -> Vec<Malformed> {
         Malformed {
             what: "unknown groupBy dimension",
             kind: obs,
-            spec: json!({"namespaces": ["a"], "groupBy": ["service"]}),
+            spec: json!({"namespaces": ["a"], "groupBy": ["services"]}),
             field: "spec.groupBy",
         },
         Malformed {

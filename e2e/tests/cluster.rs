@@ -798,4 +798,33 @@ spec:
     assert_eq!(top.port, 5201, "the backend's port, not the Service's");
     assert_eq!(top.destination.pod.as_deref(), Some(db.as_str()));
     assert_eq!(top.source.pod.as_deref(), Some(web.as_str()));
+
+    // The node itself (its API server port here) is named as the node, not
+    // as an external address.
+    let node_name = kubectl(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]).unwrap();
+    let (ns_name, pod, ip) = (ns.name.clone(), web.clone(), node_ip.clone());
+    let pinger = std::thread::spawn(move || {
+        exec(
+            &ns_name,
+            &pod,
+            &[
+                "bash",
+                "-c",
+                &format!("for i in $(seq 1 30); do nc -z -w 1 {ip} 26443; sleep 0.5; done; true"),
+            ],
+        )
+    });
+    let to_node = obs
+        .wait("a top flow to the node", |s| {
+            s.top_flows.into_iter().find(|f| f.port == 26443)
+        })
+        .await;
+    pinger.join().unwrap().unwrap();
+    println!("top flow to the node: {to_node:?}");
+    assert_eq!(
+        to_node.destination.node.as_deref(),
+        Some(node_name.as_str())
+    );
+    assert!(to_node.destination.host_network, "{to_node:?}");
+    assert!(!to_node.destination.external, "{to_node:?}");
 }

@@ -425,14 +425,18 @@ pub struct ServiceConnKey {
     pub _pad: u8,
 }
 
-/// What a translated socket connected to, for `getpeername()`.
+/// What a translated socket connected to (the frontend) and was given (the
+/// backend), for `getpeername()` and `recvmsg()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSocket {
     pub frontend: [u8; 16],
+    pub backend: [u8; 16],
     /// Host order.
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// Host order.
+    pub backend_port: u16,
+    pub _pad: [u8; 4],
 }
 
 macro_rules! assert_size {
@@ -459,7 +463,7 @@ assert_size!(ServiceInfo, 24);
 assert_size!(BackendKey, 8);
 assert_size!(ServiceBackendAddr, 24);
 assert_size!(ServiceConnKey, 36);
-assert_size!(ServiceSocket, 24);
+assert_size!(ServiceSocket, 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -121,7 +121,15 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         && let Some(svc) = service::frontend(generation, &p.dst, p.dport, p.protocol)
         && let Some(why) = service::any_blocked(generation, svc, &p.src, ep, p.protocol)
     {
-        policy::count(generation, why.endpoint_id, &why.decision, p.packets, 0);
+        let syn =
+            p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
+        policy::count(
+            generation,
+            why.endpoint_id,
+            &why.decision,
+            p.packets,
+            if syn { 1 } else { 0 },
+        );
         return TC_ACT_SHOT;
     }
     if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
@@ -349,33 +357,76 @@ pub fn fl_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn fl_getpeername4(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(s) = unsafe { FL_SVC_SOCKS.get(&cookie) } {
-        let sa = ctx.sock_addr;
-        let a = [
-            s.frontend[12],
-            s.frontend[13],
-            s.frontend[14],
-            s.frontend[15],
-        ];
-        unsafe {
-            ctx_write_u32(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
-            ctx_write_u32(&raw mut (*sa).user_port, s.port.to_be() as u32);
-        }
-    }
+    restore_frontend4(&ctx);
     1
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn fl_getpeername6(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(s) = unsafe { FL_SVC_SOCKS.get(&cookie) } {
-        unsafe {
-            write_ip6(ctx.sock_addr, &s.frontend);
-            ctx_write_u32(&raw mut (*ctx.sock_addr).user_port, s.port.to_be() as u32);
-        }
-    }
+    restore_frontend6(&ctx);
     1
+}
+
+/// A reply on a translated UDP socket comes from the backend: the
+/// application (glibc's resolver checks this) sees the Service address.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn fl_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_frontend4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn fl_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_frontend6(&ctx);
+    1
+}
+
+/// Rewrites the context's address from the socket's backend to the
+/// frontend it connected to (only when it is that backend).
+#[inline(always)]
+fn restore_frontend4(ctx: &SockAddrContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(s) = (unsafe { FL_SVC_SOCKS.get(&cookie) }) else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    let (ip4, port) = unsafe {
+        (
+            ctx_u32(&raw const (*sa).user_ip4),
+            ctx_u32(&raw const (*sa).user_port),
+        )
+    };
+    if v4_mapped(ip4.to_ne_bytes()) != s.backend || u16::from_be(port as u16) != s.backend_port {
+        return;
+    }
+    let a = [
+        s.frontend[12],
+        s.frontend[13],
+        s.frontend[14],
+        s.frontend[15],
+    ];
+    unsafe {
+        ctx_write_u32(&raw mut (*sa).user_ip4, u32::from_ne_bytes(a));
+        ctx_write_u32(&raw mut (*sa).user_port, s.port.to_be() as u32);
+    }
+}
+
+#[inline(always)]
+fn restore_frontend6(ctx: &SockAddrContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(s) = (unsafe { FL_SVC_SOCKS.get(&cookie) }) else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    let ip6 = unsafe { read_ip6(sa) };
+    let port = unsafe { ctx_u32(&raw const (*sa).user_port) };
+    if ip6 != s.backend || u16::from_be(port as u16) != s.backend_port {
+        return;
+    }
+    unsafe {
+        write_ip6(sa, &s.frontend);
+        ctx_write_u32(&raw mut (*sa).user_port, s.port.to_be() as u32);
+    }
 }
 
 /// Reads `user_ip6` (four loads at constant offsets).
@@ -462,7 +513,7 @@ fn on_connect(
         })
     };
     if let Some(svc) = service::frontend(generation, &remote, port, protocol) {
-        return match service::choose(generation, svc, &local, ep, protocol) {
+        return match service::choose(generation, svc, &remote, port, &local, ep, protocol) {
             service::Choice::Backend(b) => {
                 translate(ctx, ctx6, &b);
                 let conn = ServiceConnKey {
@@ -476,8 +527,10 @@ fn on_connect(
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let sock = ServiceSocket {
                     frontend: remote,
+                    backend: b.addr,
                     port,
-                    _pad: [0; 6],
+                    backend_port: b.port,
+                    _pad: [0; 4],
                 };
                 let _ = FL_SVC_SOCKS.insert(&cookie, &sock, 0);
                 bump(COUNTER_SERVICE_TRANSLATED);
@@ -486,17 +539,18 @@ fn on_connect(
             service::Choice::Refused(why) => {
                 policy::count(generation, why.endpoint_id, &why.decision, 0, 1);
                 bump(COUNTER_CONNECT_DENIED);
+                forget_socket(ctx);
                 0
             }
-            service::Choice::Unavailable => 1,
+            service::Choice::Unavailable => {
+                forget_socket(ctx);
+                1
+            }
         };
     }
-    if protocol == PROTO_UDP {
-        // A UDP socket may reconnect elsewhere: its old Service is no more
-        // its peer.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = FL_SVC_SOCKS.remove(&cookie);
-    }
+    // A socket may connect again elsewhere: its old Service is no more its
+    // peer.
+    forget_socket(ctx);
     if let Some(ep) = ep {
         let d = policy::evaluate(generation, ep, ROLE_CLIENT, &remote, protocol, port);
         if d.verdict == VERDICT_DROP {
@@ -520,6 +574,13 @@ fn on_connect(
         }
     }
     1
+}
+
+/// Forgets what a socket was translated to.
+#[inline(always)]
+fn forget_socket(ctx: &SockAddrContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = FL_SVC_SOCKS.remove(&cookie);
 }
 
 /// Rewrites the connect()'s destination to `b`.

@@ -111,6 +111,24 @@ pub enum Choice {
     Unavailable,
 }
 
+/// Rules written against the Service address itself (an `ipBlock` with a
+/// ClusterIP or LoadBalancer IP) still apply to the client.
+#[inline(always)]
+fn frontend_blocked(
+    generation: u32,
+    addr: &[u8; 16],
+    port: u16,
+    ep: Option<&EndpointInfo>,
+    protocol: u8,
+) -> Option<Blocked> {
+    let ep = ep?;
+    let d = policy::evaluate(generation, ep, ROLE_CLIENT, addr, protocol, port);
+    (d.verdict == VERDICT_DROP).then_some(Blocked {
+        endpoint_id: ep.id,
+        decision: d,
+    })
+}
+
 /// A hash of the client's address, for `sessionAffinity: ClientIP`.
 #[inline(always)]
 fn client_hash(client: &[u8; 16]) -> u32 {
@@ -127,13 +145,19 @@ fn client_hash(client: &[u8; 16]) -> u32 {
 /// one (or the client's own, with affinity), the first allowed of up to
 /// [`SERVICE_BACKENDS_EXAMINED`] in order.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     generation: u32,
     svc: &ServiceInfo,
+    svc_addr: &[u8; 16],
+    svc_port: u16,
     client: &[u8; 16],
     ep: Option<&EndpointInfo>,
     protocol: u8,
 ) -> Choice {
+    if let Some(why) = frontend_blocked(generation, svc_addr, svc_port, ep, protocol) {
+        return Choice::Refused(why);
+    }
     let count = svc.count;
     if count == 0 {
         return Choice::Unavailable;

@@ -366,4 +366,3 @@ vethA\t0501A80A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         assert_eq!(lookup(&r, &"::1".parse().unwrap()), None);
     }
 }
-

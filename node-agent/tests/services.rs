@@ -69,10 +69,16 @@ fn a_service_connect_goes_to_an_allowed_backend_or_is_refused_when_all_are_block
     let web = topo.add_pod(n, "web");
     let db1 = topo.add_pod(n, "db1");
     let db2 = topo.add_pod(n, "db2");
+    let udp_echo = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353))\nwhile True:\n    d, a = s.recvfrom(100)\n    s.sendto(d, a)\n";
     let _servers = [
         echo(&topo, db1, 5432),
         echo(&topo, db2, 5432),
         echo(&topo, db1, 8080),
+        Proc::spawn(
+            "udp-echo",
+            topo.pod_cmd(db2, "python3", &["-c", udp_echo]),
+            None,
+        ),
     ];
     std::thread::sleep(Duration::from_millis(200));
 
@@ -81,7 +87,8 @@ fn a_service_connect_goes_to_an_allowed_backend_or_is_refused_when_all_are_block
     b.trace("obs", 2, &[web, db1, db2])
         .service("db", VIP, 5432, &[(db1, 5432), (db2, 5432)])
         .service("db", VIP6, 5432, &[(db1, 5432), (db2, 5432)])
-        .service("api", "10.96.77.11", 80, &[(db1, 8080)]);
+        .service("api", "10.96.77.11", 80, &[(db1, 8080)])
+        .service_of(Protocol::Udp, "dns", "10.96.77.12", 53, &[(db2, 5353)]);
     let spec = b.build();
     let mut agent = Agent::standalone(&topo, 0, &spec, &[]);
 
@@ -112,6 +119,26 @@ fn a_service_connect_goes_to_an_allowed_backend_or_is_refused_when_all_are_block
     );
     let peer = String::from_utf8_lossy(&peer.stdout);
     assert_eq!(peer.trim(), format!("('{VIP}', 5432)"), "getpeername");
+
+    // A connected UDP socket (glibc's resolver) gets its replies from the
+    // Service address it connected to, not from the backend.
+    let reply = topo.pod_output(
+        web,
+        "python3",
+        &[
+            "-c",
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); \
+             s.connect(('10.96.77.12', 53)); s.send(b'q'); d, a = s.recvfrom(100); print(d.decode(), a)",
+        ],
+    );
+    let ss = topo.pod_output(db2, "ss", &["-uanp"]);
+    let err = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&reply.stderr),
+        String::from_utf8_lossy(&ss.stdout)
+    );
+    let reply = String::from_utf8_lossy(&reply.stdout);
+    assert_eq!(reply.trim(), "q ('10.96.77.12', 53)", "recvmsg: {err}");
 
     // Counted under the backend pods, with the Service named, once.
     let named = wait_for(Duration::from_secs(10), || {
@@ -212,4 +239,24 @@ fn a_service_connect_goes_to_an_allowed_backend_or_is_refused_when_all_are_block
     // The other Service still works.
     let api = connect_loop(&topo, web, "10.96.77.11:80", 100);
     assert_eq!(api["successes"], api["attempts"], "{api}");
+
+    // A rule written against the Service address itself still applies.
+    b.remove_policy("no-db1").remove_policy("no-db2").rule(
+        "no-api-address",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[web],
+        &["10.96.77.11/32"],
+        &[(TCP, 80, 80)],
+    );
+    let spec = b.build();
+    agent.set_config(&spec);
+    agent.wait_revision(&spec.revision, Duration::from_secs(10));
+    let api = connect_loop(&topo, web, "10.96.77.11:80", 100);
+    assert_eq!(
+        api["denied"], api["attempts"],
+        "an ipBlock on the ClusterIP: {api}"
+    );
+    let db = connect_loop(&topo, web, &format!("{VIP}:5432"), 100);
+    assert_eq!(db["successes"], db["attempts"], "{db}");
 }

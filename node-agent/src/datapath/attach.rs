@@ -38,6 +38,8 @@ pub(crate) const PROG_CONNECT4: &str = "fl_connect4";
 pub(crate) const PROG_CONNECT6: &str = "fl_connect6";
 pub(crate) const PROG_GETPEERNAME4: &str = "fl_getpeername4";
 pub(crate) const PROG_GETPEERNAME6: &str = "fl_getpeername6";
+pub(crate) const PROG_RECVMSG4: &str = "fl_recvmsg4";
+pub(crate) const PROG_RECVMSG6: &str = "fl_recvmsg6";
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or(DatapathError::Unsupported {
@@ -100,6 +102,8 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
         PROG_CONNECT6,
         PROG_GETPEERNAME4,
         PROG_GETPEERNAME6,
+        PROG_RECVMSG4,
+        PROG_RECVMSG6,
     ] {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;

@@ -308,27 +308,24 @@ impl Datapath {
             }
         }
         // A socket translated to a Service backend reports the Service
-        // address as its peer, as it would through kube-proxy.
-        let p4 = attach::cgroup_hook(
-            &mut self.ebpf,
-            &self.layout,
-            attach::PROG_GETPEERNAME4,
-            cg,
-            "getpeername4",
-        );
-        let p6 = attach::cgroup_hook(
-            &mut self.ebpf,
-            &self.layout,
-            attach::PROG_GETPEERNAME6,
-            cg,
-            "getpeername6",
-        );
-        match (p4, p6) {
-            (Ok(()), Ok(())) => "cgroup/connect4+connect6+getpeername4+getpeername6".into(),
-            (a, b) => {
-                warn!(getpeername4 = ?a.err(), getpeername6 = ?b.err(), "Service clients will see the backend as their peer");
-                "cgroup/connect4+connect6".into()
+        // address as its peer, and as the source of its UDP replies, as it
+        // would through kube-proxy.
+        let mut failed = Vec::new();
+        for (prog, pin) in [
+            (attach::PROG_GETPEERNAME4, "getpeername4"),
+            (attach::PROG_GETPEERNAME6, "getpeername6"),
+            (attach::PROG_RECVMSG4, "recvmsg4"),
+            (attach::PROG_RECVMSG6, "recvmsg6"),
+        ] {
+            if let Err(e) = attach::cgroup_hook(&mut self.ebpf, &self.layout, prog, cg, pin) {
+                failed.push(format!("{pin}: {e}"));
             }
+        }
+        if failed.is_empty() {
+            "cgroup/connect4+connect6+getpeername4+getpeername6+recvmsg4+recvmsg6".into()
+        } else {
+            warn!(failed = ?failed, "Service clients will see the backend as their peer");
+            "cgroup/connect4+connect6".into()
         }
     }
 

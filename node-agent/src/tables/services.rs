@@ -54,6 +54,9 @@ pub(crate) fn compile(
     let mut t = ServiceTables::default();
     let mut ranges: HashMap<Vec<ServiceBackendAddr>, (u32, u32)> = HashMap::new();
     let mut seen: HashSet<Frontend> = HashSet::new();
+    // Past the limit, later frontends that still fit (a single ClusterIP
+    // after a NodePort on many addresses) are still entered.
+    let mut full = false;
     for f in &spec.services {
         let Ok(addr) = f.address.parse::<IpAddr>() else {
             problems.push(Problem::BadServiceAddress {
@@ -85,11 +88,14 @@ pub(crate) fn compile(
             continue;
         }
         if t.frontends.len() + frontends.len() > MAX_FRONTEND_ENTRIES {
-            problems.push(Problem::TooManyServices {
-                table: "frontends",
-                limit: MAX_FRONTEND_ENTRIES,
-            });
-            break;
+            if !full {
+                problems.push(Problem::TooManyServices {
+                    table: "frontends",
+                    limit: MAX_FRONTEND_ENTRIES,
+                });
+            }
+            full = true;
+            continue;
         }
         let backends = backend_entries(&f.service, &f.backends, addr.is_ipv4(), problems);
         for b in &backends {
