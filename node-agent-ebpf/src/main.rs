@@ -8,8 +8,10 @@
 //! - `fl_kfree_skb`: kernel drops of traced flows, by reason.
 //! - `fl_connect4` / `fl_connect6`: reject blocked connections at `connect()`,
 //!   and translate connections to Services (`service.rs`).
-//! - `fl_getpeername4` / `fl_getpeername6`: a translated socket's peer is the
-//!   Service address it connected to.
+//! - `fl_sendmsg4` / `fl_sendmsg6`: translate unconnected UDP datagrams to
+//!   Services.
+//! - `fl_getpeername4/6`, `fl_recvmsg4/6`: a translated socket's peer, and
+//!   the source of its replies, is the Service address it used.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -45,8 +47,8 @@ use aya_ebpf::{
 };
 use flowlens_agent_common::{
     COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointKey, FlowKey,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey,
+    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
+    FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey,
     ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
 };
 
@@ -355,6 +357,39 @@ pub fn fl_connect6(ctx: SockAddrContext) -> i32 {
     on_connect(&ctx, true, remote, mapped, port, protocol)
 }
 
+#[cgroup_sock_addr(sendmsg4)]
+pub fn fl_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (ip4, port, protocol) = unsafe {
+        (
+            ctx_u32(&raw const (*sa).user_ip4),
+            ctx_u32(&raw const (*sa).user_port),
+            ctx_u32(&raw const (*sa).protocol),
+        )
+    };
+    on_sendmsg(
+        &ctx,
+        false,
+        v4_mapped(ip4.to_ne_bytes()),
+        true,
+        port,
+        protocol,
+    )
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn fl_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let remote = unsafe { read_ip6(ctx.sock_addr) };
+    let (port, protocol) = unsafe {
+        (
+            ctx_u32(&raw const (*ctx.sock_addr).user_port),
+            ctx_u32(&raw const (*ctx.sock_addr).protocol),
+        )
+    };
+    let mapped = remote[..10] == [0u8; 10] && remote[10] == 0xff && remote[11] == 0xff;
+    on_sendmsg(&ctx, true, remote, mapped, port, protocol)
+}
+
 #[cgroup_sock_addr(getpeername4)]
 pub fn fl_getpeername4(ctx: SockAddrContext) -> i32 {
     restore_frontend4(&ctx);
@@ -482,6 +517,95 @@ fn caller_endpoint() -> Option<&'static flowlens_agent_common::CgroupEndpoint> {
     None
 }
 
+/// The caller's pod address (of the destination's family), the table
+/// generation and the pod's endpoint entry, when the caller is a local
+/// endpoint's task.
+#[inline(always)]
+fn caller(v4: bool) -> Option<(u32, [u8; 16], Option<&'static EndpointInfo>)> {
+    let cfg = config()?;
+    let cg = caller_endpoint()?;
+    let local = if v4 { cg.addr4 } else { cg.addr6 };
+    if local == [0u8; 16] {
+        return None;
+    }
+    let generation = maps::generation(cfg.epoch);
+    let ep = unsafe {
+        FL_ENDPOINTS.get(&EndpointKey {
+            generation,
+            addr: local,
+        })
+    };
+    Some((generation, local, ep))
+}
+
+/// Records a translation: the connection's Service (for the agent) and the
+/// socket's frontend and backend (for getpeername and recvmsg).
+#[inline(always)]
+fn record_translation(
+    ctx: &SockAddrContext,
+    local: [u8; 16],
+    frontend: [u8; 16],
+    port: u16,
+    protocol: u8,
+    service_id: u64,
+    b: &flowlens_agent_common::ServiceBackendAddr,
+) {
+    let conn = ServiceConnKey {
+        client: local,
+        backend: b.addr,
+        port: b.port,
+        protocol,
+        _pad: 0,
+    };
+    let _ = FL_SVC_CONNS.insert(&conn, &service_id, 0);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sock = ServiceSocket {
+        frontend,
+        backend: b.addr,
+        port,
+        backend_port: b.port,
+        _pad: [0; 4],
+    };
+    let _ = FL_SVC_SOCKS.insert(&cookie, &sock, 0);
+    bump(COUNTER_SERVICE_TRANSLATED);
+}
+
+/// `sendto()` on an unconnected UDP socket to a Service address: the
+/// datagram goes to a backend the rules allow (the same one for every
+/// datagram of the socket), or fails with EPERM.
+#[inline(always)]
+fn on_sendmsg(
+    ctx: &SockAddrContext,
+    ctx6: bool,
+    remote: [u8; 16],
+    v4: bool,
+    port_raw: u32,
+    protocol: u32,
+) -> i32 {
+    let Some((generation, local, ep)) = caller(v4) else {
+        return 1;
+    };
+    let protocol = protocol as u8;
+    let port = u16::from_be(port_raw as u16);
+    let Some(svc) = service::frontend(generation, &remote, port, protocol) else {
+        return 1;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sticky = Some((cookie ^ (cookie >> 32)) as u32);
+    match service::choose(generation, svc, &remote, port, &local, ep, protocol, sticky) {
+        service::Choice::Backend(b) => {
+            translate(ctx, ctx6, &b);
+            record_translation(ctx, local, remote, port, protocol, svc.service_id, &b);
+            1
+        }
+        service::Choice::Refused(why) => {
+            policy::count(generation, why.endpoint_id, &why.decision, 1, 0);
+            0
+        }
+        service::Choice::Unavailable => 1,
+    }
+}
+
 /// Returns 1 to allow the connect, 0 to reject it with EPERM. `port_raw` is
 /// the context's `user_port` (network order in the low 16 bits).
 #[inline(always)]
@@ -493,47 +617,16 @@ fn on_connect(
     port_raw: u32,
     protocol: u32,
 ) -> i32 {
-    let Some(cfg) = config() else {
+    let Some((generation, local, ep)) = caller(v4) else {
         return 1;
     };
-    let Some(cg) = caller_endpoint() else {
-        return 1;
-    };
-    let local = if v4 { cg.addr4 } else { cg.addr6 };
-    if local == [0u8; 16] {
-        return 1;
-    }
     let protocol = protocol as u8;
     let port = u16::from_be(port_raw as u16);
-    let generation = maps::generation(cfg.epoch);
-    let ep = unsafe {
-        FL_ENDPOINTS.get(&EndpointKey {
-            generation,
-            addr: local,
-        })
-    };
     if let Some(svc) = service::frontend(generation, &remote, port, protocol) {
-        return match service::choose(generation, svc, &remote, port, &local, ep, protocol) {
+        return match service::choose(generation, svc, &remote, port, &local, ep, protocol, None) {
             service::Choice::Backend(b) => {
                 translate(ctx, ctx6, &b);
-                let conn = ServiceConnKey {
-                    client: local,
-                    backend: b.addr,
-                    port: b.port,
-                    protocol,
-                    _pad: 0,
-                };
-                let _ = FL_SVC_CONNS.insert(&conn, &svc.service_id, 0);
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let sock = ServiceSocket {
-                    frontend: remote,
-                    backend: b.addr,
-                    port,
-                    backend_port: b.port,
-                    _pad: [0; 4],
-                };
-                let _ = FL_SVC_SOCKS.insert(&cookie, &sock, 0);
-                bump(COUNTER_SERVICE_TRANSLATED);
+                record_translation(ctx, local, remote, port, protocol, svc.service_id, &b);
                 1
             }
             service::Choice::Refused(why) => {

@@ -142,8 +142,9 @@ fn client_hash(client: &[u8; 16]) -> u32 {
 }
 
 /// Chooses a backend of `svc` the rules allow for `client`: from a random
-/// one (or the client's own, with affinity), the first allowed of up to
-/// [`SERVICE_BACKENDS_EXAMINED`] in order.
+/// one (the client's own with affinity; `sticky`'s for the datagrams of one
+/// socket), the first allowed of up to [`SERVICE_BACKENDS_EXAMINED`] in
+/// order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
@@ -154,6 +155,7 @@ pub fn choose(
     client: &[u8; 16],
     ep: Option<&EndpointInfo>,
     protocol: u8,
+    sticky: Option<u32>,
 ) -> Choice {
     if let Some(why) = frontend_blocked(generation, svc_addr, svc_port, ep, protocol) {
         return Choice::Refused(why);
@@ -164,6 +166,8 @@ pub fn choose(
     }
     let seed = if svc.flags & SERVICE_CLIENT_AFFINITY != 0 {
         client_hash(client)
+    } else if let Some(s) = sticky {
+        s
     } else {
         unsafe { bpf_get_prandom_u32() }
     };

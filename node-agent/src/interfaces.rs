@@ -237,8 +237,9 @@ pub(crate) fn ifindex(ifname: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
-/// The node's own addresses (every interface's, loopback and IPv6
-/// link-local excluded): where kube-proxy translates NodePorts.
+/// The node's own addresses (every interface's; loopback, IPv6 link-local
+/// and kube-proxy's `kube-ipvs0` excluded): where kube-proxy translates
+/// NodePorts.
 pub(crate) fn host_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -251,7 +252,11 @@ pub(crate) fn host_addresses() -> Vec<IpAddr> {
         let mut cur = head;
         while !cur.is_null() {
             let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
+            // kube-proxy's IPVS mode holds every ClusterIP on kube-ipvs0,
+            // and leaves that interface out of the NodePort addresses.
+            let ipvs = !(*cur).ifa_name.is_null()
+                && std::ffi::CStr::from_ptr((*cur).ifa_name).to_bytes() == b"kube-ipvs0";
+            if !sa.is_null() && !ipvs {
                 match i32::from((*sa).sa_family) {
                     libc::AF_INET => {
                         let sin = &*(sa as *const libc::sockaddr_in);

@@ -123,7 +123,7 @@ fn a_port_rule_blocks_its_connections_at_connect_time_and_nothing_else() {
     let agent = Agent::standalone(topo, 0, &spec, &[]);
     assert_eq!(
         agent.dump().unwrap().hooks.connect,
-        "cgroup/connect4+connect6+getpeername4+getpeername6+recvmsg4+recvmsg6"
+        "cgroup/connect4+connect6+sendmsg4+sendmsg6+getpeername4+getpeername6+recvmsg4+recvmsg6"
     );
 
     // Blocked: rejected by connect() itself (EPERM), at once.

@@ -139,6 +139,22 @@ fn a_service_connect_goes_to_an_allowed_backend_or_is_refused_when_all_are_block
     );
     let reply = String::from_utf8_lossy(&reply.stdout);
     assert_eq!(reply.trim(), "q ('10.96.77.12', 53)", "recvmsg: {err}");
+    // sendto() on an unconnected socket (musl's resolver) too.
+    let reply = topo.pod_output(
+        web,
+        "python3",
+        &[
+            "-c",
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); \
+             s.sendto(b'u', ('10.96.77.12', 53)); d, a = s.recvfrom(100); print(d.decode(), a)",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reply.stdout).trim(),
+        "u ('10.96.77.12', 53)",
+        "sendmsg: {}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
 
     // Counted under the backend pods, with the Service named, once.
     let named = wait_for(Duration::from_secs(10), || {

@@ -40,6 +40,8 @@ pub(crate) const PROG_GETPEERNAME4: &str = "fl_getpeername4";
 pub(crate) const PROG_GETPEERNAME6: &str = "fl_getpeername6";
 pub(crate) const PROG_RECVMSG4: &str = "fl_recvmsg4";
 pub(crate) const PROG_RECVMSG6: &str = "fl_recvmsg6";
+pub(crate) const PROG_SENDMSG4: &str = "fl_sendmsg4";
+pub(crate) const PROG_SENDMSG6: &str = "fl_sendmsg6";
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or(DatapathError::Unsupported {
@@ -104,6 +106,8 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
         PROG_GETPEERNAME6,
         PROG_RECVMSG4,
         PROG_RECVMSG6,
+        PROG_SENDMSG4,
+        PROG_SENDMSG6,
     ] {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;

@@ -131,6 +131,9 @@ pub struct Datapath {
     /// Tables written to each generation by this agent (None: unknown).
     written: [Option<Arc<Tables>>; 2],
     cgroups: Option<BTreeMap<u64, CgroupEndpoint>>,
+    /// The Service tables of the generation replaced last: connections
+    /// translated under them still drain once after the flip.
+    retired_services: Option<Arc<Tables>>,
     rtt_sample_interval_ns: u64,
     /// Drained from spare tables at start: counts a dead agent did not report.
     leftovers: Option<Drained>,
@@ -190,6 +193,7 @@ impl Datapath {
             generation: config.epoch & 1,
             written: [None, None],
             cgroups: None,
+            retired_services: None,
             rtt_sample_interval_ns: opts.rtt_sample_interval.as_nanos() as u64,
             leftovers: None,
             drop_reason_names: BTreeMap::new(),
@@ -307,22 +311,25 @@ impl Datapath {
                 return "none".into();
             }
         }
-        // A socket translated to a Service backend reports the Service
-        // address as its peer, and as the source of its UDP replies, as it
-        // would through kube-proxy.
+        // Unconnected UDP to a Service is translated per datagram; a socket
+        // translated to a Service backend reports the Service address as its
+        // peer, and as the source of its UDP replies, as through kube-proxy.
         let mut failed = Vec::new();
         for (prog, pin) in [
             (attach::PROG_GETPEERNAME4, "getpeername4"),
             (attach::PROG_GETPEERNAME6, "getpeername6"),
             (attach::PROG_RECVMSG4, "recvmsg4"),
             (attach::PROG_RECVMSG6, "recvmsg6"),
+            (attach::PROG_SENDMSG4, "sendmsg4"),
+            (attach::PROG_SENDMSG6, "sendmsg6"),
         ] {
             if let Err(e) = attach::cgroup_hook(&mut self.ebpf, &self.layout, prog, cg, pin) {
                 failed.push(format!("{pin}: {e}"));
             }
         }
         if failed.is_empty() {
-            "cgroup/connect4+connect6+getpeername4+getpeername6+recvmsg4+recvmsg6".into()
+            "cgroup/connect4+connect6+sendmsg4+sendmsg6+getpeername4+getpeername6+recvmsg4+recvmsg6"
+                .into()
         } else {
             warn!(failed = ?failed, "Service clients will see the backend as their peer");
             "cgroup/connect4+connect6".into()
@@ -508,6 +515,7 @@ impl Datapath {
         self.flows.barrier(&mut self.ebpf)?;
         let old = self.generation;
         self.generation = next;
+        self.retired_services = self.written[old as usize].clone();
         self.written[next as usize] = Some(tables);
         self.clear_generation(old)?;
         Ok(())
@@ -634,10 +642,16 @@ impl Datapath {
             overflow: (overflow.len(), self.overflow.capacity()),
             rules: (rules.len(), self.rules.capacity()),
         };
-        let known: Vec<&crate::tables::services::ServiceTables> =
-            self.written.iter().flatten().map(|t| &t.services).collect();
+        let known: Vec<&crate::tables::services::ServiceTables> = self
+            .written
+            .iter()
+            .flatten()
+            .chain(self.retired_services.iter())
+            .map(|t| &t.services)
+            .collect();
         d.services
             .extend(service_tables::services_of(&self.ebpf, &flows, &known)?);
+        self.retired_services = None;
         d.flows.extend(flows);
         d.overflow.extend(overflow);
         d.rtt.extend(rtt);
