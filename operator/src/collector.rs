@@ -2,8 +2,11 @@
 //! (`POST /v1/reports`, JSON [`ReportBatch`], answered with a [`ReportAck`]).
 //!
 //! Each request is authenticated (a pod-bound ServiceAccount token, checked
-//! with TokenReview) and a node may only report for itself. Parts go into
-//! the books of [`crate::collect`]; [`crate::finalize`] merges final windows
+//! with TokenReview) and a node may only report for itself. What it may
+//! truthfully say is checked by [`crate::collect::admission`] (a refused
+//! batch is answered 422, a refused part is dropped; both are counted in
+//! `report_refusals` by reason). Parts go into the books of
+//! [`crate::collect`]; [`crate::finalize`] merges final windows
 //! and hands them to the status controllers, which write them at most once
 //! per window. The answer tells the agent which windows are in status, so it
 //! forgets only those: a collector restart or outage loses no window, and
@@ -31,10 +34,15 @@ use tracing::{debug, info, warn};
 
 use crate::{
     auth::{AuthError, Authenticator, Identity},
-    collect::{Timing, observation_book::ObservationBook, policy_book::PolicyBook},
-    compile::Compiler,
+    collect::{
+        Accepted, Timing,
+        admission::{Admission, ObservationScope, Refusal, Refused, Scope},
+        observation_book::ObservationBook,
+        policy_book::PolicyBook,
+    },
+    compile::{Compiler, Observation},
     context::Context,
-    metrics::{KindLabels, PartLabels},
+    metrics::{KindLabels, PartLabels, RefusalLabels},
 };
 
 /// Largest report accepted. Agents split bigger backlogs.
@@ -47,6 +55,8 @@ pub struct Collector {
     pub(crate) auth: Authenticator,
     pub(crate) observations: Mutex<ObservationBook>,
     pub(crate) policies: Mutex<PolicyBook>,
+    /// What nodes may report ([`crate::collect::admission`]).
+    pub(crate) admission: Mutex<Admission>,
 }
 
 impl Collector {
@@ -56,6 +66,7 @@ impl Collector {
             auth,
             observations: Mutex::new(ObservationBook::new(timing)),
             policies: Mutex::new(PolicyBook::new(timing, POLICY_WINDOW_SECONDS)),
+            admission: Mutex::new(Admission::new()),
         }
     }
 }
@@ -129,22 +140,48 @@ async fn report(
         Ok(x) => x,
         Err(refused) => return refused,
     };
+    let agent = batch.agent.clone();
     let now = now_ms();
-    // Observations that exist (by UID), with the end of the last window
-    // their status shows.
-    let known: HashMap<String, i64> = ctx
-        .compiler
-        .lock()
-        .expect("compiler lock")
-        .observations()
-        .map(|o| (o.uid.clone(), o.counted_through.unwrap_or(0)))
-        .collect();
+    let (known, admitted) = {
+        let compiler = ctx.compiler.lock().expect("compiler lock");
+        // Observations that exist (by UID), with the end of the last window
+        // their status shows.
+        let known: HashMap<String, i64> = compiler
+            .observations()
+            .map(|o| (o.uid.clone(), o.counted_through.unwrap_or(0)))
+            .collect();
+        let scope = NodeScope::new(&compiler, &node);
+        let admitted = collector
+            .admission
+            .lock()
+            .expect("admission lock")
+            .admit(&scope, &node, batch, now);
+        (known, admitted)
+    };
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(r) => {
+            refusal(&ctx, &collector, &node, &r, now);
+            ctx.metrics
+                .reports
+                .get_or_create(&KindLabels { kind: "refused" })
+                .inc();
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the report of node {node} is refused: {r}"),
+            )
+                .into_response();
+        }
+    };
+    for r in &admitted.dropped {
+        refusal(&ctx, &collector, &node, r, now);
+    }
     let gone = add_observation_parts(
         &ctx,
         &collector,
         &node,
-        &batch.agent,
-        batch.windows,
+        &agent,
+        admitted.windows,
         &known,
         now,
     );
@@ -152,8 +189,8 @@ async fn report(
         &ctx,
         &collector,
         &node,
-        &batch.agent,
-        batch.policy_windows,
+        &agent,
+        admitted.policy_windows,
         now,
     );
 
@@ -253,7 +290,12 @@ fn add_observation_parts(
             }
             Some(&counted_through) => {
                 book.track(&w.uid, counted_through);
-                book.add(node, agent, w, now).label()
+                let (uid, start) = (w.uid.clone(), w.start);
+                let accepted = book.add(node, agent, w, now);
+                if accepted == Accepted::TooManyAgents {
+                    too_many_agents(ctx, collector, node, agent, &format!("{uid} {start}"), now);
+                }
+                accepted.label()
             }
         };
         ctx.metrics
@@ -278,7 +320,12 @@ fn add_policy_parts(
 ) {
     let mut book = collector.policies.lock().expect("book lock");
     for p in parts {
-        let outcome = book.add(node, agent, p, now).label();
+        let start = p.start;
+        let accepted = book.add(node, agent, p, now);
+        if accepted == Accepted::TooManyAgents {
+            too_many_agents(ctx, collector, node, agent, &format!("policy {start}"), now);
+        }
+        let outcome = accepted.label();
         ctx.metrics
             .report_parts
             .get_or_create(&PartLabels {
@@ -286,6 +333,97 @@ fn add_policy_parts(
                 outcome,
             })
             .inc();
+    }
+}
+
+/// Counts a refusal and logs it (once per node and reason per minute).
+fn refusal(ctx: &Context, collector: &Collector, node: &str, r: &Refused, now: i64) {
+    ctx.metrics
+        .report_refusals
+        .get_or_create(&RefusalLabels {
+            reason: r.reason.label(),
+        })
+        .inc();
+    let log = collector
+        .admission
+        .lock()
+        .expect("admission lock")
+        .should_log(node, r.reason, now);
+    if log {
+        warn!(
+            node,
+            reason = r.reason.label(),
+            field = %r.field,
+            "refused a report part: {} (logged once a minute per node and reason)",
+            r.detail
+        );
+    }
+}
+
+/// A part refused by a book: its node already has parts of the window from
+/// too many agent processes. `window`: which window, for the log.
+fn too_many_agents(
+    ctx: &Context,
+    collector: &Collector,
+    node: &str,
+    agent: &str,
+    window: &str,
+    now: i64,
+) {
+    let r = Refused {
+        reason: Refusal::TooManyAgents,
+        field: "agent".into(),
+        detail: format!(
+            "agent {agent} would be the {}th agent process of node {node} in window {window}",
+            crate::collect::admission::MAX_AGENTS_PER_WINDOW + 1
+        ),
+    };
+    refusal(ctx, collector, node, &r, now);
+}
+
+/// The cluster as admission sees it from one node.
+struct NodeScope<'a> {
+    compiler: &'a Compiler,
+    node: &'a str,
+    observations: HashMap<&'a str, &'a Observation>,
+}
+
+impl<'a> NodeScope<'a> {
+    fn new(compiler: &'a Compiler, node: &'a str) -> Self {
+        NodeScope {
+            compiler,
+            node,
+            observations: compiler
+                .observations()
+                .map(|o| (o.uid.as_str(), o))
+                .collect(),
+        }
+    }
+}
+
+impl Scope for NodeScope<'_> {
+    fn observation(&self, uid: &str) -> Option<ObservationScope> {
+        let o = self.observations.get(uid)?;
+        Some(ObservationScope {
+            window_seconds: o.window_seconds,
+            max_series: o.spec.as_ref().map_or(
+                flowlens_api::network_observation::NetworkObservationSpec::default().max_series,
+                |s| s.max_series,
+            ),
+            on_node: o.by_node.get(self.node).is_some_and(|p| !p.is_empty()),
+        })
+    }
+
+    fn pod_node(&self, namespace: &str, name: &str) -> Option<Option<&str>> {
+        self.compiler
+            .pod(&format!("{namespace}/{name}"))
+            .map(|p| p.node.as_deref())
+    }
+
+    fn policy_on_node(&self, namespace: &str, name: &str) -> bool {
+        self.compiler
+            .policy(&(namespace.to_owned(), name.to_owned()))
+            .is_some_and(|p| p.by_node.get(self.node).is_some_and(|t| !t.is_empty()))
     }
 }
 

@@ -34,6 +34,11 @@ pub(crate) struct PartLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub(crate) registry: Registry,
     pub(crate) reconciles: Family<ControllerLabels, Counter>,
@@ -47,6 +52,8 @@ pub struct Metrics {
     pub(crate) reports: Family<KindLabels, Counter>,
     /// Window parts received, by kind and outcome (stored, late, unknown).
     pub(crate) report_parts: Family<PartLabels, Counter>,
+    /// Batches, parts and policy entries refused by admission, by reason.
+    pub(crate) report_refusals: Family<RefusalLabels, Counter>,
     pub(crate) open_parts: Gauge,
     pub(crate) windows_finalized: Counter,
     pub(crate) merge_seconds: Histogram,
@@ -75,6 +82,11 @@ impl Metrics {
         let watch_events = Family::<KindLabels, Counter>::default();
         let reports = Family::<KindLabels, Counter>::default();
         let report_parts = Family::<PartLabels, Counter>::default();
+        let report_refusals = Family::<RefusalLabels, Counter>::default();
+        for r in crate::collect::admission::Refusal::ALL {
+            // Every reason is exported, at 0 until it happens.
+            let _ = report_refusals.get_or_create(&RefusalLabels { reason: r.label() });
+        }
         let open_parts = Gauge::default();
         let windows_finalized = Counter::default();
         let merge_seconds = duration_histogram();
@@ -119,6 +131,11 @@ impl Metrics {
             report_parts.clone(),
         );
         registry.register(
+            "report_refusals",
+            "Report batches, window parts and policy entries refused, by reason (see operator/src/collect/admission.rs)",
+            report_refusals.clone(),
+        );
+        registry.register(
             "open_window_parts",
             "Window parts held until their window is final",
             open_parts.clone(),
@@ -143,6 +160,7 @@ impl Metrics {
             watch_events,
             reports,
             report_parts,
+            report_refusals,
             open_parts,
             windows_finalized,
             merge_seconds,

@@ -3,12 +3,15 @@
 //! - [`observation_book`]: collects the parts of each observation window
 //!   (one per node and agent process) and says when a window is final.
 //! - [`policy_book`]: the same for policy-counter windows.
+//! - [`admission`]: what a node may truthfully report; refuses the rest
+//!   before it reaches the books.
 //! - [`merge`]: sums a final window's parts into the figures written to
 //!   status (dedup, groupBy, maxSeries, top flows, percentiles, zones).
 //!
 //! The I/O around it (HTTP, authentication, status writes) is in
 //! [`crate::collector`].
 
+pub(crate) mod admission;
 pub(crate) mod merge;
 pub(crate) mod observation_book;
 pub(crate) mod policy_book;
@@ -43,6 +46,9 @@ pub(crate) enum Accepted {
     /// part sent again because the previous collector's acknowledgement
     /// never arrived. Nothing to add; acknowledged.
     Counted,
+    /// Refused: the node already has parts of this window from
+    /// [`admission::MAX_AGENTS_PER_WINDOW`] other agent processes.
+    TooManyAgents,
 }
 
 impl Accepted {
@@ -52,6 +58,7 @@ impl Accepted {
             Accepted::Stored => "stored",
             Accepted::Late => "late",
             Accepted::Counted => "counted",
+            Accepted::TooManyAgents => "refused",
         }
     }
 }
@@ -77,6 +84,20 @@ impl Timing {
             .max(self.started_ms.saturating_add(self.startup_grace_ms))
             .saturating_add(self.grace_ms)
     }
+}
+
+/// Whether `agent` may add a part to a window whose parts came from
+/// `agents` (the agent of each part of the reporting node): it already has
+/// one, or the node has fewer than [`admission::MAX_AGENTS_PER_WINDOW`].
+pub(crate) fn agent_fits<'a>(agent: &str, agents: impl Iterator<Item = &'a str>) -> bool {
+    let mut seen = std::collections::BTreeSet::new();
+    for a in agents {
+        if a == agent {
+            return true;
+        }
+        seen.insert(a);
+    }
+    seen.len() < admission::MAX_AGENTS_PER_WINDOW
 }
 
 #[cfg(test)]

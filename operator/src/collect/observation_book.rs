@@ -76,7 +76,10 @@ impl ObservationBook {
         });
     }
 
-    /// Adds a part sent by `agent` on `node`. Sending a part again replaces it.
+    /// Adds a part sent by `agent` on `node`. Sending a part again replaces
+    /// it; a node's parts of one window come from at most
+    /// [`super::admission::MAX_AGENTS_PER_WINDOW`] agent processes (more
+    /// would count the same traffic again under other agent ids).
     pub(crate) fn add(
         &mut self,
         node: &str,
@@ -97,6 +100,14 @@ impl ObservationBook {
             first_seen_ms: now_ms,
             parts: BTreeMap::new(),
         });
+        let of_node = w
+            .parts
+            .range((node.to_owned(), String::new(), 0)..)
+            .take_while(|((n, _, _), _)| n == node)
+            .map(|((_, a, _), _)| a.as_str());
+        if !super::agent_fits(agent, of_node) {
+            return Accepted::TooManyAgents;
+        }
         w.parts
             .insert((node.to_owned(), agent.to_owned(), part.part), part);
         Accepted::Stored
@@ -282,5 +293,31 @@ mod tests {
         b.add("a", "x", part("u", 100, true, 1), 200_500);
         assert!(b.take_final(210_000, |_| Some(&sel)).is_empty());
         assert_eq!(b.take_final(220_000, |_| Some(&sel)).len(), 1);
+    }
+
+    #[test]
+    fn a_window_resent_under_other_agent_ids_counts_at_most_four_times() {
+        let mut b = ObservationBook::new(T);
+        for agent in ["x1", "x2", "x3", "x4"] {
+            assert_eq!(
+                b.add("a", agent, part("u", 100, true, 1), 110_100),
+                Accepted::Stored
+            );
+        }
+        assert_eq!(
+            b.add("a", "x5", part("u", 100, true, 1), 110_100),
+            Accepted::TooManyAgents
+        );
+        // An agent already in may resend and add parts; other nodes are not
+        // limited by this node's agents.
+        assert_eq!(
+            b.add("a", "x2", part("u", 100, true, 2), 110_200),
+            Accepted::Stored
+        );
+        assert_eq!(
+            b.add("b", "y", part("u", 100, true, 1), 110_200),
+            Accepted::Stored
+        );
+        assert_eq!(b.open_parts(), 6);
     }
 }

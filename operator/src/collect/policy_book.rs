@@ -48,7 +48,9 @@ impl PolicyBook {
     }
 
     /// Adds a part. A part flushed by a stopping agent covers the start of
-    /// a window (it ends early); the window is identified by its start.
+    /// a window (it ends early); the window is identified by its start. At
+    /// most [`super::admission::MAX_AGENTS_PER_WINDOW`] agent processes per
+    /// node and window.
     pub(crate) fn add(
         &mut self,
         node: &str,
@@ -60,14 +62,22 @@ impl PolicyBook {
         if end <= self.finalized_through {
             return Accepted::Late;
         }
-        self.windows
+        let w = self
+            .windows
             .entry(part.start)
             .or_insert_with(|| OpenWindow {
                 first_seen_ms: now_ms,
                 parts: BTreeMap::new(),
-            })
+            });
+        let of_node = w
             .parts
-            .insert((node.to_owned(), agent.to_owned()), part);
+            .range((node.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|((_, a), _)| a.as_str());
+        if !super::agent_fits(agent, of_node) {
+            return Accepted::TooManyAgents;
+        }
+        w.parts.insert((node.to_owned(), agent.to_owned()), part);
         Accepted::Stored
     }
 
@@ -160,5 +170,32 @@ mod tests {
         assert_eq!((d.end, d.blocked.packets, d.nodes), (110, 7, 2));
         assert_eq!(b.add("a", "x", part(100, 10, 1), 116_000), Accepted::Late);
         assert_eq!(b.finalized_through(), 110);
+    }
+
+    #[test]
+    fn at_most_four_agent_processes_per_node_and_window() {
+        let t = Timing {
+            started_ms: 0,
+            startup_grace_ms: 0,
+            grace_ms: 5_000,
+        };
+        let mut b = PolicyBook::new(t, 10);
+        for agent in ["x1", "x2", "x3", "x4"] {
+            assert_eq!(
+                b.add("a", agent, part(100, 10, 1), 110_100),
+                Accepted::Stored
+            );
+        }
+        assert_eq!(
+            b.add("a", "x5", part(100, 10, 1), 110_100),
+            Accepted::TooManyAgents
+        );
+        assert_eq!(
+            b.add("a", "x1", part(100, 10, 1), 110_100),
+            Accepted::Stored
+        );
+        assert_eq!(b.add("b", "y", part(100, 10, 1), 110_100), Accepted::Stored);
+        let f = b.take_final(116_000);
+        assert_eq!(f[0].1.blocked.packets, 5, "four agents of a, one of b");
     }
 }
