@@ -19,8 +19,16 @@ const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
-const CACHE_TTL: Duration = Duration::from_secs(60);
-const CACHE_MAX: usize = 10_000;
+/// How long a reviewed token is trusted without asking again (at most
+/// until its expiry).
+pub(crate) const SUCCESS_TTL: Duration = Duration::from_secs(300);
+/// How long a refused token is refused without asking again.
+pub(crate) const FAILURE_TTL: Duration = Duration::from_secs(10);
+/// Tokens remembered as valid (about one per agent).
+const SUCCESS_MAX: usize = 10_000;
+/// Tokens remembered as refused: fewer, so that random tokens cannot push
+/// the agents' out.
+const FAILURE_MAX: usize = 1_000;
 
 /// An authenticated agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +60,17 @@ pub(crate) enum AuthError {
 }
 
 impl AuthError {
+    /// A copy to cache: the API server's verdicts, not its outages.
+    fn cached(&self) -> Option<AuthError> {
+        match self {
+            AuthError::Missing => Some(AuthError::Missing),
+            AuthError::Rejected(m) => Some(AuthError::Rejected(m.clone())),
+            AuthError::WrongAccount(a, b) => Some(AuthError::WrongAccount(a.clone(), b.clone())),
+            AuthError::Unbound(u) => Some(AuthError::Unbound(u.clone())),
+            AuthError::Api(_) => None,
+        }
+    }
+
     /// 401 for bad credentials, 403 for a known but unauthorized agent, 503
     /// when the API server cannot tell.
     pub(crate) fn status(&self) -> u16 {
@@ -112,13 +131,119 @@ pub(crate) fn service_account_user(sa: &str) -> String {
     format!("system:serviceaccount:{ns}:{name}")
 }
 
+/// The `exp` claim (unix seconds) of a JWT, read without checking the
+/// signature: only used after the API server accepted the token, to stop
+/// trusting it when it expires.
+pub(crate) fn token_expiry(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64url_decode(payload)?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_i64()
+}
+
+/// Unpadded (or padded) base64url, as in JWTs.
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// TokenReview verdicts by SHA-256 of the token, each until its own expiry.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    ok: HashMap<[u8; 32], (Identity, Instant)>,
+    failed: HashMap<[u8; 32], (AuthError, Instant)>,
+}
+
+impl TokenCache {
+    /// The cached verdict, if still valid at `now`.
+    pub(crate) fn get(&self, key: &[u8; 32], now: Instant) -> Option<Result<Identity, AuthError>> {
+        if let Some((id, until)) = self.ok.get(key)
+            && now < *until
+        {
+            return Some(Ok(id.clone()));
+        }
+        if let Some((e, until)) = self.failed.get(key)
+            && now < *until
+        {
+            return e.cached().map(Err);
+        }
+        None
+    }
+
+    /// Remembers a verdict. `expires_in`: the token's remaining lifetime,
+    /// when known (successes are not trusted past it). API errors are not
+    /// remembered.
+    pub(crate) fn put(
+        &mut self,
+        key: [u8; 32],
+        verdict: &Result<Identity, AuthError>,
+        expires_in: Option<Duration>,
+        now: Instant,
+    ) {
+        match verdict {
+            Ok(id) => {
+                let ttl = expires_in.map_or(SUCCESS_TTL, |e| e.min(SUCCESS_TTL));
+                if ttl.is_zero() {
+                    return;
+                }
+                self.failed.remove(&key);
+                make_room(&mut self.ok, SUCCESS_MAX, now);
+                self.ok.insert(key, (id.clone(), now + ttl));
+            }
+            Err(e) => {
+                let Some(e) = e.cached() else { return };
+                self.ok.remove(&key);
+                make_room(&mut self.failed, FAILURE_MAX, now);
+                self.failed.insert(key, (e, now + FAILURE_TTL));
+            }
+        }
+    }
+}
+
+/// Below `max` entries: the expired ones go, then the one that expires
+/// first.
+fn make_room<V>(m: &mut HashMap<[u8; 32], (V, Instant)>, max: usize, now: Instant) {
+    if m.len() < max {
+        return;
+    }
+    m.retain(|_, (_, until)| now < *until);
+    while m.len() >= max {
+        let Some(first) = m
+            .iter()
+            .min_by_key(|(_, (_, until))| *until)
+            .map(|(k, _)| *k)
+        else {
+            break;
+        };
+        m.remove(&first);
+    }
+}
+
 pub struct Authenticator {
     client: Client,
     /// Audiences the token must be issued for (empty: the API server's).
     audiences: Vec<String>,
     /// `namespace/name` of the agents' ServiceAccount; `None` accepts any.
     service_account: Option<String>,
-    cache: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
+    cache: Mutex<TokenCache>,
 }
 
 impl Authenticator {
@@ -127,7 +252,7 @@ impl Authenticator {
             client,
             audiences,
             service_account,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(TokenCache::default()),
         }
     }
 
@@ -136,10 +261,13 @@ impl Authenticator {
             return Err(AuthError::Missing);
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((id, at)) = self.cache.lock().expect("auth cache").get(&key)
-            && at.elapsed() < CACHE_TTL
+        if let Some(v) = self
+            .cache
+            .lock()
+            .expect("auth cache")
+            .get(&key, Instant::now())
         {
-            return Ok(id.clone());
+            return v;
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -150,19 +278,19 @@ impl Authenticator {
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let reviewed = api.create(&PostParams::default(), &review).await?;
-        let id = identity_from_review(
+        let verdict = identity_from_review(
             &reviewed.status.unwrap_or_default(),
             self.service_account.as_deref(),
-        )?;
-        let mut cache = self.cache.lock().expect("auth cache");
-        if cache.len() >= CACHE_MAX {
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (id.clone(), Instant::now()));
-        Ok(id)
+        );
+        let expires_in = token_expiry(token).map(|exp| {
+            let now = crate::collector::now_ms().div_euclid(1000);
+            Duration::from_secs(exp.saturating_sub(now).max(0) as u64)
+        });
+        self.cache
+            .lock()
+            .expect("auth cache")
+            .put(key, &verdict, expires_in, Instant::now());
+        verdict
     }
 }
 
@@ -239,5 +367,89 @@ mod tests {
         );
         let id = identity_from_review(&r, None).unwrap();
         assert_eq!(id.node.as_deref(), Some("n1"));
+    }
+
+    fn agent() -> Identity {
+        Identity {
+            user: "system:serviceaccount:flowlens-system:flowlens-agent".into(),
+            pod: None,
+            node: Some("n1".into()),
+        }
+    }
+
+    #[test]
+    fn the_expiry_of_a_jwt() {
+        // {"alg":"none"} . {"exp":1700000000,"sub":"x"} . (no signature)
+        let token = "eyJhbGciOiJub25lIn0.eyJleHAiOjE3MDAwMDAwMDAsInN1YiI6IngifQ.";
+        assert_eq!(token_expiry(token), Some(1_700_000_000));
+        assert_eq!(token_expiry("not a jwt"), None);
+        assert_eq!(token_expiry("a.!!!.c"), None);
+        assert_eq!(base64url_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64url_decode("_-8").unwrap(), [0xff, 0xef]);
+    }
+
+    #[test]
+    fn successes_are_cached_until_the_token_expires_or_the_ttl() {
+        let t0 = Instant::now();
+        let mut c = TokenCache::default();
+        c.put([1; 32], &Ok(agent()), None, t0);
+        c.put([2; 32], &Ok(agent()), Some(Duration::from_secs(30)), t0);
+        c.put([3; 32], &Ok(agent()), Some(Duration::ZERO), t0);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(c.get(&[1; 32], at(299)).unwrap().unwrap(), agent());
+        assert!(c.get(&[1; 32], at(300)).is_none(), "past the TTL");
+        assert!(c.get(&[2; 32], at(29)).is_some());
+        assert!(c.get(&[2; 32], at(30)).is_none(), "past the token's expiry");
+        assert!(
+            c.get(&[3; 32], t0).is_none(),
+            "an expired token is not cached"
+        );
+    }
+
+    #[test]
+    fn failures_are_cached_briefly_and_outages_not_at_all() {
+        let t0 = Instant::now();
+        let mut c = TokenCache::default();
+        c.put(
+            [1; 32],
+            &Err(AuthError::Rejected("token expired".into())),
+            None,
+            t0,
+        );
+        let e = c
+            .get(&[1; 32], t0 + Duration::from_secs(9))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.status(), 401);
+        assert!(e.to_string().contains("token expired"));
+        assert!(c.get(&[1; 32], t0 + FAILURE_TTL).is_none());
+
+        let outage = AuthError::Api(kube::Error::LinesCodecMaxLineLengthExceeded);
+        c.put([2; 32], &Err(outage), None, t0);
+        assert!(c.get(&[2; 32], t0).is_none());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_failures_cannot_evict_successes() {
+        let t0 = Instant::now();
+        let mut c = TokenCache::default();
+        c.put([0; 32], &Ok(agent()), None, t0);
+        for i in 0..(FAILURE_MAX as u32 + 50) {
+            let mut key = [9u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            c.put(
+                key,
+                &Err(AuthError::Missing),
+                None,
+                t0 + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(c.failed.len(), FAILURE_MAX);
+        assert!(c.get(&[0; 32], t0).is_some(), "the agent's token stays");
+        assert_eq!(c.ok.len(), 1);
+        // The oldest failures went first.
+        let mut first = [9u8; 32];
+        first[..4].copy_from_slice(&0u32.to_be_bytes());
+        assert!(c.get(&first, t0).is_none());
     }
 }
