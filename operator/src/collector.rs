@@ -21,8 +21,8 @@ use std::{
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    body::Body,
+    extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
@@ -45,8 +45,18 @@ use crate::{
     metrics::{KindLabels, PartLabels, RefusalLabels},
 };
 
-/// Largest report accepted. Agents split bigger backlogs.
+/// Largest report accepted. Agents split bigger backlogs. No byte of a
+/// body is read before its token is verified: an unauthenticated request
+/// costs its headers only.
 pub(crate) const MAX_REPORT_BYTES: usize = 16 << 20;
+
+/// Reports handled at once (authentication, reading, admission, books);
+/// more wait up to [`QUEUE_TIMEOUT`], then are answered 503. Agents of
+/// every node report at the same window ends, so they queue rather than
+/// fail at once.
+pub(crate) const MAX_CONCURRENT_REPORTS: usize = 32;
+/// How long a report waits for its turn.
+const QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The collector's state.
 pub struct Collector {
@@ -83,13 +93,18 @@ pub fn now_ms() -> i64 {
 struct Endpoint {
     ctx: Arc<Context>,
     collector: Arc<Collector>,
+    /// [`MAX_CONCURRENT_REPORTS`] permits.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(ctx: Arc<Context>, collector: Arc<Collector>) -> Router {
     Router::new()
         .route("/v1/reports", post(report))
-        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
-        .with_state(Endpoint { ctx, collector })
+        .with_state(Endpoint {
+            ctx,
+            collector,
+            turns: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPORTS)),
+        })
 }
 
 fn reply(ctx: &Context, status: StatusCode, outcome: &'static str, msg: String) -> Response {
@@ -124,9 +139,13 @@ fn node_of(id: &Identity, compiler: &Compiler) -> Result<String, String> {
 }
 
 async fn report(
-    State(Endpoint { ctx, collector }): State<Endpoint>,
+    State(Endpoint {
+        ctx,
+        collector,
+        turns,
+    }): State<Endpoint>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if !ctx.sync.is_synced() {
         return reply(
@@ -136,7 +155,28 @@ async fn report(
             "the operator is starting (initial sync); retry".into(),
         );
     }
-    let (node, batch) = match authenticate(&ctx, &collector, &headers, &body).await {
+    let _turn = match tokio::time::timeout(QUEUE_TIMEOUT, turns.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return reply(
+                &ctx,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "{MAX_CONCURRENT_REPORTS} reports are being handled and this one waited {QUEUE_TIMEOUT:?}; retry"
+                ),
+            );
+        }
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > MAX_REPORT_BYTES as u64
+    {
+        return too_large(&ctx);
+    }
+    let (node, batch) = match authenticate(&ctx, &collector, &headers, body).await {
         Ok(x) => x,
         Err(refused) => return refused,
     };
@@ -212,13 +252,23 @@ async fn report(
     axum::Json(ack).into_response()
 }
 
-/// Checks the token, parses the batch and checks that the agent reports for
+/// 413: the agent splits its backlog into smaller batches.
+fn too_large(ctx: &Context) -> Response {
+    reply(
+        ctx,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the report is larger than {MAX_REPORT_BYTES} bytes (or could not be read)"),
+    )
+}
+
+/// Checks the token, reads and parses the batch and checks that the agent reports for
 /// its own node. Returns the node and the batch, or the refusal.
 async fn authenticate(
     ctx: &Context,
     collector: &Collector,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
 ) -> Result<(String, ReportBatch), Response> {
     let token = headers
         .get(header::AUTHORIZATION)
@@ -238,7 +288,11 @@ async fn authenticate(
             return Err(reply(ctx, status, outcome, e.to_string()));
         }
     };
-    let batch: ReportBatch = match serde_json::from_slice(body) {
+    // Only now is the body read.
+    let Ok(body) = axum::body::to_bytes(body, MAX_REPORT_BYTES).await else {
+        return Err(too_large(ctx));
+    };
+    let batch: ReportBatch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
             return Err(reply(
