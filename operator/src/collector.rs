@@ -107,15 +107,31 @@ pub fn router(ctx: Arc<Context>, collector: Arc<Collector>) -> Router {
         })
 }
 
-fn reply(ctx: &Context, status: StatusCode, outcome: &'static str, msg: String) -> Response {
+/// Answers a refused request: counted by outcome; logged once a minute per
+/// outcome (a client resending in a loop does not flood the log).
+fn reply(
+    ctx: &Context,
+    collector: &Collector,
+    status: StatusCode,
+    outcome: &'static str,
+    msg: String,
+) -> Response {
     ctx.metrics
         .reports
         .get_or_create(&KindLabels { kind: outcome })
         .inc();
     if status.is_server_error() {
         debug!(outcome, "{msg}");
-    } else {
-        warn!(outcome, "refused a report: {msg}");
+    } else if collector
+        .admission
+        .lock()
+        .expect("admission lock")
+        .should_log("", outcome, now_ms())
+    {
+        warn!(
+            outcome,
+            "refused a report: {msg} (logged once a minute per outcome)"
+        );
     }
     (status, msg).into_response()
 }
@@ -150,6 +166,7 @@ async fn report(
     if !ctx.sync.is_synced() {
         return reply(
             &ctx,
+            &collector,
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the operator is starting (initial sync); retry".into(),
@@ -160,6 +177,7 @@ async fn report(
         _ => {
             return reply(
                 &ctx,
+                &collector,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 format!(
@@ -174,7 +192,7 @@ async fn report(
         .and_then(|v| v.parse::<u64>().ok())
         && len > MAX_REPORT_BYTES as u64
     {
-        return too_large(&ctx);
+        return too_large(&ctx, &collector);
     }
     let (node, batch) = match authenticate(&ctx, &collector, &headers, body).await {
         Ok(x) => x,
@@ -253,9 +271,10 @@ async fn report(
 }
 
 /// 413: the agent splits its backlog into smaller batches.
-fn too_large(ctx: &Context) -> Response {
+fn too_large(ctx: &Context, collector: &Collector) -> Response {
     reply(
         ctx,
+        collector,
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
         format!("the report is larger than {MAX_REPORT_BYTES} bytes (or could not be read)"),
@@ -285,18 +304,19 @@ async fn authenticate(
                 _ if e.status() == StatusCode::UNAUTHORIZED.as_u16() => "unauthenticated",
                 _ => "forbidden",
             };
-            return Err(reply(ctx, status, outcome, e.to_string()));
+            return Err(reply(ctx, collector, status, outcome, e.to_string()));
         }
     };
     // Only now is the body read.
     let Ok(body) = axum::body::to_bytes(body, MAX_REPORT_BYTES).await else {
-        return Err(too_large(ctx));
+        return Err(too_large(ctx, collector));
     };
     let batch: ReportBatch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
             return Err(reply(
                 ctx,
+                collector,
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 format!("the report is not a ReportBatch: {e}"),
@@ -308,6 +328,7 @@ async fn authenticate(
         Ok(n) if n == batch.node => Ok((n, batch)),
         Ok(n) => Err(reply(
             ctx,
+            collector,
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -315,7 +336,13 @@ async fn authenticate(
                 id.user, batch.node
             ),
         )),
-        Err(msg) => Err(reply(ctx, StatusCode::FORBIDDEN, "forbidden", msg)),
+        Err(msg) => Err(reply(
+            ctx,
+            collector,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            msg,
+        )),
     }
 }
 
@@ -402,7 +429,7 @@ fn refusal(ctx: &Context, collector: &Collector, node: &str, r: &Refused, now: i
         .admission
         .lock()
         .expect("admission lock")
-        .should_log(node, r.reason, now);
+        .should_log(node, r.reason.label(), now);
     if log {
         warn!(
             node,

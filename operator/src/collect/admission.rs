@@ -168,7 +168,7 @@ pub(crate) struct Admission {
     /// `(namespace, name, node)` -> until when (ms).
     policies: HashMap<(String, String, String), i64>,
     /// `(node, reason)` -> when last logged (ms).
-    logged: HashMap<(String, Refusal), i64>,
+    logged: HashMap<(String, &'static str), i64>,
 }
 
 /// How long after an observation with windows of `window_seconds` left a
@@ -453,9 +453,10 @@ impl Admission {
         }
     }
 
-    /// Whether to log a refusal of `reason` from `node` now: once per node
-    /// and reason per [`LOG_INTERVAL_MS`].
-    pub(crate) fn should_log(&mut self, node: &str, reason: Refusal, now_ms: i64) -> bool {
+    /// Whether to log a refusal for `reason` (a [`Refusal`]'s label, or an
+    /// outcome of the endpoint) from `node` (empty when not known yet) now:
+    /// once per node and reason per [`LOG_INTERVAL_MS`].
+    pub(crate) fn should_log(&mut self, node: &str, reason: &'static str, now_ms: i64) -> bool {
         let key = (node.to_owned(), reason);
         if self
             .logged

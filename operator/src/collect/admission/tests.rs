@@ -386,11 +386,12 @@ fn over_long_strings_refuse_the_batch() {
 #[test]
 fn refusals_are_logged_once_per_node_and_reason_per_interval() {
     let mut adm = Admission::new();
-    assert!(adm.should_log("a", Refusal::ForeignPod, 0));
-    assert!(!adm.should_log("a", Refusal::ForeignPod, 1_000));
-    assert!(adm.should_log("a", Refusal::StaleWindow, 1_000));
-    assert!(adm.should_log("b", Refusal::ForeignPod, 1_000));
-    assert!(adm.should_log("a", Refusal::ForeignPod, LOG_INTERVAL_MS));
+    let (foreign, stale) = (Refusal::ForeignPod.label(), Refusal::StaleWindow.label());
+    assert!(adm.should_log("a", foreign, 0));
+    assert!(!adm.should_log("a", foreign, 1_000));
+    assert!(adm.should_log("a", stale, 1_000));
+    assert!(adm.should_log("b", foreign, 1_000));
+    assert!(adm.should_log("a", foreign, LOG_INTERVAL_MS));
 }
 
 #[test]
