@@ -491,7 +491,8 @@ impl Scope for NodeScope<'_> {
                 flowlens_api::network_observation::NetworkObservationSpec::default().max_series,
                 |s| s.max_series,
             ),
-            on_node: o.by_node.get(self.node).is_some_and(|p| !p.is_empty()),
+            // As in the node's config (compile/assemble.rs).
+            on_node: o.spec.is_some() && o.by_node.get(self.node).is_some_and(|p| !p.is_empty()),
         })
     }
 
@@ -504,7 +505,12 @@ impl Scope for NodeScope<'_> {
     fn policy_on_node(&self, namespace: &str, name: &str) -> bool {
         self.compiler
             .policy(&(namespace.to_owned(), name.to_owned()))
-            .is_some_and(|p| p.by_node.get(self.node).is_some_and(|t| !t.is_empty()))
+            .is_some_and(|p| {
+                // As in the node's config (compile/assemble.rs).
+                p.spec.is_some()
+                    && p.revision.is_some()
+                    && p.by_node.get(self.node).is_some_and(|t| !t.is_empty())
+            })
     }
 }
 

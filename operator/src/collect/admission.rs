@@ -9,8 +9,8 @@
 //! - **The whole batch is refused** (HTTP 422, nothing of it is stored) for
 //!   what no agent of this version sends, whatever the cluster does: a
 //!   window start not a multiple of its length
-//!   ([`Refusal::MisalignedWindow`]), a window length of zero or a policy
-//!   window longer than [`POLICY_WINDOW_SECONDS`]
+//!   ([`Refusal::MisalignedWindow`]; policy windows: of
+//!   [`POLICY_WINDOW_SECONDS`]), a window length of zero
 //!   ([`Refusal::WrongWindowSeconds`]), a window starting in the future
 //!   beyond [`CLOCK_SKEW_S`] ([`Refusal::FutureWindow`]: the node's clock is
 //!   wrong, which the agent's log must show), a string longer than
@@ -308,17 +308,10 @@ impl Admission {
         }
         for (i, w) in batch.policy_windows.iter().enumerate() {
             let at = format!("policyWindows[{i}]");
+            // Its own windowSeconds is not used: a part flushed by a stopping
+            // agent is shorter, and the book counts every part in the
+            // 10 s window of its start.
             check_window(w.start, POLICY_WINDOW_SECONDS, &at, now_s)?;
-            if w.window_seconds == 0 || w.window_seconds > POLICY_WINDOW_SECONDS {
-                return Err(refused(
-                    Refusal::WrongWindowSeconds,
-                    format!("{at}.windowSeconds"),
-                    format!(
-                        "{}: policy windows last 1 to {POLICY_WINDOW_SECONDS} s",
-                        w.window_seconds
-                    ),
-                ));
-            }
         }
         self.forget_expired(now_ms);
 
