@@ -101,7 +101,7 @@ struct FlowAcc {
 impl FlowAcc {
     fn add(&mut self, o: &FlowAcc) {
         self.traffic.add(&o.traffic);
-        self.flows += o.flows;
+        self.flows = self.flows.saturating_add(o.flows);
         self.rtt.merge(&o.rtt);
         self.speaks |= o.speaks;
     }
@@ -167,7 +167,7 @@ pub(crate) fn merge(
     attach_replies(&mut flows);
     let budget = apply_budget(flows, params.max_series);
     r.series = budget.series;
-    r.folded_series = budget.folded + agent_folded;
+    r.folded_series = budget.folded.saturating_add(agent_folded);
     r.top_flows = top_flows(budget.flows, params.top_n);
     r
 }
@@ -184,10 +184,10 @@ fn sum_parts(
     let mut flows: HashMap<FlowId, FlowAcc> = HashMap::new();
     let mut latency = Histogram::default();
     let mut nodes = BTreeSet::new();
-    let mut agent_folded = 0;
+    let mut agent_folded: u64 = 0;
     for (node, part) in parts {
         nodes.insert(node.as_str());
-        agent_folded += part.folded_series;
+        agent_folded = agent_folded.saturating_add(part.folded_series);
         let local_zone = dir.zone(node);
         for s in &part.series {
             let remote_ip: Option<IpAddr> = s.remote.as_deref().and_then(|a| a.parse().ok());
@@ -218,12 +218,12 @@ fn sum_parts(
             let mut traffic = s.tx;
             traffic.add(&rx);
 
-            r.flows += connections;
-            r.packets += traffic.packets;
-            r.bytes += traffic.bytes;
-            r.payload_bytes += traffic.payload_bytes;
-            r.retransmits += s.retransmits;
-            r.drops += s.drops;
+            r.flows = r.flows.saturating_add(connections);
+            r.packets = r.packets.saturating_add(traffic.packets);
+            r.bytes = r.bytes.saturating_add(traffic.bytes);
+            r.payload_bytes = r.payload_bytes.saturating_add(traffic.payload_bytes);
+            r.retransmits = r.retransmits.saturating_add(s.retransmits);
+            r.drops = r.drops.saturating_add(s.drops);
             latency.merge(rtt);
             let remote_zone = match remote_node {
                 Some(n) => n.zone.as_deref(),
@@ -234,7 +234,7 @@ fn sum_parts(
             if let (Some(a), Some(b)) = (local_zone, remote_zone)
                 && a != b
             {
-                r.cross_zone_bytes += traffic.bytes;
+                r.cross_zone_bytes = r.cross_zone_bytes.saturating_add(traffic.bytes);
             }
 
             let remote = Remote {
@@ -246,7 +246,7 @@ fn sum_parts(
             let id = flow_id(s, &remote, params);
             let acc = flows.entry(id).or_default();
             acc.traffic.add(&traffic);
-            acc.flows += connections;
+            acc.flows = acc.flows.saturating_add(connections);
             acc.rtt.merge(rtt);
             acc.speaks |= !client_side_counts;
         }

@@ -611,3 +611,38 @@ fn the_servers_side_of_a_service_connection_joins_the_clients_flow() {
     assert_eq!(r.top_flows.len(), 2, "{:#?}", r.top_flows);
     assert_eq!(r.bytes, 10_520 * 2 + 260, "the server's side once");
 }
+
+#[test]
+fn forged_counts_saturate_instead_of_overflowing() {
+    let d = Dir::new();
+    let max = Traffic {
+        packets: u64::MAX,
+        bytes: u64::MAX,
+        payload_bytes: u64::MAX,
+    };
+    let mut s = series(
+        dims("ns", "a"),
+        "10.9.9.9",
+        80,
+        Role::Client,
+        u64::MAX,
+        max,
+        max,
+        &[],
+    );
+    s.retransmits = u64::MAX;
+    s.drops = u64::MAX;
+    let mut p = part(vec![s.clone(), s]);
+    p.folded_series = u64::MAX;
+    let r = merge(
+        100,
+        110,
+        &[("n1".into(), p.clone()), ("n2".into(), p)],
+        &DEFAULT,
+        &d,
+    );
+    assert_eq!(
+        (r.flows, r.packets, r.bytes, r.drops, r.folded_series),
+        (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX)
+    );
+}
