@@ -6,6 +6,14 @@
 //! window reports a second part that the operator adds to the first. The agent keeps every part
 //! until the operator answers that its window is committed (written to status);
 //! the operator ignores parts of windows it has already committed.
+//!
+//! The operator accepts only what the node can truthfully say (see the
+//! operator's `collect/admission.rs`): window starts aligned to their
+//! length and at most a minute in the future, observations and policies in
+//! force on the node, local pods of the node, at most `maxSeries` + 1
+//! series, at most 4 agent processes per node and window, strings of at
+//! most 320 bytes. A malformed batch is answered 422 and nothing of it is
+//! stored; a part the cluster no longer agrees with is dropped alone.
 
 use std::collections::BTreeMap;
 
