@@ -63,7 +63,7 @@ cluster-test:
     set -euo pipefail
     trap 'just cluster-down' EXIT
     just cluster cluster-install
-    cargo nextest run -p flowlens-e2e --no-fail-fast -E 'binary(cluster)'
+    cargo nextest run -p flowlens-e2e --no-fail-fast --success-output immediate -E 'binary(cluster)'
 
 # Start a real one-node cluster (kubelet, containerd, CNI, kube-proxy, DNS);
 # admin kubeconfig at .flowlens/kubeconfig. FLOWLENS_CNI=bridge|ptp.

@@ -98,8 +98,11 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
 
     // Fast path: a flow already known, in this epoch, to be traced and to
     // pass untouched is counted with one lookup.
+    // Not for a SYN: it opens a new connection on the 5-tuple, to be decided
+    // afresh (a bare ACK sent first must not pave its way).
     let existing = flow::lookup(&key);
-    if !existing.is_null() && epoch != 0 && unsafe { (*existing).pass_epoch } == epoch {
+    let syn = p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
+    if !syn && !existing.is_null() && epoch != 0 && unsafe { (*existing).pass_epoch } == epoch {
         flow::add(existing, &p);
         return TC_ACT_UNSPEC;
     }
@@ -123,8 +126,6 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         && let Some(svc) = service::frontend(generation, &p.dst, p.dport, p.protocol)
         && let Some(why) = service::any_blocked(generation, svc, &p.src, ep, p.protocol)
     {
-        let syn =
-            p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
         policy::count(
             generation,
             why.endpoint_id,
@@ -146,8 +147,6 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         ));
         key.direction = direction;
         if d.verdict != VERDICT_PASS {
-            let syn =
-                p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
             policy::count(generation, ep.id, &d, p.packets, if syn { 1 } else { 0 });
             if d.verdict == VERDICT_DROP {
                 return TC_ACT_SHOT;

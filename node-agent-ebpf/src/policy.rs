@@ -150,8 +150,13 @@ pub fn evaluate(
 
 /// Who opened the connection this packet belongs to, when the connection
 /// table does not know: the sender of a SYN is the client, the sender of a
-/// SYN-ACK the server; otherwise a well-known port (< 32768) marks the
-/// server; otherwise the sender is taken as the client.
+/// SYN-ACK the server. A TCP packet without SYN belongs to a connection that
+/// began before the table knew it (it survives agent restarts, so only an
+/// eviction does that): a well-known port (< 32768) marks the server,
+/// otherwise the sender is taken as the client. Any other protocol has no
+/// handshake: the sender of the first packet seen is the client, whatever
+/// its ports (a UDP datagram from port 53 is not a reply unless the pod
+/// asked first; taking it for one would skip the rules that apply to it).
 #[inline(always)]
 fn guess_role(p: &Packet, direction: u8, local_port: u16, remote_port: u16) -> u8 {
     let sender_is_local = direction == DIRECTION_EGRESS;
@@ -163,11 +168,13 @@ fn guess_role(p: &Packet, direction: u8, local_port: u16, remote_port: u16) -> u
             ROLE_SERVER
         };
     }
-    if local_port < remote_port && local_port < 32768 {
-        return ROLE_SERVER;
-    }
-    if remote_port < local_port && remote_port < 32768 {
-        return ROLE_CLIENT;
+    if p.protocol == PROTO_TCP {
+        if local_port < remote_port && local_port < 32768 {
+            return ROLE_SERVER;
+        }
+        if remote_port < local_port && remote_port < 32768 {
+            return ROLE_CLIENT;
+        }
     }
     if sender_is_local {
         ROLE_CLIENT
@@ -206,7 +213,11 @@ pub fn packet_decision(
     if p.protocol == PROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137 {
         return pack(PASS);
     }
+    // A SYN opens a new connection: what was cached for the 5-tuple (from
+    // a bare ACK sent first, say) does not decide it.
+    let syn = p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
     let role = match unsafe { FL_CONNS.get(conn) } {
+        _ if syn => guess_role(p, direction as u8, conn.local_port, conn.remote_port),
         Some(st) if st.epoch == epoch => {
             return pack(Decision {
                 verdict: st.verdict,

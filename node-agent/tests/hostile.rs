@@ -1,0 +1,186 @@
+//! A hostile pod against the TC programs: packets crafted to be taken for
+//! replies, so that the rules meant for them are skipped. Each case was seen
+//! to get through before its fix.
+
+use std::time::Duration;
+
+use flowlens_api::{
+    flow_policy::{PolicyMode, Protocol},
+    node_agent_config::Direction,
+};
+use flowlens_e2e::{
+    agent::Agent,
+    config::SpecBuilder,
+    process::{Proc, workspace_bin},
+    topology::Topology,
+};
+
+/// Counts the UDP datagrams that reach `port` for `secs` seconds.
+const UDP_COUNTER: &str = "
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.settimeout(0.2)
+n, end = 0, time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        s.recvfrom(100); n += 1
+    except socket.timeout:
+        pass
+print(n)
+";
+
+/// Sends `count` datagrams from source port `sport` to `dst:dport`.
+const UDP_SENDER: &str = "
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+for _ in range(int(sys.argv[4])):
+    s.sendto(b'x', (sys.argv[2], int(sys.argv[3]))); time.sleep(0.01)
+";
+
+/// Datagrams `from` sent from source port `sport` that reached `to:port`.
+fn udp_received(topo: &Topology, from: usize, sport: u16, to: usize, port: u16) -> u64 {
+    let counter = std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            topo.pod_output(
+                to,
+                "python3",
+                &["-c", UDP_COUNTER, &port.to_string(), "1.5"],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let dst = topo.pods[to].ip4.to_string();
+        let sent = topo.pod_output(
+            from,
+            "python3",
+            &[
+                "-c",
+                UDP_SENDER,
+                &sport.to_string(),
+                &dst,
+                &port.to_string(),
+                "10",
+            ],
+        );
+        assert!(
+            sent.status.success(),
+            "sender: {}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        h.join().unwrap()
+    });
+    String::from_utf8_lossy(&counter.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter: {}", String::from_utf8_lossy(&counter.stderr)))
+}
+
+#[test]
+fn udp_from_a_low_source_port_is_not_taken_for_a_reply() {
+    let mut topo = Topology::new();
+    let n = topo.add_node("n1", None);
+    let a = topo.add_pod(n, "a");
+    let b = topo.add_pod(n, "b");
+    let b_ip = format!("{}/32", topo.pods[b].ip4);
+    let mut cfg = SpecBuilder::new(&topo, 0);
+    // a may not send UDP to b:5000; b takes no UDP on 5001 from anyone.
+    cfg.rule(
+        "no-5000",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&b_ip],
+        &[(Protocol::Udp, 5000, 5000)],
+    )
+    .rule(
+        "quarantine-5001",
+        Direction::Ingress,
+        PolicyMode::Enforce,
+        &[b],
+        &[],
+        &[(Protocol::Udp, 5001, 5001)],
+    );
+    let spec = cfg.build();
+    let _agent = Agent::standalone(&topo, 0, &spec, &[]);
+    let egress = udp_received(&topo, a, 53, b, 5000);
+    let ingress = udp_received(&topo, a, 53, b, 5001);
+    let ingress_4000 = udp_received(&topo, a, 4000, b, 5001);
+    let allowed = udp_received(&topo, a, 53, b, 5002);
+    println!(
+        "from port 53: to b:5000 (egress block) {egress}/10, to b:5001 (ingress block) \
+         {ingress}/10; from 4000 to b:5001 {ingress_4000}/10; to b:5002 (allowed) {allowed}/10"
+    );
+    assert_eq!(
+        egress, 0,
+        "a's egress rule skipped for a datagram from port 53"
+    );
+    assert_eq!(
+        ingress, 0,
+        "b's ingress rule skipped for a datagram from port 53"
+    );
+    assert_eq!(
+        ingress_4000, 0,
+        "b's ingress rule skipped for a datagram from port 4000"
+    );
+    assert_eq!(allowed, 10, "an allowed port must still work");
+}
+
+/// A bare ACK from port 80 to b:5432, then a connect() from port 80 to
+/// b:5432: prints `connected` or `failed <error>`.
+const ACK_THEN_CONNECT: &str = "
+import socket, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+h = struct.pack('!HHIIBBHHH', 80, 5432, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+c = csum(socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(h)) + h)
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+raw.sendto(h[:16] + struct.pack('!H', c) + h[18:], (dst, 0))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((src, 80)); s.settimeout(1)
+try:
+    s.connect((dst, 5432)); print('connected')
+except Exception as e:
+    print('failed', type(e).__name__)
+";
+
+#[test]
+fn a_syn_after_a_bare_ack_on_the_same_ports_is_still_blocked() {
+    let mut topo = Topology::new();
+    let n = topo.add_node("n1", None);
+    let a = topo.add_pod(n, "a");
+    let b = topo.add_pod(n, "b");
+    let _server = Proc::spawn(
+        "echo",
+        topo.pod_cmd(
+            b,
+            workspace_bin("flowlens-traffic"),
+            &["echo-server", "--port", "5432"],
+        ),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let b_ip = format!("{}/32", topo.pods[b].ip4);
+    let mut cfg = SpecBuilder::new(&topo, 0);
+    cfg.trace("obs", 5, &[a, b]).rule(
+        "no-db",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&b_ip],
+        &[(Protocol::Tcp, 5432, 5432)],
+    );
+    let spec = cfg.build();
+    // TC alone decides (no connect hook to refuse the connect() first).
+    let _agent = Agent::standalone(&topo, 0, &spec, &["--cgroup-root", "none"]);
+    let (src, dst) = (topo.pods[a].ip4.to_string(), topo.pods[b].ip4.to_string());
+    let out = topo.pod_output(a, "python3", &["-c", ACK_THEN_CONNECT, &src, &dst]);
+    let out = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    println!("bare ACK from port 80, then connect() from port 80 to b:5432: {out}");
+    assert_ne!(out, "connected", "the ACK paved the SYN's way");
+    assert!(out.starts_with("failed"), "{out}");
+}
