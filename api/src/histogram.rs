@@ -35,9 +35,11 @@ impl From<Histogram> for Vec<(u16, u64)> {
 
 impl Histogram {
     /// Adds `n` samples to a bucket (ignored when the bucket does not exist).
+    /// Saturating: counts come from reports, which must never overflow.
     pub fn add_bucket(&mut self, bucket: u16, n: u64) {
         if bucket < RTT_BUCKETS && n > 0 {
-            *self.buckets.entry(bucket).or_default() += n;
+            let c = self.buckets.entry(bucket).or_default();
+            *c = c.saturating_add(n);
         }
     }
 
@@ -55,7 +57,9 @@ impl Histogram {
 
     /// Number of samples.
     pub fn count(&self) -> u64 {
-        self.buckets.values().sum()
+        self.buckets
+            .values()
+            .fold(0u64, |a, n| a.saturating_add(*n))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,7 +81,7 @@ impl Histogram {
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (&b, &n) in &self.buckets {
-            seen += n;
+            seen = u64::saturating_add(seen, n);
             if seen >= rank {
                 let width = rtt_bucket_width(b);
                 return Some(rtt_bucket_lower(b) + width / 2);
@@ -89,6 +93,16 @@ impl Histogram {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn forged_counts_saturate() {
+        let mut h = super::Histogram::default();
+        h.add_bucket(3, u64::MAX);
+        h.add_bucket(3, 5);
+        h.add_bucket(40, u64::MAX);
+        assert_eq!(h.count(), u64::MAX);
+        assert!(h.quantile(0.99).is_some());
+    }
+
     use super::*;
 
     #[test]

@@ -77,11 +77,12 @@ fn write_window(r: &WindowResult, s: &mut NetworkObservationStatus) {
         since: Some(time(r.start)),
         ..Default::default()
     });
-    total.packets += r.packets;
-    total.bytes += r.bytes;
-    total.payload_bytes += r.payload_bytes;
-    total.cross_zone_bytes += r.cross_zone_bytes;
-    total.windows += 1;
+    // Saturating: the figures add up reports' counts.
+    total.packets = total.packets.saturating_add(r.packets);
+    total.bytes = total.bytes.saturating_add(r.bytes);
+    total.payload_bytes = total.payload_bytes.saturating_add(r.payload_bytes);
+    total.cross_zone_bytes = total.cross_zone_bytes.saturating_add(r.cross_zone_bytes);
+    total.windows = total.windows.saturating_add(1);
     s.latency = r.latency.clone();
     s.top_flows = r.top_flows.clone();
     s.series = Some(SeriesUsage {

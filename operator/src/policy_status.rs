@@ -66,11 +66,12 @@ fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
             continue;
         }
         let b = s.blocked.get_or_insert_with(Default::default);
-        b.packets += d.blocked.packets;
-        b.connections += d.blocked.connections;
+        // Saturating: the counters add up reports' counts.
+        b.packets = b.packets.saturating_add(d.blocked.packets);
+        b.connections = b.connections.saturating_add(d.blocked.connections);
         let a = s.audited.get_or_insert_with(Default::default);
-        a.packets += d.audited.packets;
-        a.connections += d.audited.connections;
+        a.packets = a.packets.saturating_add(d.audited.packets);
+        a.connections = a.connections.saturating_add(d.audited.connections);
         s.counted_until = Some(time(d.end));
     }
 }
