@@ -83,25 +83,52 @@ impl ReportBuffer {
         self.len() == 0 && !self.has_pending() && !self.has_held()
     }
 
-    /// The next request: the oldest pending windows, at most `max_windows`.
+    /// The next request: the oldest pending windows, at most `max_windows`,
+    /// and pending policy windows, as many. With `max_windows == 1` (a
+    /// refused request being narrowed down), an observation window goes
+    /// alone, so that a refusal names one item.
     pub(crate) fn batch(
         &self,
         node: &str,
         agent: &str,
         max_windows: usize,
     ) -> (ReportBatch, Sending) {
-        let n = self.pending.len().min(max_windows.max(1));
+        let limit = max_windows.max(1);
+        let n = self.pending.len().min(limit);
+        let p = if limit == 1 && n == 1 {
+            0
+        } else if limit == 1 {
+            self.pending_policies.len().min(1)
+        } else {
+            self.pending_policies.len()
+        };
         let batch = ReportBatch {
             node: node.to_owned(),
             agent: agent.to_owned(),
             windows: self.pending.iter().take(n).cloned().collect(),
-            policy_windows: self.pending_policies.iter().cloned().collect(),
+            policy_windows: self.pending_policies.iter().take(p).cloned().collect(),
         };
         let sending = Sending {
             windows: n,
-            policies: self.pending_policies.len(),
+            policies: p,
         };
         (batch, sending)
+    }
+
+    /// The collector refused what [`Self::batch`] returned, for good:
+    /// forgets it (only ever one item: callers narrow a refused batch down
+    /// to single items first). Returns the observation windows dropped.
+    pub(crate) fn refused(&mut self, s: &Sending) -> usize {
+        let mut dropped = 0;
+        for _ in 0..s.windows {
+            if self.pending.pop_front().is_some() {
+                dropped += 1;
+            }
+        }
+        for _ in 0..s.policies {
+            self.pending_policies.pop_front();
+        }
+        dropped
     }
 
     /// The collector received what [`Self::batch`] returned.
@@ -141,6 +168,54 @@ impl ReportBuffer {
         self.held_policies.retain(|w| !policy_done(w));
         self.pending_policies.retain(|w| !policy_done(w));
         before - self.held.len() - self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use flowlens_api::report::{ObservationWindow, PolicyWindow};
+
+    use super::ReportBuffer;
+
+    fn w(start: i64) -> ObservationWindow {
+        ObservationWindow {
+            uid: "u".into(),
+            start,
+            window_seconds: 10,
+            ..Default::default()
+        }
+    }
+
+    fn p(start: i64) -> PolicyWindow {
+        PolicyWindow {
+            start,
+            window_seconds: 10,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_batch_is_narrowed_to_single_items_and_only_the_culprit_is_dropped() {
+        let mut b = ReportBuffer::new(16);
+        b.push(vec![w(0), w(10), w(20)], vec![p(0), p(10)]);
+        let (all, _) = b.batch("n", "a", 16);
+        assert_eq!((all.windows.len(), all.policy_windows.len()), (3, 2));
+        // Narrowed: one observation window, alone.
+        let (one, sending) = b.batch("n", "a", 1);
+        assert_eq!((one.windows.len(), one.policy_windows.len()), (1, 0));
+        assert_eq!(one.windows[0].start, 0);
+        assert_eq!(b.refused(&sending), 1);
+        let (next, sending) = b.batch("n", "a", 1);
+        assert_eq!(next.windows[0].start, 10, "the next window is kept");
+        b.sent(&sending);
+        let (_, sending) = b.batch("n", "a", 1);
+        b.sent(&sending);
+        // Then policy windows, one at a time.
+        let (pol, sending) = b.batch("n", "a", 1);
+        assert_eq!((pol.windows.len(), pol.policy_windows.len()), (0, 1));
+        assert_eq!(b.refused(&sending), 0);
+        let (pol, _) = b.batch("n", "a", 1);
+        assert_eq!(pol.policy_windows[0].start, 10);
     }
 }
 

@@ -44,6 +44,19 @@ pub(crate) enum SendError {
 }
 
 impl SendError {
+    /// The collector will refuse the same request again whatever the
+    /// retries: malformed (400), too large (413), or content it does not
+    /// accept from this node (422).
+    pub(crate) fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            SendError::Refused {
+                status: 400 | 413 | 422,
+                ..
+            }
+        )
+    }
+
     pub(crate) fn label(&self) -> &'static str {
         match self {
             SendError::Unreachable { .. } => "unreachable",

@@ -43,6 +43,9 @@ pub struct Reporter {
     agent: String,
     buffer: ReportBuffer,
     client: Option<CollectorClient>,
+    /// Windows per request: [`BATCH_WINDOWS`], 1 while a refused request
+    /// is narrowed down, doubling back after each accepted one.
+    batch_limit: usize,
 }
 
 impl Reporter {
@@ -56,6 +59,7 @@ impl Reporter {
             opts,
             buffer: ReportBuffer::new(BUFFER_WINDOWS),
             client: None,
+            batch_limit: BATCH_WINDOWS,
         }
     }
 
@@ -82,7 +86,7 @@ impl Reporter {
         let client = self.client.as_ref().expect("client");
         let (batch, sending) = self
             .buffer
-            .batch(&self.opts.node, &self.agent, BATCH_WINDOWS);
+            .batch(&self.opts.node, &self.agent, self.batch_limit);
         match client.send(&batch, &self.opts.token_file).await {
             Ok(ack) => {
                 metrics
@@ -90,6 +94,7 @@ impl Reporter {
                     .get_or_create(&ResultLabels { result: "ok" })
                     .inc();
                 self.buffer.sent(&sending);
+                self.batch_limit = (self.batch_limit * 2).min(BATCH_WINDOWS);
                 let committed = self.buffer.ack(&ack);
                 metrics.windows_reported.inc_by(committed as u64);
                 metrics.report_buffer.set(self.buffer.len() as i64);
@@ -99,6 +104,25 @@ impl Reporter {
                     held = self.buffer.len(),
                     "report exchanged"
                 );
+                Ok(self.buffer.has_pending())
+            }
+            Err(e) if e.is_permanent() => {
+                metrics
+                    .reports
+                    .get_or_create(&ResultLabels { result: e.label() })
+                    .inc();
+                // Resending the same request would be refused forever, and
+                // hold up every later window: narrow it down to single
+                // items, and drop (and count) the one refused alone.
+                if self.batch_limit > 1 || sending.windows + sending.policies > 1 {
+                    self.batch_limit = 1;
+                    warn!(error = %e, "report refused; sending its windows one at a time");
+                } else {
+                    let dropped = self.buffer.refused(&sending);
+                    metrics.windows_dropped.inc_by(dropped as u64);
+                    metrics.report_buffer.set(self.buffer.len() as i64);
+                    warn!(error = %e, windows = dropped, policy_windows = sending.policies, "the collector refuses this window for good: dropped");
+                }
                 Ok(self.buffer.has_pending())
             }
             Err(e) => {
