@@ -685,3 +685,580 @@ async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
     assert_eq!(late, 0.0, "no part arrived after its window was final");
     sim.shutdown().await.unwrap();
 }
+
+/// A report request that claims `len` bytes of body and sends none.
+fn post_claiming(addr: std::net::SocketAddr, len: usize) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "POST /v1/reports HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    Some((
+        head.split_whitespace().nth(1)?.parse().ok()?,
+        body.to_owned(),
+    ))
+}
+
+/// One forged or malformed report; `expect`: the HTTP status it must get.
+struct Hostile {
+    what: &'static str,
+    token: Option<String>,
+    body: String,
+    expect: u16,
+}
+
+/// A compromised node: with its agent's real pod-bound token, node a1 sends
+/// forged and malformed reports about other nodes, observations and
+/// policies, and junk. Each is refused (or harmless); afterwards the
+/// operator runs, the refusals are counted by reason, another node's
+/// results are exactly what they were, and new traffic is still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_cannot_crash_the_operator_or_change_other_nodes_results() {
+    let TwoNodes {
+        mut sim,
+        run,
+        a1,
+        b1,
+        shop,
+        web,
+        db,
+    } = two_nodes("e2e-hostile").await;
+    // The victim: an observation of pods on b1 only, and a policy in force
+    // on b1 only.
+    let victim_ns = format!("{run}-victim");
+    sim.objects.namespace(&victim_ns, &[]).await.unwrap();
+    let v1 = sim
+        .add_pod(1, &victim_ns, "v-1", &[("app", "v")], Some("v"))
+        .await
+        .unwrap();
+    let v2 = sim
+        .add_pod(1, &victim_ns, "v-2", &[("app", "v")], Some("v"))
+        .await
+        .unwrap();
+    let (victim, both) = (format!("{run}-victim"), format!("{run}-both"));
+    sim.objects
+        .observation(
+            &victim,
+            json!({"namespaces": [victim_ns], "groupBy": ["pod"], "window": "5s", "maxSeries": 10}),
+        )
+        .await
+        .unwrap();
+    sim.objects
+        .observation(
+            &both,
+            json!({"namespaces": [shop], "groupBy": ["pod"], "window": "5s", "maxSeries": 10}),
+        )
+        .await
+        .unwrap();
+    sim.objects
+        .policy(
+            &shop,
+            "guard-db",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                "ports": [{"port": 9999}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    for name in [&victim, &both] {
+        poll(
+            Duration::from_secs(30),
+            &format!("{name} Ready"),
+            || async {
+                let s = observation(&sim, name).await;
+                condition(&s.conditions, "Ready")
+                    .filter(|c| c.status == "True")
+                    .map(|_| ())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    poll(Duration::from_secs(30), "guard-db Enforced", || async {
+        let s = policy(&sim, &shop, "guard-db").await;
+        condition(&s.conditions, "Enforced")
+            .filter(|c| c.status == "True")
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+
+    // The victim's traffic, on b1 alone, fully counted before the attack.
+    let v2_ip = sim.topo.pods[v2].ip4.to_string();
+    let sent = iperf3(&sim.topo, v2, v1, &v2_ip, 5201, "5M", "100M");
+    let before = status_after(&sim, &victim, now_s() + 1)
+        .await
+        .total
+        .unwrap_or_default();
+    assert!(
+        before.payload_bytes >= sent.bytes,
+        "the victim's transfer is counted before the attack: {before:?} vs {sent:?}"
+    );
+    let guard_before = policy(&sim, &shop, "guard-db").await;
+
+    // The attack.
+    let uid = |name: String| {
+        let client = sim.client.clone();
+        async move {
+            Api::<NetworkObservation>::all(client)
+                .get(&name)
+                .await
+                .unwrap()
+                .metadata
+                .uid
+                .unwrap()
+        }
+    };
+    let (victim_uid, both_uid) = (uid(victim.clone()).await, uid(both.clone()).await);
+    let token = std::fs::read_to_string(sim.topo.work_dir.join(format!("{a1}-report-token")))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // The window open now: a part of it is taken if nothing refuses it.
+    let t = now_s() - now_s().rem_euclid(5);
+    let pod = |ns: &str, name: &str| json!({"namespace": ns, "pod": name});
+    let series = |local: serde_json::Value, bytes: u64| {
+        json!({"local": local, "remote": "203.0.113.66", "port": 443, "protocol": 6,
+               "role": "Client", "flows": 1,
+               "tx": {"packets": 1, "bytes": bytes, "payloadBytes": bytes},
+               "rx": {"packets": 0, "bytes": 0, "payloadBytes": 0},
+               "retransmits": 0, "drops": 0, "rtt": []})
+    };
+    let window = |name: &str, uid: &str, start: i64, secs: u64, series: Vec<serde_json::Value>| {
+        json!({"observation": name, "uid": uid, "generation": 1, "start": start,
+               "windowSeconds": secs, "complete": true, "series": series,
+               "foldedSeries": 0})
+    };
+    let batch = |node: &str,
+                 agent: &str,
+                 windows: Vec<serde_json::Value>,
+                 policies: Vec<serde_json::Value>| {
+        json!({"node": node, "agent": agent, "windows": windows, "policyWindows": policies})
+            .to_string()
+    };
+    let web_pod = pod(&shop, "web-1");
+    let db_pod = pod(&shop, "db-1");
+    let forged_bytes = 1_000_000_000_000u64;
+    let own = |windows| batch(&a1, "forger", windows, vec![]);
+    let guard_counts = json!([{"namespace": shop, "name": "guard-db",
+                               "blocked": {"packets": forged_bytes, "connections": forged_bytes},
+                               "audited": {"packets": 0, "connections": 0}}]);
+    let policy_window = |start: i64, policies: &serde_json::Value| json!({"start": start, "windowSeconds": 10, "policies": policies});
+    let t10 = now_s() - now_s().rem_euclid(10);
+    let mut cases = vec![
+        Hostile {
+            what: "no token",
+            token: None,
+            body: own(vec![]),
+            expect: 401,
+        },
+        Hostile {
+            what: "a made-up token",
+            token: Some("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()),
+            body: own(vec![]),
+            expect: 401,
+        },
+        Hostile {
+            what: "reporting as node b1",
+            token: Some(token.clone()),
+            body: batch(
+                &b1,
+                "forger",
+                vec![window(
+                    &victim,
+                    &victim_uid,
+                    t,
+                    5,
+                    vec![series(pod(&victim_ns, "v-1"), forged_bytes)],
+                )],
+                vec![],
+            ),
+            expect: 403,
+        },
+        Hostile {
+            what: "not JSON",
+            token: Some(token.clone()),
+            body: "\u{0}\u{1}not json".into(),
+            expect: 400,
+        },
+        Hostile {
+            what: "the wrong shape",
+            token: Some(token.clone()),
+            body: json!({"node": a1, "agent": "x", "windows": "all of them"}).to_string(),
+            expect: 400,
+        },
+        Hostile {
+            what: "JSON nested 100,000 deep",
+            token: Some(token.clone()),
+            body: format!(
+                "{{\"node\": \"{a1}\", \"agent\": \"x\", \"windows\": {}{}}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            expect: 400,
+        },
+        Hostile {
+            what: "a window starting at 9.3e15 (once: an overflow)",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                9_300_000_000_000_000,
+                5,
+                vec![],
+            )]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a window starting at i64::MIN",
+            token: Some(token.clone()),
+            body: own(vec![window(&both, &both_uid, i64::MIN, 5, vec![])]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a misaligned window",
+            token: Some(token.clone()),
+            body: own(vec![window(&both, &both_uid, t + 1, 5, vec![])]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a zero-second window",
+            token: Some(token.clone()),
+            body: own(vec![window(&both, &both_uid, t, 0, vec![])]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a window of u32::MAX seconds",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                0,
+                u64::from(u32::MAX),
+                vec![],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "a window an hour in the future",
+            token: Some(token.clone()),
+            body: own(vec![window(&both, &both_uid, t + 3600, 5, vec![])]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a window from a year ago",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t - 365 * 86_400,
+                5,
+                vec![series(web_pod.clone(), forged_bytes)],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "the victim observation, not on a1",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &victim,
+                &victim_uid,
+                t,
+                5,
+                vec![series(pod(&victim_ns, "v-1"), forged_bytes)],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "a series of b1's pod db",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                vec![series(db_pod.clone(), forged_bytes)],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            // Taken as the node's own (an honest agent names pods deleted
+            // since); it cannot name another node's.
+            what: "a series of a pod that does not exist",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                vec![series(pod(&shop, "ghost"), 1)],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "more series than maxSeries + 1",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                (0..50).map(|_| series(web_pod.clone(), 1)).collect(),
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "a 10 kB label value",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                vec![series(
+                    json!({"namespace": shop, "pod": "web-1", "labels": {"app": "x".repeat(10_000)}}),
+                    1,
+                )],
+            )]),
+            expect: 422,
+        },
+        Hostile {
+            what: "100 labels",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                vec![series(
+                    json!({"namespace": shop, "pod": "web-1",
+                           "labels": (0..100).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
+                    1,
+                )],
+            )]),
+            expect: 422,
+        },
+        Hostile {
+            what: "a 1 MB remote address",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                &both,
+                &both_uid,
+                t,
+                5,
+                vec![
+                    json!({"local": web_pod, "remote": "9".repeat(1 << 20), "port": 1, "protocol": 6,
+                            "role": "Client", "flows": 1,
+                            "tx": {"packets": 1, "bytes": 1, "payloadBytes": 1},
+                            "rx": {"packets": 0, "bytes": 0, "payloadBytes": 0},
+                            "retransmits": 0, "drops": 0, "rtt": []}),
+                ],
+            )]),
+            expect: 422,
+        },
+        Hostile {
+            what: "an observation that does not exist",
+            token: Some(token.clone()),
+            body: own(vec![window(
+                "nope",
+                "00000000-0000-0000-0000-000000000000",
+                t,
+                5,
+                vec![series(web_pod.clone(), 1)],
+            )]),
+            expect: 200,
+        },
+        Hostile {
+            what: "counters of b1's policy guard-db",
+            token: Some(token.clone()),
+            body: batch(
+                &a1,
+                "forger",
+                vec![],
+                vec![policy_window(t10, &guard_counts)],
+            ),
+            expect: 200,
+        },
+        Hostile {
+            what: "a policy window a day in the future",
+            token: Some(token.clone()),
+            body: batch(
+                &a1,
+                "forger",
+                vec![],
+                vec![policy_window(t10 + 86_400, &json!([]))],
+            ),
+            expect: 422,
+        },
+        Hostile {
+            what: "a policy window starting at 9.3e15",
+            token: Some(token.clone()),
+            body: batch(
+                &a1,
+                "forger",
+                vec![],
+                vec![policy_window(9_300_000_000_000_000, &json!([]))],
+            ),
+            expect: 422,
+        },
+    ];
+    // The same window of a1 from ten agent processes: only a few are taken.
+    for i in 0..10 {
+        cases.push(Hostile {
+            what: "one of ten agents of a1 in one window",
+            token: Some(token.clone()),
+            body: batch(
+                &a1,
+                &format!("forger-{i}"),
+                vec![window(&both, &both_uid, t, 5, vec![])],
+                vec![],
+            ),
+            expect: 200,
+        });
+    }
+    let collector = sim.collector;
+    let mut failures = vec![];
+    for c in &cases {
+        let token = c.token.clone();
+        let body = c.body.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            http_post(collector, "/v1/reports", token.as_deref(), &body)
+        })
+        .await
+        .unwrap();
+        match got {
+            Some((code, _)) if code == c.expect => {}
+            Some((code, body)) => failures.push(format!(
+                "{}: HTTP {code} (expected {}): {}",
+                c.what,
+                c.expect,
+                body.chars().take(300).collect::<String>()
+            )),
+            None => failures.push(format!("{}: no answer (is the operator alive?)", c.what)),
+        }
+    }
+    // A 17 MiB body is refused from its Content-Length, before the token
+    // is checked or a byte of it read.
+    let claimed = tokio::task::spawn_blocking(move || post_claiming(collector, 17 << 20))
+        .await
+        .unwrap();
+    if claimed.as_ref().map(|(c, _)| *c) != Some(413) {
+        failures.push(format!("a 17 MiB body: {claimed:?} (expected 413)"));
+    }
+    println!("hostile agent: {} reports sent", cases.len() + 1);
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    // The operator is alive and says what it refused, by reason.
+    let op = sim.operator();
+    for reason in [
+        "MisalignedWindow",
+        "WrongWindowSeconds",
+        "FutureWindow",
+        "StaleWindow",
+        "ObservationNotOnNode",
+        "ForeignPod",
+        "PolicyNotOnNode",
+        "TooManyAgents",
+        "TooManySeries",
+        "FieldTooLong",
+    ] {
+        let n = op.metric_sum(
+            "flowlens_operator_report_refusals_total",
+            &format!("reason=\"{reason}\""),
+        );
+        println!("hostile agent: refusals {reason}: {n}");
+        assert!(n >= 1.0, "refusals of {reason} are counted: {n}");
+    }
+
+    // Two more windows later: the victim's results are exactly what they
+    // were, guard-db's counters too, and no forged peer or pod shows up.
+    let after = status_after(&sim, &victim, now_s() + 6).await;
+    let total = after.total.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            total.packets,
+            total.bytes,
+            total.payload_bytes,
+            total.cross_zone_bytes
+        ),
+        (
+            before.packets,
+            before.bytes,
+            before.payload_bytes,
+            before.cross_zone_bytes
+        ),
+        "the victim's totals are unchanged"
+    );
+    println!(
+        "hostile agent: victim totals before {before:?}, after {total:?} (iperf3 sent {} bytes)",
+        sent.bytes
+    );
+    let both_status = status_after(&sim, &both, now_s()).await;
+    // (The ghost's one byte on a1 is a1's to claim.)
+    let forged = |f: &TopFlow| {
+        let text = serde_json::to_string(f).unwrap();
+        text.contains("203.0.113.66") && !text.contains("ghost")
+    };
+    for s in [&after, &both_status] {
+        assert!(
+            !s.top_flows.iter().any(forged),
+            "no forged flow in status: {:?}",
+            s.top_flows
+        );
+    }
+    let both_total = both_status.total.unwrap_or_default();
+    assert!(
+        both_total.bytes < forged_bytes,
+        "no forged bytes in {both}: {both_total:?}"
+    );
+    let guard_after = policy(&sim, &shop, "guard-db").await;
+    assert_eq!(
+        guard_after.blocked, guard_before.blocked,
+        "guard-db's counters are unchanged"
+    );
+
+    // And nothing is frozen: new traffic of b1 and of a1 is counted.
+    let more = iperf3(&sim.topo, v2, v1, &v2_ip, 5202, "3M", "100M");
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let _db = echo_server(&sim.topo, db, 7000);
+    let talked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:7000"),
+        &["--duration-ms", "500", "--interval-ms", "50"],
+    )
+    .join()
+    .unwrap();
+    assert!(talked["successes"].as_u64().unwrap() > 0, "{talked}");
+    let end = now_s() + 1;
+    let later = status_after(&sim, &victim, end)
+        .await
+        .total
+        .unwrap_or_default();
+    assert!(
+        later.payload_bytes >= total.payload_bytes + more.bytes,
+        "the victim's new traffic is counted: {later:?}, {more:?}"
+    );
+    poll(
+        Duration::from_secs(30),
+        "a1's new traffic counted",
+        || async {
+            let s = observation(&sim, &both).await;
+            s.total
+                .filter(|t| t.packets > both_total.packets)
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+    sim.shutdown().await.unwrap();
+}

@@ -96,6 +96,7 @@ pub struct ControlLoop {
     metrics: Arc<Metrics>,
     completed: tokio::sync::mpsc::UnboundedSender<Completed>,
     last_kernel: crate::datapath::KernelCounters,
+    last_agg_stats: crate::aggregate::AggregatorStats,
     last_drops: BTreeMap<String, u64>,
     other_layouts_removed: bool,
     next_flow_drain: i64,
@@ -129,6 +130,7 @@ impl ControlLoop {
             metrics,
             completed,
             last_kernel,
+            last_agg_stats: Default::default(),
             last_drops,
             other_layouts_removed: false,
             // No drain before the first config: records drained without
@@ -417,6 +419,7 @@ impl ControlLoop {
             .observe(started.elapsed().as_secs_f64());
         self.observe(&drained);
         self.agg.ingest(&drained, now);
+        self.aggregator_state();
         let (windows, policies) = self.agg.close_due(now);
         self.publish(windows, policies);
         self.schedule_flow_drain(now);
@@ -426,6 +429,36 @@ impl ControlLoop {
             s.kernel.last_drain_micros = started.elapsed().as_micros() as u64;
         });
         self.kernel_state(kernel);
+    }
+
+    /// What the aggregator's bounds could not keep, into the metrics.
+    fn aggregator_state(&mut self) {
+        let now = self.agg.stats.clone();
+        let before = std::mem::replace(&mut self.last_agg_stats, now.clone());
+        for (state, n, b) in [
+            (
+                "roles",
+                now.roles_not_remembered,
+                before.roles_not_remembered,
+            ),
+            (
+                "window_connections",
+                now.flows_not_counted,
+                before.flows_not_counted,
+            ),
+            (
+                "folded_series",
+                now.folded_not_tracked,
+                before.folded_not_tracked,
+            ),
+        ] {
+            if n > b {
+                self.metrics
+                    .state_overflows
+                    .get_or_create(&crate::metrics::StateLabels { state })
+                    .inc_by(n - b);
+            }
+        }
     }
 
     fn kernel_state(&mut self, k: crate::datapath::KernelCounters) {
@@ -519,8 +552,8 @@ impl ControlLoop {
             } else {
                 &mut rx
             };
-            t.0 += s.packets;
-            t.1 += s.bytes;
+            t.0 = t.0.saturating_add(s.packets);
+            t.1 = t.1.saturating_add(s.bytes);
         }
         for (k, s) in &d.overflow {
             let t = if k.direction == DIRECTION_EGRESS {
@@ -528,8 +561,8 @@ impl ControlLoop {
             } else {
                 &mut rx
             };
-            t.0 += s.packets;
-            t.1 += s.bytes;
+            t.0 = t.0.saturating_add(s.packets);
+            t.1 = t.1.saturating_add(s.bytes);
         }
         for (dir, (p, b)) in [("egress", tx), ("ingress", rx)] {
             self.metrics

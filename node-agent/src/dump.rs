@@ -62,15 +62,15 @@ pub(crate) fn print_window(
     out: &mut impl Write,
 ) -> std::io::Result<()> {
     let (mut flows, mut packets, mut bytes, mut payload, mut retrans, mut drops) =
-        (0, 0, 0, 0, 0, 0);
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut rtt = Histogram::default();
     for s in &w.series {
-        flows += s.flows;
-        packets += s.tx.packets + s.rx.packets;
-        bytes += s.tx.bytes + s.rx.bytes;
-        payload += s.tx.payload_bytes + s.rx.payload_bytes;
-        retrans += s.retransmits;
-        drops += s.drops;
+        flows = flows.saturating_add(s.flows);
+        packets = packets.saturating_add(s.tx.packets.saturating_add(s.rx.packets));
+        bytes = bytes.saturating_add(s.tx.bytes.saturating_add(s.rx.bytes));
+        payload = payload.saturating_add(s.tx.payload_bytes.saturating_add(s.rx.payload_bytes));
+        retrans = retrans.saturating_add(s.retransmits);
+        drops = drops.saturating_add(s.drops);
         rtt.merge(&s.rtt);
     }
     writeln!(
@@ -117,8 +117,8 @@ pub(crate) fn print_window(
             format!("{arrow} {}", s.remote.as_deref().unwrap_or("(other)")),
             s.port,
             protocol_name(s.protocol),
-            format::bytes(s.tx.bytes + s.rx.bytes),
-            s.tx.packets + s.rx.packets,
+            format::bytes(s.tx.bytes.saturating_add(s.rx.bytes)),
+            s.tx.packets.saturating_add(s.rx.packets),
             s.rtt
                 .quantile(0.5)
                 .map(format::micros)

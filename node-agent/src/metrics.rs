@@ -30,6 +30,12 @@ pub(crate) struct ReasonLabels {
     pub reason: String,
 }
 
+/// A bounded piece of the agent's own state (see `aggregate`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StateLabels {
+    pub state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabels {
     pub result: &'static str,
@@ -50,6 +56,8 @@ pub struct Metrics {
     pub(crate) drops_without_flow: Counter,
     pub(crate) service_translated: Counter,
     pub(crate) drain_seconds: Histogram,
+    /// Entries a full bound of the aggregator's state could not keep.
+    pub(crate) state_overflows: Family<StateLabels, Counter>,
     pub(crate) applies: Family<ResultLabels, Counter>,
     pub(crate) attached_interfaces: Gauge,
     pub(crate) windows_reported: Counter,
@@ -91,6 +99,7 @@ impl Metrics {
             drops_without_flow: Counter::default(),
             service_translated: Counter::default(),
             drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
+            state_overflows: Family::default(),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
             windows_reported: Counter::default(),
@@ -191,6 +200,11 @@ impl Metrics {
             "drain_duration_seconds",
             "Time to swap and drain the kernel tables",
             self.drain_seconds.clone(),
+        );
+        registry.register(
+            "state_overflows",
+            "Entries the agent's bounded per-window state could not keep, by state (roles: a connection's role decided again later; window_connections: a connection not counted as a flow; folded_series: a folded series not counted in foldedSeries); bytes and packets are never lost",
+            self.state_overflows.clone(),
         );
         registry.register(
             "config_applies",

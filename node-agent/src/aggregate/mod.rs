@@ -164,6 +164,18 @@ impl OpenWindow {
     }
 }
 
+/// Bounds of the aggregator's own memory, whatever the pods do (a pod
+/// opening a million connections a minute, say). Past a bound, nothing
+/// counted is lost: only what the state was for is given up, and counted in
+/// [`AggregatorStats`].
+///
+/// Connections remembered with their role (about 64 bytes each).
+pub(crate) const MAX_REMEMBERED_ROLES: usize = 1 << 18;
+/// Distinct connections per open window, to count each as one flow.
+pub(crate) const MAX_WINDOW_CONNECTIONS: usize = 1 << 18;
+/// Distinct series folded into `other` per window, to count them.
+pub(crate) const MAX_FOLDED_TRACKED: usize = 1 << 16;
+
 /// Counters the aggregator keeps about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct AggregatorStats {
@@ -171,6 +183,16 @@ pub(crate) struct AggregatorStats {
     pub unattributed_packets: u64,
     /// Rule matches of slots unknown to the generation's tables.
     pub unattributed_matches: u64,
+    /// Connections whose role was decided without being remembered (the
+    /// role memory was full): a later drain without the SYN decides again
+    /// from the ports.
+    pub roles_not_remembered: u64,
+    /// Connections of a full window not counted as a flow (their bytes
+    /// are): flows are undercounted rather than counted twice.
+    pub flows_not_counted: u64,
+    /// Series folded into `other` beyond the tracked bound (the window's
+    /// `foldedSeries` is then a lower bound).
+    pub folded_not_tracked: u64,
 }
 
 /// Per-observation windows and per-policy counters of one node.
@@ -215,11 +237,11 @@ fn connections(d: &Drained) -> HashMap<ConnId, ConnFacts> {
             bytes: s.bytes,
             payload_bytes: s.payload_bytes,
         };
-        f.drops += u64::from(s.drops);
+        f.drops = f.drops.saturating_add(u64::from(s.drops));
         if k.direction == DIRECTION_EGRESS {
             f.tx.add(&t);
             f.tx_flags |= s.flags;
-            f.retransmits += u64::from(s.retransmits);
+            f.retransmits = f.retransmits.saturating_add(u64::from(s.retransmits));
         } else {
             f.rx.add(&t);
             f.rx_flags |= s.flags;
@@ -372,7 +394,11 @@ impl Aggregator {
                 !facts.tx.is_zero(),
             ),
         };
-        self.roles.insert(id, (role, now_ms));
+        if self.roles.len() < MAX_REMEMBERED_ROLES || self.roles.contains_key(&id) {
+            self.roles.insert(id, (role, now_ms));
+        } else {
+            self.stats.roles_not_remembered = self.stats.roles_not_remembered.saturating_add(1);
+        }
         let port = role::server_port(role, id.local_port, id.remote_port);
         // A connection the local pod opened through a Service is named by it.
         let service = match (role, facts.service) {
@@ -399,21 +425,34 @@ impl Aggregator {
                 service: service.clone(),
             };
             let counts_flow = !(remote_traced_here && role == Role::Server);
-            let new_flow = counts_flow && window.seen.insert(id);
-            let acc = series_slot(window, key, view.params.max_series);
+            let new_flow = counts_flow
+                && if window.seen.len() < MAX_WINDOW_CONNECTIONS {
+                    window.seen.insert(id)
+                } else {
+                    let untracked = !window.seen.contains(&id);
+                    if untracked {
+                        self.stats.flows_not_counted =
+                            self.stats.flows_not_counted.saturating_add(1);
+                    }
+                    false
+                };
+            let acc = series_slot(window, key, view.params.max_series, &mut self.stats);
             if new_flow {
-                acc.flows += 1;
+                acc.flows = acc.flows.saturating_add(1);
             }
             acc.tx.add(&facts.tx);
             if !remote_traced_here {
                 acc.rx.add(&facts.rx);
             }
-            acc.retransmits += facts.retransmits;
-            acc.drops += facts.drops;
+            acc.retransmits = acc.retransmits.saturating_add(facts.retransmits);
+            acc.drops = acc.drops.saturating_add(facts.drops);
             acc.rtt.merge(&facts.rtt);
         }
         if !attributed {
-            self.stats.unattributed_packets += facts.tx.packets + facts.rx.packets;
+            self.stats.unattributed_packets = self
+                .stats
+                .unattributed_packets
+                .saturating_add(facts.tx.packets.saturating_add(facts.rx.packets));
         }
     }
 
@@ -430,7 +469,7 @@ impl Aggregator {
                 if !view.dims.contains_key(&k.local_addr) {
                     continue;
                 }
-                window.overflow_packets += s.packets;
+                window.overflow_packets = window.overflow_packets.saturating_add(s.packets);
                 let acc = window.series.entry(SeriesKey::other()).or_default();
                 if k.direction == DIRECTION_EGRESS {
                     acc.tx.add(&t);
@@ -450,7 +489,10 @@ impl Aggregator {
                 .as_ref()
                 .and_then(|t| t.slots.get(&(endpoint, direction, k.slot)));
             let Some(rule) = rule else {
-                self.stats.unattributed_matches += c.packets + c.connections;
+                self.stats.unattributed_matches = self
+                    .stats
+                    .unattributed_matches
+                    .saturating_add(c.packets.saturating_add(c.connections));
                 continue;
             };
             let m = self
@@ -604,12 +646,21 @@ impl Aggregator {
     }
 }
 
-fn series_slot(window: &mut OpenWindow, key: SeriesKey, max_series: u32) -> &mut SeriesAcc {
+fn series_slot<'w>(
+    window: &'w mut OpenWindow,
+    key: SeriesKey,
+    max_series: u32,
+    stats: &mut AggregatorStats,
+) -> &'w mut SeriesAcc {
     if !window.series.contains_key(&key) {
         let kept =
             window.series.len() - usize::from(window.series.contains_key(&SeriesKey::other()));
         if kept >= max_series as usize {
-            window.folded.insert(key);
+            if window.folded.len() < MAX_FOLDED_TRACKED {
+                window.folded.insert(key);
+            } else if !window.folded.contains(&key) {
+                stats.folded_not_tracked = stats.folded_not_tracked.saturating_add(1);
+            }
             return window.series.entry(SeriesKey::other()).or_default();
         }
     }
@@ -642,8 +693,8 @@ fn build_window<'a>(
         })
         .collect();
     out.sort_by(|a, b| {
-        (b.tx.bytes + b.rx.bytes)
-            .cmp(&(a.tx.bytes + a.rx.bytes))
+        (b.tx.bytes.saturating_add(b.rx.bytes))
+            .cmp(&(a.tx.bytes.saturating_add(a.rx.bytes)))
             .then_with(|| a.remote.cmp(&b.remote))
             .then_with(|| a.port.cmp(&b.port))
     });

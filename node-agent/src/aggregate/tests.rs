@@ -455,3 +455,55 @@ fn kernel_drops_join_the_series_of_the_endpoint_that_dropped() {
     // The datagrams themselves still count once (at the client).
     assert_eq!(totals(w).1, 3);
 }
+
+/// A pod opening more connections in a window than the aggregator keeps:
+/// every byte is still counted, flows are undercounted (never twice), the
+/// memory stays bounded and what it gave up is counted.
+#[test]
+fn a_connection_flood_keeps_every_byte_and_bounds_the_state() {
+    let mut a = agg();
+    let extra = 100usize;
+    let n = MAX_WINDOW_CONNECTIONS + extra;
+    let remote = v4_mapped([192, 168, 1, 1]);
+    let conn = |i: usize| {
+        let mut r = remote;
+        r[14] = (i >> 16) as u8;
+        flow(
+            1,
+            r,
+            (i & 0xffff) as u16,
+            443,
+            DIRECTION_EGRESS,
+            1,
+            100,
+            FLOW_FLAG_SYN,
+        )
+    };
+    a.ingest(
+        &Drained {
+            flows: (0..n).map(conn).collect(),
+            ..Default::default()
+        },
+        T0 + 500,
+    );
+    // The same connections again in a later drain of the same window: the
+    // tracked ones are known, the untracked ones still not counted twice.
+    a.ingest(
+        &Drained {
+            flows: (0..n).map(conn).collect(),
+            ..Default::default()
+        },
+        T0 + 1500,
+    );
+    assert!(a.roles.len() <= MAX_REMEMBERED_ROLES);
+    assert_eq!(a.stats.flows_not_counted, 2 * extra as u64);
+    assert_eq!(
+        a.stats.roles_not_remembered,
+        2 * (n - MAX_REMEMBERED_ROLES) as u64
+    );
+    let (w, _) = a.close_due(T0 + 10_000);
+    let (flows, packets, bytes) = totals(&w[0]);
+    assert_eq!(flows, MAX_WINDOW_CONNECTIONS as u64);
+    assert_eq!(packets, 2 * n as u64);
+    assert_eq!(bytes, 200 * n as u64);
+}
