@@ -23,6 +23,23 @@ generate:
 check-generated: generate
     git diff --exit-code -- crds/ || (echo "crds/ is stale: run 'just generate' and commit" >&2; exit 1)
 
+# Targets: `report` (an agent report through the collector, to status) and
+# `node_config` (a NodeAgentConfig spec through the agent's table compiler).
+# Nightly, no sanitizer (the code is safe Rust), debug assertions on (integer
+# overflow panics). New corpus entries stay in fuzz/corpus/ (ignored by git);
+# a crash is saved in fuzz/artifacts/ and fails the run.
+# Fuzz every target for `seconds` each (cargo fuzz; see fuzz/).
+fuzz seconds="300":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for t in report node_config; do
+        AYA_BUILD_SKIP=1 cargo +nightly fuzz run -s none -a --target-dir {{target}}/fuzz "$t" -- \
+            -max_total_time={{seconds}} -dict={{justfile_directory()}}/fuzz/dict/"$t".dict
+    done
+
+# Every fuzz target for 30 s (part of `just test`).
+fuzz-smoke: (fuzz "30")
+
 # Start the local control plane (etcd + kube-apiserver) and install the CRDs.
 up:
     hack/local-cluster.sh up
@@ -51,6 +68,7 @@ lint:
 test: setup up
     just lint
     just check-generated
+    just fuzz-smoke
     cargo build --workspace --exclude flowlens-agent-ebpf --bins
     cargo nextest run --workspace --exclude flowlens-agent-ebpf --no-fail-fast -E 'not binary(cluster)'
     just down

@@ -2,7 +2,7 @@
 # Installs what building and testing Flowlens needs on a Debian 12 machine,
 # skipping whatever is already there (a warm run takes about a second):
 # Debian packages (traffic tools, bpftool, etcd, openssl), the nightly Rust
-# toolchain with rust-src, bpf-linker 0.10.1, cargo-nextest.
+# toolchain with rust-src, bpf-linker 0.10.1, cargo-nextest, cargo-fuzz.
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -48,4 +48,9 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install cargo-nextest --locked >&2
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked >&2
 fi

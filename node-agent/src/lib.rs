@@ -4,6 +4,8 @@
 //! Pure logic (no I/O) lives in `tables` (config -> kernel tables) and
 //! `aggregate` (kernel records -> windows); the kernel is touched only in
 //! [`datapath`]; the rest wires them to the API server, files and HTTP.
+//! `fuzz` (only under `cfg(fuzzing)` and in tests) drives `tables` as the
+//! fuzz target does (`fuzz/`).
 
 mod aggregate;
 pub mod cgroups;
@@ -11,6 +13,8 @@ pub mod config_source;
 pub mod control;
 pub mod datapath;
 pub mod dump;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod http;
 mod interfaces;
 pub mod metrics;
