@@ -1262,3 +1262,186 @@ async fn a_hostile_agent_cannot_crash_the_operator_or_change_other_nodes_results
     .unwrap();
     sim.shutdown().await.unwrap();
 }
+
+/// A pod's own interface counters: (IP-layer bytes, packets) it sent and
+/// received (the kernel's, exact; Ethernet headers taken off).
+fn pod_ip_traffic(sim: &SimCluster, pod: usize) -> (u64, u64) {
+    let out = sim.topo.pod_output(
+        pod,
+        "cat",
+        &[
+            "/sys/class/net/eth0/statistics/tx_bytes",
+            "/sys/class/net/eth0/statistics/rx_bytes",
+            "/sys/class/net/eth0/statistics/tx_packets",
+            "/sys/class/net/eth0/statistics/rx_packets",
+        ],
+    );
+    let v: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let packets = v[2] + v[3];
+    (v[0] + v[1] - 14 * packets, packets)
+}
+
+/// The local control plane's kube-apiserver: killed (SIGKILL, as a crash)
+/// or started again (`hack/local-cluster.sh up`, on the same etcd).
+fn kill_api_server() {
+    let pid_file = flowlens_e2e::cluster::repo_root().join(".flowlens/run/kube-apiserver.pid");
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: this test needs the local control plane of `just up`",
+            pid_file.display()
+        )
+    });
+    let ok = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -9 {pid}");
+}
+
+fn start_api_server() {
+    let out = std::process::Command::new(
+        flowlens_e2e::cluster::repo_root().join("hack/local-cluster.sh"),
+    )
+    .arg("up")
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "hack/local-cluster.sh up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The control plane crashes for 60 s in the middle of 100 s of traffic
+/// between traced pods of two nodes, with a blocked connect loop running:
+/// enforcement never lapses, and status ends up holding every byte the
+/// pods' interfaces carried (none twice), the outage's windows within 30 s
+/// of the API server's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
+    let TwoNodes {
+        mut sim,
+        run,
+        web,
+        db,
+        shop,
+        ..
+    } = two_nodes("e2e-outage").await;
+    let obs = run.clone();
+    sim.objects
+        .observation(
+            &obs,
+            json!({"namespaces": [shop], "groupBy": ["pod"], "window": "5s"}),
+        )
+        .await
+        .unwrap();
+    sim.objects
+        .policy(
+            &shop,
+            "deny-db",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                               "ports": [{"port": 5432}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    poll(Duration::from_secs(30), "deny-db Enforced", || async {
+        let s = policy(&sim, &shop, "deny-db").await;
+        condition(&s.conditions, "Enforced")
+            .filter(|c| c.status == "True")
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+    // Segmentation offload off on web's interface: its counters then count
+    // each packet as sent, as the datapath does (with GSO they count a
+    // super-packet's headers once).
+    let out = sim
+        .topo
+        .pod_output(web, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"]);
+    assert!(out.status.success(), "ethtool: {out:?}");
+    let base = status_after(&sim, &obs, now_s())
+        .await
+        .total
+        .unwrap_or_default();
+    let c0 = pod_ip_traffic(&sim, web);
+
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let _db = echo_server(&sim.topo, db, 5432);
+    let traffic = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 100, "100M");
+    let blocked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &["--duration-ms", "100000", "--interval-ms", "100"],
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    kill_api_server();
+    let down = Instant::now();
+    println!("outage: kube-apiserver killed");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::task::spawn_blocking(start_api_server).await.unwrap();
+    let back = Instant::now();
+    let at_return = pod_ip_traffic(&sim, web);
+    println!(
+        "outage: kube-apiserver ready again after {:.1} s",
+        back.duration_since(down).as_secs_f64()
+    );
+
+    // Everything carried until the return reaches status within 30 s of it.
+    let until_return = at_return.0 - c0.0;
+    let converged = poll(
+        Duration::from_secs(60),
+        "the outage's traffic in status",
+        || async {
+            let t = observation(&sim, &obs).await.total?;
+            (t.bytes - base.bytes >= until_return - until_return / 200).then(|| back.elapsed())
+        },
+    )
+    .await
+    .unwrap();
+    println!(
+        "outage: status held the {until_return} bytes carried until the return {:.1} s after it",
+        converged.as_secs_f64()
+    );
+
+    let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap())
+        .await
+        .unwrap();
+    let blocked = tokio::task::spawn_blocking(move || blocked.join().unwrap())
+        .await
+        .unwrap();
+    let end = now_s();
+    let c1 = pod_ip_traffic(&sim, web);
+    let s = status_after(&sim, &obs, end + 1).await;
+    let total = s.total.unwrap_or_default();
+    let (counted, carried) = (total.bytes - base.bytes, c1.0 - c0.0);
+    let off = pct(counted, carried);
+    println!(
+        "outage: status {counted} bytes, {} packets; web's interface {carried} bytes, {} packets ({off:+.3}%); iperf3 {sent:?}; blocked loop {blocked}",
+        total.packets - base.packets,
+        c1.1 - c0.1
+    );
+    assert!(
+        converged <= Duration::from_secs(30),
+        "the outage's windows took {converged:?} to reach status"
+    );
+    assert!(
+        off.abs() <= 0.5,
+        "status holds what the interfaces carried: {off:+.3}%"
+    );
+    assert_eq!(blocked["successes"], 0, "the block held: {blocked}");
+    assert!(blocked["denied"].as_u64().unwrap() > 500, "{blocked}");
+    let stale = sim
+        .operator()
+        .metric_sum("flowlens_operator_watch_stale", "");
+    assert_eq!(stale, 0.0, "every watch listed again after the outage");
+    sim.shutdown().await.unwrap();
+}

@@ -1,7 +1,11 @@
 //! Who is reporting: agents present a ServiceAccount token bound to their
 //! pod; the operator asks the API server (TokenReview) whose it is, checks
 //! the ServiceAccount, and derives the node from the pod it is bound to.
-//! Results are cached for a minute so a report costs no API call.
+//! Verdicts are cached (successes for [`SUCCESS_TTL`], refusals for
+//! [`FAILURE_TTL`]) so a report costs no API call. While the API server
+//! cannot be asked (an outage), a token it accepted before is still
+//! accepted until the token expires, at most [`OUTAGE_TTL`] after the
+//! review: reports keep arriving, and nothing is lost to the outage.
 
 use std::{
     collections::HashMap,
@@ -22,6 +26,9 @@ const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 /// How long a reviewed token is trusted without asking again (at most
 /// until its expiry).
 pub(crate) const SUCCESS_TTL: Duration = Duration::from_secs(300);
+/// While the API server cannot review tokens, how long after its last
+/// review a token stays accepted (at most until its expiry).
+pub(crate) const OUTAGE_TTL: Duration = Duration::from_secs(3600);
 /// How long a refused token is refused without asking again.
 pub(crate) const FAILURE_TTL: Duration = Duration::from_secs(10);
 /// Tokens remembered as valid (about one per agent).
@@ -168,15 +175,17 @@ fn base64url_decode(s: &str) -> Option<Vec<u8>> {
 /// TokenReview verdicts by SHA-256 of the token, each until its own expiry.
 #[derive(Default)]
 pub(crate) struct TokenCache {
-    ok: HashMap<[u8; 32], (Identity, Instant)>,
+    /// Accepted tokens: the identity and until when it is fresh (asked
+    /// again after), by until when it may stand in during an outage.
+    ok: HashMap<[u8; 32], ((Identity, Instant), Instant)>,
     failed: HashMap<[u8; 32], (AuthError, Instant)>,
 }
 
 impl TokenCache {
     /// The cached verdict, if still valid at `now`.
     pub(crate) fn get(&self, key: &[u8; 32], now: Instant) -> Option<Result<Identity, AuthError>> {
-        if let Some((id, until)) = self.ok.get(key)
-            && now < *until
+        if let Some(((id, fresh), _)) = self.ok.get(key)
+            && now < *fresh
         {
             return Some(Ok(id.clone()));
         }
@@ -186,6 +195,16 @@ impl TokenCache {
             return e.cached().map(Err);
         }
         None
+    }
+
+    /// The identity of a token accepted before, when the API server cannot
+    /// be asked now: until the token expires, at most [`OUTAGE_TTL`] after
+    /// the review.
+    pub(crate) fn during_outage(&self, key: &[u8; 32], now: Instant) -> Option<Identity> {
+        self.ok
+            .get(key)
+            .filter(|(_, until)| now < *until)
+            .map(|((id, _), _)| id.clone())
     }
 
     /// Remembers a verdict. `expires_in`: the token's remaining lifetime,
@@ -204,9 +223,11 @@ impl TokenCache {
                 if ttl.is_zero() {
                     return;
                 }
+                let outage_ttl = expires_in.map_or(SUCCESS_TTL, |e| e.min(OUTAGE_TTL));
                 self.failed.remove(&key);
                 make_room(&mut self.ok, SUCCESS_MAX, now);
-                self.ok.insert(key, (id.clone(), now + ttl));
+                self.ok
+                    .insert(key, ((id.clone(), now + ttl), now + outage_ttl));
             }
             Err(e) => {
                 let Some(e) = e.cached() else { return };
@@ -277,7 +298,20 @@ impl Authenticator {
             ..Default::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let reviewed = api.create(&PostParams::default(), &review).await?;
+        let reviewed = match api.create(&PostParams::default(), &review).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The API server cannot be asked: a token it accepted
+                // before still stands (the report is not lost to the
+                // outage).
+                let known = self
+                    .cache
+                    .lock()
+                    .expect("auth cache")
+                    .during_outage(&key, Instant::now());
+                return known.ok_or(AuthError::Api(e));
+            }
+        };
         let verdict = identity_from_review(
             &reviewed.status.unwrap_or_default(),
             self.service_account.as_deref(),
@@ -400,6 +434,23 @@ mod tests {
         assert!(c.get(&[1; 32], at(300)).is_none(), "past the TTL");
         assert!(c.get(&[2; 32], at(29)).is_some());
         assert!(c.get(&[2; 32], at(30)).is_none(), "past the token's expiry");
+        // During an outage, an accepted token stands until it expires, at
+        // most OUTAGE_TTL after its review.
+        assert!(c.during_outage(&[1; 32], at(299)).is_some());
+        assert!(
+            c.during_outage(&[1; 32], at(300)).is_none(),
+            "expiry unknown: only the TTL"
+        );
+        assert!(c.during_outage(&[2; 32], at(29)).is_some());
+        assert!(c.during_outage(&[2; 32], at(30)).is_none());
+        c.put([4; 32], &Ok(agent()), Some(Duration::from_secs(7200)), t0);
+        assert!(
+            c.get(&[4; 32], at(300)).is_none(),
+            "asked again after the TTL"
+        );
+        assert!(c.during_outage(&[4; 32], at(3599)).is_some());
+        assert!(c.during_outage(&[4; 32], at(3600)).is_none());
+        assert!(c.during_outage(&[9; 32], t0).is_none(), "never reviewed");
         assert!(
             c.get(&[3; 32], t0).is_none(),
             "an expired token is not cached"

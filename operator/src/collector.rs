@@ -67,6 +67,8 @@ pub struct Collector {
     pub(crate) policies: Mutex<PolicyBook>,
     /// What nodes may report ([`crate::collect::admission`]).
     pub(crate) admission: Mutex<Admission>,
+    /// Stands still while reports cannot be verified.
+    pub(crate) deadline_clock: Mutex<crate::collect::deadline_clock::DeadlineClock>,
 }
 
 impl Collector {
@@ -77,6 +79,7 @@ impl Collector {
             observations: Mutex::new(ObservationBook::new(timing)),
             policies: Mutex::new(PolicyBook::new(timing, POLICY_WINDOW_SECONDS)),
             admission: Mutex::new(Admission::new()),
+            deadline_clock: Mutex::default(),
         }
     }
 }
@@ -300,7 +303,16 @@ async fn authenticate(
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).expect("valid status");
             let outcome = match e {
-                AuthError::Api(_) => "unavailable",
+                AuthError::Api(_) => {
+                    // The agent holds its windows and resends: their
+                    // deadlines wait for it.
+                    collector
+                        .deadline_clock
+                        .lock()
+                        .expect("deadline clock lock")
+                        .unverifiable(now_ms());
+                    "unavailable"
+                }
                 _ if e.status() == StatusCode::UNAUTHORIZED.as_u16() => "unauthenticated",
                 _ => "forbidden",
             };

@@ -71,6 +71,12 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub results: crate::results::ResultStore,
     pub policy_results: crate::results::PolicyResults,
+    /// Statuses written that the controllers' caches may not show yet.
+    pub observation_statuses: crate::status_apply::StatusMemory<
+        flowlens_api::network_observation::NetworkObservationStatus,
+    >,
+    pub policy_statuses:
+        crate::status_apply::StatusMemory<flowlens_api::flow_policy::FlowPolicyStatus>,
     pub recorder: Recorder,
     pub triggers: Triggers,
 }

@@ -66,6 +66,18 @@ pub async fn finalize_loop(ctx: Arc<Context>, collector: Arc<Collector>) {
 
 /// Merges every final window and hands the results to the status writers.
 fn finalize_due(ctx: &Context, collector: &Collector, now: i64) {
+    // Deadlines wait while reports cannot be verified (an API-server
+    // outage): see collect::deadline_clock.
+    let now = {
+        let clock = collector
+            .deadline_clock
+            .lock()
+            .expect("deadline clock lock");
+        ctx.metrics
+            .deadlines_paused
+            .set(i64::from(clock.paused(now)));
+        clock.now(now)
+    };
     let c = ctx.compiler.lock().expect("compiler lock");
     // Observations: expected nodes, by UID.
     let by_uid: HashMap<&str, &Observation> =

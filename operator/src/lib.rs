@@ -9,6 +9,8 @@
 //! - [`collect`] (pure) and [`collector`] (HTTP, [`auth`]): agents' reports
 //!   into the books of open windows; [`finalize`]: final windows merged.
 //! - [`results`]: final windows on their way to status.
+//! - `fuzz` (only under `cfg(fuzzing)` and in tests): the report path as
+//!   the fuzz target drives it (`fuzz/`).
 
 pub mod auth;
 pub mod collect;
@@ -20,6 +22,8 @@ pub mod context;
 pub mod error;
 pub mod feed;
 pub mod finalize;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -27,4 +31,4 @@ pub mod model;
 pub mod observation_status;
 pub mod policy_status;
 pub mod results;
-mod status_apply;
+pub mod status_apply;

@@ -20,6 +20,7 @@ use flowlens_operator::{
     metrics::Metrics,
     observation_status, policy_status,
     results::ResultStore,
+    status_apply::StatusMemory,
 };
 use futures::StreamExt;
 use kube::{
@@ -427,6 +428,10 @@ fn new_context(
         written: Default::default(),
         metrics,
         results: ResultStore::default(),
+        observation_statuses: StatusMemory::new(|s| {
+            s.last_window.as_ref().map(|w| w.end.0.as_second())
+        }),
+        policy_statuses: StatusMemory::new(|s| s.counted_until.as_ref().map(|t| t.0.as_second())),
         triggers,
     })
 }
@@ -442,7 +447,7 @@ fn watch_node_agent_configs(
         Api::<NodeAgentConfig>::all(client),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(feed::watch_backoff())
     .reflect_shared(writer)
     .for_each(move |ev| {
         if let Ok(watcher::Event::Apply(n) | watcher::Event::Delete(n)) = &ev {

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub(crate) api_writes: Family<WriteLabels, Counter>,
     pub(crate) compile_seconds: Histogram,
     pub(crate) watch_events: Family<KindLabels, Counter>,
+    /// 1 while a kind's watch is failing (its view is stale), else 0.
+    pub(crate) watch_stale: Family<KindLabels, Gauge>,
+    /// 1 while window deadlines wait for reports that cannot be verified.
+    pub(crate) deadlines_paused: Gauge,
     /// Report requests, by outcome.
     pub(crate) reports: Family<KindLabels, Counter>,
     /// Window parts received, by kind and outcome (stored, late, unknown).
@@ -80,6 +84,8 @@ impl Metrics {
         let api_writes = Family::<WriteLabels, Counter>::default();
         let compile_seconds = duration_histogram();
         let watch_events = Family::<KindLabels, Counter>::default();
+        let watch_stale = Family::<KindLabels, Gauge>::default();
+        let deadlines_paused = Gauge::default();
         let reports = Family::<KindLabels, Counter>::default();
         let report_parts = Family::<PartLabels, Counter>::default();
         let report_refusals = Family::<RefusalLabels, Counter>::default();
@@ -121,6 +127,16 @@ impl Metrics {
             watch_events.clone(),
         );
         registry.register(
+            "watch_stale",
+            "1 while the watch of a kind fails and the operator's view of it may be stale (an API-server outage), else 0",
+            watch_stale.clone(),
+        );
+        registry.register(
+            "window_deadlines_paused",
+            "1 while window deadlines wait because agents' reports cannot be verified (the API server cannot review tokens), else 0",
+            deadlines_paused.clone(),
+        );
+        registry.register(
             "reports",
             "Agent reports received, by outcome",
             reports.clone(),
@@ -158,6 +174,8 @@ impl Metrics {
             api_writes,
             compile_seconds,
             watch_events,
+            watch_stale,
+            deadlines_paused,
             reports,
             report_parts,
             report_refusals,

@@ -252,7 +252,11 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
     };
     let uid = obs.uid().unwrap_or_default();
     let results = ctx.results.pending(&uid);
-    let current = obs.status.clone().unwrap_or_default();
+    // The cached object may be older than the last status written (see
+    // StatusMemory): never compute figures from it then.
+    let current = ctx
+        .observation_statuses
+        .base(&uid, obs.status.clone().unwrap_or_default());
     let status = observation_status(
         &name,
         &view,
@@ -272,6 +276,7 @@ async fn reconcile(obs: Arc<NetworkObservation>, ctx: Arc<Context>) -> Result<Ac
         )
         .await?;
         tracing::debug!(before = ?current, after = ?status, "wrote NetworkObservation status");
+        ctx.observation_statuses.wrote(&uid, status);
     }
     // In status now (written, or already there): the windows are committed.
     if let Some(r) = results.last() {
@@ -329,7 +334,7 @@ pub async fn run(
     let api: Api<NetworkObservation> = Api::all(ctx.client.clone());
     let (reader, writer) = reflector::store();
     let observations = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::feed::watch_backoff())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());

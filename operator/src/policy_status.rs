@@ -59,7 +59,7 @@ fn list(items: &[String]) -> String {
 /// Applies final policy-counter windows to a status: windows that end after
 /// `countedUntil` are added, so replaying one (after an operator restart)
 /// never counts it twice.
-fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
+pub(crate) fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStatus) {
     for d in deltas {
         let shown = s.counted_until.as_ref().map(|t| t.0.as_second());
         if shown.is_some_and(|e| e >= d.end) {
@@ -269,7 +269,12 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         // Not compiled yet (or deleted): the compiler triggers us when it is.
         return Ok(Action::await_change());
     };
-    let current = policy.status.clone().unwrap_or_default();
+    // The cached object may be older than the last status written (see
+    // StatusMemory): never compute counts from it then.
+    let uid = policy.uid().unwrap_or_default();
+    let current = ctx
+        .policy_statuses
+        .base(&uid, policy.status.clone().unwrap_or_default());
     let mut status = policy_status(
         &ns,
         &name,
@@ -285,6 +290,7 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         let api: Api<FlowPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         apply_status(&api, &name, &status, &ctx.metrics, "flowpolicies/status").await?;
         tracing::debug!(before = ?current, after = ?status, "wrote FlowPolicy status");
+        ctx.policy_statuses.wrote(&uid, status);
     }
     if let Some(last) = counts.last() {
         ctx.policy_results.committed(&key, last.end);
@@ -407,7 +413,7 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     // Status-only changes (our own writes) do not retrigger.
     let policies = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::feed::watch_backoff())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());

@@ -5,6 +5,8 @@
 //! - [`policy_book`]: the same for policy-counter windows.
 //! - [`admission`]: what a node may truthfully report; refuses the rest
 //!   before it reaches the books.
+//! - [`deadline_clock`]: the clock of window deadlines, which stands still
+//!   while reports cannot be verified (an API-server outage).
 //! - [`merge`]: sums a final window's parts into the figures written to
 //!   status (dedup, groupBy, maxSeries, top flows, percentiles, zones).
 //!
@@ -12,6 +14,7 @@
 //! [`crate::collector`].
 
 pub(crate) mod admission;
+pub(crate) mod deadline_clock;
 pub(crate) mod merge;
 pub(crate) mod observation_book;
 pub(crate) mod policy_book;
