@@ -30,6 +30,9 @@ pub mod reason {
     pub const UNSUPPORTED_KERNEL: &str = "UnsupportedKernel";
     pub const INTERFACE_NOT_FOUND: &str = "InterfaceNotFound";
     pub const TOO_MANY_RULES: &str = "TooManyRules";
+    /// The collector refused a report window for good (the agent dropped
+    /// it; the operator's log and report_refusals metric say why).
+    pub const REPORT_REFUSED: &str = "ReportRefused";
 }
 
 use k8s_openapi::{

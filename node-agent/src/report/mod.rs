@@ -122,6 +122,20 @@ impl Reporter {
                     metrics.windows_dropped.inc_by(dropped as u64);
                     metrics.report_buffer.set(self.buffer.len() as i64);
                     warn!(error = %e, windows = dropped, policy_windows = sending.policies, "the collector refuses this window for good: dropped");
+                    // Until the next config: on the node's config status.
+                    let message = format!(
+                        "the collector refused {dropped} window(s) and {} policy window(s) for good, which were dropped: {e} (see the operator's log and its report_refusals metric; an agent and operator of different versions, or a wrong node clock, are the usual causes)",
+                        sending.policies
+                    );
+                    shared.update(|s| {
+                        s.problems.retain(|p| {
+                            p.reason != flowlens_api::conditions::reason::REPORT_REFUSED
+                        });
+                        s.problems.push(crate::state::Problem {
+                            reason: flowlens_api::conditions::reason::REPORT_REFUSED.into(),
+                            message,
+                        });
+                    });
                 }
                 Ok(self.buffer.has_pending())
             }
