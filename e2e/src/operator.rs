@@ -28,7 +28,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// GET `path` from `addr` over plain HTTP/1.0; `(status, body)`.
-pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;

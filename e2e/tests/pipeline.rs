@@ -1284,10 +1284,19 @@ fn pod_ip_traffic(sim: &SimCluster, pod: usize) -> (u64, u64) {
     (v[0] + v[1] - 14 * packets, packets)
 }
 
+/// The state directory of the local control plane (`.flowlens/`, where its
+/// kubeconfig is).
+fn control_plane_dir() -> std::path::PathBuf {
+    flowlens_e2e::cluster::kubeconfig_path()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 /// The local control plane's kube-apiserver: killed (SIGKILL, as a crash)
 /// or started again (`hack/local-cluster.sh up`, on the same etcd).
 fn kill_api_server() {
-    let pid_file = flowlens_e2e::cluster::repo_root().join(".flowlens/run/kube-apiserver.pid");
+    let pid_file = control_plane_dir().join("run/kube-apiserver.pid");
     let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
         panic!(
             "{}: {e}: this test needs the local control plane of `just up`",
@@ -1303,12 +1312,11 @@ fn kill_api_server() {
 }
 
 fn start_api_server() {
-    let out = std::process::Command::new(
-        flowlens_e2e::cluster::repo_root().join("hack/local-cluster.sh"),
-    )
-    .arg("up")
-    .output()
-    .unwrap();
+    let repo = control_plane_dir().parent().unwrap().to_path_buf();
+    let out = std::process::Command::new(repo.join("hack/local-cluster.sh"))
+        .arg("up")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "hack/local-cluster.sh up: {}",
@@ -1386,7 +1394,19 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
     kill_api_server();
     let down = Instant::now();
     println!("outage: kube-apiserver killed");
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The operator says its view may be stale, and stays ready (agents'
+    // reports reach only ready pods).
+    let (code, body) = flowlens_e2e::operator::http_get(sim.operator().metrics, "/readyz").unwrap();
+    println!("outage: /readyz {code}: {body}");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("may be stale"), "{body}");
+    assert!(
+        sim.operator()
+            .metric_sum("flowlens_operator_watch_stale", "")
+            >= 1.0
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
     tokio::task::spawn_blocking(start_api_server).await.unwrap();
     let back = Instant::now();
     let at_return = pod_ip_traffic(&sim, web);

@@ -29,10 +29,36 @@ pub(crate) enum Kind {
 
 const ALL_KINDS: u8 = 1 | 2 | 4 | 8 | 16 | 32 | 64;
 
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Observation,
+        Kind::Policy,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Observation => "NetworkObservation",
+            Kind::Policy => "FlowPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
 /// Tracks the initial sync of every watched kind.
 #[derive(Default)]
 pub struct SyncState {
     done: AtomicU8,
+    /// Kinds whose watch fails now (their view may be stale).
+    stale: AtomicU8,
     pub notify: Notify,
 }
 
@@ -49,6 +75,25 @@ impl SyncState {
 
     pub(crate) fn is_synced(&self) -> bool {
         self.done.load(Ordering::SeqCst) == ALL_KINDS
+    }
+
+    /// Records whether a kind's watch fails (its view may be stale).
+    pub(crate) fn set_stale(&self, kind: Kind, stale: bool) {
+        if stale {
+            self.stale.fetch_or(kind as u8, Ordering::SeqCst);
+        } else {
+            self.stale.fetch_and(!(kind as u8), Ordering::SeqCst);
+        }
+    }
+
+    /// The kinds whose watch fails now.
+    pub(crate) fn stale_kinds(&self) -> Vec<&'static str> {
+        let bits = self.stale.load(Ordering::SeqCst);
+        Kind::ALL
+            .into_iter()
+            .filter(|k| bits & *k as u8 != 0)
+            .map(Kind::name)
+            .collect()
     }
 }
 

@@ -233,6 +233,7 @@ async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
         let event = match event {
             Ok(e) => e,
             Err(e) => {
+                ctx.sync.set_stale(K::KIND, true);
                 if stale.set(1) == 0 {
                     warn!(kind = K::NAME, error = %e, "watch failed; the view of this kind may be stale until it is listed again");
                 } else {
@@ -258,6 +259,7 @@ async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
                     }
                 });
                 mark_synced(&ctx, K::KIND);
+                ctx.sync.set_stale(K::KIND, false);
                 if stale.set(0) == 1 {
                     info!(
                         kind = K::NAME,

@@ -1,6 +1,9 @@
 //! `/metrics`, `/healthz` and `/readyz` (ready once every watched kind has
 //! been listed and configs can be written; a standby replica, waiting for
-//! the lease, is ready to take over).
+//! the lease, is ready to take over). While a watch fails (the API server
+//! is unreachable), `/readyz` stays 200, as the collector Service routes
+//! agents' reports only to ready pods and those must go on, and says which
+//! kinds the operator's view of may be stale.
 
 use std::{
     net::SocketAddr,
@@ -44,12 +47,25 @@ async fn metrics(State(leading): State<Leading>) -> impl IntoResponse {
 
 async fn ready(State(leading): State<Leading>) -> impl IntoResponse {
     let Some(ctx) = leading.get() else {
-        return (StatusCode::OK, "standby: waiting for the lease");
+        return (StatusCode::OK, "standby: waiting for the lease".to_owned());
     };
-    if ctx.sync.is_synced() {
-        (StatusCode::OK, "ready")
+    if !ctx.sync.is_synced() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "initial sync in progress".to_owned(),
+        );
+    }
+    let stale = ctx.sync.stale_kinds();
+    if stale.is_empty() {
+        (StatusCode::OK, "ready".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "initial sync in progress")
+        (
+            StatusCode::OK,
+            format!(
+                "ready; the watches of {} fail: the view of them may be stale (reports are still accepted)",
+                stale.join(", ")
+            ),
+        )
     }
 }
 
