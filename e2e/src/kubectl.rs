@@ -171,28 +171,9 @@ spec:
     /// A pod's interface counters (its own eth0: the kernel's count of what
     /// it sent and received, Ethernet headers included).
     pub fn eth0(&self, pod: &str) -> anyhow::Result<InterfaceCounters> {
-        let out = exec(
-            &self.name,
-            pod,
-            &[
-                "cat",
-                "/sys/class/net/eth0/statistics/tx_bytes",
-                "/sys/class/net/eth0/statistics/rx_bytes",
-                "/sys/class/net/eth0/statistics/tx_packets",
-                "/sys/class/net/eth0/statistics/rx_packets",
-            ],
-        )?;
-        let v: Vec<u64> = out
-            .split_whitespace()
-            .map(|s| s.parse())
-            .collect::<Result<_, _>>()?;
-        anyhow::ensure!(v.len() == 4, "unexpected counters {out:?}");
-        Ok(InterfaceCounters {
-            tx_bytes: v[0],
-            rx_bytes: v[1],
-            tx_packets: v[2],
-            rx_packets: v[3],
-        })
+        let mut args = vec!["cat"];
+        args.extend(InterfaceCounters::ETH0_FILES);
+        InterfaceCounters::parse(&exec(&self.name, pod, &args)?)
     }
 }
 
@@ -212,6 +193,29 @@ pub struct InterfaceCounters {
 }
 
 impl InterfaceCounters {
+    /// The files of eth0's counters, in the order [`Self::parse`] reads.
+    pub const ETH0_FILES: [&str; 4] = [
+        "/sys/class/net/eth0/statistics/tx_bytes",
+        "/sys/class/net/eth0/statistics/rx_bytes",
+        "/sys/class/net/eth0/statistics/tx_packets",
+        "/sys/class/net/eth0/statistics/rx_packets",
+    ];
+
+    /// The output of `cat` of [`Self::ETH0_FILES`].
+    pub fn parse(out: &str) -> anyhow::Result<InterfaceCounters> {
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(v.len() == 4, "unexpected counters {out:?}");
+        Ok(InterfaceCounters {
+            tx_bytes: v[0],
+            rx_bytes: v[1],
+            tx_packets: v[2],
+            rx_packets: v[3],
+        })
+    }
+
     /// What flowed between two reads, both directions.
     pub fn since(&self, before: &InterfaceCounters) -> InterfaceCounters {
         InterfaceCounters {

@@ -17,6 +17,7 @@ use flowlens_api::{
 };
 use flowlens_e2e::{
     cluster::unique_name,
+    kubectl::InterfaceCounters,
     operator::http_post,
     process::require_root,
     sim::{SimCluster, poll},
@@ -55,6 +56,38 @@ fn condition<'a>(
     t: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     c.iter().find(|c| c.type_ == t)
+}
+
+/// Waits (30 s at most) until observation `name` is Ready.
+async fn wait_ready(sim: &SimCluster, name: &str) {
+    poll(
+        Duration::from_secs(30),
+        &format!("{name} Ready"),
+        || async {
+            let s = observation(sim, name).await;
+            condition(&s.conditions, "Ready")
+                .filter(|c| c.status == "True")
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits (30 s at most) until policy `ns/name` is Enforced.
+async fn wait_enforced(sim: &SimCluster, ns: &str, name: &str) {
+    poll(
+        Duration::from_secs(30),
+        &format!("{name} Enforced"),
+        || async {
+            let s = policy(sim, ns, name).await;
+            condition(&s.conditions, "Enforced")
+                .filter(|c| c.status == "True")
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// Waits until status shows a window that started at or after `t` (so
@@ -145,18 +178,7 @@ async fn traffic_latency_zones_and_budgets_reach_observation_status() {
         .unwrap();
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
-    poll(
-        Duration::from_secs(30),
-        "the observation to be Ready",
-        || async {
-            let s = observation(&sim, &obs).await;
-            condition(&s.conditions, "Ready")
-                .filter(|c| c.status == "True")
-                .map(|_| ())
-        },
-    )
-    .await
-    .unwrap();
+    wait_ready(&sim, &obs).await;
     let s = observation(&sim, &obs).await;
     assert_eq!(
         s.nodes.as_ref().map(|n| n.selected),
@@ -482,18 +504,7 @@ async fn policies_block_audit_and_count_in_status() {
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
     for p in ["deny-db", "audit-other"] {
-        poll(
-            Duration::from_secs(30),
-            &format!("{p} Enforced"),
-            || async {
-                let s = policy(&sim, &shop, p).await;
-                condition(&s.conditions, "Enforced")
-                    .filter(|c| c.status == "True")
-                    .map(|_| ())
-            },
-        )
-        .await
-        .unwrap();
+        wait_enforced(&sim, &shop, p).await;
     }
     let s = policy(&sim, &shop, "deny-db").await;
     assert_eq!(
@@ -645,14 +656,7 @@ async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
         .unwrap();
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
-    poll(Duration::from_secs(30), "Ready", || async {
-        let s = observation(&sim, &run).await;
-        condition(&s.conditions, "Ready")
-            .filter(|c| c.status == "True")
-            .map(|_| ())
-    })
-    .await
-    .unwrap();
+    wait_ready(&sim, &run).await;
     let base = observation(&sim, &run).await.total.unwrap_or_default();
 
     // 24 s of iperf3 at 40 Mbit/s; the operator is killed (SIGKILL) after
@@ -769,27 +773,9 @@ async fn a_hostile_agent_cannot_crash_the_operator_or_change_other_nodes_results
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
     for name in [&victim, &both] {
-        poll(
-            Duration::from_secs(30),
-            &format!("{name} Ready"),
-            || async {
-                let s = observation(&sim, name).await;
-                condition(&s.conditions, "Ready")
-                    .filter(|c| c.status == "True")
-                    .map(|_| ())
-            },
-        )
-        .await
-        .unwrap();
+        wait_ready(&sim, name).await;
     }
-    poll(Duration::from_secs(30), "guard-db Enforced", || async {
-        let s = policy(&sim, &shop, "guard-db").await;
-        condition(&s.conditions, "Enforced")
-            .filter(|c| c.status == "True")
-            .map(|_| ())
-    })
-    .await
-    .unwrap();
+    wait_enforced(&sim, &shop, "guard-db").await;
 
     // The victim's traffic, on b1 alone, fully counted before the attack.
     let v2_ip = sim.topo.pods[v2].ip4.to_string();
@@ -1266,22 +1252,12 @@ async fn a_hostile_agent_cannot_crash_the_operator_or_change_other_nodes_results
 /// A pod's own interface counters: (IP-layer bytes, packets) it sent and
 /// received (the kernel's, exact; Ethernet headers taken off).
 fn pod_ip_traffic(sim: &SimCluster, pod: usize) -> (u64, u64) {
-    let out = sim.topo.pod_output(
-        pod,
-        "cat",
-        &[
-            "/sys/class/net/eth0/statistics/tx_bytes",
-            "/sys/class/net/eth0/statistics/rx_bytes",
-            "/sys/class/net/eth0/statistics/tx_packets",
-            "/sys/class/net/eth0/statistics/rx_packets",
-        ],
-    );
-    let v: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let packets = v[2] + v[3];
-    (v[0] + v[1] - 14 * packets, packets)
+    let mut args = vec!["cat"];
+    args.extend(InterfaceCounters::ETH0_FILES);
+    let out = sim.topo.pod_output(pod, args[0], &args[1..]);
+    let c = InterfaceCounters::parse(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let packets = c.tx_packets + c.rx_packets;
+    (c.tx_bytes + c.rx_bytes - 14 * packets, packets)
 }
 
 /// The state directory of the local control plane (`.flowlens/`, where its
@@ -1359,14 +1335,7 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
         .unwrap();
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
-    poll(Duration::from_secs(30), "deny-db Enforced", || async {
-        let s = policy(&sim, &shop, "deny-db").await;
-        condition(&s.conditions, "Enforced")
-            .filter(|c| c.status == "True")
-            .map(|_| ())
-    })
-    .await
-    .unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
     // Segmentation offload off on web's interface: its counters then count
     // each packet as sent, as the datapath does (with GSO they count a
     // super-packet's headers once).
