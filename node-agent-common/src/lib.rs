@@ -229,11 +229,12 @@ pub struct ConnState {
     pub epoch: u32,
 }
 
-/// Value of the cgroup table: the addresses of the pod whose cgroup it is,
-/// for connect-time checks (all-zero when the pod has no such address).
+/// A pod's addresses (IPv4-mapped and IPv6; all-zero when it has no such
+/// address): the value of the cgroup table (connect-time checks) and of the
+/// interface table (anti-spoofing).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CgroupEndpoint {
+pub struct PodAddrs {
     pub addr4: [u8; 16],
     pub addr6: [u8; 16],
 }
@@ -286,6 +287,55 @@ pub const COUNTER_DROPS_WITHOUT_FLOW: u32 = 6;
 /// Connections to a Service translated to a backend at `connect()`.
 pub const COUNTER_SERVICE_TRANSLATED: u32 = 7;
 pub const NUM_COUNTERS: u32 = 8;
+
+/// Suspect packets of attached pods, by reason (indices of `FL_SUSPECT`, a
+/// per-CPU array). At a pod with rules they are dropped: rules that cannot
+/// be evaluated must not be skipped.
+///
+/// A non-first IP fragment whose first fragment was not seen (its ports are
+/// unknown).
+pub const SUSPECT_ORPHAN_FRAGMENT: u32 = 0;
+/// The transport header is missing or cut short (a first fragment too small
+/// to carry it, RFC 1858; a truncated packet).
+pub const SUSPECT_TRUNCATED: u32 = 1;
+/// More IPv6 extension headers than the datapath walks.
+pub const SUSPECT_EXT_HEADERS: u32 = 2;
+/// A source address the pod does not own (spoofed). Never counted as the
+/// traffic of the pod that owns the address.
+pub const SUSPECT_SPOOFED: u32 = 3;
+pub const NUM_SUSPECT: u32 = 4;
+
+/// Value of the interface table: the addresses of the pod behind a host-side
+/// interface, and whether packets it sends from other addresses are dropped.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInterface {
+    pub addrs: PodAddrs,
+    /// 1: the pod has rules, its spoofed packets are dropped; 0: they pass
+    /// uncounted.
+    pub drop_spoofed: u32,
+    pub _pad: u32,
+}
+
+/// Key of the fragment table: one fragmented datagram.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The ports of a fragmented datagram, from its first fragment (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
 
 /// Histogram layout: values below 32 µs have their own bucket; above, each
 /// power of two is split into 32 linear sub-buckets (relative width at most
@@ -455,7 +505,7 @@ assert_size!(PortKey, 8);
 assert_size!(RuleCounterKey, 8);
 assert_size!(RuleCounters, 16);
 assert_size!(ConnState, 8);
-assert_size!(CgroupEndpoint, 32);
+assert_size!(PodAddrs, 32);
 assert_size!(DatapathConfig, 32);
 assert_size!(SkbLayout, 16);
 assert_size!(ServiceKey, 24);
@@ -464,6 +514,9 @@ assert_size!(BackendKey, 8);
 assert_size!(ServiceBackendAddr, 24);
 assert_size!(ServiceConnKey, 36);
 assert_size!(ServiceSocket, 40);
+assert_size!(FragKey, 40);
+assert_size!(FragPorts, 4);
+assert_size!(PodInterface, 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -481,7 +534,8 @@ mod pod {
     unsafe impl aya::Pod for RuleCounterKey {}
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for ConnState {}
-    unsafe impl aya::Pod for CgroupEndpoint {}
+    unsafe impl aya::Pod for PodAddrs {}
+    unsafe impl aya::Pod for PodInterface {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SkbLayout {}
     unsafe impl aya::Pod for ServiceKey {}

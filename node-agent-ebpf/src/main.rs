@@ -48,8 +48,8 @@ use aya_ebpf::{
 use flowlens_agent_common::{
     COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS,
     ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
-    FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, ServiceConnKey,
-    ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+    FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, SUSPECT_SPOOFED,
+    ServiceConnKey, ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
 };
 
 use crate::{
@@ -83,8 +83,21 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     if !packet::parse(ctx, unsafe { &mut *slot.as_mut_ptr() }) {
         return TC_ACT_UNSPEC;
     }
-    let p = unsafe { slot.assume_init() };
+    let mut p = unsafe { slot.assume_init() };
+    if p.fragment != packet::FRAGMENT_NONE {
+        packet::fragment_ports(&mut p);
+    }
     let egress = direction == DIRECTION_EGRESS;
+    // A packet leaving a pod must come from an address the pod owns: one
+    // with another source is dropped if the pod has rules, and never
+    // counted as the traffic of the pod whose address it forged.
+    if egress {
+        match source_check(ctx, &p.src) {
+            SOURCE_OWNED => {}
+            SOURCE_SPOOFED_DROP => return TC_ACT_SHOT,
+            _ => return TC_ACT_UNSPEC,
+        }
+    }
     // The flow as seen from the local endpoint.
     let mut key = FlowKey {
         local_addr: if egress { p.src } else { p.dst },
@@ -102,7 +115,12 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     // afresh (a bare ACK sent first must not pave its way).
     let existing = flow::lookup(&key);
     let syn = p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
-    if !syn && !existing.is_null() && epoch != 0 && unsafe { (*existing).pass_epoch } == epoch {
+    if !syn
+        && p.opaque == 0
+        && !existing.is_null()
+        && epoch != 0
+        && unsafe { (*existing).pass_epoch } == epoch
+    {
         flow::add(existing, &p);
         return TC_ACT_UNSPEC;
     }
@@ -136,6 +154,13 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         return TC_ACT_SHOT;
     }
     if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
+        // Rules that cannot be evaluated are not skipped: the packet is
+        // dropped (an orphan fragment, a missing transport header, an
+        // extension-header chain longer than walked).
+        if p.opaque != 0 {
+            maps::suspect(p.opaque as u32 - 1);
+            return TC_ACT_SHOT;
+        }
         // The connection key: the flow key with direction 0.
         key.direction = 0;
         let d = policy::unpack(policy::packet_decision(
@@ -164,6 +189,53 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         flow::account(&key, &p, existing, if passes { epoch } else { 0 });
     }
     TC_ACT_UNSPEC
+}
+
+const SOURCE_OWNED: u32 = 0;
+const SOURCE_SPOOFED_DROP: u32 = 1;
+const SOURCE_SPOOFED_PASS: u32 = 2;
+
+/// Whether the pod behind the packet's interface owns `src` (`SOURCE_*`).
+/// Interfaces the agent has not described pass; IPv6 link-local and
+/// unspecified sources (neighbour discovery, duplicate address detection)
+/// are every pod's own.
+#[inline(never)]
+fn source_check(ctx: &TcContext, src: &[u8; 16]) -> u32 {
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
+    let Some(pod) = (unsafe { maps::FL_IFACES.get(&ifindex) }) else {
+        return SOURCE_OWNED;
+    };
+    if same_addr(src, &pod.addrs.addr4) || same_addr(src, &pod.addrs.addr6) {
+        return SOURCE_OWNED;
+    }
+    let (hi, lo) = addr_words(src);
+    if (src[0] == 0xfe && src[1] & 0xc0 == 0x80) || (hi == 0 && lo == 0) {
+        return SOURCE_OWNED;
+    }
+    maps::suspect(SUSPECT_SPOOFED);
+    if pod.drop_spoofed != 0 {
+        SOURCE_SPOOFED_DROP
+    } else {
+        SOURCE_SPOOFED_PASS
+    }
+}
+
+/// An address as two words (word loads: the verifier and JIT prefer them to
+/// a byte loop).
+#[inline(always)]
+fn addr_words(a: &[u8; 16]) -> (u64, u64) {
+    let p = a.as_ptr() as *const u64;
+    unsafe {
+        (
+            core::ptr::read_unaligned(p),
+            core::ptr::read_unaligned(p.add(1)),
+        )
+    }
+}
+
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    addr_words(a) == addr_words(b)
 }
 
 #[sock_ops]
@@ -497,7 +569,7 @@ unsafe fn ctx_write_u32(p: *mut u32, v: u32) {
 /// The pod addresses of the calling task's cgroup (or of the nearest
 /// registered ancestor: containers live in sub-cgroups of their pod).
 #[inline(always)]
-fn caller_endpoint() -> Option<&'static flowlens_agent_common::CgroupEndpoint> {
+fn caller_endpoint() -> Option<&'static flowlens_agent_common::PodAddrs> {
     let id = unsafe { bpf_get_current_cgroup_id() };
     if let Some(e) = unsafe { FL_CGROUPS.get(&id) } {
         return Some(e);

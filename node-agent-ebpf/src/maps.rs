@@ -15,10 +15,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    BackendKey, CgroupEndpoint, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo,
-    EndpointKey, FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PeerKey, PortKey,
-    RttKey, RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo,
-    ServiceKey, ServiceSocket, SkbLayout,
+    BackendKey, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
+    FlowKey, FlowStats, FragKey, FragPorts, NUM_COUNTERS, NUM_DROP_REASONS, NUM_SUSPECT,
+    OverflowKey, PeerKey, PodAddrs, PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters,
+    ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey, ServiceSocket, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -44,7 +44,13 @@ pub static FL_PORTS: LpmTrie<PortKey, u64, 131072> = LpmTrie::new();
 pub static FL_CONNS: LruHashMap<ConnKey, ConnState, 262144> = LruHashMap::new();
 
 #[btf_map]
-pub static FL_CGROUPS: HashMap<u64, CgroupEndpoint, 16384> = HashMap::new();
+pub static FL_CGROUPS: HashMap<u64, PodAddrs, 16384> = HashMap::new();
+
+/// A pod interface (host-side ifindex) -> the addresses its pod owns: a
+/// packet from the pod with another source is spoofed. Written by the agent
+/// as it attaches, independent of the config generation.
+#[btf_map]
+pub static FL_IFACES: HashMap<u32, PodInterface, 16384> = HashMap::new();
 
 /// Service frontends (ClusterIPs, node ports, ...) by generation.
 #[btf_map]
@@ -65,6 +71,15 @@ pub static FL_SVC_SOCKS: LruHashMap<u64, ServiceSocket, 65536> = LruHashMap::new
 
 #[btf_map]
 pub static FL_COUNTERS: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+
+/// Suspect packets of attached pods, by `SUSPECT_*` reason.
+#[btf_map]
+pub static FL_SUSPECT: PerCpuArray<u64, { NUM_SUSPECT as usize }> = PerCpuArray::new();
+
+/// The ports of fragmented datagrams, from their first fragment, so that
+/// later fragments meet the same rules and count under the same flow.
+#[btf_map]
+pub static FL_FRAGS: LruHashMap<FragKey, FragPorts, 8192> = LruHashMap::new();
 
 /// Kernel drops of traced endpoints by drop reason (`enum skb_drop_reason`).
 #[btf_map]
@@ -100,6 +115,14 @@ pub static FL_RTT: ArrayOfMaps<HashMap<RttKey, u64, RTT_TABLE_TEMPLATE>, 1> = Ar
 pub fn bump(counter: u32) {
     if let Some(p) = FL_COUNTERS.get_ptr_mut(counter) {
         // Per-CPU slot: no other writer.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Adds one to a `SUSPECT_*` counter.
+#[inline(always)]
+pub fn suspect(reason: u32) {
+    if let Some(p) = FL_SUSPECT.get_ptr_mut(reason) {
         unsafe { *p += 1 };
     }
 }

@@ -183,6 +183,17 @@ fn guess_role(p: &Packet, direction: u8, local_port: u16, remote_port: u16) -> u
     }
 }
 
+/// Whether `a` is an IPv6 link-local (fe80::/10), multicast (ff00::/8) or
+/// the unspecified address: where neighbour discovery is addressed.
+#[inline(always)]
+fn link_scoped(a: &[u8; 16]) -> bool {
+    if a[0] == 0xff || (a[0] == 0xfe && a[1] & 0xc0 == 0x80) {
+        return true;
+    }
+    let p = a.as_ptr() as *const u64;
+    unsafe { core::ptr::read_unaligned(p) == 0 && core::ptr::read_unaligned(p.add(1)) == 0 }
+}
+
 /// Packs a [`Decision`] into a register-sized value (BPF-to-BPF calls
 /// return one register).
 #[inline(always)]
@@ -209,8 +220,15 @@ pub fn packet_decision(
     direction: u32,
     conn: &ConnKey,
 ) -> u32 {
-    // Neighbour discovery keeps IPv6 working whatever the rules say.
-    if p.protocol == PROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137 {
+    // Neighbour discovery keeps IPv6 working whatever the rules say, on
+    // the link it belongs to: to or from link-local, multicast or
+    // unspecified addresses. Addressed to any other peer it meets the rules
+    // like any ICMPv6 packet (else it would carry data past an egress block).
+    if p.protocol == PROTO_ICMPV6
+        && p.icmp_type >= 133
+        && p.icmp_type <= 137
+        && link_scoped(&conn.remote_addr)
+    {
         return pack(PASS);
     }
     // A SYN opens a new connection: what was cached for the 5-tuple (from

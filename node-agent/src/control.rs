@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use flowlens_agent_common::{CgroupEndpoint, DIRECTION_EGRESS};
+use flowlens_agent_common::{
+    DIRECTION_EGRESS, PodAddrs, PodInterface, SUSPECT_EXT_HEADERS, SUSPECT_ORPHAN_FRAGMENT,
+    SUSPECT_SPOOFED, SUSPECT_TRUNCATED,
+};
 use flowlens_api::{
     conditions::reason,
     node_agent_config::{EndpointAttachment, NodeAgentConfigSpec, ObservationRef},
@@ -276,6 +279,8 @@ impl ControlLoop {
         });
         let cni = interfaces::read_cni_cache(&self.opts.cni_cache_dir);
         let mut wanted = BTreeSet::new();
+        // Each interface's pod addresses, for anti-spoofing.
+        let mut owners: BTreeMap<u32, PodInterface> = BTreeMap::new();
         let mut missing = Vec::new();
         for ep in &tables.endpoint_refs {
             if !ep.traced && !ep.has_rules {
@@ -287,6 +292,14 @@ impl ControlLoop {
                     && let Some(idx) = interfaces::ifindex(ifname)
                 {
                     wanted.insert((ifname.to_owned(), idx));
+                    let owner = owners.entry(idx).or_default();
+                    match ip {
+                        IpAddr::V4(_) => owner.addrs.addr4 = crate::tables::prefix::addr_bytes(*ip),
+                        IpAddr::V6(_) => owner.addrs.addr6 = crate::tables::prefix::addr_bytes(*ip),
+                    }
+                    if ep.has_rules {
+                        owner.drop_spoofed = 1;
+                    }
                     found = true;
                 }
             }
@@ -302,6 +315,9 @@ impl ControlLoop {
                 self.attached = attached;
             }
             Err(e) => warn!(error = %e, "cannot sync pod interfaces"),
+        }
+        if let Err(e) = self.datapath.sync_pod_interfaces(&owners) {
+            warn!(error = %e, "cannot write the pod interfaces' addresses (anti-spoofing)");
         }
         self.metrics
             .attached_interfaces
@@ -324,7 +340,7 @@ impl ControlLoop {
                 let Some((id, _)) = found.get(&ep.uid) else {
                     continue;
                 };
-                let mut c = CgroupEndpoint::default();
+                let mut c = PodAddrs::default();
                 for ip in &ep.ips {
                     match ip {
                         IpAddr::V4(_) => c.addr4 = crate::tables::prefix::addr_bytes(*ip),
@@ -479,6 +495,22 @@ impl ControlLoop {
             self.metrics
                 .service_translated
                 .inc_by(k.service_translated - prev.service_translated);
+        }
+        for (reason, i) in [
+            ("orphan_fragment", SUSPECT_ORPHAN_FRAGMENT),
+            ("truncated", SUSPECT_TRUNCATED),
+            ("ipv6_extension_headers", SUSPECT_EXT_HEADERS),
+            ("spoofed_source", SUSPECT_SPOOFED),
+        ] {
+            let (now, before) = (k.suspect[i as usize], prev.suspect[i as usize]);
+            if now > before {
+                self.metrics
+                    .suspect_packets
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(now - before);
+            }
         }
         if k.drops_without_flow > prev.drops_without_flow {
             self.metrics

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub(crate) table_full: Family<TableLabels, Counter>,
     pub(crate) kernel_drops: Family<ReasonLabels, Counter>,
     pub(crate) drops_without_flow: Counter,
+    /// Suspect packets of attached pods, by reason.
+    pub(crate) suspect_packets: Family<ReasonLabels, Counter>,
     pub(crate) service_translated: Counter,
     pub(crate) drain_seconds: Histogram,
     /// Entries a full bound of the aggregator's state could not keep.
@@ -98,6 +100,7 @@ impl Metrics {
             kernel_drops: Family::default(),
             drops_without_flow: Counter::default(),
             service_translated: Counter::default(),
+            suspect_packets: Family::default(),
             drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
             state_overflows: Family::default(),
             applies: Family::default(),
@@ -186,6 +189,11 @@ impl Metrics {
             "kernel_drops_without_flow",
             "Kernel drops of traced pods whose flow had no entry (not in any window)",
             self.drops_without_flow.clone(),
+        );
+        registry.register(
+            "suspect_packets",
+            "Packets of attached pods whose rules cannot be evaluated (orphan_fragment, truncated, ipv6_extension_headers) or whose source the pod does not own (spoofed_source), by reason; dropped at pods with rules, never counted as another pod's traffic",
+            self.suspect_packets.clone(),
         );
         registry.register(
             "service_connections_translated",

@@ -27,9 +27,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
 };
 use flowlens_agent_common::{
-    CgroupEndpoint, DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS,
-    NUM_DROP_REASONS, OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PortKey, RttKey,
-    RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
+    DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS,
+    OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PodAddrs, PodInterface, PortKey,
+    RttKey, RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
 };
 use flowlens_api::node_agent_config::DatapathHooks;
 use tracing::{info, warn};
@@ -108,6 +108,8 @@ pub(crate) struct KernelCounters {
     pub drops_without_flow: u64,
     /// Connections to Services translated to a backend at `connect()`.
     pub service_translated: u64,
+    /// Suspect packets by `SUSPECT_*` reason.
+    pub suspect: [u64; flowlens_agent_common::NUM_SUSPECT as usize],
 }
 
 /// Sizes of the tables drained last time, against their capacity.
@@ -130,7 +132,9 @@ pub struct Datapath {
     generation: u32,
     /// Tables written to each generation by this agent (None: unknown).
     written: [Option<Arc<Tables>>; 2],
-    cgroups: Option<BTreeMap<u64, CgroupEndpoint>>,
+    cgroups: Option<BTreeMap<u64, PodAddrs>>,
+    /// The interface table as last written (None: not read yet).
+    pod_interfaces: Option<BTreeMap<u32, PodInterface>>,
     /// The Service tables of the generation replaced last: connections
     /// translated under them still drain once after the flip.
     retired_services: Option<Arc<Tables>>,
@@ -193,6 +197,7 @@ impl Datapath {
             generation: config.epoch & 1,
             written: [None, None],
             cgroups: None,
+            pod_interfaces: None,
             retired_services: None,
             rtt_sample_interval_ns: opts.rtt_sample_interval.as_nanos() as u64,
             leftovers: None,
@@ -599,9 +604,8 @@ impl Datapath {
     }
 
     /// Makes the cgroup table equal to `wanted` (cgroup id -> pod addresses).
-    pub(crate) fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, CgroupEndpoint>) -> Result<()> {
-        let mut map: HashMap<&mut MapData, u64, CgroupEndpoint> =
-            typed(&mut self.ebpf, "FL_CGROUPS")?;
+    pub(crate) fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, PodAddrs>) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u64, PodAddrs> = typed(&mut self.ebpf, "FL_CGROUPS")?;
         let current = match &self.cgroups {
             Some(c) => c.clone(),
             None => map.iter().filter_map(|r| r.ok()).collect(),
@@ -618,6 +622,32 @@ impl Datapath {
             }
         }
         self.cgroups = Some(wanted.clone());
+        Ok(())
+    }
+
+    /// Makes the interface table (pod interface -> the addresses its pod
+    /// owns, for anti-spoofing) equal to `wanted`.
+    pub(crate) fn sync_pod_interfaces(
+        &mut self,
+        wanted: &BTreeMap<u32, PodInterface>,
+    ) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u32, PodInterface> = typed(&mut self.ebpf, "FL_IFACES")?;
+        let current = match &self.pod_interfaces {
+            Some(c) => c.clone(),
+            None => map.iter().filter_map(|r| r.ok()).collect(),
+        };
+        for (idx, e) in wanted {
+            if current.get(idx) != Some(e) {
+                map.insert(idx, e, 0)
+                    .map_err(|e| DatapathError::map("FL_IFACES", e))?;
+            }
+        }
+        for idx in current.keys() {
+            if !wanted.contains_key(idx) {
+                let _ = map.remove(idx);
+            }
+        }
+        self.pod_interfaces = Some(wanted.clone());
         Ok(())
     }
 
@@ -690,7 +720,20 @@ impl Datapath {
             connect_denied: v[flowlens_agent_common::COUNTER_CONNECT_DENIED as usize],
             drops_without_flow: v[flowlens_agent_common::COUNTER_DROPS_WITHOUT_FLOW as usize],
             service_translated: v[flowlens_agent_common::COUNTER_SERVICE_TRANSLATED as usize],
+            suspect: self.suspect_counters()?,
         })
+    }
+
+    /// The suspect-packet counters, summed over CPUs (cumulative).
+    fn suspect_counters(&mut self) -> Result<[u64; flowlens_agent_common::NUM_SUSPECT as usize]> {
+        let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_SUSPECT")?;
+        let mut v = [0u64; flowlens_agent_common::NUM_SUSPECT as usize];
+        for (i, slot) in v.iter_mut().enumerate() {
+            if let Ok(per_cpu) = map.get(&(i as u32), 0) {
+                *slot = per_cpu.iter().fold(0u64, |a, b| a.saturating_add(*b));
+            }
+        }
+        Ok(v)
     }
 }
 
