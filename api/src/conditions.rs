@@ -29,6 +29,12 @@ pub mod reason {
     pub const FLOW_TABLE_FULL: &str = "FlowTableFull";
     pub const UNSUPPORTED_KERNEL: &str = "UnsupportedKernel";
     pub const INTERFACE_NOT_FOUND: &str = "InterfaceNotFound";
+    /// The kernel does not show the programs attached to a pod's interface.
+    pub const UNATTACHED: &str = "Unattached";
+    /// Another program runs before Flowlens' on a pod's interface.
+    pub const NOT_FIRST: &str = "NotFirst";
+    /// The node's config is missing or unreadable: the last one applied stays.
+    pub const CONFIG_MISSING: &str = "ConfigMissing";
     pub const TOO_MANY_RULES: &str = "TooManyRules";
     /// The collector refused a report window for good (the agent dropped
     /// it; the operator's log and report_refusals metric say why).

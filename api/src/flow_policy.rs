@@ -264,6 +264,23 @@ pub struct FlowPolicyStatus {
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<PolicySummary>,
+
+    /// The spec in force: the last valid one, which stays in force while a
+    /// later edit is invalid (`Ready` is then `False`, reason
+    /// `InvalidSpec`). Kept here so that it stays in force across operator
+    /// restarts too; the operator reads it only when it knows no valid
+    /// spec of the policy (after a start) and the latest one is invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<PolicyInForce>,
+}
+
+/// A valid spec of a policy and the generation it was written at.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyInForce {
+    /// The `metadata.generation` of `spec`.
+    pub generation: i64,
+    pub spec: FlowPolicySpec,
 }
 
 /// Node counts of a policy.

@@ -245,6 +245,16 @@ pub struct BlockRule {
     /// Ports; every port and protocol when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortRange>,
+    /// The rule's rank among this node's rules, lowest first: when an
+    /// endpoint has more rules in a direction than its 64 slots, the
+    /// lowest-ranked ones are kept. The operator ranks `Enforce` before
+    /// `Audit`, then by the policy's `creationTimestamp` (older first), then
+    /// its uid, then the rule's index in the policy (numerically): a policy
+    /// created later, whatever its name, cannot push out an older policy's
+    /// rules. Rules of equal rank (configs written before this field: all 0)
+    /// keep the former order: `Enforce` first, then by `id`.
+    #[serde(default)]
+    pub priority: u64,
 }
 
 /// A reference to a FlowPolicy at a revision.
@@ -321,9 +331,16 @@ pub struct NodeAgentConfigStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<DatapathHooks>,
 
-    /// Policies in force on this node, at the revision applied.
+    /// Policies in force on this node, at the revision applied: every rule
+    /// of theirs is in the kernel, and the programs that enforce it are
+    /// attached (read back from the kernel) to every pod it selects here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyRef>,
+
+    /// Policies of the applied revision that are not (fully) in force on
+    /// this node, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies_not_in_force: Vec<PolicyNotInForce>,
 
     /// Observations this node's agent runs, at the generation applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -370,8 +387,42 @@ pub struct DatapathHooks {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointAttachment {
+    /// Endpoints whose programs are attached, as read back from the kernel.
     pub attached: u32,
     /// Endpoints whose interface was not found yet (`namespace/pod`), at most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// Endpoints whose interface was found but whose programs the kernel
+    /// does not show attached (`namespace/pod`), at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unattached: Vec<String>,
+    /// The TC links of attached endpoints, as the kernel reports them (at
+    /// most 256 listed; `attached` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<PodLinks>,
+}
+
+/// The TC links of one endpoint's interface, read back from the kernel.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodLinks {
+    /// `namespace/pod`.
+    pub pod: String,
+    /// The host-side interface.
+    pub interface: String,
+    /// Link id of the program on traffic leaving the pod (TCX ingress).
+    pub from_pod_link: u32,
+    /// Link id of the program on traffic entering the pod (TCX egress).
+    pub to_pod_link: u32,
+}
+
+/// A policy of the applied revision that is not fully in force on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyNotInForce {
+    pub policy: PolicyRef,
+    /// `Unattached` (programs not attached to some selected pods),
+    /// `InterfaceNotFound`, `UnsupportedKernel` or `TooManyRules`.
+    pub reason: String,
+    pub message: String,
 }

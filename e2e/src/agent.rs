@@ -30,6 +30,11 @@ pub struct AgentDump {
     pub hooks: DatapathHooks,
     #[serde(default)]
     pub endpoints: EndpointAttachment,
+    /// Policies in force (their pods' programs verified attached).
+    #[serde(default)]
+    pub policies: Vec<flowlens_api::node_agent_config::PolicyRef>,
+    #[serde(default)]
+    pub policies_not_in_force: Vec<flowlens_api::node_agent_config::PolicyNotInForce>,
     #[serde(default)]
     pub problems: Vec<serde_json::Value>,
     #[serde(default)]

@@ -143,6 +143,7 @@ impl<'a> SpecBuilder<'a> {
                     last: *last,
                 })
                 .collect(),
+            priority: 0,
         });
         self
     }

@@ -1,14 +1,22 @@
 //! The Flowlens API against a real kube-apiserver: samples apply, printer
-//! columns are served, malformed objects are rejected with the field named.
+//! columns are served, malformed objects are rejected with the field named,
+//! and a FlowPolicy's spec in force survives an operator restart.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
-use flowlens_e2e::cluster;
+use flowlens_api::{FlowPolicy, NodeAgentConfig, node_agent_config::BlockRule};
+use flowlens_e2e::{
+    cluster,
+    objects::{TestObjects, eventually},
+    operator::Operator,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
     discovery::{ApiCapabilities, ApiResource, Discovery, Scope},
 };
+
+const WAIT: Duration = Duration::from_secs(20);
 
 async fn resolve(discovery: &Discovery, obj: &DynamicObject) -> (ApiResource, ApiCapabilities) {
     let types = obj.types.as_ref().expect("sample has apiVersion and kind");
@@ -334,4 +342,101 @@ async fn malformed_objects_are_rejected_naming_the_field() {
     }
     cluster::delete_namespace(&client, &ns).await.unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The policy `p` of namespace `ns`, and the rules of it in `node`'s config.
+async fn policy_and_its_rules(
+    client: &Client,
+    ns: &str,
+    node: &str,
+) -> Option<(FlowPolicy, Vec<BlockRule>)> {
+    let policy = Api::<FlowPolicy>::namespaced(client.clone(), ns)
+        .get("p")
+        .await
+        .ok()?;
+    let config = Api::<NodeAgentConfig>::all(client.clone())
+        .get(node)
+        .await
+        .ok()?;
+    let rules = config
+        .spec
+        .rules
+        .into_iter()
+        .filter(|r| r.policy.namespace == ns && r.policy.name == "p")
+        .collect();
+    Some((policy, rules))
+}
+
+/// A restarted operator's first view of a policy can be an invalid edit:
+/// the spec in force before it (kept in `status.inForce`) must stay in
+/// force, not drop out of every node's config.
+#[tokio::test]
+async fn an_invalid_edit_keeps_the_valid_spec_in_force_across_an_operator_restart() {
+    let client = cluster::client().await.unwrap();
+    let run = cluster::unique_name("inforce");
+    let t = TestObjects::new(client.clone(), &run);
+    t.sweep_earlier_runs().await;
+    let (node, ns) = (format!("{run}-n1"), format!("{run}-shop"));
+    t.node(&node, "zone-a").await.unwrap();
+    t.namespace(&ns, &[]).await.unwrap();
+    t.pod(
+        &ns,
+        "web-1",
+        &node,
+        &["10.202.1.1"],
+        &[("app", "web")],
+        None,
+    )
+    .await
+    .unwrap();
+    let valid = serde_json::json!({"podSelector": {}, "egress": [{"ports": [{"port": 5432}]}]});
+    t.policy(&ns, "p", valid).await.unwrap();
+
+    let op = Operator::start("inforce-1", &[]);
+    let (before, rules) = eventually(WAIT, "generation 1 in force and in status", || async {
+        let (p, rules) = policy_and_its_rules(&client, &ns, &node).await?;
+        let in_force = p.status.as_ref()?.in_force.as_ref()?;
+        (in_force.generation == 1 && !rules.is_empty()).then_some((p, rules))
+    })
+    .await;
+    drop(op);
+
+    // An error the 1.20 schema cannot catch: the operator alone refuses it.
+    let invalid = serde_json::json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.9.0.0/24"]}}]}]});
+    t.policy(&ns, "p", invalid).await.unwrap();
+    let op = Operator::start("inforce-2", &[]);
+    let after = eventually(WAIT, "Ready=False for generation 2", || async {
+        let p = Api::<FlowPolicy>::namespaced(client.clone(), &ns)
+            .get("p")
+            .await
+            .ok()?;
+        let s = p.status.as_ref()?;
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (s.observed_generation == Some(2) && ready.status == "False").then_some(p)
+    })
+    .await;
+    // Time for the restarted operator to have rewritten the config, had it
+    // dropped the rules.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, rules_after) = policy_and_its_rules(&client, &ns, &node).await.unwrap();
+    assert_eq!(
+        rules_after, rules,
+        "the node's rules are those of generation 1"
+    );
+    let (status_before, status) = (before.status.unwrap(), after.status.unwrap());
+    assert_eq!(status.revision, status_before.revision);
+    assert_eq!(status.in_force.map(|f| f.generation), Some(1));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "InvalidSpec");
+    assert!(
+        ready.message.contains("stays in force"),
+        "{}",
+        ready.message
+    );
+    drop(op);
+    t.cleanup().await;
 }

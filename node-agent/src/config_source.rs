@@ -31,15 +31,6 @@ pub fn parse_config(text: &str) -> Result<NodeAgentConfigSpec, String> {
         .map_err(|e| format!("{prefix}{}: {}", e.path(), e.inner()))
 }
 
-/// The config of an agent with nothing to do (its `NodeAgentConfig` was deleted).
-pub(crate) fn empty_config(node: &str) -> NodeAgentConfigSpec {
-    NodeAgentConfigSpec {
-        node_name: node.to_owned(),
-        revision: "none".into(),
-        ..Default::default()
-    }
-}
-
 /// Polls `path` and sends its config whenever the file changes.
 pub fn watch_file(path: PathBuf, tx: mpsc::Sender<Event>) {
     std::thread::Builder::new()
@@ -50,11 +41,20 @@ pub fn watch_file(path: PathBuf, tx: mpsc::Sender<Event>) {
                 let stamp = std::fs::metadata(&path)
                     .ok()
                     .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-                if stamp.is_some() && stamp != last {
+                if stamp != last {
                     last = stamp;
-                    if let Some(spec) = read_file(&path)
-                        && tx.send(Event::Config(Arc::new(spec))).is_err()
-                    {
+                    let event = match stamp.map(|_| read_file(&path)) {
+                        Some(Ok(spec)) => {
+                            let _ = tx.send(Event::ConfigUnavailable(None));
+                            Event::Config(Arc::new(spec))
+                        }
+                        Some(Err(why)) => Event::ConfigUnavailable(Some(why)),
+                        None => Event::ConfigUnavailable(Some(format!(
+                            "the config file {} is missing",
+                            path.display()
+                        ))),
+                    };
+                    if tx.send(event).is_err() {
                         return;
                     }
                 }
@@ -64,24 +64,14 @@ pub fn watch_file(path: PathBuf, tx: mpsc::Sender<Event>) {
         .expect("spawning the config-file thread");
 }
 
-fn read_file(path: &Path) -> Option<NodeAgentConfigSpec> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot read the config file; keeping the current config");
-            return None;
-        }
-    };
-    match parse_config(&text) {
-        Ok(spec) => {
-            info!(path = %path.display(), revision = %spec.revision, "read config file");
-            Some(spec)
-        }
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "invalid config file; keeping the current config");
-            None
-        }
-    }
+/// The config in `path`, or why it cannot be used.
+fn read_file(path: &Path) -> Result<NodeAgentConfigSpec, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    let spec =
+        parse_config(&text).map_err(|e| format!("invalid config file {}: {e}", path.display()))?;
+    info!(path = %path.display(), revision = %spec.revision, "read config file");
+    Ok(spec)
 }
 
 /// Watches the node's `NodeAgentConfig` (shared reflector-free watch: one
@@ -91,19 +81,26 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let mut stream = watcher(api, cfg).default_backoff().boxed();
     while let Some(event) = stream.next().await {
-        let spec = match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o.spec,
-            Ok(watcher::Event::Delete(_)) => {
-                info!(node = %node, "NodeAgentConfig deleted: detaching from every pod");
-                empty_config(&node)
+        // Fail-static: a deleted or unreadable config changes nothing in
+        // the kernel (removing Flowlens from a node is `flowlens-agent
+        // cleanup`'s job); it is reported until a config arrives.
+        let event = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                if tx.send(Event::ConfigUnavailable(None)).is_err() {
+                    return;
+                }
+                Event::Config(Arc::new(o.spec))
             }
+            Ok(watcher::Event::Delete(_)) => Event::ConfigUnavailable(Some(format!(
+                "NodeAgentConfig {node} was deleted (the operator recreates it; to remove Flowlens from the node, run `flowlens-agent cleanup`)"
+            ))),
             Ok(_) => continue,
             Err(e) => {
                 warn!(error = %e, "watching NodeAgentConfig (retrying with backoff)");
-                continue;
+                Event::ConfigUnavailable(Some(format!("cannot watch NodeAgentConfig {node}: {e}")))
             }
         };
-        if tx.send(Event::Config(Arc::new(spec))).is_err() {
+        if tx.send(event).is_err() {
             return;
         }
     }

@@ -27,8 +27,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     aggregate::{Aggregator, Drained},
     cgroups,
-    datapath::{Datapath, attach::Interface, revision_hash},
-    interfaces,
+    datapath::{
+        Datapath,
+        attach::{Interface, TcLinks},
+        revision_hash,
+    },
+    in_force, interfaces,
     metrics::{DirectionLabels, Metrics, PolicyLabels, ReasonLabels, ResultLabels, TableLabels},
     state::{Problem, Shared},
     tables::{self, Tables},
@@ -38,6 +42,9 @@ use crate::{
 pub enum Event {
     /// A new config (from the API server or a file).
     Config(Arc<NodeAgentConfigSpec>),
+    /// The config cannot be read (deleted, unreadable, invalid): why, or
+    /// None once it can again. The last applied config stays in force.
+    ConfigUnavailable(Option<String>),
     /// Windows and policy matches as they stand now, without draining (for `dump`).
     Preview(tokio::sync::oneshot::Sender<Preview>),
     /// Stop: drain and flush open windows as incomplete parts.
@@ -77,6 +84,12 @@ const POD_CGROUP_MAX_DEPTH: usize = 6;
 
 /// Pods without an interface named in the node's problem message.
 const MISSING_PODS_NAMED: usize = 5;
+/// How a failed apply's problem message starts (it outlives reconciles).
+const APPLY_FAILED_PREFIX: &str = "cannot apply revision";
+/// Retries of a failed apply: the first after this, doubling...
+const APPLY_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// ...up to this.
+const APPLY_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Pods without an interface listed in the node's status.
 const MISSING_PODS_LISTED: usize = 20;
@@ -94,7 +107,8 @@ pub struct ControlLoop {
     agg: Aggregator,
     spec: Option<Arc<NodeAgentConfigSpec>>,
     tables: Option<Arc<Tables>>,
-    attached: BTreeSet<Interface>,
+    /// Interfaces whose programs the kernel shows attached, with their links.
+    attached: BTreeMap<Interface, TcLinks>,
     shared: Shared,
     metrics: Arc<Metrics>,
     completed: tokio::sync::mpsc::UnboundedSender<Completed>,
@@ -105,6 +119,9 @@ pub struct ControlLoop {
     next_flow_drain: i64,
     next_rule_drain: i64,
     policy_totals: BTreeMap<(String, String), PolicyMatches>,
+    /// A config whose apply failed: retried at the instant, with the next
+    /// backoff (reset by a new revision or a success).
+    retry: Option<(Arc<NodeAgentConfigSpec>, Instant, Duration)>,
 }
 
 impl ControlLoop {
@@ -128,7 +145,7 @@ impl ControlLoop {
             datapath,
             spec: None,
             tables: None,
-            attached: BTreeSet::new(),
+            attached: BTreeMap::new(),
             shared,
             metrics,
             completed,
@@ -142,6 +159,7 @@ impl ControlLoop {
             next_flow_drain: i64::MAX,
             next_rule_drain: i64::MAX,
             policy_totals: BTreeMap::new(),
+            retry: None,
         }
     }
 
@@ -155,8 +173,12 @@ impl ControlLoop {
             let until_drain =
                 Duration::from_millis((next_drain.saturating_sub(now)).clamp(0, 3_600_000) as u64);
             let until_reconcile = next_reconcile.saturating_duration_since(Instant::now());
-            match events.recv_timeout(until_drain.min(until_reconcile)) {
+            let until_retry = self.retry.as_ref().map_or(Duration::MAX, |(_, at, _)| {
+                at.saturating_duration_since(Instant::now())
+            });
+            match events.recv_timeout(until_drain.min(until_reconcile).min(until_retry)) {
                 Ok(Event::Config(spec)) => self.apply(spec),
+                Ok(Event::ConfigUnavailable(why)) => self.config_unavailable(why),
                 Ok(Event::Preview(reply)) => {
                     let _ = reply.send(self.preview());
                 }
@@ -165,6 +187,13 @@ impl ControlLoop {
                     return;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if let Some((spec, at, _)) = &self.retry
+                && Instant::now() >= *at
+            {
+                let spec = spec.clone();
+                info!(revision = %spec.revision, "retrying the config apply that failed");
+                self.apply(spec);
             }
             if Instant::now() >= next_reconcile {
                 self.reconcile();
@@ -177,6 +206,27 @@ impl ControlLoop {
         }
     }
 
+    /// Fail-static: a config that cannot be read changes nothing in the
+    /// kernel; it is a problem until a config can be read again.
+    fn config_unavailable(&mut self, why: Option<String>) {
+        let in_force = self
+            .spec
+            .as_ref()
+            .map_or("none".to_owned(), |s| s.revision.clone());
+        if let Some(why) = &why {
+            warn!(problem = %why, revision = %in_force, "config unavailable; the last applied one stays in force");
+        }
+        self.shared.update(|s| {
+            s.problems.retain(|p| p.reason != reason::CONFIG_MISSING);
+            if let Some(why) = why {
+                s.problems.push(Problem {
+                    reason: reason::CONFIG_MISSING.into(),
+                    message: format!("{why}; revision {in_force} stays in force"),
+                });
+            }
+        });
+    }
+
     fn apply(&mut self, spec: Arc<NodeAgentConfigSpec>) {
         if self
             .spec
@@ -186,6 +236,12 @@ impl ControlLoop {
         {
             return;
         }
+        // The backoff grows only while the same revision keeps failing.
+        let backoff = match &self.retry {
+            Some((pending, _, next)) if pending.revision == spec.revision => *next,
+            _ => APPLY_RETRY_FIRST,
+        };
+        self.retry = None;
         let started = Instant::now();
         let tables = Arc::new(tables::compile(&spec, &crate::interfaces::host_addresses()));
         // A restarted agent finds the kernel enforcing some revision: when it
@@ -220,6 +276,10 @@ impl ControlLoop {
                 }
                 self.spec = Some(spec.clone());
                 self.tables = Some(tables);
+                self.shared.update(|s| {
+                    s.problems
+                        .retain(|p| !p.message.starts_with(APPLY_FAILED_PREFIX));
+                });
                 // Attach to the pods' interfaces before saying the revision
                 // is applied: "applied" means counted and enforced.
                 self.reconcile();
@@ -234,7 +294,6 @@ impl ControlLoop {
                     s.applied_revision = Some(spec.revision.clone());
                     s.apply_error = None;
                     s.generation = self.datapath.generation();
-                    s.policies = spec.policies.clone();
                     s.collector = spec.collector.clone();
                     s.observations = spec
                         .observations
@@ -254,8 +313,29 @@ impl ControlLoop {
                         result: e.metric_label(),
                     })
                     .inc();
-                error!(revision = %spec.revision, error = %e, "cannot apply config; the previous one stays in force");
-                self.shared.update(|s| s.apply_error = Some(e.to_string()));
+                error!(revision = %spec.revision, error = %e, retry_in_s = backoff.as_secs(), "cannot apply config; the previous one stays in force");
+                let in_force = self
+                    .spec
+                    .as_ref()
+                    .map_or("none".to_owned(), |s| s.revision.clone());
+                self.shared.update(|s| {
+                    s.apply_error = Some(e.to_string());
+                    s.problems
+                        .retain(|p| !p.message.starts_with(APPLY_FAILED_PREFIX));
+                    s.problems.push(Problem {
+                        reason: reason::APPLY_FAILED.into(),
+                        message: format!(
+                            "{APPLY_FAILED_PREFIX} {}: {e}; revision {in_force} stays in force; retrying in {} s",
+                            spec.revision,
+                            backoff.as_secs()
+                        ),
+                    });
+                });
+                self.retry = Some((
+                    spec.clone(),
+                    Instant::now() + backoff,
+                    (backoff * 2).min(APPLY_RETRY_MAX),
+                ));
             }
         }
     }
@@ -265,14 +345,15 @@ impl ControlLoop {
         let Some(tables) = self.tables.clone() else {
             return;
         };
-        let missing = self.attach_pod_interfaces(&tables);
+        let endpoint_interfaces = self.attach_pod_interfaces(&tables);
         self.sync_pod_cgroups(&tables);
-        self.publish_attachment(&tables, missing);
+        self.publish_attachment(&tables, &endpoint_interfaces);
     }
 
     /// Attaches to the interfaces of the pods traced or with rules; returns
-    /// the pods (`namespace/pod`) no interface routes to.
-    fn attach_pod_interfaces(&mut self, tables: &Tables) -> Vec<String> {
+    /// each such pod (`namespace/pod`) with the interfaces found for it
+    /// (none: no interface routes to it).
+    fn attach_pod_interfaces(&mut self, tables: &Tables) -> Vec<(String, Vec<Interface>)> {
         let routes = interfaces::read_routes().unwrap_or_else(|e| {
             warn!(error = %e, "cannot read routes");
             Vec::new()
@@ -281,17 +362,21 @@ impl ControlLoop {
         let mut wanted = BTreeSet::new();
         // Each interface's pod addresses, for anti-spoofing.
         let mut owners: BTreeMap<u32, PodInterface> = BTreeMap::new();
-        let mut missing = Vec::new();
+        let mut endpoint_interfaces = Vec::new();
         for ep in &tables.endpoint_refs {
             if !ep.traced && !ep.has_rules {
                 continue;
             }
-            let mut found = false;
+            let mut found: Vec<Interface> = Vec::new();
             for ip in &ep.ips {
                 if let Some(ifname) = interfaces::pod_interface(&cni, &routes, ip)
                     && let Some(idx) = interfaces::ifindex(ifname)
                 {
-                    wanted.insert((ifname.to_owned(), idx));
+                    let iface = (ifname.to_owned(), idx);
+                    if !found.contains(&iface) {
+                        found.push(iface.clone());
+                    }
+                    wanted.insert(iface);
                     let owner = owners.entry(idx).or_default();
                     match ip {
                         IpAddr::V4(_) => owner.addrs.addr4 = crate::tables::prefix::addr_bytes(*ip),
@@ -300,12 +385,9 @@ impl ControlLoop {
                     if ep.has_rules {
                         owner.drop_spoofed = 1;
                     }
-                    found = true;
                 }
             }
-            if !found {
-                missing.push(ep.key.clone());
-            }
+            endpoint_interfaces.push((ep.key.clone(), found));
         }
         match self.datapath.sync_interfaces(&wanted) {
             Ok(attached) => {
@@ -314,7 +396,11 @@ impl ControlLoop {
                 }
                 self.attached = attached;
             }
-            Err(e) => warn!(error = %e, "cannot sync pod interfaces"),
+            Err(e) => {
+                warn!(error = %e, "cannot sync pod interfaces");
+                // Nothing verified: nothing is said to be attached.
+                self.attached.clear();
+            }
         }
         if let Err(e) = self.datapath.sync_pod_interfaces(&owners) {
             warn!(error = %e, "cannot write the pod interfaces' addresses (anti-spoofing)");
@@ -322,7 +408,7 @@ impl ControlLoop {
         self.metrics
             .attached_interfaces
             .set(self.attached.len() as i64);
-        missing
+        endpoint_interfaces
     }
 
     /// Cgroups of local endpoints, for connect-time rejection (pods with
@@ -355,15 +441,22 @@ impl ControlLoop {
         }
     }
 
-    /// Publishes which pods are attached, and the config's problems and
-    /// the `missing` pods' as the node's problems.
-    fn publish_attachment(&mut self, tables: &Tables, mut missing: Vec<String>) {
-        let attached_count = tables
-            .endpoint_refs
-            .iter()
-            .filter(|e| (e.traced || e.has_rules) && !missing.contains(&e.key))
-            .count() as u32;
-        missing.sort();
+    /// Publishes which pods are attached (as the kernel shows them), which
+    /// policies are in force, and the config's and the attachments'
+    /// problems as the node's.
+    fn publish_attachment(
+        &mut self,
+        tables: &Tables,
+        endpoint_interfaces: &[(String, Vec<Interface>)],
+    ) {
+        let states = in_force::endpoint_states(endpoint_interfaces, &self.attached);
+        let tc_supported = crate::datapath::attach::tcx_supported();
+        let (policies, not_in_force) = match &self.spec {
+            Some(spec) => {
+                in_force::policies_in_force(spec, &states, &tables.problems, tc_supported)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let mut problems: Vec<Problem> = tables
             .problems
             .iter()
@@ -375,32 +468,90 @@ impl ControlLoop {
                 message: p.to_string(),
             })
             .collect();
-        if !missing.is_empty() {
+        if !tc_supported {
             problems.push(Problem {
-                reason: reason::INTERFACE_NOT_FOUND.into(),
+                reason: reason::UNSUPPORTED_KERNEL.into(),
+                message: "the kernel has no TCX (Linux 6.6+): no per-pod program is attached, pods on this node are neither counted nor blocked at their interfaces".into(),
+            });
+        }
+        for (reason, pods, what) in [
+            (
+                reason::INTERFACE_NOT_FOUND,
+                &states.missing,
+                "no interface routes to",
+            ),
+            (
+                reason::UNATTACHED,
+                &states.unattached,
+                "the kernel does not show the programs attached for",
+            ),
+            (
+                reason::NOT_FIRST,
+                &states.not_first,
+                "another program runs before Flowlens' (it may redirect or accept packets unseen) for",
+            ),
+        ] {
+            if pods.is_empty() {
+                continue;
+            }
+            problems.push(Problem {
+                reason: reason.into(),
                 message: format!(
-                    "no interface routes to {} pod(s) yet ({}{}): their traffic is neither counted nor blocked",
-                    missing.len(),
-                    missing
-                        .iter()
+                    "{what} {} pod(s) ({}{}){}",
+                    pods.len(),
+                    pods.iter()
                         .take(MISSING_PODS_NAMED)
                         .cloned()
                         .collect::<Vec<_>>()
                         .join(", "),
-                    if missing.len() > MISSING_PODS_NAMED {
+                    if pods.len() > MISSING_PODS_NAMED {
                         ", ..."
                     } else {
                         ""
+                    },
+                    if reason == reason::NOT_FIRST {
+                        ""
+                    } else {
+                        ": their traffic is neither counted nor blocked by TC"
                     }
                 ),
             });
         }
+        self.metrics
+            .unattached_endpoints
+            .set((states.unattached.len() + states.missing.len()) as i64);
         self.shared.update(|s| {
             s.endpoints = EndpointAttachment {
-                attached: attached_count,
-                missing: missing.into_iter().take(MISSING_PODS_LISTED).collect(),
+                attached: states.attached.len() as u32,
+                missing: states
+                    .missing
+                    .iter()
+                    .take(MISSING_PODS_LISTED)
+                    .cloned()
+                    .collect(),
+                unattached: states
+                    .unattached
+                    .iter()
+                    .take(MISSING_PODS_LISTED)
+                    .cloned()
+                    .collect(),
+                links: states
+                    .attached
+                    .values()
+                    .flatten()
+                    .take(in_force::LINKS_LISTED)
+                    .cloned()
+                    .collect(),
             };
-            s.problems.retain(|p| p.reason == reason::FLOW_TABLE_FULL);
+            s.policies = policies;
+            s.policies_not_in_force = not_in_force;
+            // Problems found elsewhere (drains, config source, applies) stay.
+            s.problems.retain(|p| {
+                p.reason == reason::FLOW_TABLE_FULL
+                    || p.reason == reason::CONFIG_MISSING
+                    || p.reason == reason::APPLY_FAILED
+                        && p.message.starts_with(APPLY_FAILED_PREFIX)
+            });
             s.problems.extend(problems);
             s.hooks = self.datapath.hooks().clone();
         });

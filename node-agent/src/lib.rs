@@ -16,6 +16,7 @@ pub mod dump;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod http;
+mod in_force;
 mod interfaces;
 pub mod metrics;
 pub mod report;

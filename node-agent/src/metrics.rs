@@ -62,6 +62,8 @@ pub struct Metrics {
     pub(crate) state_overflows: Family<StateLabels, Counter>,
     pub(crate) applies: Family<ResultLabels, Counter>,
     pub(crate) attached_interfaces: Gauge,
+    /// Traced pods or pods with rules whose programs are not attached.
+    pub(crate) unattached_endpoints: Gauge,
     pub(crate) windows_reported: Counter,
     pub(crate) windows_dropped: Counter,
     /// Report requests, by result (ok, unreachable, refused).
@@ -105,6 +107,7 @@ impl Metrics {
             state_overflows: Family::default(),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
+            unattached_endpoints: Gauge::default(),
             windows_reported: Counter::default(),
             windows_dropped: Counter::default(),
             reports: Family::default(),
@@ -221,8 +224,13 @@ impl Metrics {
         );
         registry.register(
             "attached_interfaces",
-            "Pod interfaces carrying the TC programs",
+            "Pod interfaces whose TC programs the kernel shows attached",
             self.attached_interfaces.clone(),
+        );
+        registry.register(
+            "unattached_endpoints",
+            "Traced pods or pods with rules whose programs are not attached (interface not found, or not shown by the kernel)",
+            self.unattached_endpoints.clone(),
         );
     }
 

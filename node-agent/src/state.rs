@@ -37,8 +37,11 @@ pub(crate) struct AgentSnapshot {
     pub history: Vec<ObservationWindow>,
     /// Policy matches since the agent started.
     pub policy_totals: Vec<PolicyMatches>,
-    /// Policies in force, at their revision.
+    /// Policies in force (verified), at their revision.
     pub policies: Vec<PolicyRef>,
+    /// Policies of the applied revision not fully in force, and why.
+    #[serde(default)]
+    pub policies_not_in_force: Vec<flowlens_api::node_agent_config::PolicyNotInForce>,
     /// Observations running, at their generation.
     #[serde(default)]
     pub observations: Vec<ObservationRef>,

@@ -83,6 +83,11 @@ pub(crate) fn status_of(
         } else {
             Vec::new()
         },
+        policies_not_in_force: if snap.applied_revision.is_some() {
+            snap.policies_not_in_force.clone()
+        } else {
+            Vec::new()
+        },
         observations: if snap.applied_revision.is_some() {
             snap.observations.clone()
         } else {

@@ -200,6 +200,129 @@ fn without_cgroups_the_tc_programs_drop_and_count_syns() {
     );
 }
 
+/// A policy is in force only where the kernel shows its programs attached:
+/// the agent reads its links back, and one detached behind its back (by
+/// `bpftool`, a CNI re-initialising the interface) is attached again at the
+/// next reconcile, with new link ids, and the block holds.
+#[test]
+fn a_detached_program_is_seen_and_attached_again() {
+    let s = setup();
+    let (topo, a, b) = (&s.topo, s.a, s.b);
+    let peers = b_ips(&s);
+    let spec = SpecBuilder::new(topo, 0)
+        .rule(
+            "no-db",
+            Direction::Egress,
+            PolicyMode::Enforce,
+            &[a],
+            &[&peers[0], &peers[1]],
+            &[(TCP, 5432, 5432)],
+        )
+        .build();
+    let agent = Agent::standalone(topo, 0, &spec, &["--cgroup-root", "none"]);
+    let links_of_a = |d: &flowlens_e2e::agent::AgentDump| {
+        d.endpoints
+            .links
+            .iter()
+            .find(|l| l.pod.ends_with(&format!("/{}", topo.pods[a].name)))
+            .cloned()
+    };
+    let before = wait_for(Duration::from_secs(10), || {
+        agent
+            .dump()
+            .filter(|d| d.policies.iter().any(|p| p.name == "no-db") && links_of_a(d).is_some())
+    })
+    .expect("the policy in force with a's links listed");
+    let old = links_of_a(&before).unwrap();
+    println!(
+        "a's links: from pod {}, to pod {}",
+        old.from_pod_link, old.to_pod_link
+    );
+    let out = std::process::Command::new("bpftool")
+        .args(["link", "detach", "id", &old.from_pod_link.to_string()])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = wait_for(Duration::from_secs(10), || {
+        agent.dump().filter(|d| {
+            links_of_a(d).is_some_and(|l| l.from_pod_link != old.from_pod_link)
+                && d.policies.iter().any(|p| p.name == "no-db")
+        })
+    })
+    .expect("a's program attached again, with a new link");
+    let new = links_of_a(&after).unwrap();
+    println!(
+        "after detaching link {}: new link {}",
+        old.from_pod_link, new.from_pod_link
+    );
+    assert!(
+        after.policies_not_in_force.is_empty(),
+        "{:?}",
+        after.policies_not_in_force
+    );
+    let r = connect_loop(topo, a, &addr(topo.pods[b].ip4, 5432), 100, 50);
+    println!("a -> b:5432 after re-attachment: {r}");
+    assert_eq!(r["successes"], 0);
+}
+
+/// Fail-static: a config that disappears or turns invalid changes nothing
+/// in the kernel; the agent says so until a config can be read again.
+#[test]
+fn a_missing_or_invalid_config_keeps_the_last_one_in_force() {
+    let s = setup();
+    let (topo, a, b) = (&s.topo, s.a, s.b);
+    let peers = b_ips(&s);
+    let spec = SpecBuilder::new(topo, 0)
+        .rule(
+            "no-db",
+            Direction::Egress,
+            PolicyMode::Enforce,
+            &[a],
+            &[&peers[0], &peers[1]],
+            &[(TCP, 5432, 5432)],
+        )
+        .build();
+    let agent = Agent::standalone(topo, 0, &spec, &["--cgroup-root", "none"]);
+    let db = addr(topo.pods[b].ip4, 5432);
+    let config_problem = |want: bool| {
+        wait_for(Duration::from_secs(10), || {
+            agent
+                .dump()
+                .filter(|d| d.problems.iter().any(|p| p["reason"] == "ConfigMissing") == want)
+        })
+    };
+    for (what, damage) in [
+        ("deleted", None),
+        ("invalid", Some("nodeName: [this is not a config")),
+    ] {
+        match damage {
+            None => std::fs::remove_file(&agent.config_path).unwrap(),
+            Some(text) => std::fs::write(&agent.config_path, text).unwrap(),
+        }
+        let d = config_problem(true)
+            .unwrap_or_else(|| panic!("config {what}: no ConfigMissing problem"));
+        assert_eq!(d.applied_revision.as_deref(), Some(spec.revision.as_str()));
+        assert!(
+            d.policies.iter().any(|p| p.name == "no-db"),
+            "config {what}: {:?}",
+            d.policies
+        );
+        let r = connect_loop(topo, a, &db, 100, 50);
+        println!("config {what}: a -> b:5432: {r}");
+        assert_eq!(r["successes"], 0, "config {what}: the block was lifted");
+        assert!(connects(topo, a, &addr(topo.pods[b].ip4, 80)));
+    }
+    agent.set_config(&spec);
+    assert!(
+        config_problem(false).is_some(),
+        "the problem stays after the config is back"
+    );
+}
+
 #[test]
 fn ingress_rules_block_connections_to_a_pod_but_not_its_own() {
     let s = setup();

@@ -17,7 +17,7 @@ use std::{
 
 use flowlens_api::{FlowPolicySpec, NetworkObservationSpec, node_agent_config::WorkloadRef};
 use flowlens_operator::{
-    compile::Compiler,
+    compile::{Compiler, PolicyObject},
     model::{NamespaceInfo, NodeInfo, PodInfo},
 };
 
@@ -95,13 +95,15 @@ fn load() -> Compiler {
         }
     }
     for k in 0..NAMESPACES * 2 {
-        c.upsert_policy(
-            &format!("ns-{}", k / 2),
-            &format!("p{k}"),
-            &format!("pu{k}"),
-            1,
-            policy(k),
-        );
+        c.upsert_policy(PolicyObject {
+            namespace: format!("ns-{}", k / 2),
+            name: format!("p{k}"),
+            uid: format!("pu{k}"),
+            created: k as i64,
+            generation: 1,
+            spec: policy(k),
+            in_force: None,
+        });
     }
     for o in 0..TEAMS {
         let spec: NetworkObservationSpec = serde_yaml::from_str(&format!(

@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::{
-    compile::Compiler,
+    compile::{Compiler, PolicyObject},
     context::{Context, Kind},
     metrics::KindLabels,
     model,
@@ -184,13 +184,7 @@ impl Feed for FlowPolicy {
         )
     }
     fn apply(&self, c: &mut Compiler) {
-        c.upsert_policy(
-            &self.namespace().unwrap_or_default(),
-            &self.name_any(),
-            &self.uid().unwrap_or_default(),
-            self.metadata.generation.unwrap_or(0),
-            self.spec.clone(),
-        );
+        c.upsert_policy(policy_object(self));
     }
     fn delete(key: &str, c: &mut Compiler) {
         if let Some((ns, name)) = key.split_once('/') {
@@ -199,6 +193,25 @@ impl Feed for FlowPolicy {
     }
     fn keys(c: &Compiler) -> BTreeSet<String> {
         c.policy_keys().map(|(ns, n)| format!("{ns}/{n}")).collect()
+    }
+}
+
+/// A FlowPolicy as the compiler takes it in: with its creation time (the
+/// order of rules on a full endpoint) and the spec its status says is in
+/// force (kept in force across a restart when the latest spec is invalid).
+fn policy_object(p: &FlowPolicy) -> PolicyObject {
+    PolicyObject {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
+        generation: p.metadata.generation.unwrap_or(0),
+        spec: p.spec.clone(),
+        in_force: p.status.as_ref().and_then(|s| s.in_force.clone()),
     }
 }
 

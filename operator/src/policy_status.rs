@@ -180,6 +180,18 @@ impl NodeStates {
             } else {
                 n.waiting.push(node.clone());
             }
+            // The agent applied the revision but cannot say it is in force
+            // (programs not attached, rules left out, an old kernel).
+            if let Some(p) = status.and_then(|st| {
+                st.policies_not_in_force.iter().find(|p| {
+                    p.policy.namespace == namespace
+                        && p.policy.name == name
+                        && Some(&p.policy.revision) == view.revision.as_ref()
+                })
+            }) {
+                n.degraded
+                    .push(format!("node {node}: {}: {}", p.reason, p.message));
+            }
             if let Some(c) = status
                 .and_then(|st| conditions::get(&st.conditions, conditions::DEGRADED))
                 .filter(|c| c.status == "True")
@@ -265,7 +277,9 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
 
     let name = policy.name_any();
     let key = (ns.clone(), name.clone());
-    let Some(view) = ctx.with_compiler(|c| c.policy_view(&key)) else {
+    let Some((view, in_force)) =
+        ctx.with_compiler(|c| Some((c.policy_view(&key)?, c.policy_in_force(&key))))
+    else {
         // Not compiled yet (or deleted): the compiler triggers us when it is.
         return Ok(Action::await_change());
     };
@@ -283,6 +297,9 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
         &current,
         Timestamp::now(),
     );
+    // The spec in force, so that a restarted operator keeps it when the
+    // latest edit is invalid.
+    status.in_force = in_force;
     let counts = ctx.policy_results.pending(&key);
     write_policy_counts(&counts, &mut status);
     if status != current {
@@ -577,6 +594,43 @@ mod tests {
                 targeted: 2,
                 enforcing: 2
             })
+        );
+    }
+
+    #[test]
+    fn a_node_that_cannot_verify_its_attachments_is_not_counted_as_enforcing() {
+        let mut n2 = nac("n2", &[], None);
+        Arc::make_mut(&mut n2)
+            .status
+            .as_mut()
+            .unwrap()
+            .policies_not_in_force
+            .push(flowlens_api::node_agent_config::PolicyNotInForce {
+                policy: PolicyRef {
+                    namespace: "shop".into(),
+                    name: "p".into(),
+                    revision: "rev1".into(),
+                },
+                reason: "Unattached".into(),
+                message: "the kernel does not show the programs attached for 1 selected pod(s): shop/db-0".into(),
+            });
+        let cfgs = configs(vec![nac("n1", &[("shop", "p", "rev1")], None), n2]);
+        let s = policy_status(
+            "shop",
+            "p",
+            &view(&["n1", "n2"]),
+            &cfgs,
+            &Default::default(),
+            Timestamp::now(),
+        );
+        let e = get(&s.conditions, "Enforced").unwrap();
+        assert_eq!((e.status.as_str(), e.reason.as_str()), ("False", "Pending"));
+        let d = get(&s.conditions, "Degraded").unwrap();
+        assert_eq!(d.status, "True");
+        assert!(
+            d.message.contains("node n2: Unattached") && d.message.contains("shop/db-0"),
+            "{}",
+            d.message
         );
     }
 

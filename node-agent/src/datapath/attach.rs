@@ -15,8 +15,10 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, SockOps, TcAttachType,
-        TracePoint, links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, SockOps,
+        TcAttachType, TracePoint,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
     },
 };
 use tracing::{debug, info, warn};
@@ -197,14 +199,40 @@ pub(crate) fn unpin(layout: &PinLayout, pin_name: &str) {
 /// One TC attachment: interface name and index.
 pub(crate) type Interface = (String, u32);
 
+/// The TC links of an interface as the kernel reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TcLinks {
+    /// Link id on traffic leaving the pod (TCX ingress of the host side).
+    pub from_pod: u32,
+    /// Link id on traffic entering the pod (TCX egress).
+    pub to_pod: u32,
+    /// Whether Flowlens' programs run first in both directions: a program
+    /// before them that redirects or accepts a packet ends the chain, and
+    /// Flowlens never sees it.
+    pub first: bool,
+}
+
 /// Makes the set of interfaces with TC programs equal to `wanted`:
-/// attaches new ones, adopts pinned ones, detaches the rest (including pins
-/// of interfaces that no longer exist). Returns the interfaces attached.
+/// attaches new ones (first in the TCX chain), adopts pinned ones, detaches
+/// the rest (including pins of interfaces that no longer exist). Returns
+/// the interfaces whose programs the kernel shows attached, with their
+/// links; an interface that failed, or whose links the kernel does not
+/// show, is absent.
+///
+/// Only TCX (Linux 6.6+) is used: its links are pinned and outlive the
+/// agent. Older kernels get nothing attached (the caller reports them
+/// unsupported) rather than netlink filters that would not.
 pub(crate) fn sync_tc(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
     wanted: &BTreeSet<Interface>,
-) -> Result<BTreeSet<Interface>> {
+) -> Result<BTreeMap<Interface, TcLinks>> {
+    if !tcx_supported() {
+        return Err(DatapathError::Unsupported {
+            feature: "TCX attachments",
+            hint: "Linux 6.6 or newer is needed to attach the per-pod programs: pods on this node are neither counted nor enforced by TC",
+        });
+    }
     let mut pinned: BTreeMap<Interface, BTreeSet<bool>> = BTreeMap::new();
     if let Ok(entries) = fs::read_dir(layout.links()) {
         for e in entries.flatten() {
@@ -223,9 +251,10 @@ pub(crate) fn sync_tc(
             debug!(interface = %iface.0, ifindex = iface.1, "detached TC programs");
         }
     }
-    let mut attached = BTreeSet::new();
+    let from_pod_id = program_id(ebpf, PROG_FROM_POD)?;
+    let to_pod_id = program_id(ebpf, PROG_TO_POD)?;
+    let mut attached = BTreeMap::new();
     for iface in wanted {
-        let mut ok = true;
         for (ingress, name) in [(true, PROG_FROM_POD), (false, PROG_TO_POD)] {
             let path = layout.tc_link(&iface.0, iface.1, ingress);
             if pinned.get(iface).is_some_and(|d| d.contains(&ingress))
@@ -235,16 +264,14 @@ pub(crate) fn sync_tc(
             }
             let p: &mut SchedClassifier =
                 program(ebpf, name)?.try_into().map_err(prog_err(name))?;
-            let attach_type = if ingress {
-                TcAttachType::Ingress
-            } else {
-                TcAttachType::Egress
-            };
-            let id = match p.attach(iface.0.as_str(), attach_type) {
+            let id = match p.attach_with_options(
+                iface.0.as_str(),
+                tc_direction(ingress),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            ) {
                 Ok(id) => id,
                 Err(e) => {
                     warn!(interface = %iface.0, error = %e, "cannot attach TC program");
-                    ok = false;
                     continue;
                 }
             };
@@ -256,11 +283,82 @@ pub(crate) fn sync_tc(
             pin(fd_link, &path)?;
             debug!(interface = %iface.0, ifindex = iface.1, ingress, "attached TC program");
         }
-        if ok {
-            attached.insert(iface.clone());
+        match verify(layout, iface, from_pod_id, to_pod_id) {
+            Ok(links) => {
+                attached.insert(iface.clone(), links);
+            }
+            Err(why) => {
+                warn!(interface = %iface.0, ifindex = iface.1, problem = %why, "TC programs not attached");
+            }
         }
     }
     Ok(attached)
+}
+
+fn tc_direction(ingress: bool) -> TcAttachType {
+    if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    }
+}
+
+/// Whether the kernel has TCX (multi-program TC links).
+pub(crate) fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= super::TCX_SINCE)
+}
+
+/// The kernel's id of a loaded program of the object.
+fn program_id(ebpf: &mut Ebpf, name: &'static str) -> Result<u32> {
+    let p: &mut SchedClassifier = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
+    Ok(p.info().map_err(prog_err(name))?.id())
+}
+
+/// Reads back an interface's attachments: each pinned link must run our
+/// program, and the kernel's list of programs on the interface must hold
+/// it.
+fn verify(
+    layout: &PinLayout,
+    iface: &Interface,
+    from_pod_id: u32,
+    to_pod_id: u32,
+) -> std::result::Result<TcLinks, String> {
+    let mut links = [0u32; 2];
+    let mut first = true;
+    for (i, (ingress, prog_id)) in [(true, from_pod_id), (false, to_pod_id)]
+        .into_iter()
+        .enumerate()
+    {
+        let path = layout.tc_link(&iface.0, iface.1, ingress);
+        let link = PinnedLink::from_pin(&path)
+            .map_err(|e| format!("link {} cannot be read: {e}", path.display()))?;
+        let info = FdLink::from(link)
+            .info()
+            .map_err(|e| format!("link {} has no info: {e}", path.display()))?;
+        if info.program_id() != prog_id {
+            return Err(format!(
+                "link {} runs program {}, not this agent's {prog_id}",
+                info.id(),
+                info.program_id()
+            ));
+        }
+        let (_, programs) = SchedClassifier::query_tcx(&iface.0, tc_direction(ingress))
+            .map_err(|e| format!("cannot list the programs of {}: {e}", iface.0))?;
+        let Some(pos) = programs.iter().position(|p| p.id() == prog_id) else {
+            return Err(format!(
+                "program {prog_id} is not on {} ({})",
+                iface.0,
+                if ingress { "ingress" } else { "egress" }
+            ));
+        };
+        first &= pos == 0;
+        links[i] = info.id();
+    }
+    Ok(TcLinks {
+        from_pod: links[0],
+        to_pod: links[1],
+        first,
+    })
 }
 
 /// Detaches everything this layout pinned and removes its maps: used by

@@ -221,10 +221,10 @@ impl Datapath {
     /// retransmits, drops), each as far as the kernel allows, and records
     /// which are in use in `self.hooks`.
     fn attach_global_hooks(&mut self, opts: &DatapathOptions) {
-        self.hooks.flows = if aya::util::KernelVersion::current().is_ok_and(|v| v >= TCX_SINCE) {
+        self.hooks.flows = if attach::tcx_supported() {
             "tcx".into()
         } else {
-            "tc".into()
+            "none".into()
         };
         let tracefs = pins::ensure_tracefs();
         if let Err(e) = &tracefs {
@@ -655,7 +655,7 @@ impl Datapath {
     pub(crate) fn sync_interfaces(
         &mut self,
         wanted: &BTreeSet<attach::Interface>,
-    ) -> Result<BTreeSet<attach::Interface>> {
+    ) -> Result<BTreeMap<attach::Interface, attach::TcLinks>> {
         attach::sync_tc(&mut self.ebpf, &self.layout, wanted)
     }
 

@@ -6,7 +6,7 @@ pub(crate) mod prefix;
 pub(crate) mod services;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -298,19 +298,19 @@ fn rules_per_endpoint<'a>(
     per_endpoint
 }
 
-/// One endpoint's rules in slot order (Enforce first, then by id), at most
-/// `MAX_SLOTS`; the rest are a problem.
+/// One endpoint's rules in slot order, at most `MAX_SLOTS`; the rest are a
+/// problem. The order: `Enforce` first, then by the operator's `priority`
+/// (older policies first, see [`BlockRule::priority`]), then (for configs
+/// without priorities) by id, a rule index compared as a number.
 fn rank_rules<'a>(
     mut rules: Vec<&'a BlockRule>,
     id: u32,
     dir: u8,
     t: &mut Tables,
 ) -> Vec<&'a BlockRule> {
-    rules.sort_by(|a, b| {
-        let rank = |r: &BlockRule| if r.mode == PolicyMode::Enforce { 0 } else { 1 };
-        rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
-    });
-    rules.dedup_by(|a, b| a.id == b.id);
+    rules.sort_by(|a, b| slot_order(a).cmp(&slot_order(b)));
+    let mut seen = HashSet::new();
+    rules.retain(|r| seen.insert(r.id.as_str()));
     if rules.len() > MAX_SLOTS {
         let dropped = rules
             .split_off(MAX_SLOTS)
@@ -330,6 +330,18 @@ fn rank_rules<'a>(
         });
     }
     rules
+}
+
+/// The sort key of [`rank_rules`]: mode, priority, then the id split into
+/// its policy part and its numeric index (`a/p/egress/10` after
+/// `a/p/egress/2`); an id without a numeric index sorts as text.
+fn slot_order(r: &BlockRule) -> (bool, u64, &str, Option<u64>, &str) {
+    let audit = r.mode != PolicyMode::Enforce;
+    let (policy, index) = match r.id.rsplit_once('/') {
+        Some((policy, index)) => (policy, index.parse().ok()),
+        None => (r.id.as_str(), None),
+    };
+    (audit, r.priority, policy, index, r.id.as_str())
 }
 
 /// Records each rule's slot (into `t.slots`) and returns the direction's
@@ -542,6 +554,71 @@ rules:
                         i.is_multiple_of(2)
                     }),
                     "only audit rules dropped: {dropped:?}"
+                );
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    /// 64 rules of an older policy `a/z-old` and 64 of a newer `a/a-new`
+    /// (whose name sorts first), as the operator ranks them.
+    #[test]
+    fn a_newer_policy_whose_name_sorts_first_does_not_push_out_an_older_ones_rules() {
+        let mut s = spec(BASE);
+        let template = s.rules[0].clone();
+        s.rules.clear();
+        for (policy, first_priority) in [("z-old", 0), ("a-new", 64)] {
+            for i in 0..64 {
+                let mut r = template.clone();
+                r.id = format!("a/{policy}/egress/{i}");
+                r.policy.name = policy.into();
+                r.priority = first_priority + i;
+                s.rules.push(r);
+            }
+        }
+        let t = compile(&s, &[]);
+        assert!(
+            (0..64).all(|slot| t.slots[&(1, DIRECTION_EGRESS, slot)].policy == "z-old"),
+            "the older policy keeps every slot"
+        );
+        assert_eq!(
+            t.slots[&(1, DIRECTION_EGRESS, 10)].rule_id,
+            "a/z-old/egress/10"
+        );
+        match &t.problems[..] {
+            [Problem::TooManyRules { dropped, .. }] => {
+                assert_eq!(dropped.len(), 64);
+                assert!(
+                    dropped.iter().all(|r| r.starts_with("a/a-new/")),
+                    "{dropped:?}"
+                );
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    /// Configs written before priorities (all 0): by id, the rule index
+    /// compared as a number.
+    #[test]
+    fn without_priorities_rule_index_10_sorts_after_2() {
+        let mut s = spec(BASE);
+        let template = s.rules[0].clone();
+        s.rules.clear();
+        for i in (0..70).rev() {
+            let mut r = template.clone();
+            r.id = format!("a/p/egress/{i}");
+            s.rules.push(r);
+        }
+        let t = compile(&s, &[]);
+        assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 2)].rule_id, "a/p/egress/2");
+        assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 10)].rule_id, "a/p/egress/10");
+        match &t.problems[..] {
+            [Problem::TooManyRules { dropped, .. }] => {
+                assert_eq!(
+                    dropped,
+                    &(64..70)
+                        .map(|i| format!("a/p/egress/{i}"))
+                        .collect::<Vec<_>>()
                 );
             }
             p => panic!("{p:?}"),

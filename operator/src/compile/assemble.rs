@@ -21,7 +21,7 @@ type KeptLabels = BTreeMap<PodKey, BTreeSet<String>>;
 /// The blocking part of a node's config.
 #[derive(Default)]
 struct Blocking {
-    /// Sorted by id.
+    /// Sorted by id, each with its rank in [`RuleOrder`] as `priority`.
     rules: Vec<BlockRule>,
     /// The address sets the rules refer to, by name.
     sets: BTreeMap<String, AddressSet>,
@@ -99,6 +99,7 @@ fn observation_configs(
 /// sets; adds those pods to `keep`.
 fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blocking {
     let mut out = Blocking::default();
+    let mut ordered = Vec::new();
     for pol in c.policies.values_mut() {
         let (Some(spec), Some(revision), Some(local)) =
             (&pol.spec, &pol.revision, pol.by_node.get(&node.name))
@@ -119,12 +120,48 @@ fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blockin
         }
         let mode: PolicyMode = spec.mode;
         for rule in &mut pol.rules {
+            let order = RuleOrder {
+                mode,
+                created: pol.created,
+                uid: pol.uid.clone(),
+                namespace: pol.namespace.clone(),
+                name: pol.name.clone(),
+                direction: rule.direction,
+                index: rule.index,
+            };
             let block = block_rule(rule, &policy, mode, local, &mut out.sets);
-            out.rules.push(block);
+            ordered.push((order, block));
         }
     }
+    out.rules = prioritized(ordered);
     out.rules.sort_by(|a, b| a.id.cmp(&b.id));
     out
+}
+
+/// The order in which a node's rules get an endpoint's 64 slots per
+/// direction (the rest are dropped and reported): `Enforce` before `Audit`,
+/// then older policies first (`creationTimestamp`, then uid: neither is
+/// chosen by the policy's author), then the rule's index in the policy.
+/// The namespace and name only break ties between policies without a uid.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RuleOrder {
+    mode: PolicyMode,
+    created: i64,
+    uid: String,
+    namespace: String,
+    name: String,
+    direction: Direction,
+    index: usize,
+}
+
+/// Sets each rule's `priority` to its rank in [`RuleOrder`] (0 first).
+fn prioritized(mut ordered: Vec<(RuleOrder, BlockRule)>) -> Vec<BlockRule> {
+    ordered.sort_by(|(a, _), (b, _)| a.cmp(b));
+    ordered
+        .into_iter()
+        .zip(0..)
+        .map(|((_, rule), priority)| BlockRule { priority, ..rule })
+        .collect()
 }
 
 /// One rule of `policy` for the pods `local`; adds its address set (unless
@@ -159,6 +196,8 @@ fn block_rule(
         any_peer: rule.any_peer,
         address_set,
         ports: rule.ports.clone(),
+        // Set by `prioritized`, once every rule of the node is known.
+        priority: 0,
     }
 }
 

@@ -22,7 +22,7 @@ use std::{
 };
 
 use flowlens_api::{
-    flow_policy::{FlowPolicySpec, Peer},
+    flow_policy::{FlowPolicySpec, Peer, PolicyInForce},
     network_observation::NetworkObservationSpec,
     node_agent_config::{CidrEntry, CollectorEndpoint, Direction, NodeAgentConfigSpec},
     validate::{self, FieldErrors},
@@ -83,14 +83,33 @@ pub(crate) struct BuiltSet {
     pub entries: Vec<CidrEntry>,
 }
 
+/// A FlowPolicy as the compiler takes it in.
+#[derive(Clone, Debug)]
+pub struct PolicyObject {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `metadata.creationTimestamp`, Unix seconds: older policies' rules
+    /// rank first when an endpoint has more rules than slots.
+    pub created: i64,
+    pub generation: i64,
+    /// The latest spec.
+    pub spec: FlowPolicySpec,
+    /// `status.inForce` as last written: the spec in force before a restart.
+    pub in_force: Option<PolicyInForce>,
+}
+
 /// A policy as compiled.
 pub(crate) struct Policy {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// `metadata.creationTimestamp`, Unix seconds.
+    pub created: i64,
     pub generation: i64,
-    /// The spec in force (the last valid one) and its revision.
+    /// The spec in force (the last valid one), its generation and revision.
     pub spec: Option<FlowPolicySpec>,
+    pub spec_generation: i64,
     pub revision: Option<String>,
     pub error: Option<FieldErrors>,
     pub targets: BTreeSet<PodKey>,
@@ -811,22 +830,30 @@ impl Compiler {
 
     // ---- policies ----
 
-    pub fn upsert_policy(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-        generation: i64,
-        spec: FlowPolicySpec,
-    ) {
-        let key = (namespace.to_owned(), name.to_owned());
+    /// Takes in a policy's latest spec. A valid one is put in force; an
+    /// invalid one is reported and the spec in force stays: the last valid
+    /// one this compiler saw or, when it saw none (after a start), the one
+    /// the policy's status says was in force, if that is valid.
+    pub fn upsert_policy(&mut self, object: PolicyObject) {
+        let PolicyObject {
+            namespace,
+            name,
+            uid,
+            created,
+            generation,
+            spec,
+            in_force,
+        } = object;
+        let key = (namespace.clone(), name.clone());
         let error = validate::flow_policy(&spec).err();
         let p = self.policies.entry(key.clone()).or_insert_with(|| Policy {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            uid: uid.to_owned(),
+            namespace,
+            name,
+            uid: String::new(),
+            created,
             generation,
             spec: None,
+            spec_generation: 0,
             revision: None,
             error: None,
             targets: BTreeSet::new(),
@@ -834,15 +861,25 @@ impl Compiler {
             by_node: BTreeMap::new(),
             rules: Vec::new(),
         });
-        p.uid = uid.to_owned();
+        if p.uid != uid || p.created != created {
+            // A new order among the node's rules (see `assemble`).
+            self.dirty.extend(p.by_node.keys().cloned());
+        }
+        p.uid = uid;
+        p.created = created;
         p.generation = generation;
         p.error = error.clone();
         self.dirty_policies.insert(key.clone());
-        if error.is_some() {
+        let (spec, spec_generation) = match (error, p.spec.is_some(), in_force) {
+            (None, _, _) => (spec, generation),
+            (Some(_), false, Some(seed)) if validate::flow_policy(&seed.spec).is_ok() => {
+                (seed.spec, seed.generation)
+            }
             // The last valid spec (if any) stays in force.
-            return;
-        }
+            (Some(_), _, _) => return,
+        };
         let revision = content_hash(&serde_json::to_vec(&spec).expect("a spec serializes"));
+        p.spec_generation = spec_generation;
         if p.revision.as_deref() == Some(revision.as_str()) {
             return;
         }
@@ -939,6 +976,16 @@ impl Compiler {
             targeted_nodes: p.by_node.keys().cloned().collect(),
             selected_pods: p.targets.len(),
             unenforceable_pods: p.unenforceable.iter().cloned().collect(),
+        })
+    }
+
+    /// The spec in force of a policy and its generation, for
+    /// `status.inForce` (so that it stays in force across restarts).
+    pub(crate) fn policy_in_force(&self, key: &PolicyKey) -> Option<PolicyInForce> {
+        let p = self.policies.get(key)?;
+        Some(PolicyInForce {
+            generation: p.spec_generation,
+            spec: p.spec.clone()?,
         })
     }
 

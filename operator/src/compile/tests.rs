@@ -60,6 +60,25 @@ pub(super) fn pol(yaml: &str) -> FlowPolicySpec {
     serde_yaml::from_str(yaml).unwrap()
 }
 
+/// A policy object created at time 0, with no status.
+pub(super) fn policy(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    generation: i64,
+    spec: FlowPolicySpec,
+) -> PolicyObject {
+    PolicyObject {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+        created: 0,
+        generation,
+        spec,
+        in_force: None,
+    }
+}
+
 /// A small shop: web and api in `shop` (zone a), db in `data` (zone b).
 pub(super) fn shop() -> Compiler {
     let mut c = Compiler::new();
@@ -166,20 +185,20 @@ fn host_network_pods_are_reported_never_pretended() {
     hn.host_network = true;
     c.upsert_pod(hn);
     c.upsert_observation("o", "ou", 1, obs("namespaces: [shop]"));
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "p",
         "pu",
         1,
         pol("podSelector: {matchLabels: {app: web}}\negress: [{}]"),
-    );
-    c.upsert_policy(
+    ));
+    c.upsert_policy(policy(
         "data",
         "q",
         "qu",
         1,
         pol("podSelector: {}\negress: [{to: [{namespaceSelector: {}}]}]"),
-    );
+    ));
     let v = c.observation_view("o").unwrap();
     assert_eq!(v.untraceable_pods, vec!["shop/ds-1"]);
     assert_eq!(v.traced_pods, 2);
@@ -200,13 +219,13 @@ fn host_network_pods_are_reported_never_pretended() {
 #[test]
 fn policies_compile_to_local_targets_and_remote_address_sets() {
     let mut c = shop();
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "web-no-db",
         "pu",
         1,
         pol("podSelector: {matchLabels: {app: web}}\negress:\n- to: [{namespaceSelector: {matchLabels: {team: data}}, podSelector: {matchLabels: {app: db}}}, {ipBlock: {cidr: 172.16.0.0/12, except: [172.16.1.0/24]}}]\n  ports: [{port: 5432}, {protocol: UDP}]"),
-    );
+    ));
     assert_eq!(
         c.take_dirty_nodes(),
         BTreeSet::from(["n1".to_string()]),
@@ -264,7 +283,7 @@ fn policies_compile_to_local_targets_and_remote_address_sets() {
 #[test]
 fn peer_changes_reach_every_node_that_carries_the_rule_and_only_those() {
     let mut c = shop();
-    c.upsert_policy("shop", "p", "pu", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]}]"));
+    c.upsert_policy(policy("shop", "p", "pu", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]}]")));
     c.take_dirty_nodes();
     // A new db pod on n2 changes n1's address set.
     c.upsert_pod(pod("data", "db-2", "n2", "10.0.2.2", &[("app", "db")]));
@@ -295,20 +314,20 @@ fn peer_changes_reach_every_node_that_carries_the_rule_and_only_those() {
 #[test]
 fn a_selector_matching_nothing_blocks_nothing_and_every_peer_is_explicit() {
     let mut c = shop();
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "none",
         "u1",
         1,
         pol("podSelector: {}\negress: [{to: [{podSelector: {matchLabels: {app: ghost}}}]}]"),
-    );
-    c.upsert_policy(
+    ));
+    c.upsert_policy(policy(
         "shop",
         "all",
         "u2",
         1,
         pol("podSelector: {matchLabels: {app: api}}\ningress: [{}]\negress: [{}]"),
-    );
+    ));
     let n1 = cfg(&mut c, "n1");
     let none = n1.rules.iter().find(|r| r.policy.name == "none").unwrap();
     assert!(!none.any_peer);
@@ -329,20 +348,20 @@ fn a_selector_matching_nothing_blocks_nothing_and_every_peer_is_explicit() {
 #[test]
 fn overlapping_policies_keep_their_modes() {
     let mut c = shop();
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "audit",
         "u1",
         1,
         pol("mode: Audit\npodSelector: {}\negress: [{ports: [{port: 80}]}]"),
-    );
-    c.upsert_policy(
+    ));
+    c.upsert_policy(policy(
         "shop",
         "enforce",
         "u2",
         1,
         pol("podSelector: {matchLabels: {app: web}}\negress: [{ports: [{port: 80}]}]"),
-    );
+    ));
     let n1 = cfg(&mut c, "n1");
     let modes: Vec<(String, PolicyMode, Vec<String>)> = n1
         .rules
@@ -398,15 +417,15 @@ fn revisions_change_only_with_content() {
 #[test]
 fn an_invalid_update_keeps_the_last_valid_policy_in_force() {
     let mut c = shop();
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "p",
         "pu",
         1,
         pol("podSelector: {}\negress: [{ports: [{port: 5432}]}]"),
-    );
+    ));
     let before = cfg(&mut c, "n1");
-    c.upsert_policy("shop", "p", "pu", 2, pol("podSelector: {}\negress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]"));
+    c.upsert_policy(policy("shop", "p", "pu", 2, pol("podSelector: {}\negress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]")));
     let v = c.policy_view(&("shop".into(), "p".into())).unwrap();
     let err = v.error.unwrap();
     assert_eq!(err.0[0].field, "spec.egress[0].to[0].ipBlock.except[0]");
@@ -415,13 +434,13 @@ fn an_invalid_update_keeps_the_last_valid_policy_in_force() {
         before.rules,
         "still enforcing generation 1"
     );
-    c.upsert_policy(
+    c.upsert_policy(policy(
         "shop",
         "p",
         "pu",
         3,
         pol("podSelector: {}\negress: [{ports: [{port: 6432}]}]"),
-    );
+    ));
     assert!(
         c.policy_view(&("shop".into(), "p".into()))
             .unwrap()
@@ -431,10 +450,146 @@ fn an_invalid_update_keeps_the_last_valid_policy_in_force() {
     assert_eq!(cfg(&mut c, "n1").rules[0].ports[0].first, 6432);
 }
 
+/// After an operator restart the first spec the compiler sees may be an
+/// invalid edit: the spec in force comes from the policy's status then.
+#[test]
+fn after_a_restart_an_invalid_edit_keeps_the_spec_in_force_from_status() {
+    let key: PolicyKey = ("shop".into(), "p".into());
+    let valid = || pol("podSelector: {}\negress: [{ports: [{port: 5432}]}]");
+    let invalid = || {
+        pol(
+            "podSelector: {}\negress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]",
+        )
+    };
+    // Before the restart: generation 1 valid, in force; its status says so.
+    let mut before = shop();
+    before.upsert_policy(policy("shop", "p", "pu", 1, valid()));
+    let rules_before = cfg(&mut before, "n1").rules;
+    let revision_before = before.policy_view(&key).unwrap().revision;
+    let in_force = before.policy_in_force(&key).unwrap();
+    assert_eq!(in_force.generation, 1);
+
+    // After the restart, as the feed loads it: generation 2 is invalid.
+    let restarted = |status: Option<PolicyInForce>| {
+        let mut c = Compiler::new();
+        c.begin_bulk();
+        let shop = shop();
+        for n in shop.nodes.values() {
+            c.upsert_node(n.clone());
+        }
+        for n in shop.namespaces.values() {
+            c.upsert_namespace(n.clone());
+        }
+        for p in shop.pods.values() {
+            c.upsert_pod(p.clone());
+        }
+        c.upsert_policy(PolicyObject {
+            in_force: status,
+            ..policy("shop", "p", "pu", 2, invalid())
+        });
+        c.finish_bulk();
+        c
+    };
+    let mut c = restarted(Some(in_force.clone()));
+    assert_eq!(
+        cfg(&mut c, "n1").rules,
+        rules_before,
+        "generation 1 stays in force"
+    );
+    let v = c.policy_view(&key).unwrap();
+    assert!(v.error.is_some(), "the invalid edit is reported");
+    assert_eq!((v.generation, v.revision), (2, revision_before));
+    assert_eq!(
+        c.policy_in_force(&key),
+        Some(in_force.clone()),
+        "and written again"
+    );
+
+    // Without status (what happened before), nothing would be in force.
+    let mut c = restarted(None);
+    assert!(cfg(&mut c, "n1").rules.is_empty());
+    assert_eq!(c.policy_in_force(&key), None);
+
+    // A spec in status that is not valid itself is not put in force.
+    let mut c = restarted(Some(PolicyInForce {
+        generation: 1,
+        spec: invalid(),
+    }));
+    assert!(cfg(&mut c, "n1").rules.is_empty());
+
+    // A valid latest spec wins over the status.
+    let mut c = shop();
+    c.upsert_policy(PolicyObject {
+        in_force: Some(in_force),
+        ..policy(
+            "shop",
+            "p",
+            "pu",
+            3,
+            pol("podSelector: {}\negress: [{ports: [{port: 6432}]}]"),
+        )
+    });
+    assert_eq!(cfg(&mut c, "n1").rules[0].ports[0].first, 6432);
+    assert_eq!(c.policy_in_force(&key).unwrap().generation, 3);
+}
+
+/// A policy created later cannot push an older policy's rules out of a
+/// full endpoint by its name: rules rank by mode, creation, uid, index.
+#[test]
+fn rules_rank_by_mode_then_policy_age_then_rule_index() {
+    let mut c = shop();
+    let eleven_rules = (0..11)
+        .map(|p| format!("{{ports: [{{port: {}}}]}}", 1000 + p))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let spec = |mode: &str| {
+        pol(&format!(
+            "mode: {mode}\npodSelector: {{matchLabels: {{app: web}}}}\negress: [{eleven_rules}]"
+        ))
+    };
+    for (name, uid, created, mode) in [
+        ("a-new", "u-new", 200, "Enforce"),
+        ("z-old", "u-old", 100, "Enforce"),
+        ("b-same-second", "u-0", 100, "Enforce"),
+        ("audit-oldest", "u-audit", 1, "Audit"),
+    ] {
+        c.upsert_policy(PolicyObject {
+            created,
+            ..policy("shop", name, uid, 1, spec(mode))
+        });
+    }
+    let mut ranked = cfg(&mut c, "n1").rules;
+    ranked.sort_by_key(|r| r.priority);
+    let order: Vec<&str> = ranked.iter().map(|r| r.id.as_str()).collect();
+    let ids = |name: &str| {
+        (0..11)
+            .map(|i| format!("shop/{name}/egress/{i}"))
+            .collect::<Vec<_>>()
+    };
+    let expected: Vec<String> = [
+        ids("b-same-second"), // created at 100, uid u-0
+        ids("z-old"),         // created at 100, uid u-old
+        ids("a-new"),
+        ids("audit-oldest"),
+    ]
+    .concat();
+    assert_eq!(order, expected, "index 10 after 2, older policies first");
+    assert_eq!(
+        ranked.iter().map(|r| r.priority).collect::<Vec<_>>(),
+        (0..44).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn deleting_things_cleans_up() {
     let mut c = shop();
-    c.upsert_policy("shop", "p", "pu", 1, pol("podSelector: {}\negress: [{}]"));
+    c.upsert_policy(policy(
+        "shop",
+        "p",
+        "pu",
+        1,
+        pol("podSelector: {}\negress: [{}]"),
+    ));
     c.upsert_observation("o", "ou", 1, obs("namespaces: [data]"));
     c.take_dirty_nodes();
     c.delete_policy("shop", "p");
@@ -541,8 +696,8 @@ fn incremental_equals_bulk() {
             1,
             obs("namespaceSelector: {matchLabels: {team: y}}\nkeepLabels: [app]"),
         );
-        inc.upsert_policy("a", "p1", "pu1", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]"));
-        inc.upsert_policy("b", "p2", "pu2", 1, pol("mode: Audit\npodSelector: {}\ningress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}}]}]"));
+        inc.upsert_policy(policy("a", "p1", "pu1", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]")));
+        inc.upsert_policy(policy("b", "p2", "pu2", 1, pol("mode: Audit\npodSelector: {}\ningress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}}]}]")));
         for step in 0..300 {
             for n in inc.take_dirty_nodes() {
                 let spec = inc.node_config(&n);
@@ -575,7 +730,7 @@ fn incremental_equals_bulk() {
                 }
                 8 => {
                     let app = apps[rng.next(3) as usize];
-                    inc.upsert_policy("c", "p3", "pu3", step, pol(&format!("podSelector: {{matchLabels: {{app: {app}}}}}\negress: [{{to: [{{namespaceSelector: {{}}}}]}}]")));
+                    inc.upsert_policy(policy("c", "p3", "pu3", step, pol(&format!("podSelector: {{matchLabels: {{app: {app}}}}}\negress: [{{to: [{{namespaceSelector: {{}}}}]}}]"))));
                 }
                 10 => inc.upsert_service(random_service(&mut rng)),
                 11 => inc.delete_service(&format!("a/s{}", rng.next(3))),
@@ -617,13 +772,15 @@ fn incremental_equals_bulk() {
             bulk.upsert_observation(&o.name, &o.uid, o.generation, o.spec.clone().unwrap());
         }
         for p in inc.policies.values() {
-            bulk.upsert_policy(
-                &p.namespace,
-                &p.name,
-                &p.uid,
-                p.generation,
-                p.spec.clone().unwrap(),
-            );
+            bulk.upsert_policy(PolicyObject {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                created: p.created,
+                generation: p.generation,
+                spec: p.spec.clone().unwrap(),
+                in_force: None,
+            });
         }
         bulk.finish_bulk();
         for n in inc.take_dirty_nodes() {
