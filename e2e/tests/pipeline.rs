@@ -640,6 +640,58 @@ async fn policies_block_audit_and_count_in_status() {
     sim.shutdown().await.unwrap();
 }
 
+/// Fail-static across a deleted NodeAgentConfig: the agent keeps the last
+/// config (it used to apply an empty one, lifting every block until the
+/// operator wrote the config again), and the operator writes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_config_lifts_no_block() {
+    let TwoNodes {
+        mut sim,
+        a1,
+        shop,
+        web,
+        db,
+        ..
+    } = two_nodes("e2e-nacdel").await;
+    sim.objects
+        .policy(
+            &shop,
+            "deny-db",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                               "ports": [{"port": 5432}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+    let _db = echo_server(&sim.topo, db, 5432);
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let blocked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &["--duration-ms", "6000", "--interval-ms", "10"],
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let nacs: Api<NodeAgentConfig> = Api::all(sim.objects.client.clone());
+    nacs.delete(&a1, &DeleteParams::default()).await.unwrap();
+    let r = blocked.join().unwrap();
+    println!("connects to db:5432 while web's NodeAgentConfig was deleted: {r}");
+    assert!(r["attempts"].as_u64().unwrap() > 100, "{r}");
+    assert_eq!(r["successes"], 0, "the deletion lifted the block: {r}");
+    poll(
+        Duration::from_secs(30),
+        "the operator writes the deleted NodeAgentConfig again",
+        || async { nacs.get_opt(&a1).await.ok().flatten() },
+    )
+    .await
+    .unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
     let TwoNodes {

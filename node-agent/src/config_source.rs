@@ -86,7 +86,10 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
         // cleanup`'s job); it is reported until a config arrives.
         let event = match event {
             Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                if tx.send(Event::ConfigUnavailable(None)).is_err() {
+                let uid = o.metadata.uid.clone().unwrap_or_default();
+                if tx.send(Event::ConfigUnavailable(None)).is_err()
+                    || tx.send(Event::ConfigObject(uid)).is_err()
+                {
                     return;
                 }
                 Event::Config(Arc::new(o.spec))

@@ -45,6 +45,8 @@ pub enum Event {
     /// The config cannot be read (deleted, unreadable, invalid): why, or
     /// None once it can again. The last applied config stays in force.
     ConfigUnavailable(Option<String>),
+    /// The uid of the NodeAgentConfig object the config came from.
+    ConfigObject(String),
     /// Windows and policy matches as they stand now, without draining (for `dump`).
     Preview(tokio::sync::oneshot::Sender<Preview>),
     /// Stop: drain and flush open windows as incomplete parts.
@@ -179,6 +181,7 @@ impl ControlLoop {
             match events.recv_timeout(until_drain.min(until_reconcile).min(until_retry)) {
                 Ok(Event::Config(spec)) => self.apply(spec),
                 Ok(Event::ConfigUnavailable(why)) => self.config_unavailable(why),
+                Ok(Event::ConfigObject(uid)) => self.shared.update(|s| s.config_uid = Some(uid)),
                 Ok(Event::Preview(reply)) => {
                     let _ = reply.send(self.preview());
                 }

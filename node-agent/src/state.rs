@@ -25,6 +25,10 @@ pub(crate) struct AgentSnapshot {
     pub applied_revision: Option<String>,
     /// The revision last received (may differ while applying or on error).
     pub desired_revision: Option<String>,
+    /// The uid of the NodeAgentConfig object read last (a recreated object
+    /// has a new one, and an empty status to fill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_uid: Option<String>,
     pub apply_error: Option<String>,
     pub hooks: DatapathHooks,
     pub generation: u32,

@@ -104,6 +104,9 @@ pub async fn run(client: Client, node: String, shared: Shared) {
     let params = PatchParams::apply("flowlens-agent").force();
     let mut conditions = Vec::new();
     let mut last: Option<NodeAgentConfigStatus> = None;
+    // The object the last status went to: a recreated config has a new uid
+    // and an empty status, written again even if nothing else changed.
+    let mut last_uid: Option<String> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let snap = shared.read();
@@ -111,7 +114,7 @@ pub async fn run(client: Client, node: String, shared: Shared) {
             continue;
         }
         let status = status_of(&snap, &mut conditions, Timestamp::now());
-        if last.as_ref() == Some(&status) {
+        if last.as_ref() == Some(&status) && last_uid == snap.config_uid {
             continue;
         }
         let patch = serde_json::json!({
@@ -126,6 +129,7 @@ pub async fn run(client: Client, node: String, shared: Shared) {
             Ok(_) => {
                 debug!(revision = ?status.applied_revision, "status written");
                 last = Some(status);
+                last_uid = snap.config_uid.clone();
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => warn!(error = %e, "cannot write NodeAgentConfig status (will retry)"),
