@@ -208,8 +208,7 @@ fn source_check(ctx: &TcContext, src: &[u8; 16]) -> u32 {
     if same_addr(src, &pod.addrs.addr4) || same_addr(src, &pod.addrs.addr6) {
         return SOURCE_OWNED;
     }
-    let (hi, lo) = addr_words(src);
-    if (src[0] == 0xfe && src[1] & 0xc0 == 0x80) || (hi == 0 && lo == 0) {
+    if (src[0] == 0xfe && src[1] & 0xc0 == 0x80) || addr_words(src) == (0, 0) {
         return SOURCE_OWNED;
     }
     maps::suspect(SUSPECT_SPOOFED);
@@ -223,7 +222,7 @@ fn source_check(ctx: &TcContext, src: &[u8; 16]) -> u32 {
 /// An address as two words (word loads: the verifier and JIT prefer them to
 /// a byte loop).
 #[inline(always)]
-fn addr_words(a: &[u8; 16]) -> (u64, u64) {
+pub(crate) fn addr_words(a: &[u8; 16]) -> (u64, u64) {
     let p = a.as_ptr() as *const u64;
     unsafe {
         (

@@ -187,11 +187,7 @@ fn guess_role(p: &Packet, direction: u8, local_port: u16, remote_port: u16) -> u
 /// the unspecified address: where neighbour discovery is addressed.
 #[inline(always)]
 fn link_scoped(a: &[u8; 16]) -> bool {
-    if a[0] == 0xff || (a[0] == 0xfe && a[1] & 0xc0 == 0x80) {
-        return true;
-    }
-    let p = a.as_ptr() as *const u64;
-    unsafe { core::ptr::read_unaligned(p) == 0 && core::ptr::read_unaligned(p.add(1)) == 0 }
+    a[0] == 0xff || (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || crate::addr_words(a) == (0, 0)
 }
 
 /// Packs a [`Decision`] into a register-sized value (BPF-to-BPF calls

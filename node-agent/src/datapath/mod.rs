@@ -605,24 +605,7 @@ impl Datapath {
 
     /// Makes the cgroup table equal to `wanted` (cgroup id -> pod addresses).
     pub(crate) fn sync_cgroups(&mut self, wanted: &BTreeMap<u64, PodAddrs>) -> Result<()> {
-        let mut map: HashMap<&mut MapData, u64, PodAddrs> = typed(&mut self.ebpf, "FL_CGROUPS")?;
-        let current = match &self.cgroups {
-            Some(c) => c.clone(),
-            None => map.iter().filter_map(|r| r.ok()).collect(),
-        };
-        for (id, e) in wanted {
-            if current.get(id) != Some(e) {
-                map.insert(id, e, 0)
-                    .map_err(|e| DatapathError::map("FL_CGROUPS", e))?;
-            }
-        }
-        for id in current.keys() {
-            if !wanted.contains_key(id) {
-                let _ = map.remove(id);
-            }
-        }
-        self.cgroups = Some(wanted.clone());
-        Ok(())
+        sync_map(&mut self.ebpf, "FL_CGROUPS", &mut self.cgroups, wanted)
     }
 
     /// Makes the interface table (pod interface -> the addresses its pod
@@ -631,24 +614,12 @@ impl Datapath {
         &mut self,
         wanted: &BTreeMap<u32, PodInterface>,
     ) -> Result<()> {
-        let mut map: HashMap<&mut MapData, u32, PodInterface> = typed(&mut self.ebpf, "FL_IFACES")?;
-        let current = match &self.pod_interfaces {
-            Some(c) => c.clone(),
-            None => map.iter().filter_map(|r| r.ok()).collect(),
-        };
-        for (idx, e) in wanted {
-            if current.get(idx) != Some(e) {
-                map.insert(idx, e, 0)
-                    .map_err(|e| DatapathError::map("FL_IFACES", e))?;
-            }
-        }
-        for idx in current.keys() {
-            if !wanted.contains_key(idx) {
-                let _ = map.remove(idx);
-            }
-        }
-        self.pod_interfaces = Some(wanted.clone());
-        Ok(())
+        sync_map(
+            &mut self.ebpf,
+            "FL_IFACES",
+            &mut self.pod_interfaces,
+            wanted,
+        )
     }
 
     /// Makes the set of interfaces carrying the TC programs equal to `wanted`.
@@ -735,6 +706,38 @@ impl Datapath {
         }
         Ok(v)
     }
+}
+
+/// Makes the hash map `name` equal to `wanted`, writing only what differs
+/// from `last` (what this agent wrote; read from the map when unknown).
+fn sync_map<K, V>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    last: &mut Option<BTreeMap<K, V>>,
+    wanted: &BTreeMap<K, V>,
+) -> Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut map: HashMap<&mut MapData, K, V> = typed(ebpf, name)?;
+    let current = match last.take() {
+        Some(c) => c,
+        None => map.iter().filter_map(|r| r.ok()).collect(),
+    };
+    for (k, v) in wanted {
+        if current.get(k) != Some(v) {
+            map.insert(k, v, 0)
+                .map_err(|e| DatapathError::map(name, e))?;
+        }
+    }
+    for k in current.keys() {
+        if !wanted.contains_key(k) {
+            let _ = map.remove(k);
+        }
+    }
+    *last = Some(wanted.clone());
+    Ok(())
 }
 
 /// The epoch after `epoch` whose bit 0 is the generation `next` (epochs only
