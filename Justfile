@@ -40,6 +40,16 @@ fuzz seconds="300":
 # Every fuzz target for 30 s (part of `just test`).
 fuzz-smoke: (fuzz "30")
 
+# Print a merge patch of argocd-cm that installs the Argo CD health checks:
+# kubectl -n argocd patch configmap argocd-cm --type merge -p "$(just argocd-cm)"
+argocd-cm:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir={{justfile_directory()}}/deploy/argocd/resource_customizations/flowlens.dev
+    jq -n --rawfile observation "$dir/NetworkObservation/health.lua" --rawfile policy "$dir/FlowPolicy/health.lua" \
+        '{data: {"resource.customizations.health.flowlens.dev_NetworkObservation": $observation,
+                 "resource.customizations.health.flowlens.dev_FlowPolicy": $policy}}'
+
 # Start the local control plane (etcd + kube-apiserver) and install the CRDs.
 up:
     hack/local-cluster.sh up

@@ -40,8 +40,9 @@ api_service_ip=10.97.0.1
 dns_service_ip=10.97.0.10
 pod_cidr=10.244.0.0/24
 cluster_domain=cluster.local
-# Paths the node components create outside our own directories.
-system_paths=(/var/lib/cni /var/log/pods /var/log/containers)
+# Paths the node components (and Flowlens' hostPath spool) create outside
+# our own directories.
+system_paths=(/var/lib/cni /var/log/pods /var/log/containers /var/lib/flowlens)
 
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 export KUBECACHEDIR="$top/kubecache"

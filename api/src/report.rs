@@ -1,9 +1,10 @@
 //! What an agent reports to the operator (and prints with `flowlens-agent dump`).
 //!
 //! A report carries completed windows. A window *part* is identified by node,
-//! agent (one id per agent process), observation UID, window and part
-//! number, so resending it is harmless, and an agent restarted within a
-//! window reports a second part that the operator adds to the first. The agent keeps every part
+//! agent (one id per agent process, or per state directory), observation
+//! UID, window and part number, so resending it is harmless, and an agent
+//! restarted within a window reports a second part that the operator adds
+//! to the first. The agent keeps every part
 //! until the operator answers that its window is committed (written to status);
 //! the operator ignores parts of windows it has already committed.
 //!
@@ -26,7 +27,9 @@ use crate::{histogram::Histogram, network_observation::FlowEndpoint};
 #[serde(rename_all = "camelCase")]
 pub struct ReportBatch {
     pub node: String,
-    /// Identifies the agent process (changes on every start).
+    /// Identifies the agent: one per process, or, with a state directory,
+    /// kept across restarts (the successor reports what its predecessor's
+    /// spool held under the same id and part numbers).
     pub agent: String,
     /// Completed observation windows.
     #[serde(default)]
@@ -186,6 +189,12 @@ pub struct PolicyWindow {
     pub start: i64,
     pub window_seconds: u32,
     pub policies: Vec<PolicyMatches>,
+    /// Numbers the parts of one agent (the same counter as observation
+    /// windows' `part`): a resent part replaces itself; another part of the
+    /// same window (flushed by a stopping agent, or left in a killed
+    /// agent's spool) adds to it.
+    #[serde(default)]
+    pub part: u64,
 }
 
 impl PolicyWindow {

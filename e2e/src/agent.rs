@@ -123,6 +123,9 @@ impl Agent {
             n.cgroup.display().to_string(),
             "--token-file".to_owned(),
             token_file.display().to_string(),
+            // The node's spool: kept across restarts, as a hostPath is.
+            "--state-dir".to_owned(),
+            topo.state_dir(node).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Agent {

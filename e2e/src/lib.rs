@@ -5,6 +5,7 @@
 //! - [`topology`]: simulated nodes and pods (network namespaces, routed
 //!   veths, per-pod cgroups) and a delay line between zones.
 //! - [`agent`]: running a real `flowlens-agent` for a node and reading it back.
+//! - [`argocd`]: Argo CD's health checks of the Flowlens kinds, run in Lua.
 //! - [`kubectl`]: the real cluster (`just cluster`) as a user drives it.
 //! - [`process`]: child processes that die with the test.
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
@@ -15,6 +16,7 @@
 //! (echo server, ping-pong, connect loop, long-lived stream).
 
 pub mod agent;
+pub mod argocd;
 pub mod cluster;
 pub mod config;
 pub mod kubectl;

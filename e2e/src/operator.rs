@@ -20,11 +20,21 @@ pub struct Operator {
 
 /// A free TCP port on the loopback interface.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    // Below the kernel's ephemeral range (32768 and up by default), so an
+    // outgoing connection of a parallel test cannot take the port between
+    // this check and the server's bind.
+    const FIRST: u64 = 20_000;
+    const LAST: u64 = 32_000;
+    let random = RandomState::new();
+    for attempt in 0u64.. {
+        let port = (FIRST + random.hash_one(attempt) % (LAST - FIRST)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+        assert!(attempt < 1000, "no free port in {FIRST}..{LAST}");
+    }
+    unreachable!()
 }
 
 /// GET `path` from `addr` over plain HTTP/1.0; `(status, body)`.

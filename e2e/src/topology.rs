@@ -410,6 +410,13 @@ impl Topology {
         self.bpffs_base().join(&self.nodes[node].name)
     }
 
+    /// A node's agent spool (`--state-dir`): kept across agent restarts,
+    /// removed with the topology.
+    pub(crate) fn state_dir(&self, node: usize) -> PathBuf {
+        self.work_dir
+            .join(format!("{}-state", self.nodes[node].name))
+    }
+
     /// Adds a node: a network namespace that routes for its pods.
     pub fn add_node(&mut self, name: &str, zone: Option<&str>) -> usize {
         let index = self.nodes.len() as u8 + 1;
@@ -790,5 +797,8 @@ impl Drop for Topology {
             run_quiet("ip", &["link", "del", l]);
         }
         let _ = std::fs::remove_dir_all(self.bpffs_base());
+        for node in 0..self.nodes.len() {
+            let _ = std::fs::remove_dir_all(self.state_dir(node));
+        }
     }
 }

@@ -423,7 +423,7 @@ async fn an_invalid_edit_keeps_the_valid_spec_in_force_across_an_operator_restar
         rules_after, rules,
         "the node's rules are those of generation 1"
     );
-    let (status_before, status) = (before.status.unwrap(), after.status.unwrap());
+    let (status_before, status) = (before.status.unwrap(), after.status.clone().unwrap());
     assert_eq!(status.revision, status_before.revision);
     assert_eq!(status.in_force.map(|f| f.generation), Some(1));
     let ready = status
@@ -437,6 +437,10 @@ async fn an_invalid_edit_keeps_the_valid_spec_in_force_across_an_operator_restar
         "{}",
         ready.message
     );
+    // Argo CD shows it Degraded, with the operator's message.
+    let argo = flowlens_e2e::argocd::health(&serde_json::to_value(&after).unwrap()).unwrap();
+    assert_eq!(argo.status, "Degraded");
+    assert_eq!(argo.message, ready.message);
     drop(op);
     t.cleanup().await;
 }

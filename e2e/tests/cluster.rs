@@ -369,6 +369,24 @@ spec:
     (ns, web, db_ip)
 }
 
+/// The blocked connections web-no-db's status counts once it counts at
+/// least `attempts` (90 s at most).
+async fn blocked_in_status(ns: &str, attempts: u64) -> u64 {
+    let policies = Api::<FlowPolicy>::namespaced(client().await.unwrap(), ns);
+    eventually(
+        Duration::from_secs(90),
+        &format!("{attempts} blocked attempts in status"),
+        || {
+            let p = policies.clone();
+            async move {
+                let b = p.get("web-no-db").await.ok()?.status?.blocked?;
+                (b.connections >= attempts).then_some(b.connections)
+            }
+        },
+    )
+    .await
+}
+
 /// For `secs` seconds: a connect to db:5432 every 10 ms and one allowed
 /// iperf3 stream to db:5201. Prints `attempts succeeded iperf3_exit_code`.
 fn retry_and_stream_script(db_ip: &str, secs: u32) -> String {
@@ -422,6 +440,74 @@ async fn a_rolling_update_of_the_agents_lets_no_blocked_connection_through() {
         "blocked connections got through during the rollout"
     );
     assert_eq!(stream_rc, 0, "the allowed long-lived stream was reset");
+    // Each agent hands its drained counts to its successor through the
+    // node's spool: every refused attempt is in status, once.
+    let counted = blocked_in_status(&ns.name, attempts).await;
+    println!("status counts {counted} blocked connects; the client made {attempts}");
+    assert_eq!(counted, attempts, "blocked attempts lost or counted twice");
+}
+
+/// The restart count of the agent pods' container, summed.
+fn agent_restarts() -> u64 {
+    kubectl(&[
+        "-n",
+        "flowlens-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=flowlens-agent",
+        "-o",
+        "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+    ])
+    .unwrap()
+    .split_whitespace()
+    .map(|n| n.parse::<u64>().unwrap())
+    .sum()
+}
+
+/// `kill -9` of the agent process on the node (a crash: no shutdown, no
+/// last report); the kubelet restarts the container and the successor
+/// reports what its predecessor drained, from the node's spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_kill_9_lets_no_blocked_connection_through_and_loses_no_count() {
+    require_cluster();
+    let (ns, web, db_ip) = blocked_web_and_db("fl-kill").await;
+    let restarts = agent_restarts();
+    let (ns_name, web_pod, script) = (
+        ns.name.clone(),
+        web.clone(),
+        retry_and_stream_script(&db_ip, 30),
+    );
+    let load = std::thread::spawn(move || exec(&ns_name, &web_pod, &["bash", "-c", &script]));
+    std::thread::sleep(Duration::from_secs(8));
+    // The cluster's node is this machine: its agent is a process here.
+    let killed = std::process::Command::new("pkill")
+        .args(["-9", "-x", "flowlens-agent"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no flowlens-agent process to kill");
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "the kubelet restarted the agent",
+        || (agent_restarts() > restarts).then_some(()),
+    );
+    rollout_status("flowlens-system", "ds/flowlens-agent").unwrap();
+    let back = started.elapsed();
+    let (attempts, through, stream_rc) = parse_three(&load.join().unwrap().unwrap());
+    println!(
+        "agent kill -9: back and ready after {back:?}; {attempts} blocked attempts every 10 ms, {through} got through; allowed stream exit {stream_rc}"
+    );
+    assert!(attempts > 500, "the retry loop ran ({attempts} attempts)");
+    assert_eq!(
+        through, 0,
+        "blocked connections got through across the kill"
+    );
+    assert_eq!(stream_rc, 0, "the allowed long-lived stream was reset");
+    let counted = blocked_in_status(&ns.name, attempts).await;
+    println!("agent kill -9: status counts {counted} blocked connects; the client made {attempts}");
+    assert_eq!(counted, attempts, "blocked attempts lost or counted twice");
 }
 
 fn lease_holder() -> String {

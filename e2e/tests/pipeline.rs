@@ -72,6 +72,22 @@ async fn wait_ready(sim: &SimCluster, name: &str) {
     )
     .await
     .unwrap();
+    let obj = Api::<NetworkObservation>::all(sim.client.clone())
+        .get(name)
+        .await
+        .unwrap();
+    assert_argo_healthy(&obj);
+}
+
+/// Argo CD's health check calls a Ready observation or an Enforced policy
+/// (as the API server serves it) Healthy.
+fn assert_argo_healthy(obj: &impl serde::Serialize) {
+    let obj = serde_json::to_value(obj).unwrap();
+    let health = flowlens_e2e::argocd::health(&obj).unwrap();
+    assert_eq!(
+        health.status, "Healthy",
+        "Argo CD health of {obj}: {health:?}"
+    );
 }
 
 /// Waits (30 s at most) until policy `ns/name` is Enforced.
@@ -88,6 +104,11 @@ async fn wait_enforced(sim: &SimCluster, ns: &str, name: &str) {
     )
     .await
     .unwrap();
+    let obj = Api::<FlowPolicy>::namespaced(sim.client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    assert_argo_healthy(&obj);
 }
 
 /// Waits until status shows a window that started at or after `t` (so
@@ -434,6 +455,20 @@ struct TwoNodes {
     db: usize,
 }
 
+/// FlowPolicy `deny-db` in `shop`: web pods may not connect to db:5432.
+async fn deny_web_to_db(sim: &SimCluster, shop: &str) {
+    sim.objects
+        .policy(
+            shop,
+            "deny-db",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
+                               "ports": [{"port": 5432}]}]}),
+        )
+        .await
+        .unwrap();
+}
+
 async fn two_nodes(prefix: &str) -> TwoNodes {
     require_root();
     let run = unique_name(prefix);
@@ -482,16 +517,7 @@ async fn policies_block_audit_and_count_in_status() {
         .add_pod(1, &other, "ext-1", &[("app", "ext")], Some("ext"))
         .await
         .unwrap();
-    sim.objects
-        .policy(
-            &shop,
-            "deny-db",
-            json!({"podSelector": {"matchLabels": {"app": "web"}},
-                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
-                               "ports": [{"port": 5432}]}]}),
-        )
-        .await
-        .unwrap();
+    deny_web_to_db(&sim, &shop).await;
     sim.objects
         .policy(
             &shop,
@@ -653,16 +679,7 @@ async fn a_deleted_node_config_lifts_no_block() {
         db,
         ..
     } = two_nodes("e2e-nacdel").await;
-    sim.objects
-        .policy(
-            &shop,
-            "deny-db",
-            json!({"podSelector": {"matchLabels": {"app": "web"}},
-                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
-                               "ports": [{"port": 5432}]}]}),
-        )
-        .await
-        .unwrap();
+    deny_web_to_db(&sim, &shop).await;
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
     wait_enforced(&sim, &shop, "deny-db").await;
@@ -706,20 +723,37 @@ async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
         .observation(&run, json!({"namespaces": [shop], "window": "5s"}))
         .await
         .unwrap();
+    deny_web_to_db(&sim, &shop).await;
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
     wait_ready(&sim, &run).await;
+    wait_enforced(&sim, &shop, "deny-db").await;
     let base = observation(&sim, &run).await.total.unwrap_or_default();
 
     // 24 s of iperf3 at 40 Mbit/s; the operator is killed (SIGKILL) after
     // 6 s and comes back 8 s later: agents hold their windows meanwhile.
     let db_ip = sim.topo.pods[db].ip4.to_string();
     let transfer = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 24, "40M");
+    let _db = echo_server(&sim.topo, db, 5432);
+    let blocked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &["--duration-ms", "24000", "--interval-ms", "10"],
+    );
     tokio::time::sleep(Duration::from_secs(6)).await;
     sim.operator.as_mut().unwrap().proc.kill9();
     tokio::time::sleep(Duration::from_secs(8)).await;
     sim.start_operator(&[]);
     let sent = transfer.join().unwrap();
+    let blocked = blocked.join().unwrap();
+    let denied = blocked["denied"].as_u64().unwrap();
+    assert_eq!(
+        blocked["successes"], 0,
+        "a blocked connect got through: {blocked}"
+    );
+    assert!(denied > 1000, "{blocked}");
     let end = now_s();
     let s = status_after(&sim, &run, end + 1).await;
     let t = s.total.unwrap_or_default();
@@ -735,10 +769,141 @@ async fn an_operator_restart_loses_no_window_and_counts_none_twice() {
         "across an operator restart: {payload} counted vs {expected} sent ({:+.3}%)",
         pct(payload, expected)
     );
+    let counted = poll(
+        Duration::from_secs(60),
+        "every blocked attempt in status",
+        || async {
+            let b = policy(&sim, &shop, "deny-db").await.blocked?.connections;
+            (b >= denied).then_some(b)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the client saw {denied} refused connects"));
+    println!("restart: status counts {counted} blocked connects; the client saw {denied} refused");
+    assert_eq!(counted, denied, "blocked attempts lost or counted twice");
     let late = sim
         .operator()
         .metric_sum("flowlens_operator_report_parts_total", "late");
     assert_eq!(late, 0.0, "no part arrived after its window was final");
+    sim.shutdown().await.unwrap();
+}
+
+/// `kill -9` of the agent (twice, restarted 2 s later each time) under
+/// traffic and a blocked-connect loop: nothing gets through, every blocked
+/// attempt is counted in status once, and the observation holds what the
+/// interface carried. Counts drained but not yet committed live in the
+/// agent's spool (`--state-dir`); the successor reports them under the same
+/// agent id and part numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_kill_9_loses_no_count_and_counts_none_twice() {
+    let TwoNodes {
+        mut sim,
+        run,
+        shop,
+        web,
+        db,
+        ..
+    } = two_nodes("e2e-akill").await;
+    sim.objects
+        .observation(
+            &run,
+            json!({"namespaces": [shop], "groupBy": ["pod"], "window": "5s"}),
+        )
+        .await
+        .unwrap();
+    deny_web_to_db(&sim, &shop).await;
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+    wait_ready(&sim, &run).await;
+    let out = sim
+        .topo
+        .pod_output(web, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"]);
+    assert!(out.status.success(), "ethtool: {out:?}");
+    let base = status_after(&sim, &run, now_s())
+        .await
+        .total
+        .unwrap_or_default();
+    let blocked_base = policy(&sim, &shop, "deny-db")
+        .await
+        .blocked
+        .map(|b| b.connections)
+        .unwrap_or(0);
+    let c0 = pod_ip_traffic(&sim, web);
+
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let _db = echo_server(&sim.topo, db, 5432);
+    let traffic = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 26, "40M");
+    let blocked = spawn_traffic(
+        &sim.topo,
+        web,
+        "connect-loop",
+        &format!("{db_ip}:5432"),
+        &["--duration-ms", "26000", "--interval-ms", "10"],
+    );
+    // Two kills at different points of the 10 s policy window and the 5 s
+    // observation window.
+    for wait in [7_300, 6_100] {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let agent = sim.agents[0].as_mut().unwrap();
+        agent.kill9();
+        println!("agent kill -9 at {} (unix s)", now_s());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        agent.restart(&sim.topo);
+    }
+    let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap())
+        .await
+        .unwrap();
+    let blocked = tokio::task::spawn_blocking(move || blocked.join().unwrap())
+        .await
+        .unwrap();
+    let end = now_s();
+    let c1 = pod_ip_traffic(&sim, web);
+    let denied = blocked["denied"].as_u64().unwrap();
+    println!("agent kill -9: iperf3 {sent:?}; blocked loop {blocked}");
+    assert_eq!(
+        blocked["successes"], 0,
+        "a blocked connect got through: {blocked}"
+    );
+    assert!(denied > 1000, "{blocked}");
+
+    let counted = poll(
+        Duration::from_secs(60),
+        "every blocked attempt in status",
+        || async {
+            let b = policy(&sim, &shop, "deny-db").await.blocked?.connections - blocked_base;
+            (b >= denied).then_some(b)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let s = futures::executor::block_on(policy(&sim, &shop, "deny-db"));
+        panic!(
+            "{e}: the client saw {denied} refused connects; status {:?}",
+            s.blocked
+        )
+    });
+    let s = status_after(&sim, &run, end + 1).await;
+    let total = s.total.unwrap_or_default();
+    let (bytes, carried) = (total.bytes - base.bytes, c1.0 - c0.0);
+    let off = pct(bytes, carried);
+    println!(
+        "agent kill -9: status counts {counted} blocked connects (the client saw {denied} refused); observation {bytes} bytes, web's interface {carried} ({off:+.3}%)"
+    );
+    // Settle: a late part would show up as more.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let again = policy(&sim, &shop, "deny-db")
+        .await
+        .blocked
+        .unwrap()
+        .connections
+        - blocked_base;
+    assert_eq!(counted, denied, "blocked attempts lost or counted twice");
+    assert_eq!(again, denied, "blocked attempts counted twice later");
+    assert!(
+        off.abs() <= 0.5,
+        "status holds what the interface carried across the kills: {off:+.3}%"
+    );
     sim.shutdown().await.unwrap();
 }
 
@@ -1375,16 +1540,7 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
         )
         .await
         .unwrap();
-    sim.objects
-        .policy(
-            &shop,
-            "deny-db",
-            json!({"podSelector": {"matchLabels": {"app": "web"}},
-                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
-                               "ports": [{"port": 5432}]}]}),
-        )
-        .await
-        .unwrap();
+    deny_web_to_db(&sim, &shop).await;
     sim.start_operator(&[]);
     sim.start_agents().await.unwrap();
     wait_enforced(&sim, &shop, "deny-db").await;
@@ -1403,19 +1559,25 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
 
     let db_ip = sim.topo.pods[db].ip4.to_string();
     let _db = echo_server(&sim.topo, db, 5432);
-    let traffic = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 100, "100M");
+    let blocked_base = policy(&sim, &shop, "deny-db")
+        .await
+        .blocked
+        .map(|b| b.connections)
+        .unwrap_or(0);
+    // A 2-minute outage in the middle of 160 s of traffic.
+    let traffic = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 160, "100M");
     let blocked = spawn_traffic(
         &sim.topo,
         web,
         "connect-loop",
         &format!("{db_ip}:5432"),
-        &["--duration-ms", "100000", "--interval-ms", "100"],
+        &["--duration-ms", "160000", "--interval-ms", "100"],
     );
     tokio::time::sleep(Duration::from_secs(20)).await;
     kill_api_server();
     let down = Instant::now();
     println!("outage: kube-apiserver killed");
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
     // The operator says its view may be stale, and stays ready (agents'
     // reports reach only ready pods).
     let (code, body) = flowlens_e2e::operator::http_get(sim.operator().metrics, "/readyz").unwrap();
@@ -1427,7 +1589,7 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
             .metric_sum("flowlens_operator_watch_stale", "")
             >= 1.0
     );
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
     tokio::task::spawn_blocking(start_api_server).await.unwrap();
     let back = Instant::now();
     let at_return = pod_ip_traffic(&sim, web);
@@ -1479,7 +1641,20 @@ async fn an_api_server_outage_loses_no_traffic_and_lifts_no_block() {
         "status holds what the interfaces carried: {off:+.3}%"
     );
     assert_eq!(blocked["successes"], 0, "the block held: {blocked}");
-    assert!(blocked["denied"].as_u64().unwrap() > 500, "{blocked}");
+    let denied = blocked["denied"].as_u64().unwrap();
+    assert!(denied > 1000, "{blocked}");
+    let counted = poll(
+        Duration::from_secs(60),
+        "every blocked attempt in status",
+        || async {
+            let b = policy(&sim, &shop, "deny-db").await.blocked?.connections - blocked_base;
+            (b >= denied).then_some(b)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the client saw {denied} refused connects"));
+    println!("outage: status counts {counted} blocked connects; the client saw {denied} refused");
+    assert_eq!(counted, denied, "blocked attempts lost or counted twice");
     let stale = sim
         .operator()
         .metric_sum("flowlens_operator_watch_stale", "");

@@ -2,8 +2,9 @@
 //!
 //! It applies configs as they arrive, keeps pod interfaces and cgroups in
 //! sync, drains the kernel tables at window boundaries (so between drains the
-//! live counts sit in pinned kernel maps and survive an agent crash), and
-//! publishes windows, a snapshot and metrics.
+//! live counts sit in pinned kernel maps and survive an agent crash),
+//! commits what it drained to the spool (so that drained counts survive a
+//! crash too; see `spool.rs`) and publishes windows, a snapshot and metrics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,6 +35,8 @@ use crate::{
     },
     in_force, interfaces,
     metrics::{DirectionLabels, Metrics, PolicyLabels, ReasonLabels, ResultLabels, TableLabels},
+    report::Outbox,
+    spool::{SPOOL_VERSION, Spool, SpoolState, SpooledPart},
     state::{Problem, Shared},
     tables::{self, Tables},
 };
@@ -61,11 +64,17 @@ pub struct Preview {
     pub policies: Vec<PolicyMatches>,
 }
 
-/// Windows ready to be reported.
-#[derive(Debug, Default)]
-pub struct Completed {
-    pub windows: Vec<ObservationWindow>,
-    pub policies: Vec<PolicyWindow>,
+/// Where completed windows go when the agent reports to a collector.
+pub struct Reporting {
+    /// The agent id parts are reported under.
+    pub agent: String,
+    pub outbox: Outbox,
+    /// Woken when windows are added; dropped when the loop stops.
+    pub wake: tokio::sync::mpsc::UnboundedSender<()>,
+    /// With `--state-dir`: drained counts survive a crash.
+    pub spool: Option<Spool>,
+    /// The last part number a predecessor (the spool) may have used.
+    pub last_part: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -113,7 +122,8 @@ pub struct ControlLoop {
     attached: BTreeMap<Interface, TcLinks>,
     shared: Shared,
     metrics: Arc<Metrics>,
-    completed: tokio::sync::mpsc::UnboundedSender<Completed>,
+    /// None: standalone without a collector (windows only in `dump`).
+    reporting: Option<Reporting>,
     last_kernel: crate::datapath::KernelCounters,
     last_agg_stats: crate::aggregate::AggregatorStats,
     last_drops: BTreeMap<String, u64>,
@@ -132,7 +142,7 @@ impl ControlLoop {
         mut datapath: Datapath,
         shared: Shared,
         metrics: Arc<Metrics>,
-        completed: tokio::sync::mpsc::UnboundedSender<Completed>,
+        reporting: Option<Reporting>,
     ) -> Self {
         let now = now_ms();
         let last_kernel = datapath.counters().unwrap_or_default();
@@ -141,8 +151,12 @@ impl ControlLoop {
             s.node = opts.node.clone();
             s.hooks = datapath.hooks().clone();
         });
+        let mut agg = Aggregator::new(now);
+        if let Some(r) = &reporting {
+            agg.continue_parts_after(r.last_part);
+        }
         ControlLoop {
-            agg: Aggregator::new(now),
+            agg,
             opts,
             datapath,
             spec: None,
@@ -150,7 +164,7 @@ impl ControlLoop {
             attached: BTreeMap::new(),
             shared,
             metrics,
-            completed,
+            reporting,
             last_kernel,
             last_agg_stats: Default::default(),
             last_drops,
@@ -575,6 +589,16 @@ impl ControlLoop {
 
     fn drain(&mut self, now: i64) {
         let started = Instant::now();
+        if let Some(left) = self.datapath.take_leftovers() {
+            // A predecessor drained these and committed them nowhere. Into
+            // the open windows (not closing any: the live tables' records
+            // belong there too), and into the spool before the drain below
+            // empties the tables they are in.
+            self.observe(&left);
+            self.agg.ingest(&left, now);
+            self.aggregator_state();
+            self.hand_over(Vec::new(), Vec::new(), now);
+        }
         let drained = match self.datapath.drain() {
             Ok(d) => d,
             Err(e) => {
@@ -587,11 +611,7 @@ impl ControlLoop {
         self.metrics
             .drain_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.observe(&drained);
-        self.agg.ingest(&drained, now);
-        self.aggregator_state();
-        let (windows, policies) = self.agg.close_due(now);
-        self.publish(windows, policies);
+        self.count(&drained, now);
         self.schedule_flow_drain(now);
         let kernel = self.datapath.counters().unwrap_or_default();
         self.shared.update(|s| {
@@ -599,6 +619,15 @@ impl ControlLoop {
             s.kernel.last_drain_micros = started.elapsed().as_micros() as u64;
         });
         self.kernel_state(kernel);
+    }
+
+    /// Drained records into windows; closed windows out (spooled first).
+    fn count(&mut self, drained: &Drained, now: i64) {
+        self.observe(drained);
+        self.agg.ingest(drained, now);
+        self.aggregator_state();
+        let (windows, policies) = self.agg.close_due(now);
+        self.publish(windows, policies, now);
     }
 
     /// What the aggregator's bounds could not keep, into the metrics.
@@ -770,7 +799,7 @@ impl ControlLoop {
         }
     }
 
-    fn publish(&mut self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>) {
+    fn publish(&mut self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>, now: i64) {
         for pw in &policies {
             for m in &pw.policies {
                 for (verdict, x) in [("blocked", m.blocked), ("audited", m.audited)] {
@@ -810,9 +839,86 @@ impl ControlLoop {
             s.history.drain(..excess);
             s.policy_totals = totals;
         });
-        if !windows.is_empty() || !policies.is_empty() {
-            let _ = self.completed.send(Completed { windows, policies });
+        self.hand_over(windows, policies, now);
+    }
+
+    /// Commits what was drained to the spool (closed windows, open windows
+    /// as parts, the spare tables holding the records), then hands closed
+    /// windows to the reporter. In that order: a part the operator has
+    /// must be in the spool, or a successor could count it again.
+    fn hand_over(
+        &mut self,
+        windows: Vec<ObservationWindow>,
+        policies: Vec<PolicyWindow>,
+        now: i64,
+    ) {
+        let Some(r) = self.reporting.as_mut() else {
+            // Windows stay in `dump` only; the spare tables are emptied now
+            // (a successor would count them again).
+            if let Err(e) = self.datapath.clear_spares() {
+                error!(error = %e, "cannot empty the spare kernel tables");
+            }
+            return;
+        };
+        let mut spooled = false;
+        if let Some(spool) = r.spool.as_mut() {
+            let committed = match self.datapath.spare_ids() {
+                Ok(drained_maps) => {
+                    let (open_windows, open_policies) = self.agg.spool_open_parts(now);
+                    let new: Vec<SpooledPart> = windows
+                        .iter()
+                        .cloned()
+                        .map(SpooledPart::Observation)
+                        .chain(policies.iter().cloned().map(SpooledPart::Policy))
+                        .collect();
+                    let mut closed: Vec<u64> = r.outbox.lock().uncommitted_parts().collect();
+                    closed.extend(new.iter().map(SpooledPart::part));
+                    let state = SpoolState {
+                        version: SPOOL_VERSION,
+                        agent: r.agent.clone(),
+                        next_part: self.agg.last_part(),
+                        drained_maps,
+                        open_windows,
+                        open_policies,
+                        closed,
+                    };
+                    spool.commit(&state, &new).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match committed {
+                Ok(()) => spooled = true,
+                Err(e) => {
+                    // A stale state would count again what is reported
+                    // from now on: it goes, and the agent goes on without.
+                    let removed = spool.abandon();
+                    error!(error = %e, state_removed = ?removed, "cannot write the spool: going on without it (counts drained but not committed are lost if the agent dies); check the --state-dir volume");
+                    self.metrics.spool_failures.inc();
+                    r.spool = None;
+                }
+            }
         }
+        if !spooled {
+            // Nothing vouches for the spare tables' records: empty them
+            // now, or a successor would count them again.
+            if let Err(e) = self.datapath.clear_spares() {
+                error!(error = %e, "cannot empty the spare kernel tables");
+            }
+        }
+        if windows.is_empty() && policies.is_empty() {
+            return;
+        }
+        let dropped = {
+            let mut outbox = r.outbox.lock();
+            let dropped = outbox.push(windows, policies);
+            self.metrics.report_buffer.set(outbox.len() as i64);
+            dropped
+        };
+        if dropped > 0 {
+            self.metrics.windows_dropped.inc_by(dropped as u64);
+            warn!(dropped, "report buffer full: dropped the oldest windows");
+        }
+        let _ = r.wake.send(());
     }
 
     fn preview(&mut self) -> Preview {
@@ -841,7 +947,12 @@ impl ControlLoop {
             return;
         }
         let now = now_ms();
+        if let Some(left) = self.datapath.take_leftovers() {
+            self.observe(&left);
+            self.agg.ingest(&left, now);
+        }
         if let Ok(d) = self.datapath.drain() {
+            self.observe(&d);
             self.agg.ingest(&d, now);
         }
         let (windows, policies) = self.agg.flush(now);
@@ -849,6 +960,6 @@ impl ControlLoop {
             windows = windows.len(),
             "flushing open windows as incomplete parts"
         );
-        self.publish(windows, policies);
+        self.publish(windows, policies, now);
     }
 }

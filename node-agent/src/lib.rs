@@ -20,6 +20,7 @@ mod in_force;
 mod interfaces;
 pub mod metrics;
 pub mod report;
+pub mod spool;
 pub mod state;
 pub mod status;
 mod tables;

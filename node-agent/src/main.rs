@@ -13,11 +13,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowlens_agent::{
     cgroups, config_source,
-    control::{Completed, ControlLoop, ControlOptions, Event},
+    control::{ControlLoop, ControlOptions, Event, Reporting},
     datapath::{self, Datapath, DatapathOptions, RttHook, pins},
     dump, http,
     metrics::Metrics,
     report,
+    spool::{Restored, Spool},
     state::Shared,
     status,
 };
@@ -39,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a running agent's current windows, RTT percentiles and block counters.
     Dump {
         /// The agent's HTTP address.
@@ -56,6 +57,9 @@ enum Command {
     Cleanup {
         #[arg(long, default_value = pins::DEFAULT_ROOT)]
         bpffs_root: PathBuf,
+        /// The agent's spool (`run --state-dir`), removed too.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Then wait until terminated (the uninstall DaemonSet's pods stay
         /// Ready so that `kubectl rollout status` says every node is clean).
         #[arg(long)]
@@ -132,6 +136,13 @@ struct RunArgs {
     )]
     token_file: PathBuf,
 
+    /// A node-local directory (a hostPath in the DaemonSet) where the agent
+    /// keeps what it drained from the kernel until the operator commits it:
+    /// a successor after a crash reports it, exactly once. Without it, what
+    /// was drained but not committed dies with the agent.
+    #[arg(long, env = "FLOWLENS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -165,9 +176,21 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Cleanup { bpffs_root, wait }) => {
+        Some(Command::Cleanup {
+            bpffs_root,
+            state_dir,
+            wait,
+        }) => {
             let n = datapath::remove_pins(&bpffs_root).context("removing pins")?;
             println!("removed {n} pinned objects under {}", bpffs_root.display());
+            if let Some(dir) = state_dir {
+                match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("removing {}", dir.display()));
+                    }
+                    _ => println!("removed the spool {}", dir.display()),
+                }
+            }
             if wait {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -176,7 +199,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Run(args)) => run(args),
+        Some(Command::Run(args)) => run(*args),
         None => run(cli.run),
     }
 }
@@ -203,12 +226,32 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rtt_sample_interval: Duration::from_millis(args.rtt_sample_interval_ms),
     };
     info!(node = %node, bpffs_root = %args.bpffs_root.display(), cgroup_root = ?cgroup_root, "starting flowlens-agent {}", env!("CARGO_PKG_VERSION"));
-    let datapath = Datapath::open(&dp_opts).context("opening the eBPF datapath")?;
+    let reports = args.config_file.is_none() || args.collector_url.is_some();
+    let (spool, restored) = if reports {
+        open_spool(args.state_dir.as_deref())
+    } else {
+        (None, None)
+    };
+    let spooled = restored
+        .as_ref()
+        .map(|r| r.drained_maps.clone())
+        .unwrap_or_default();
+    let datapath = Datapath::open(&dp_opts, &spooled).context("opening the eBPF datapath")?;
 
     let shared = Shared::default();
     let metrics = Arc::new(Metrics::new());
     let (events_tx, events_rx) = std::sync::mpsc::channel();
-    let (completed_tx, completed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = restored
+        .as_ref()
+        .map(|r| r.agent.clone())
+        .unwrap_or_else(report::new_agent_id);
+    let outbox = report::Outbox::default();
+    let last_part = restored.as_ref().map_or(0, |r| r.next_part);
+    if let Some(r) = restored {
+        info!(agent = %r.agent, windows = r.windows.len(), policy_windows = r.policies.len(), "reporting what the previous agent's spool held");
+        outbox.restore(r.windows, r.policies);
+    }
     let control = ControlLoop::new(
         ControlOptions {
             node: node.clone(),
@@ -220,7 +263,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath,
         shared.clone(),
         metrics.clone(),
-        completed_tx,
+        reports.then(|| Reporting {
+            agent: agent.clone(),
+            outbox: outbox.clone(),
+            wake: wake_tx,
+            spool,
+            last_part,
+        }),
     );
     let control_thread = std::thread::Builder::new()
         .name("control".into())
@@ -233,12 +282,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let router = http::router(shared.clone(), metrics.clone(), events_tx.clone());
         spawn_http_server(args.http_addr, router);
-        let client = start_config_source(&args, &node, &shared, &events_tx).await?;
+        start_config_source(&args, &node, &shared, &events_tx).await?;
         let reporter_task = spawn_reporter(
             &args,
             &node,
-            client.is_some(),
-            completed_rx,
+            reports.then_some((agent, outbox)),
+            wake_rx,
             shared.clone(),
             metrics.clone(),
         );
@@ -293,17 +342,16 @@ fn spawn_http_server(addr: SocketAddr, router: axum::Router) {
 }
 
 /// Feeds the control loop its config: from `--config-file`, or from the
-/// API server (then also publishes the node's status); returns the API
-/// client when there is one.
+/// API server (then also publishes the node's status).
 async fn start_config_source(
     args: &RunArgs,
     node: &str,
     shared: &Shared,
     events_tx: &std::sync::mpsc::Sender<Event>,
-) -> anyhow::Result<Option<kube::Client>> {
+) -> anyhow::Result<()> {
     if let Some(path) = &args.config_file {
         config_source::watch_file(path.clone(), events_tx.clone());
-        return Ok(None);
+        return Ok(());
     }
     let client = kube::Client::try_default()
         .await
@@ -313,33 +361,68 @@ async fn start_config_source(
         node.to_owned(),
         events_tx.clone(),
     ));
-    tokio::spawn(status::run(client.clone(), node.to_owned(), shared.clone()));
-    Ok(Some(client))
+    tokio::spawn(status::run(client, node.to_owned(), shared.clone()));
+    Ok(())
+}
+
+/// Opens the spool in `dir` and adopts what a predecessor left there.
+/// Without a spool (none asked for, or it cannot be used), the agent
+/// reports as before, and says what that costs.
+fn open_spool(dir: Option<&std::path::Path>) -> (Option<Spool>, Option<Restored>) {
+    let Some(dir) = dir else {
+        return (None, None);
+    };
+    let (mut spool, restored) = match Spool::open(dir) {
+        Ok((spool, restored, warning)) => {
+            if let Some(w) = warning {
+                warn!("{w}");
+            }
+            (spool, restored)
+        }
+        Err(e) => {
+            error!(error = %e, "cannot open the spool: going on without it (counts drained but not committed are lost if the agent dies); check the --state-dir volume");
+            return (None, None);
+        }
+    };
+    if let Some(r) = &restored
+        && let Err(e) = spool.adopt(r)
+    {
+        // Its parts are still reported (below); the tables it names are
+        // emptied by the first drain as planned.
+        error!(error = %e, "cannot write the spool: going on without it");
+        let _ = spool.abandon();
+        return (None, restored);
+    }
+    (Some(spool), restored)
 }
 
 /// Sends completed windows to the operator. Standalone without a
-/// collector, windows are served by /debug/window (and `dump`) only, and
-/// completed ones are discarded.
+/// collector, windows are served by /debug/window (and `dump`) only.
 fn spawn_reporter(
     args: &RunArgs,
     node: &str,
-    from_api_server: bool,
-    completed_rx: tokio::sync::mpsc::UnboundedReceiver<Completed>,
+    reporting: Option<(String, report::Outbox)>,
+    wake_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
     shared: Shared,
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
-    if from_api_server || args.collector_url.is_some() {
-        let reporter = report::Reporter::new(report::ReporterOptions {
-            node: node.to_owned(),
-            collector_url: args.collector_url.clone(),
-            token_file: args.token_file.clone(),
-        });
-        tokio::spawn(reporter.run(completed_rx, shared, metrics))
-    } else {
-        tokio::spawn(async move {
-            let mut rx = completed_rx;
+    match reporting {
+        Some((agent, outbox)) => {
+            let reporter = report::Reporter::new(
+                report::ReporterOptions {
+                    node: node.to_owned(),
+                    collector_url: args.collector_url.clone(),
+                    token_file: args.token_file.clone(),
+                },
+                agent,
+                outbox,
+            );
+            tokio::spawn(reporter.run(wake_rx, shared, metrics))
+        }
+        None => tokio::spawn(async move {
+            let mut rx = wake_rx;
             while rx.recv().await.is_some() {}
-        })
+        }),
     }
 }
 

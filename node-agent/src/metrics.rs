@@ -70,6 +70,8 @@ pub struct Metrics {
     pub(crate) reports: Family<ResultLabels, Counter>,
     /// Windows waiting to be sent or committed.
     pub(crate) report_buffer: Gauge,
+    /// Spool commits that failed (the agent then goes on without it).
+    pub(crate) spool_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +114,7 @@ impl Metrics {
             windows_dropped: Counter::default(),
             reports: Family::default(),
             report_buffer: Gauge::default(),
+            spool_failures: Counter::default(),
             registry: Registry::default(),
         };
         // In this order: the exposition lists metrics as registered.
@@ -255,6 +258,11 @@ impl Metrics {
             "report_buffer_windows",
             "Completed windows held until the operator commits them",
             self.report_buffer.clone(),
+        );
+        registry.register(
+            "spool_failures",
+            "Spool writes that failed (the agent then reports without one: counts drained but not committed are lost if it dies)",
+            self.spool_failures.clone(),
         );
     }
 

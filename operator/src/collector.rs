@@ -454,7 +454,7 @@ fn refusal(ctx: &Context, collector: &Collector, node: &str, r: &Refused, now: i
 }
 
 /// A part refused by a book: its node already has parts of the window from
-/// too many agent processes. `window`: which window, for the log.
+/// too many agent processes or parts. `window`: which window, for the log.
 fn too_many_agents(
     ctx: &Context,
     collector: &Collector,
@@ -467,8 +467,9 @@ fn too_many_agents(
         reason: Refusal::TooManyAgents,
         field: "agent".into(),
         detail: format!(
-            "agent {agent} would be the {}th agent process of node {node} in window {window}",
-            crate::collect::admission::MAX_AGENTS_PER_WINDOW + 1
+            "a part from agent {agent} would exceed node {node}'s {} agent processes or {} parts in window {window}",
+            crate::collect::admission::MAX_AGENTS_PER_WINDOW,
+            crate::collect::admission::MAX_PARTS_PER_WINDOW
         ),
     };
     refusal(ctx, collector, node, &r, now);

@@ -206,7 +206,8 @@ pub(crate) struct Aggregator {
     policy: BTreeMap<(String, String), PolicyMatches>,
     generation_tables: [Option<Arc<Tables>>; 2],
     closed: Vec<ObservationWindow>,
-    /// Parts completed so far (numbers them).
+    /// The last part number used (observation and policy parts share the
+    /// counter; a successor continues from its predecessor's spool).
     parts: u64,
     /// Service id -> `namespace/name`, of this config and the one before
     /// (a connection translated just before a change still drains after it).
@@ -543,6 +544,7 @@ impl Aggregator {
                     start: self.policy_start,
                     window_seconds: POLICY_WINDOW_SECONDS,
                     policies: matches,
+                    part: self.next_part(),
                 });
             }
             self.policy_start = window_start(now_ms, POLICY_WINDOW_SECONDS);
@@ -611,9 +613,56 @@ impl Aggregator {
                 start: self.policy_start,
                 window_seconds: (now_s - self.policy_start).max(1) as u32,
                 policies: matches,
+                part: self.next_part(),
             }]
         };
         (out, policies)
+    }
+
+    /// The open windows as [`Self::flush`] would close them now, without
+    /// closing them: what a killed agent's successor reports from the
+    /// spool. Their part numbers are used up (never reused by this agent).
+    pub(crate) fn spool_open_parts(
+        &mut self,
+        now_ms: i64,
+    ) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
+        let first = self.parts + 1;
+        self.parts += self.observations.len() as u64;
+        let windows = self
+            .observations
+            .values()
+            .zip(first..)
+            .map(|((view, w), part)| window_part(view, w, part, false, true))
+            .collect();
+        let mut policies = Vec::new();
+        if !self.policy.is_empty() {
+            let now_s = now_ms.div_euclid(1000);
+            policies.push(PolicyWindow {
+                start: self.policy_start,
+                window_seconds: (now_s - self.policy_start)
+                    .clamp(1, i64::from(POLICY_WINDOW_SECONDS))
+                    as u32,
+                policies: self.policy.values().cloned().collect(),
+                part: self.next_part(),
+            });
+        }
+        (windows, policies)
+    }
+
+    fn next_part(&mut self) -> u64 {
+        self.parts += 1;
+        self.parts
+    }
+
+    /// The last part number used.
+    pub(crate) fn last_part(&self) -> u64 {
+        self.parts
+    }
+
+    /// Continues a predecessor's numbering (every number up to `last` may
+    /// be in use at the operator).
+    pub(crate) fn continue_parts_after(&mut self, last: u64) {
+        self.parts = self.parts.max(last);
     }
 
     /// Policy matches of the open policy window.
@@ -630,20 +679,31 @@ impl Aggregator {
         complete: bool,
         closed_early: bool,
     ) -> ObservationWindow {
-        self.parts += 1;
-        let mut out = build_window(
-            &view.params,
-            &view.uid,
-            w.start,
-            complete,
-            w.series.iter(),
-            w.folded.len(),
-            w.overflow_packets,
-        );
-        out.part = self.parts;
-        out.closed_early = closed_early;
-        out
+        let part = self.next_part();
+        window_part(view, &w, part, complete, closed_early)
     }
+}
+
+/// Part `part` of an observation's window: what `w` holds.
+fn window_part(
+    view: &ObsView,
+    w: &OpenWindow,
+    part: u64,
+    complete: bool,
+    closed_early: bool,
+) -> ObservationWindow {
+    let mut out = build_window(
+        &view.params,
+        &view.uid,
+        w.start,
+        complete,
+        w.series.iter(),
+        w.folded.len(),
+        w.overflow_packets,
+    );
+    out.part = part;
+    out.closed_early = closed_early;
+    out
 }
 
 fn series_slot<'w>(

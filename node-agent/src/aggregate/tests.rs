@@ -405,6 +405,56 @@ fn rule_counters_are_attributed_through_the_generation_tables() {
     );
 }
 
+/// What a killed agent's spool holds of its open windows: each as a part
+/// closed early, numbered past every part used so far and never numbered
+/// again; closing the windows afterwards counts nothing twice within the
+/// agent (the successor's parts only carry what it drains itself).
+#[test]
+fn spooled_open_parts_use_up_their_part_numbers() {
+    let mut a = agg();
+    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    a.set_generation_tables(1, tables);
+    a.ingest(
+        &Drained {
+            flows: vec![flow(1, ip(9), 40000, 80, DIRECTION_EGRESS, 1, 100, 0)],
+            rules: vec![(
+                RuleCounterKey {
+                    scope: rule_scope(1, DIRECTION_EGRESS, 1),
+                    slot: 0,
+                    verdict: VERDICT_DROP,
+                    _pad: [0; 2],
+                },
+                RuleCounters {
+                    packets: 2,
+                    connections: 2,
+                },
+            )],
+            ..Default::default()
+        },
+        T0 + 1,
+    );
+    let before = a.last_part();
+    let (w, p) = a.spool_open_parts(T0 + 4_000);
+    assert_eq!(w.len(), 1);
+    assert!(w[0].closed_early && !w[0].complete);
+    assert_eq!(totals(&w[0]).2, 100, "what was drained so far");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].policies[0].blocked.connections, 2);
+    assert_eq!(p[0].window_seconds, 4);
+    let spooled = [w[0].part, p[0].part];
+    assert_eq!(spooled, [before + 1, before + 2]);
+    assert_eq!(a.last_part(), before + 2);
+    let (w2, p2) = a.close_due(T0 + 10_000);
+    assert!(
+        !spooled.contains(&w2[0].part) && !spooled.contains(&p2[0].part),
+        "the closed parts take new numbers: {spooled:?}"
+    );
+    let mut b = agg();
+    b.continue_parts_after(a.last_part());
+    let (w3, _) = b.spool_open_parts(T0 + 1_000);
+    assert!(w3.is_empty() || w3[0].part > a.last_part());
+}
+
 #[test]
 fn a_reshaped_observation_closes_its_window_early() {
     let mut a = agg();

@@ -28,6 +28,11 @@ pub enum DatapathError {
         source: aya::maps::MapError,
     },
 
+    #[error(
+        "the spare tables still hold a predecessor's records: take them (take_leftovers) before draining"
+    )]
+    LeftoversNotTaken,
+
     #[error("eBPF link {path}: {message}")]
     Link { path: PathBuf, message: String },
 
@@ -68,6 +73,7 @@ impl DatapathError {
             DatapathError::Program { .. } => "program",
             DatapathError::Map { .. } => "map",
             DatapathError::Link { .. } => "link",
+            DatapathError::LeftoversNotTaken => "leftovers",
             DatapathError::Io { .. } => "io",
             DatapathError::Unsupported { .. } => "unsupported",
         }

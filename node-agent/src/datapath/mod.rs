@@ -154,8 +154,10 @@ pub(crate) fn revision_hash(revision: &str) -> u64 {
 }
 
 impl Datapath {
-    /// Loads the programs and maps, adopting whatever a previous agent pinned.
-    pub fn open(opts: &DatapathOptions) -> Result<Datapath> {
+    /// Loads the programs and maps, adopting whatever a previous agent
+    /// pinned. `spooled`: the spare tables (map ids) whose records the
+    /// predecessor's spool holds.
+    pub fn open(opts: &DatapathOptions, spooled: &[u32]) -> Result<Datapath> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoEbpfObject);
         }
@@ -204,11 +206,31 @@ impl Datapath {
             drop_reason_names: BTreeMap::new(),
             fill: TableFill::default(),
         };
+        // Spare tables a predecessor's spool vouches for are emptied by the
+        // first drain; any other spare table holds what a predecessor
+        // drained but never committed: counted once, by the first drain.
+        let counted = |id: Result<u32>| id.map(|id| spooled.contains(&id));
         let leftovers = Drained {
-            flows: dp.flows.drain_spare()?,
-            overflow: dp.overflow.drain_spare()?,
-            rtt: dp.rtt.drain_spare()?,
-            rules: dp.rules.drain_spare()?,
+            flows: if counted(dp.flows.spare_id())? {
+                Vec::new()
+            } else {
+                dp.flows.read_spare()?
+            },
+            overflow: if counted(dp.overflow.spare_id())? {
+                Vec::new()
+            } else {
+                dp.overflow.read_spare()?
+            },
+            rtt: if counted(dp.rtt.spare_id())? {
+                Vec::new()
+            } else {
+                dp.rtt.read_spare()?
+            },
+            rules: if counted(dp.rules.spare_id())? {
+                Vec::new()
+            } else {
+                dp.rules.read_spare()?
+            },
             // Before any config: Service names are not known yet.
             services: Vec::new(),
         };
@@ -630,13 +652,45 @@ impl Datapath {
         attach::sync_tc(&mut self.ebpf, &self.layout, wanted)
     }
 
-    /// Swaps out and empties every result table.
+    /// What the spare tables held at start and no spool vouched for (once;
+    /// the next [`Self::drain`] empties those tables).
+    pub(crate) fn take_leftovers(&mut self) -> Option<Drained> {
+        self.leftovers.take()
+    }
+
+    /// The spare tables' map ids: after a drain, they hold exactly what it
+    /// returned (the spool names them when it holds those records).
+    pub(crate) fn spare_ids(&self) -> Result<Vec<u32>> {
+        Ok(vec![
+            self.flows.spare_id()?,
+            self.overflow.spare_id()?,
+            self.rtt.spare_id()?,
+            self.rules.spare_id()?,
+        ])
+    }
+
+    /// Empties the spare tables (what the last drain read), when nothing
+    /// else vouches for their records.
+    pub(crate) fn clear_spares(&mut self) -> Result<()> {
+        self.flows.clear_spare()?;
+        self.overflow.clear_spare()?;
+        self.rtt.clear_spare()?;
+        self.rules.clear_spare()
+    }
+
+    /// Swaps out and reads every result table (emptying the tables the
+    /// previous drain read first).
     pub(crate) fn drain(&mut self) -> Result<Drained> {
-        let mut d = self.leftovers.take().unwrap_or_default();
-        let flows = self.flows.swap_and_drain(&mut self.ebpf)?;
-        let overflow = self.overflow.swap_and_drain(&mut self.ebpf)?;
-        let rtt = self.rtt.swap_and_drain(&mut self.ebpf)?;
-        let rules = self.rules.swap_and_drain(&mut self.ebpf)?;
+        if let Some(left) = self.leftovers.take() {
+            // Not counted yet: emptying the spare tables would lose them.
+            self.leftovers = Some(left);
+            return Err(DatapathError::LeftoversNotTaken);
+        }
+        let mut d = Drained::default();
+        let flows = self.flows.swap_and_read(&mut self.ebpf)?;
+        let overflow = self.overflow.swap_and_read(&mut self.ebpf)?;
+        let rtt = self.rtt.swap_and_read(&mut self.ebpf)?;
+        let rules = self.rules.swap_and_read(&mut self.ebpf)?;
         self.fill = TableFill {
             flows: (flows.len(), self.flows.capacity()),
             rtt: (rtt.len(), self.rtt.capacity()),

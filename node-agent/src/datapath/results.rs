@@ -3,7 +3,10 @@
 //!
 //! Draining swaps the spare map into the slot. The kernel's map-in-map update
 //! waits for every running BPF program (`synchronize_rcu`), so afterwards no
-//! program writes the old map: it is read and emptied in batches, exactly.
+//! program writes the old map: it is read in batches, exactly. It is emptied
+//! only at the next drain, just before it is swapped in again: until then
+//! the agent's spool vouches for its records (see `spool.rs`), and a
+//! successor that finds it named there empties it instead of counting it.
 
 use std::{marker::PhantomData, os::fd::AsFd, path::Path};
 
@@ -106,12 +109,24 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
         self.capacity
     }
 
-    /// Empties the spare map (left over when an agent died mid-drain: real,
-    /// unreported counts) without touching the active one.
-    pub(crate) fn drain_spare(&mut self) -> Result<Vec<(K, V)>> {
+    /// The kernel id of the spare map (the one the datapath does not write).
+    pub(crate) fn spare_id(&self) -> Result<u32> {
+        map_id(if self.a_active { &self.b } else { &self.a })
+    }
+
+    /// Reads the spare map, leaving it as it is.
+    pub(crate) fn read_spare(&self) -> Result<Vec<(K, V)>> {
         let spare = if self.a_active { &self.b } else { &self.a };
-        sys::lookup_and_delete_all(spare.fd().as_fd(), BATCH)
-            .map_err(|e| DatapathError::io(format!("draining {}", self.outer), e))
+        sys::lookup_all(spare.fd().as_fd(), BATCH)
+            .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))
+    }
+
+    /// Empties the spare map (its records are counted already).
+    pub(crate) fn clear_spare(&mut self) -> Result<()> {
+        let spare = if self.a_active { &self.b } else { &self.a };
+        sys::lookup_and_delete_all::<K, V>(spare.fd().as_fd(), BATCH)
+            .map(drop)
+            .map_err(|e| DatapathError::io(format!("emptying the spare {}", self.outer), e))
     }
 
     /// Reads the active map without draining it.
@@ -121,8 +136,11 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
             .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
     }
 
-    /// Swaps the spare map in, then empties the one swapped out.
-    pub(crate) fn swap_and_drain(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
+    /// Empties the spare map (the previous drain's records), swaps it in,
+    /// and reads the one swapped out (which stays full until the next
+    /// drain).
+    pub(crate) fn swap_and_read(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
+        self.clear_spare()?;
         {
             let mut outer = outer_map(ebpf, self.outer)?;
             let next = if self.a_active { &self.b } else { &self.a };
@@ -131,7 +149,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
                 .map_err(|e| DatapathError::map(self.outer, e))?;
         }
         self.a_active = !self.a_active;
-        self.drain_spare()
+        self.read_spare()
     }
 
     /// Re-sets the active map: a no-op for the data, but the kernel waits for

@@ -25,13 +25,40 @@ pub(crate) struct ReportBuffer {
     held_policies: VecDeque<PolicyWindow>,
     collector: Option<String>,
     capacity: usize,
+    /// Restored from a predecessor's spool: ask what is committed (an empty
+    /// request) before sending any of it again.
+    probe: bool,
 }
 
-/// What one request carries, to be confirmed with [`ReportBuffer::sent`].
+/// An observation window part: UID, start, part number.
+type WindowId = (String, i64, u64);
+/// A policy window part: start, part number.
+type PolicyId = (i64, u64);
+
+fn window_id(w: &ObservationWindow) -> WindowId {
+    (w.uid.clone(), w.start, w.part)
+}
+
+fn policy_id(w: &PolicyWindow) -> PolicyId {
+    (w.start, w.part)
+}
+
+/// What one request carries, to be confirmed with [`ReportBuffer::sent`]
+/// (by identity: windows may be pushed, or dropped, while it is in flight).
 #[derive(Debug, Default)]
 pub(crate) struct Sending {
-    pub windows: usize,
-    pub policies: usize,
+    windows: Vec<WindowId>,
+    policies: Vec<PolicyId>,
+}
+
+impl Sending {
+    pub(crate) fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub(crate) fn policies(&self) -> usize {
+        self.policies.len()
+    }
 }
 
 impl ReportBuffer {
@@ -65,6 +92,28 @@ impl ReportBuffer {
         dropped
     }
 
+    /// Adds what a predecessor's spool held (to be sent again: resending a
+    /// part is harmless), after first asking what is already committed.
+    pub(crate) fn restore(
+        &mut self,
+        windows: Vec<ObservationWindow>,
+        policies: Vec<PolicyWindow>,
+    ) -> usize {
+        self.probe = !windows.is_empty() || !policies.is_empty();
+        self.push(windows, policies)
+    }
+
+    /// Part numbers of every window not yet committed (what the spool must
+    /// keep).
+    pub(crate) fn uncommitted_parts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.iter().chain(&self.held).map(|w| w.part).chain(
+            self.pending_policies
+                .iter()
+                .chain(&self.held_policies)
+                .map(|w| w.part),
+        )
+    }
+
     pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty() || !self.pending_policies.is_empty()
     }
@@ -86,7 +135,8 @@ impl ReportBuffer {
     /// The next request: the oldest pending windows, at most `max_windows`,
     /// and pending policy windows, as many. With `max_windows == 1` (a
     /// refused request being narrowed down), an observation window goes
-    /// alone, so that a refusal names one item.
+    /// alone, so that a refusal names one item. Right after a restore, an
+    /// empty request (what is committed?).
     pub(crate) fn batch(
         &self,
         node: &str,
@@ -94,13 +144,18 @@ impl ReportBuffer {
         max_windows: usize,
     ) -> (ReportBatch, Sending) {
         let limit = max_windows.max(1);
-        let n = self.pending.len().min(limit);
-        let p = if limit == 1 && n == 1 {
-            0
-        } else if limit == 1 {
-            self.pending_policies.len().min(1)
+        let (n, p) = if self.probe {
+            (0, 0)
         } else {
-            self.pending_policies.len()
+            let n = self.pending.len().min(limit);
+            let p = if limit == 1 && n == 1 {
+                0
+            } else if limit == 1 {
+                self.pending_policies.len().min(1)
+            } else {
+                self.pending_policies.len()
+            };
+            (n, p)
         };
         let batch = ReportBatch {
             node: node.to_owned(),
@@ -109,8 +164,8 @@ impl ReportBuffer {
             policy_windows: self.pending_policies.iter().take(p).cloned().collect(),
         };
         let sending = Sending {
-            windows: n,
-            policies: p,
+            windows: batch.windows.iter().map(window_id).collect(),
+            policies: batch.policy_windows.iter().map(policy_id).collect(),
         };
         (batch, sending)
     }
@@ -119,34 +174,30 @@ impl ReportBuffer {
     /// forgets it (only ever one item: callers narrow a refused batch down
     /// to single items first). Returns the observation windows dropped.
     pub(crate) fn refused(&mut self, s: &Sending) -> usize {
-        let mut dropped = 0;
-        for _ in 0..s.windows {
-            if self.pending.pop_front().is_some() {
-                dropped += 1;
-            }
-        }
-        for _ in 0..s.policies {
-            self.pending_policies.pop_front();
-        }
-        dropped
+        let before = self.pending.len();
+        self.pending.retain(|w| !s.windows.contains(&window_id(w)));
+        self.pending_policies
+            .retain(|w| !s.policies.contains(&policy_id(w)));
+        before - self.pending.len()
     }
 
     /// The collector received what [`Self::batch`] returned.
     pub(crate) fn sent(&mut self, s: &Sending) {
-        for _ in 0..s.windows {
-            if let Some(w) = self.pending.pop_front() {
-                self.held.push_back(w);
-            }
-        }
-        for _ in 0..s.policies {
-            if let Some(w) = self.pending_policies.pop_front() {
-                self.held_policies.push_back(w);
-            }
-        }
+        let (sent, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|w| s.windows.contains(&window_id(w)));
+        self.pending = kept;
+        self.held.extend(sent);
+        let (sent, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.pending_policies)
+            .into_iter()
+            .partition(|w| s.policies.contains(&policy_id(w)));
+        self.pending_policies = kept;
+        self.held_policies.extend(sent);
     }
 
     /// Applies an answer; returns the observation windows now committed.
     pub(crate) fn ack(&mut self, ack: &ReportAck) -> usize {
+        self.probe = false;
         if self.collector.as_ref().is_some_and(|c| *c != ack.collector) {
             // A new collector process: it has none of the held windows.
             let held = std::mem::take(&mut self.held);
@@ -294,6 +345,7 @@ mod tests {
                 start: 100,
                 window_seconds: 10,
                 policies: vec![],
+                part: 1,
             }],
         );
         let (batch, s) = b.batch("n", "a", 16);
@@ -304,5 +356,41 @@ mod tests {
         assert!(b.has_held(), "policy window 100-110 not committed at 109");
         b.ack(&ack("c", &[], 110));
         assert_eq!(b.held_policies.len(), 0);
+    }
+
+    /// The agent's control loop pushes while a request is in flight; a full
+    /// buffer then drops the oldest, which may be in the request.
+    #[test]
+    fn what_was_sent_is_known_by_identity_not_position() {
+        let mut b = ReportBuffer::new(2);
+        b.push(vec![w("u", 100), w("u", 110)], vec![]);
+        let (_, s) = b.batch("n", "a", 16);
+        assert_eq!(b.push(vec![w("u", 120)], vec![]), 1, "100 dropped");
+        b.sent(&s);
+        assert_eq!(
+            b.held.iter().map(|w| w.start).collect::<Vec<_>>(),
+            vec![110]
+        );
+        assert_eq!(
+            b.pending.iter().map(|w| w.start).collect::<Vec<_>>(),
+            vec![120]
+        );
+    }
+
+    /// A successor first asks what is committed, then sends only the rest.
+    #[test]
+    fn restored_windows_wait_for_an_answer_before_they_are_sent() {
+        let mut b = ReportBuffer::new(10);
+        b.restore(vec![w("u", 100), w("u", 110)], vec![]);
+        let (probe, s) = b.batch("n", "a", 16);
+        assert!(probe.windows.is_empty() && probe.policy_windows.is_empty());
+        b.sent(&s);
+        b.ack(&ack("c", &[("u", 110)], 0));
+        let (batch, _) = b.batch("n", "a", 16);
+        assert_eq!(
+            batch.windows.iter().map(|w| w.start).collect::<Vec<_>>(),
+            vec![110]
+        );
+        assert_eq!(b.uncommitted_parts().count(), 1);
     }
 }

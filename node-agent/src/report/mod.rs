@@ -8,7 +8,11 @@
 pub(crate) mod buffer;
 pub(crate) mod client;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -18,11 +22,13 @@ use self::{
     client::CollectorClient,
 };
 use crate::{
-    control::Completed,
     metrics::{Metrics, ResultLabels},
     state::Shared,
 };
-use flowlens_api::node_agent_config::CollectorEndpoint;
+use flowlens_api::{
+    node_agent_config::CollectorEndpoint,
+    report::{ObservationWindow, PolicyWindow},
+};
 
 /// How often to ask what was committed while windows are held.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(3);
@@ -38,26 +44,56 @@ pub struct ReporterOptions {
     pub token_file: PathBuf,
 }
 
+/// The windows waiting for the collector, shared by the control loop
+/// (which adds them, after spooling them) and the reporter (which sends
+/// them and forgets what is committed). Locked briefly, never across I/O.
+#[derive(Clone)]
+pub struct Outbox(Arc<Mutex<ReportBuffer>>);
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox(Arc::new(Mutex::new(ReportBuffer::new(BUFFER_WINDOWS))))
+    }
+}
+
+impl Outbox {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ReportBuffer> {
+        self.0.lock().expect("outbox lock")
+    }
+
+    /// Adds what a predecessor's spool held (sent after asking the
+    /// collector what is committed already).
+    pub fn restore(&self, windows: Vec<ObservationWindow>, policies: Vec<PolicyWindow>) {
+        self.lock().restore(windows, policies);
+    }
+}
+
 pub struct Reporter {
     opts: ReporterOptions,
+    /// Kept across restarts with a state directory (see `spool.rs`).
     agent: String,
-    buffer: ReportBuffer,
+    buffer: Outbox,
     client: Option<CollectorClient>,
     /// Windows per request: [`BATCH_WINDOWS`], 1 while a refused request
     /// is narrowed down, doubling back after each accepted one.
     batch_limit: usize,
 }
 
+/// A new agent id: the process id and start time.
+pub fn new_agent_id() -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{}-{started}", std::process::id())
+}
+
 impl Reporter {
-    pub fn new(opts: ReporterOptions) -> Self {
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
+    pub fn new(opts: ReporterOptions, agent: String, buffer: Outbox) -> Self {
         Reporter {
-            agent: format!("{}-{started}", std::process::id()),
+            agent,
             opts,
-            buffer: ReportBuffer::new(BUFFER_WINDOWS),
+            buffer,
             client: None,
             batch_limit: BATCH_WINDOWS,
         }
@@ -84,27 +120,29 @@ impl Reporter {
             self.client = Some(CollectorClient::new(&endpoint).map_err(|e| e.to_string())?);
         }
         let client = self.client.as_ref().expect("client");
-        let (batch, sending) = self
-            .buffer
-            .batch(&self.opts.node, &self.agent, self.batch_limit);
+        let (batch, sending) =
+            self.buffer
+                .lock()
+                .batch(&self.opts.node, &self.agent, self.batch_limit);
         match client.send(&batch, &self.opts.token_file).await {
             Ok(ack) => {
                 metrics
                     .reports
                     .get_or_create(&ResultLabels { result: "ok" })
                     .inc();
-                self.buffer.sent(&sending);
                 self.batch_limit = (self.batch_limit * 2).min(BATCH_WINDOWS);
-                let committed = self.buffer.ack(&ack);
+                let mut buffer = self.buffer.lock();
+                buffer.sent(&sending);
+                let committed = buffer.ack(&ack);
                 metrics.windows_reported.inc_by(committed as u64);
-                metrics.report_buffer.set(self.buffer.len() as i64);
+                metrics.report_buffer.set(buffer.len() as i64);
                 debug!(
-                    sent = sending.windows,
+                    sent = sending.windows(),
                     committed,
-                    held = self.buffer.len(),
+                    held = buffer.len(),
                     "report exchanged"
                 );
-                Ok(self.buffer.has_pending())
+                Ok(buffer.has_pending())
             }
             Err(e) if e.is_permanent() => {
                 metrics
@@ -114,18 +152,22 @@ impl Reporter {
                 // Resending the same request would be refused forever, and
                 // hold up every later window: narrow it down to single
                 // items, and drop (and count) the one refused alone.
-                if self.batch_limit > 1 || sending.windows + sending.policies > 1 {
+                if self.batch_limit > 1 || sending.windows() + sending.policies() > 1 {
                     self.batch_limit = 1;
                     warn!(error = %e, "report refused; sending its windows one at a time");
                 } else {
-                    let dropped = self.buffer.refused(&sending);
+                    let dropped = {
+                        let mut buffer = self.buffer.lock();
+                        let dropped = buffer.refused(&sending);
+                        metrics.report_buffer.set(buffer.len() as i64);
+                        dropped
+                    };
                     metrics.windows_dropped.inc_by(dropped as u64);
-                    metrics.report_buffer.set(self.buffer.len() as i64);
-                    warn!(error = %e, windows = dropped, policy_windows = sending.policies, "the collector refuses this window for good: dropped");
+                    warn!(error = %e, windows = dropped, policy_windows = sending.policies(), "the collector refuses this window for good: dropped");
                     // Until the next config: on the node's config status.
                     let message = format!(
                         "the collector refused {dropped} window(s) and {} policy window(s) for good, which were dropped: {e} (see the operator's log and its report_refusals metric; an agent and operator of different versions, or a wrong node clock, are the usual causes)",
-                        sending.policies
+                        sending.policies()
                     );
                     shared.update(|s| {
                         s.problems.retain(|p| {
@@ -137,7 +179,7 @@ impl Reporter {
                         });
                     });
                 }
-                Ok(self.buffer.has_pending())
+                Ok(self.buffer.lock().has_pending())
             }
             Err(e) => {
                 metrics
@@ -149,27 +191,23 @@ impl Reporter {
         }
     }
 
+    /// Sends what the outbox holds; `wake` says the control loop added
+    /// windows (and closes when it stops: one last attempt then).
     pub async fn run(
         mut self,
-        mut completed: tokio::sync::mpsc::UnboundedReceiver<Completed>,
+        mut wake: tokio::sync::mpsc::UnboundedReceiver<()>,
         shared: Shared,
         metrics: Arc<Metrics>,
     ) {
-        let mut next = Instant::now() + HEARTBEAT;
+        let mut next = Instant::now();
         let mut backoff = Duration::from_millis(500);
         let mut failing_since: Option<Instant> = None;
         let mut open = true;
-        while open || self.buffer.has_pending() {
+        while open || self.buffer.lock().has_pending() {
             shared.beat_reporter();
             tokio::select! {
-                c = completed.recv(), if open => match c {
-                    Some(c) => {
-                        let dropped = self.buffer.push(c.windows, c.policies);
-                        if dropped > 0 {
-                            metrics.windows_dropped.inc_by(dropped as u64);
-                            warn!(dropped, "report buffer full: dropped the oldest windows");
-                        }
-                        metrics.report_buffer.set(self.buffer.len() as i64);
+                c = wake.recv(), if open => match c {
+                    Some(()) => {
                         if failing_since.is_none() {
                             next = Instant::now();
                         }
@@ -185,7 +223,11 @@ impl Reporter {
             if Instant::now() < next {
                 continue;
             }
-            if !self.buffer.has_pending() && !self.buffer.has_held() {
+            let idle = {
+                let b = self.buffer.lock();
+                !b.has_pending() && !b.has_held()
+            };
+            if idle {
                 next = Instant::now() + HEARTBEAT;
                 continue;
             }
@@ -206,7 +248,7 @@ impl Reporter {
                 }
                 Err(e) => {
                     if !open {
-                        warn!(error = %e, windows = self.buffer.len(), "shutting down with unreported windows");
+                        warn!(error = %e, windows = self.buffer.lock().len(), "shutting down with unreported windows");
                         break;
                     }
                     // Log the first failure, then every minute.
@@ -218,7 +260,7 @@ impl Reporter {
                         Some(s) => s.elapsed().as_secs() % 60 < backoff.as_secs().max(1),
                     };
                     if log {
-                        warn!(error = %e, held = self.buffer.len(), "cannot report; retrying with backoff");
+                        warn!(error = %e, held = self.buffer.lock().len(), "cannot report; retrying with backoff");
                     }
                     let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
                     next = Instant::now() + backoff + jitter;

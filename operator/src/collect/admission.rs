@@ -24,9 +24,9 @@
 //!   in ([`Refusal::ObservationNotOnNode`]), a series whose local pod is on
 //!   another node ([`Refusal::ForeignPod`]), more series than `maxSeries` + 1
 //!   ([`Refusal::TooManySeries`]: `maxSeries` was just lowered), and a part
-//!   from a fifth agent process of one node in one window
-//!   ([`Refusal::TooManyAgents`], checked by the books when the part is
-//!   added, so two requests at once cannot both pass). For policy counters
+//!   from a fifth agent process, or a seventeenth part, of one node in one
+//!   window ([`Refusal::TooManyAgents`], checked by the books when the part
+//!   is added, so two requests at once cannot both pass). For policy counters
 //!   of a policy not in force on the node ([`Refusal::PolicyNotOnNode`]) only
 //!   that policy's entry is dropped from the window. A dropped part is not
 //!   acknowledged: the agent holds it until its window is committed (or its
@@ -52,6 +52,9 @@ pub(crate) const CLOCK_SKEW_S: i64 = 60;
 pub(crate) const BUFFER_WINDOWS: i64 = 256;
 /// Agent processes (parts) of one node in one window: a few restarts.
 pub(crate) const MAX_AGENTS_PER_WINDOW: usize = 4;
+/// Parts of one node in one window: an agent's parts closed early (it
+/// stopped, was killed, or the observation changed), and its last one.
+pub(crate) const MAX_PARTS_PER_WINDOW: usize = 16;
 /// Longest string in a report (a label key is at most 317 bytes).
 pub(crate) const MAX_FIELD_BYTES: usize = 320;
 /// Most labels on one endpoint.

@@ -50,7 +50,8 @@ pub(crate) enum Accepted {
     /// never arrived. Nothing to add; acknowledged.
     Counted,
     /// Refused: the node already has parts of this window from
-    /// [`admission::MAX_AGENTS_PER_WINDOW`] other agent processes.
+    /// [`admission::MAX_AGENTS_PER_WINDOW`] other agent processes, or
+    /// [`admission::MAX_PARTS_PER_WINDOW`] parts.
     TooManyAgents,
 }
 
@@ -89,18 +90,28 @@ impl Timing {
     }
 }
 
-/// Whether `agent` may add a part to a window whose parts came from
-/// `agents` (the agent of each part of the reporting node): it already has
-/// one, or the node has fewer than [`admission::MAX_AGENTS_PER_WINDOW`].
-pub(crate) fn agent_fits<'a>(agent: &str, agents: impl Iterator<Item = &'a str>) -> bool {
-    let mut seen = std::collections::BTreeSet::new();
-    for a in agents {
-        if a == agent {
+/// Whether `agent` may add part `part` to a window whose parts came from
+/// `parts` (the agent and number of each part of the reporting node): it
+/// replaces one it sent, or the node stays within
+/// [`admission::MAX_AGENTS_PER_WINDOW`] agents and
+/// [`admission::MAX_PARTS_PER_WINDOW`] parts (more would only let a node
+/// count its traffic again, or fill the operator's memory).
+pub(crate) fn part_fits<'a>(
+    agent: &str,
+    part: u64,
+    parts: impl Iterator<Item = (&'a str, u64)>,
+) -> bool {
+    let mut agents = std::collections::BTreeSet::new();
+    let mut n = 0;
+    for (a, p) in parts {
+        if a == agent && p == part {
             return true;
         }
-        seen.insert(a);
+        agents.insert(a);
+        n += 1;
     }
-    seen.len() < admission::MAX_AGENTS_PER_WINDOW
+    let agent_ok = agents.contains(agent) || agents.len() < admission::MAX_AGENTS_PER_WINDOW;
+    agent_ok && n < admission::MAX_PARTS_PER_WINDOW
 }
 
 #[cfg(test)]

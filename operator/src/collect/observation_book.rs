@@ -77,9 +77,7 @@ impl ObservationBook {
     }
 
     /// Adds a part sent by `agent` on `node`. Sending a part again replaces
-    /// it; a node's parts of one window come from at most
-    /// [`super::admission::MAX_AGENTS_PER_WINDOW`] agent processes (more
-    /// would count the same traffic again under other agent ids).
+    /// it; a node's parts of one window are bounded ([`super::part_fits`]).
     pub(crate) fn add(
         &mut self,
         node: &str,
@@ -104,8 +102,8 @@ impl ObservationBook {
             .parts
             .range((node.to_owned(), String::new(), 0)..)
             .take_while(|((n, _, _), _)| n == node)
-            .map(|((_, a, _), _)| a.as_str());
-        if !super::agent_fits(agent, of_node) {
+            .map(|((_, a, p), _)| (a.as_str(), *p));
+        if !super::part_fits(agent, part.part, of_node) {
             return Accepted::TooManyAgents;
         }
         w.parts

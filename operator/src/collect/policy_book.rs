@@ -25,8 +25,8 @@ pub(crate) struct PolicyDelta {
 #[derive(Debug, Default)]
 struct OpenWindow {
     first_seen_ms: i64,
-    /// `(node, agent)` -> part.
-    parts: BTreeMap<(String, String), PolicyWindow>,
+    /// `(node, agent, part number)` -> part.
+    parts: BTreeMap<(String, String, u64), PolicyWindow>,
 }
 
 pub(crate) struct PolicyBook {
@@ -47,10 +47,10 @@ impl PolicyBook {
         }
     }
 
-    /// Adds a part. A part flushed by a stopping agent covers the start of
-    /// a window (it ends early); the window is identified by its start. At
-    /// most [`super::admission::MAX_AGENTS_PER_WINDOW`] agent processes per
-    /// node and window.
+    /// Adds a part. A part flushed by a stopping agent (or left in a
+    /// killed agent's spool) covers the start of a window (it ends early);
+    /// the window is identified by its start. Sending a part again replaces
+    /// it; a node's parts of one window are bounded ([`super::part_fits`]).
     pub(crate) fn add(
         &mut self,
         node: &str,
@@ -71,13 +71,14 @@ impl PolicyBook {
             });
         let of_node = w
             .parts
-            .range((node.to_owned(), String::new())..)
-            .take_while(|((n, _), _)| n == node)
-            .map(|((_, a), _)| a.as_str());
-        if !super::agent_fits(agent, of_node) {
+            .range((node.to_owned(), String::new(), 0)..)
+            .take_while(|((n, _, _), _)| n == node)
+            .map(|((_, a, p), _)| (a.as_str(), *p));
+        if !super::part_fits(agent, part.part, of_node) {
             return Accepted::TooManyAgents;
         }
-        w.parts.insert((node.to_owned(), agent.to_owned()), part);
+        w.parts
+            .insert((node.to_owned(), agent.to_owned(), part.part), part);
         Accepted::Stored
     }
 
@@ -92,7 +93,7 @@ impl PolicyBook {
             let w = self.windows.remove(&start).expect("first window");
             self.finalized_through = end;
             let mut sums: BTreeMap<PolicyKey, PolicyDelta> = BTreeMap::new();
-            for ((_node, _), part) in &w.parts {
+            for ((_node, _, _), part) in &w.parts {
                 for p in &part.policies {
                     let d = sums
                         .entry((p.namespace.clone(), p.name.clone()))
@@ -113,7 +114,7 @@ impl PolicyBook {
                             .iter()
                             .any(|p| p.namespace == key.0 && p.name == key.1)
                     })
-                    .map(|((n, _), _)| n)
+                    .map(|((n, _, _), _)| n)
                     .collect::<std::collections::BTreeSet<_>>()
                     .len() as u32;
             }
@@ -135,9 +136,14 @@ mod tests {
     use super::*;
 
     fn part(start: i64, secs: u32, blocked: u64) -> PolicyWindow {
+        numbered(start, secs, blocked, 1)
+    }
+
+    fn numbered(start: i64, secs: u32, blocked: u64, part: u64) -> PolicyWindow {
         PolicyWindow {
             start,
             window_seconds: secs,
+            part,
             policies: vec![PolicyMatches {
                 namespace: "ns".into(),
                 name: "p".into(),
@@ -197,5 +203,39 @@ mod tests {
         assert_eq!(b.add("b", "y", part(100, 10, 1), 110_100), Accepted::Stored);
         let f = b.take_final(116_000);
         assert_eq!(f[0].1.blocked.packets, 5, "four agents of a, one of b");
+    }
+
+    /// One agent id across a `kill -9` (its spool): the part its
+    /// predecessor left and the successor's own part add up; a part sent
+    /// again replaces itself; a node's parts per window are bounded.
+    #[test]
+    fn parts_of_one_agent_add_up_and_resends_replace() {
+        let t = Timing {
+            started_ms: 0,
+            startup_grace_ms: 0,
+            grace_ms: 5_000,
+        };
+        let mut b = PolicyBook::new(t, 10);
+        b.add("a", "x", numbered(100, 4, 3, 7), 104_500); // the spool's part
+        b.add("a", "x", numbered(100, 4, 3, 7), 106_000); // resent by the successor
+        b.add("a", "x", numbered(100, 10, 5, 9), 110_100); // the successor's own
+        let f = b.take_final(116_000);
+        assert_eq!(f[0].1.blocked.packets, 8);
+        for n in 0..16 {
+            assert_eq!(
+                b.add("a", "x", numbered(200, 10, 1, n), 205_000),
+                Accepted::Stored
+            );
+        }
+        assert_eq!(
+            b.add("a", "x", numbered(200, 10, 1, 16), 205_000),
+            Accepted::TooManyAgents,
+            "a node's parts per window are bounded"
+        );
+        assert_eq!(
+            b.add("a", "x", numbered(200, 10, 2, 3), 205_000),
+            Accepted::Stored,
+            "a resend replaces"
+        );
     }
 }

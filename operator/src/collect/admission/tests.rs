@@ -81,6 +81,7 @@ fn series(ns: &str, pod: &str) -> Series {
 
 fn policy_window(start: i64, policies: &[&str]) -> PolicyWindow {
     PolicyWindow {
+        part: 0,
         start,
         window_seconds: 10,
         policies: policies
