@@ -249,6 +249,61 @@ impl SimCluster {
         Ok(())
     }
 
+    /// A kubeconfig (a file in the run's work directory) of a user who has
+    /// no role yet: ServiceAccount `sa` of `namespace`, created here, with
+    /// an hour's token from the TokenRequest API.
+    pub async fn user_kubeconfig(&self, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
+        let accounts = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace);
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let token = accounts
+            .create_token_request(sa, &PostParams::default(), &req)
+            .await?
+            .status
+            .and_then(|s| s.token)
+            .context("the TokenRequest answer has no token")?;
+        let (cluster, _) = admin_cluster()?;
+        let kc = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "flowlens-local", "cluster": cluster}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": sa, "context": {"cluster": "flowlens-local", "user": sa}}],
+            "current-context": sa,
+        });
+        let path = self
+            .topo
+            .work_dir
+            .join(format!("{namespace}-{sa}-kubeconfig.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+        Ok(path)
+    }
+
+    /// Applies the ClusterRoles of `file` (a path under the repository) and
+    /// binds `role` of them to ServiceAccount `namespace/sa` cluster-wide
+    /// (unbound at shutdown).
+    pub async fn grant_cluster_role(
+        &self,
+        file: &str,
+        role: &str,
+        namespace: &str,
+        sa: &str,
+    ) -> anyhow::Result<()> {
+        let roles = apply_cluster_roles(&self.client, file).await?;
+        anyhow::ensure!(
+            roles.iter().any(|r| r == role),
+            "{file} has no ClusterRole {role}"
+        );
+        let binding = format!("{}-user", self.run);
+        bind_cluster_role(&self.client, &self.run, &binding, role, namespace, sa).await
+    }
+
     /// Starts every node's agent and waits until each applies its config.
     pub async fn start_agents(&mut self) -> anyhow::Result<()> {
         for node in 0..self.topo.nodes.len() {
@@ -312,9 +367,11 @@ impl SimCluster {
             .delete(AGENT_SA, &DeleteParams::default())
             .await;
         self.objects.cleanup().await;
-        let _ = Api::<ClusterRoleBinding>::all(self.client.clone())
-            .delete(&format!("{}-agent", self.run), &DeleteParams::default())
-            .await;
+        for binding in ["agent", "user"] {
+            let _ = Api::<ClusterRoleBinding>::all(self.client.clone())
+                .delete(&format!("{}-{binding}", self.run), &DeleteParams::default())
+                .await;
+        }
         let mut left = Vec::new();
         for (node, a) in self.agents.iter().enumerate() {
             if a.is_none() {
@@ -340,13 +397,13 @@ impl SimCluster {
     }
 }
 
-/// The agents' ClusterRole from `deploy/base/agent-rbac.yaml`, bound to this
-/// run's agent ServiceAccount.
-async fn apply_agent_rbac(client: &Client, run: &str, namespace: &str) -> anyhow::Result<()> {
-    let path = repo_root().join("deploy/base/agent-rbac.yaml");
+/// Applies (server-side) every ClusterRole of `file` (a path under the
+/// repository) and returns their names.
+async fn apply_cluster_roles(client: &Client, file: &str) -> anyhow::Result<Vec<String>> {
+    let path = repo_root().join(file);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut role_name = None;
+    let mut names = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let v = serde_yaml::Value::deserialize(doc)?;
         if v["kind"].as_str() == Some("ClusterRole") {
@@ -359,24 +416,54 @@ async fn apply_agent_rbac(client: &Client, run: &str, namespace: &str) -> anyhow
                     &Patch::Apply(&role),
                 )
                 .await?;
-            role_name = Some(name);
+            names.push(name);
         }
     }
-    let role_name = role_name.context("deploy/base/agent-rbac.yaml has no ClusterRole")?;
-    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+    Ok(names)
+}
+
+/// Binds ClusterRole `role` to ServiceAccount `namespace/sa`, cluster-wide,
+/// as ClusterRoleBinding `binding`.
+async fn bind_cluster_role(
+    client: &Client,
+    run: &str,
+    binding: &str,
+    role: &str,
+    namespace: &str,
+    sa: &str,
+) -> anyhow::Result<()> {
+    let b: ClusterRoleBinding = serde_json::from_value(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": format!("{run}-agent"), "labels": {crate::objects::TEST_LABEL: run}},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
-        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": namespace}],
+        "metadata": {"name": binding, "labels": {crate::objects::TEST_LABEL: run}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
     }))?;
     Api::<ClusterRoleBinding>::all(client.clone())
         .patch(
-            &format!("{run}-agent"),
+            binding,
             &PatchParams::apply("flowlens-e2e").force(),
-            &Patch::Apply(&binding),
+            &Patch::Apply(&b),
         )
         .await?;
     Ok(())
+}
+
+/// The agents' ClusterRole from `deploy/base/agent-rbac.yaml`, bound to this
+/// run's agent ServiceAccount.
+async fn apply_agent_rbac(client: &Client, run: &str, namespace: &str) -> anyhow::Result<()> {
+    let roles = apply_cluster_roles(client, "deploy/base/agent-rbac.yaml").await?;
+    let role = roles
+        .first()
+        .context("deploy/base/agent-rbac.yaml has no ClusterRole")?;
+    bind_cluster_role(
+        client,
+        run,
+        &format!("{run}-agent"),
+        role,
+        namespace,
+        AGENT_SA,
+    )
+    .await
 }
 
 use serde::Deserialize as _;

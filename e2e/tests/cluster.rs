@@ -217,6 +217,26 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
         metrics.contains("flowlens_agent"),
         "metrics are served to pods"
     );
+    // `kubectl flowlens status` (the cluster admin's kubeconfig): the node
+    // is listed with its revision applied and no problem.
+    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
+        .arg("--kubeconfig")
+        .arg(flowlens_e2e::cluster::kubeconfig_path())
+        .arg("status")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kubectl flowlens status failed");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(!rows.is_empty(), "no node in {table}");
+    for row in rows {
+        assert!(
+            !row.contains("wants") && !row.contains("not applied"),
+            "{row}"
+        );
+        assert!(row.ends_with("none"), "a problem: {row}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

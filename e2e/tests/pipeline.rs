@@ -497,6 +497,105 @@ async fn two_nodes(prefix: &str) -> TwoNodes {
     }
 }
 
+/// Runs the kubectl plugin binary: (success, stdout, stderr).
+fn kubectl_flowlens(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kubectl flowlens` with a user's own kubeconfig: refused while the user
+/// has no role; with `flowlens-view` (deploy/base/user-rbac.yaml), `status`
+/// shows each node with its applied revision and no problem, and `top` the
+/// flow between the pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_flowlens_shows_nodes_and_top_flows_to_users_allowed_to_see_them() {
+    let TwoNodes {
+        mut sim,
+        run,
+        a1,
+        b1,
+        shop,
+        web,
+        db,
+    } = two_nodes("e2e-plugin").await;
+    sim.objects
+        .observation(
+            &run,
+            json!({"namespaces": [shop], "groupBy": ["namespace", "pod"], "window": "5s"}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    wait_ready(&sim, &run).await;
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let transfer = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 25, "20M");
+
+    let kubeconfig = sim.user_kubeconfig(&shop, "viewer").await.unwrap();
+    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["status"]);
+    println!("without a role: {err}");
+    assert!(!ok, "a user without a role listed node configs");
+    assert!(
+        err.contains("refused to list nodeagentconfigs.flowlens.dev"),
+        "{err}"
+    );
+    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["top", &run]);
+    assert!(!ok && err.contains("refused to get"), "{err}");
+
+    sim.grant_cluster_role(
+        "deploy/base/user-rbac.yaml",
+        "flowlens-view",
+        &shop,
+        "viewer",
+    )
+    .await
+    .unwrap();
+    let table = poll(Duration::from_secs(10), "status allowed", || async {
+        let (ok, out, _) = kubectl_flowlens(&kubeconfig, &["status"]);
+        ok.then_some(out)
+    })
+    .await
+    .unwrap();
+    println!("{table}");
+    for node in [&a1, &b1] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{node} ")))
+            .unwrap_or_else(|| panic!("no row for {node}:\n{table}"));
+        assert!(
+            !row.contains("wants") && !row.contains("not applied"),
+            "{row}"
+        );
+        assert!(row.ends_with("none"), "{row}");
+    }
+    // A window of the running transfer.
+    let top = poll(Duration::from_secs(20), "web-1's flow in top", || async {
+        let (ok, top, err) = kubectl_flowlens(&kubeconfig, &["top", &run]);
+        assert!(ok, "{err}");
+        top.contains(&format!("{shop}/web-1 ")).then_some(top)
+    })
+    .await
+    .unwrap();
+    println!("{top}");
+    let flow = top
+        .lines()
+        .find(|l| l.starts_with(&format!("{shop}/web-1 ")))
+        .unwrap();
+    assert!(flow.contains(&format!("{shop}/db-1")), "{flow}");
+    assert!(flow.contains(" 5201 ") && flow.contains(" TCP "), "{flow}");
+    transfer.join().unwrap();
+    sim.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_block_audit_and_count_in_status() {
     let TwoNodes {
