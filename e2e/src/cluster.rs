@@ -34,6 +34,49 @@ pub fn kubeconfig_path() -> PathBuf {
         .unwrap_or_else(|| repo_root().join(".flowlens/kubeconfig"))
 }
 
+/// Writes to `path` a kubeconfig of a user who has no role yet:
+/// ServiceAccount `sa` of `namespace`, created here, with an hour's token
+/// from the TokenRequest API; the cluster is the test kubeconfig's.
+pub async fn service_account_kubeconfig(
+    client: &Client,
+    namespace: &str,
+    sa: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": sa}}))?;
+    accounts.create(&PostParams::default(), &account).await?;
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("the TokenRequest answer has no token")?;
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path())?)?;
+    let kc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "cluster", "user": sa}}],
+        "current-context": sa,
+    });
+    std::fs::write(path, serde_yaml::to_string(&kc)?)?;
+    Ok(())
+}
+
 /// A client for the test cluster. Fails with the command to run when there is
 /// no control plane: API-server tests never skip silently.
 pub async fn client() -> anyhow::Result<Client> {

@@ -253,35 +253,11 @@ impl SimCluster {
     /// no role yet: ServiceAccount `sa` of `namespace`, created here, with
     /// an hour's token from the TokenRequest API.
     pub async fn user_kubeconfig(&self, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
-        let accounts = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace);
-        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}}))?;
-        accounts.create(&PostParams::default(), &account).await?;
-        let req = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let token = accounts
-            .create_token_request(sa, &PostParams::default(), &req)
-            .await?
-            .status
-            .and_then(|s| s.token)
-            .context("the TokenRequest answer has no token")?;
-        let (cluster, _) = admin_cluster()?;
-        let kc = json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "flowlens-local", "cluster": cluster}],
-            "users": [{"name": sa, "user": {"token": token}}],
-            "contexts": [{"name": sa, "context": {"cluster": "flowlens-local", "user": sa}}],
-            "current-context": sa,
-        });
         let path = self
             .topo
             .work_dir
             .join(format!("{namespace}-{sa}-kubeconfig.yaml"));
-        std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+        crate::cluster::service_account_kubeconfig(&self.client, namespace, sa, &path).await?;
         Ok(path)
     }
 

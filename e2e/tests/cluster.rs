@@ -219,15 +219,9 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
     );
     // `kubectl flowlens status` (the cluster admin's kubeconfig): the node
     // is listed with its revision applied and no problem.
-    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
-        .arg("--kubeconfig")
-        .arg(flowlens_e2e::cluster::kubeconfig_path())
-        .arg("status")
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    println!("{table}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "kubectl flowlens status failed");
+    let (ok, table, err) = kubectl_flowlens(&flowlens_e2e::cluster::kubeconfig_path(), &["status"]);
+    println!("{table}{err}");
+    assert!(ok, "kubectl flowlens status failed");
     let rows: Vec<&str> = table.lines().skip(1).collect();
     assert!(!rows.is_empty(), "no node in {table}");
     for row in rows {
@@ -237,6 +231,63 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
         );
         assert!(row.ends_with("none"), "a problem: {row}");
     }
+}
+
+/// Runs the kubectl plugin binary: (success, stdout, stderr).
+fn kubectl_flowlens(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kubectl flowlens` as a user of the installed cluster: refused without a
+/// role; once bound to Kubernetes' own `view` ClusterRole (which the
+/// controller-manager aggregates `flowlens-view` into), allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_flowlens_shows_a_user_what_rbac_allows() {
+    require_cluster();
+    let client = client().await.unwrap();
+    let ns = TestNamespace::new("fl-user", &[]).unwrap();
+    let kubeconfig = std::env::temp_dir().join(format!("{}-viewer.kubeconfig", ns.name));
+    flowlens_e2e::cluster::service_account_kubeconfig(&client, &ns.name, "viewer", &kubeconfig)
+        .await
+        .unwrap();
+    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["status"]);
+    println!("without a role: {err}");
+    assert!(!ok, "a user without a role listed node configs");
+    assert!(err.contains("refused to list"), "{err}");
+    let binding = format!("{}-viewer", ns.name);
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {binding}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}
+subjects: [{{kind: ServiceAccount, name: viewer, namespace: {ns}}}]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    let table = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        "status allowed through view",
+        || {
+            let (ok, out, _) = kubectl_flowlens(&kubeconfig, &["status"]);
+            ok.then_some(out)
+        },
+    );
+    let _ = kubectl(&["delete", "clusterrolebinding", &binding]);
+    let _ = std::fs::remove_file(&kubeconfig);
+    println!("with view: {table}");
+    assert!(table.lines().count() >= 2, "no node listed: {table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
