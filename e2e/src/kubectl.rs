@@ -61,6 +61,22 @@ pub fn rollout_status(ns: &str, what: &str) -> anyhow::Result<()> {
     kubectl(&["-n", ns, "rollout", "status", what, "--timeout=120s"]).map(|_| ())
 }
 
+/// Runs the `kubectl-flowlens` plugin binary with `kubeconfig`:
+/// (success, stdout, stderr).
+pub fn kubectl_flowlens(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(crate::process::workspace_bin("kubectl-flowlens"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("running kubectl-flowlens");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `kubectl exec` in the first container of a pod.
 pub fn exec(ns: &str, pod: &str, cmd: &[&str]) -> anyhow::Result<String> {
     let mut args = vec!["-n", ns, "exec", pod, "--"];

@@ -219,7 +219,10 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
     );
     // `kubectl flowlens status` (the cluster admin's kubeconfig): the node
     // is listed with its revision applied and no problem.
-    let (ok, table, err) = kubectl_flowlens(&flowlens_e2e::cluster::kubeconfig_path(), &["status"]);
+    let (ok, table, err) = flowlens_e2e::kubectl::kubectl_flowlens(
+        &flowlens_e2e::cluster::kubeconfig_path(),
+        &["status"],
+    );
     println!("{table}{err}");
     assert!(ok, "kubectl flowlens status failed");
     let rows: Vec<&str> = table.lines().skip(1).collect();
@@ -231,21 +234,6 @@ async fn flowlens_runs_from_its_images_unprivileged_on_every_node() {
         );
         assert!(row.ends_with("none"), "a problem: {row}");
     }
-}
-
-/// Runs the kubectl plugin binary: (success, stdout, stderr).
-fn kubectl_flowlens(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `kubectl flowlens` as a user of the installed cluster: refused without a
@@ -260,7 +248,7 @@ async fn kubectl_flowlens_shows_a_user_what_rbac_allows() {
     flowlens_e2e::cluster::service_account_kubeconfig(&client, &ns.name, "viewer", &kubeconfig)
         .await
         .unwrap();
-    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["status"]);
+    let (ok, _, err) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["status"]);
     println!("without a role: {err}");
     assert!(!ok, "a user without a role listed node configs");
     assert!(err.contains("refused to list"), "{err}");
@@ -280,7 +268,7 @@ subjects: [{{kind: ServiceAccount, name: viewer, namespace: {ns}}}]
         Duration::from_millis(500),
         "status allowed through view",
         || {
-            let (ok, out, _) = kubectl_flowlens(&kubeconfig, &["status"]);
+            let (ok, out, _) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["status"]);
             ok.then_some(out)
         },
     );

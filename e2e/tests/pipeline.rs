@@ -497,21 +497,6 @@ async fn two_nodes(prefix: &str) -> TwoNodes {
     }
 }
 
-/// Runs the kubectl plugin binary: (success, stdout, stderr).
-fn kubectl_flowlens(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("kubectl-flowlens"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `kubectl flowlens` with a user's own kubeconfig: refused while the user
 /// has no role; with `flowlens-view` (deploy/base/user-rbac.yaml), `status`
 /// shows each node with its applied revision and no problem, and `top` the
@@ -541,14 +526,14 @@ async fn kubectl_flowlens_shows_nodes_and_top_flows_to_users_allowed_to_see_them
     let transfer = spawn_iperf3_timed(&sim.topo, db, web, &db_ip, 5201, 25, "20M");
 
     let kubeconfig = sim.user_kubeconfig(&shop, "viewer").await.unwrap();
-    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["status"]);
+    let (ok, _, err) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["status"]);
     println!("without a role: {err}");
     assert!(!ok, "a user without a role listed node configs");
     assert!(
         err.contains("refused to list nodeagentconfigs.flowlens.dev"),
         "{err}"
     );
-    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["top", &run]);
+    let (ok, _, err) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["top", &run]);
     assert!(!ok && err.contains("refused to get"), "{err}");
 
     sim.grant_cluster_role(
@@ -560,7 +545,7 @@ async fn kubectl_flowlens_shows_nodes_and_top_flows_to_users_allowed_to_see_them
     .await
     .unwrap();
     let table = poll(Duration::from_secs(10), "status allowed", || async {
-        let (ok, out, _) = kubectl_flowlens(&kubeconfig, &["status"]);
+        let (ok, out, _) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["status"]);
         ok.then_some(out)
     })
     .await
@@ -579,7 +564,7 @@ async fn kubectl_flowlens_shows_nodes_and_top_flows_to_users_allowed_to_see_them
     }
     // A window of the running transfer.
     let top = poll(Duration::from_secs(20), "web-1's flow in top", || async {
-        let (ok, top, err) = kubectl_flowlens(&kubeconfig, &["top", &run]);
+        let (ok, top, err) = flowlens_e2e::kubectl::kubectl_flowlens(&kubeconfig, &["top", &run]);
         assert!(ok, "{err}");
         top.contains(&format!("{shop}/web-1 ")).then_some(top)
     })
