@@ -2,14 +2,14 @@
 # Installs what building and testing Flowlens needs on a Debian 12 machine,
 # skipping whatever is already there (a warm run takes about a second):
 # Debian packages (traffic tools, bpftool, etcd, openssl, Lua 5.1 for the
-# Argo CD health checks), the nightly Rust toolchain with rust-src,
+# Argo CD health checks, Prometheus for the metrics tests), the nightly Rust toolchain with rust-src,
 # bpf-linker 0.10.1, cargo-nextest, cargo-fuzz.
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 packages=(iperf3 iputils-ping netcat-openbsd nftables conntrack iproute2 bpftool
-          etcd-server openssl curl jq socat ethtool hyperfine lua5.1)
+          etcd-server openssl curl jq socat ethtool hyperfine lua5.1 prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

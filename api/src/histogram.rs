@@ -66,6 +66,15 @@ impl Histogram {
         self.buckets.is_empty()
     }
 
+    /// The non-empty buckets as `(lower, upper, samples)`, in order: the
+    /// samples lie in `[lower, upper)` microseconds.
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.buckets.iter().map(|(&b, &n)| {
+            let lower = rtt_bucket_lower(b);
+            (lower, lower + rtt_bucket_width(b), n)
+        })
+    }
+
     /// Number of non-empty buckets.
     pub fn len(&self) -> usize {
         self.buckets.len()

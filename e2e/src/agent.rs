@@ -64,6 +64,8 @@ pub struct Agent {
 
 /// The HTTP address agents listen on inside their node namespace.
 pub(crate) const AGENT_HTTP: &str = "127.0.0.1:9990";
+/// Its port.
+pub const AGENT_HTTP_PORT: u16 = 9990;
 
 impl Agent {
     /// Starts an agent in standalone mode (config from a file) for `node`.
@@ -117,8 +119,10 @@ impl Agent {
             n.name.clone(),
             "--bpffs-root".to_owned(),
             topo.bpffs_root(node).display().to_string(),
+            // Every address of the node, as the DaemonSet's agent listens
+            // (Prometheus scrapes it at the node's address).
             "--http-addr".to_owned(),
-            AGENT_HTTP.to_owned(),
+            format!("0.0.0.0:{AGENT_HTTP_PORT}"),
             "--cgroup-root".to_owned(),
             n.cgroup.display().to_string(),
             "--token-file".to_owned(),

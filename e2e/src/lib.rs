@@ -6,8 +6,12 @@
 //!   veths, per-pod cgroups) and a delay line between zones.
 //! - [`agent`]: running a real `flowlens-agent` for a node and reading it back.
 //! - [`argocd`]: Argo CD's health checks of the Flowlens kinds, run in Lua.
+//! - [`fixtures`]: status reads and waits, and the two-node shop, shared by
+//!   the end-to-end tests.
 //! - [`kubectl`]: the real cluster (`just cluster`) as a user drives it.
 //! - [`process`]: child processes that die with the test.
+//! - [`prometheus`]: a real Prometheus scraping the operator and agents;
+//!   [`otlp`]: a real OTLP/gRPC receiver for the operator's export.
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
 //!   operator), with `proxy` for the API server; [`traffic`]: iperf3 and
 //!   `flowlens-traffic` runs.
@@ -19,11 +23,14 @@ pub mod agent;
 pub mod argocd;
 pub mod cluster;
 pub mod config;
+pub mod fixtures;
 pub mod kubectl;
 mod metrics;
 pub mod objects;
 pub mod operator;
+pub mod otlp;
 pub mod process;
+pub mod prometheus;
 mod proxy;
 pub mod sim;
 pub mod topology;

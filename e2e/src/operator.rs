@@ -78,6 +78,11 @@ pub fn http_post(
 impl Operator {
     /// Starts the operator with `extra` arguments and waits until it is ready.
     pub fn start(name: &str, extra: &[&str]) -> Operator {
+        Self::start_with_env(name, extra, &[])
+    }
+
+    /// [`Self::start`] with more environment variables.
+    pub fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Operator {
         let port = free_port();
         let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(workspace_bin("flowlens-operator"));
@@ -89,7 +94,8 @@ impl Operator {
         cmd.args(extra)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,flowlens_operator=debug")
-            .env("RUST_BACKTRACE", "0");
+            .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied());
         let log = std::env::temp_dir().join(format!("flowlens-operator-{name}-{port}.log"));
         let mut op = Operator {
             proc: Proc::spawn("operator", cmd, Some(log)),

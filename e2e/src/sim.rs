@@ -135,6 +135,11 @@ impl SimCluster {
 
     /// Starts the operator, reporting endpoint on the gateway address.
     pub fn start_operator(&mut self, extra: &[&str]) {
+        self.start_operator_with_env(extra, &[]);
+    }
+
+    /// [`Self::start_operator`] with more environment variables.
+    pub fn start_operator_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         let addr = self.collector.to_string();
         let url = format!("http://{addr}");
         let sa = format!("{}/{AGENT_SA}", self.agent_namespace);
@@ -147,7 +152,7 @@ impl SimCluster {
             &sa,
         ];
         args.extend_from_slice(extra);
-        self.operator = Some(Operator::start(&self.run, &args));
+        self.operator = Some(Operator::start_with_env(&self.run, &args, env));
     }
 
     /// Adds a pod: a network namespace behind `node` and a running Pod

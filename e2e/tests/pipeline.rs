@@ -12,11 +12,14 @@ use std::{
 
 use flowlens_api::{
     FlowPolicy, NetworkObservation, NodeAgentConfig,
-    flow_policy::FlowPolicyStatus,
     network_observation::{NetworkObservationStatus, TopFlow},
 };
 use flowlens_e2e::{
     cluster::unique_name,
+    fixtures::{
+        TwoNodes, condition, deny_web_to_db, observation, policy, status_after, two_nodes,
+        wait_enforced, wait_ready,
+    },
     kubectl::InterfaceCounters,
     operator::http_post,
     process::require_root,
@@ -31,102 +34,6 @@ fn now_s() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-async fn observation(sim: &SimCluster, name: &str) -> NetworkObservationStatus {
-    Api::<NetworkObservation>::all(sim.client.clone())
-        .get(name)
-        .await
-        .ok()
-        .and_then(|o| o.status)
-        .unwrap_or_default()
-}
-
-async fn policy(sim: &SimCluster, ns: &str, name: &str) -> FlowPolicyStatus {
-    Api::<FlowPolicy>::namespaced(sim.client.clone(), ns)
-        .get(name)
-        .await
-        .ok()
-        .and_then(|o| o.status)
-        .unwrap_or_default()
-}
-
-fn condition<'a>(
-    c: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    t: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    c.iter().find(|c| c.type_ == t)
-}
-
-/// Waits (30 s at most) until observation `name` is Ready.
-async fn wait_ready(sim: &SimCluster, name: &str) {
-    poll(
-        Duration::from_secs(30),
-        &format!("{name} Ready"),
-        || async {
-            let s = observation(sim, name).await;
-            condition(&s.conditions, "Ready")
-                .filter(|c| c.status == "True")
-                .map(|_| ())
-        },
-    )
-    .await
-    .unwrap();
-    let obj = Api::<NetworkObservation>::all(sim.client.clone())
-        .get(name)
-        .await
-        .unwrap();
-    assert_argo_healthy(&obj);
-}
-
-/// Argo CD's health check calls a Ready observation or an Enforced policy
-/// (as the API server serves it) Healthy.
-fn assert_argo_healthy(obj: &impl serde::Serialize) {
-    let obj = serde_json::to_value(obj).unwrap();
-    let health = flowlens_e2e::argocd::health(&obj).unwrap();
-    assert_eq!(
-        health.status, "Healthy",
-        "Argo CD health of {obj}: {health:?}"
-    );
-}
-
-/// Waits (30 s at most) until policy `ns/name` is Enforced.
-async fn wait_enforced(sim: &SimCluster, ns: &str, name: &str) {
-    poll(
-        Duration::from_secs(30),
-        &format!("{name} Enforced"),
-        || async {
-            let s = policy(sim, ns, name).await;
-            condition(&s.conditions, "Enforced")
-                .filter(|c| c.status == "True")
-                .map(|_| ())
-        },
-    )
-    .await
-    .unwrap();
-    let obj = Api::<FlowPolicy>::namespaced(sim.client.clone(), ns)
-        .get(name)
-        .await
-        .unwrap();
-    assert_argo_healthy(&obj);
-}
-
-/// Waits until status shows a window that started at or after `t` (so
-/// every window up to `t` is counted).
-async fn status_after(sim: &SimCluster, name: &str, t: i64) -> NetworkObservationStatus {
-    poll(
-        Duration::from_secs(45),
-        &format!("{name}: a window after {t}"),
-        || async {
-            let s = observation(sim, name).await;
-            s.last_window
-                .as_ref()
-                .is_some_and(|w| w.start.0.as_second() >= t)
-                .then_some(s)
-        },
-    )
-    .await
-    .unwrap()
 }
 
 fn flow<'a>(flows: &'a [TopFlow], src: &str, dst: &str, port: u16) -> Option<&'a TopFlow> {
@@ -441,60 +348,6 @@ async fn traffic_latency_zones_and_budgets_reach_observation_status() {
         "the agent stopped tracing the deleted observation"
     );
     sim.shutdown().await.unwrap();
-}
-
-/// Two nodes in two zones; web-1 on the first and db-1 on the second, in
-/// namespace `<run>-shop`.
-struct TwoNodes {
-    sim: SimCluster,
-    run: String,
-    a1: String,
-    b1: String,
-    shop: String,
-    web: usize,
-    db: usize,
-}
-
-/// FlowPolicy `deny-db` in `shop`: web pods may not connect to db:5432.
-async fn deny_web_to_db(sim: &SimCluster, shop: &str) {
-    sim.objects
-        .policy(
-            shop,
-            "deny-db",
-            json!({"podSelector": {"matchLabels": {"app": "web"}},
-                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}],
-                               "ports": [{"port": 5432}]}]}),
-        )
-        .await
-        .unwrap();
-}
-
-async fn two_nodes(prefix: &str) -> TwoNodes {
-    require_root();
-    let run = unique_name(prefix);
-    let (a1, b1) = (format!("{run}-a1"), format!("{run}-b1"));
-    let mut sim = SimCluster::new(&run, &[(&a1, "zone-a"), (&b1, "zone-b")])
-        .await
-        .unwrap();
-    let shop = format!("{run}-shop");
-    sim.objects.namespace(&shop, &[]).await.unwrap();
-    let web = sim
-        .add_pod(0, &shop, "web-1", &[("app", "web")], Some("web"))
-        .await
-        .unwrap();
-    let db = sim
-        .add_pod(1, &shop, "db-1", &[("app", "db")], Some("db"))
-        .await
-        .unwrap();
-    TwoNodes {
-        sim,
-        run,
-        a1,
-        b1,
-        shop,
-        web,
-        db,
-    }
 }
 
 /// `kubectl flowlens` with a user's own kubeconfig: refused while the user

@@ -667,11 +667,13 @@ impl ControlLoop {
             ("rtt", k.rtt_table_full, prev.rtt_table_full),
             ("connections", k.conn_table_full, prev.conn_table_full),
         ] {
+            // Exported at 0 from the start, so `increase()` sees the first.
+            let full = self
+                .metrics
+                .table_full
+                .get_or_create(&TableLabels { table });
             if now > before {
-                self.metrics
-                    .table_full
-                    .get_or_create(&TableLabels { table })
-                    .inc_by(now - before);
+                full.inc_by(now - before);
             }
         }
         if k.service_translated > prev.service_translated {

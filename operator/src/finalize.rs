@@ -14,7 +14,7 @@ use tracing::debug;
 use crate::{
     collect::{
         Directory,
-        merge::{MergeParams, merge},
+        merge::{MergeParams, merge_window},
     },
     collector::{Collector, now_ms},
     compile::{Compiler, Observation},
@@ -115,12 +115,15 @@ fn finalize_due(ctx: &Context, collector: &Collector, now: i64) {
             observation: obs,
         };
         let started = std::time::Instant::now();
-        let r = merge(w.start, w.end, &w.parts, &params, &dir);
+        let (r, flows) = merge_window(w.start, w.end, &w.parts, &params, &dir);
         ctx.metrics
             .merge_seconds
             .observe(started.elapsed().as_secs_f64());
         debug!(observation = %obs.name, start = w.start, end = w.end, nodes = r.nodes_reporting, bytes = r.bytes, "window final");
         ctx.metrics.windows_finalized.inc();
+        ctx.metrics
+            .results
+            .record_window(&w.uid, &obs.name, params.max_series, &r, &flows);
         ctx.results.publish(&w.uid, r);
         wake_observations.insert(obs.name.clone());
     }
@@ -140,6 +143,10 @@ fn finalize_due(ctx: &Context, collector: &Collector, now: i64) {
         })
         .collect();
     ctx.policy_results.retain(|k| c.policy(k).is_some());
+    ctx.metrics.results.record_policies(&known);
+    ctx.metrics
+        .results
+        .retain(|uid| by_uid.contains_key(uid), |k| c.policy(k).is_some());
     drop(c);
     ctx.policy_results.publish(known, through);
     // Policies whose counts did not make it (a failed write) are retried.

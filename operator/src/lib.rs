@@ -8,7 +8,9 @@
 //!   status functions plus a kube-runtime `Controller` each).
 //! - [`collect`] (pure) and [`collector`] (HTTP, [`auth`]): agents' reports
 //!   into the books of open windows; [`finalize`]: final windows merged.
-//! - [`results`]: final windows on their way to status.
+//! - [`results`]: final windows on their way to status;
+//!   [`result_metrics`]: the same windows as Prometheus series, which
+//!   [`otlp`] also pushes over OpenTelemetry.
 //! - `fuzz` (only under `cfg(fuzzing)` and in tests): the report path as
 //!   the fuzz target drives it (`fuzz/`).
 
@@ -29,6 +31,8 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod observation_status;
+pub mod otlp;
 pub mod policy_status;
+pub mod result_metrics;
 pub mod results;
 pub mod status_apply;

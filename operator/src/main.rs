@@ -125,6 +125,13 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+
+    /// Push observation and policy metrics over OTLP/gRPC to this endpoint
+    /// (e.g. `http://otel-collector:4317`). Also on when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`
+    /// is set; the other `OTEL_*` variables apply.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -298,6 +305,19 @@ async fn main() -> anyhow::Result<()> {
     let (policy_tx, policy_rx) = mpsc::unbounded_channel();
     let (obs_tx, obs_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(Metrics::new());
+    let otlp = if args.otlp_endpoint.is_some() || flowlens_operator::otlp::configured_by_env() {
+        let provider = flowlens_operator::otlp::start(
+            &metrics.results,
+            args.otlp_endpoint.as_deref(),
+        )
+        .context(
+            "starting the OTLP metrics export (check --otlp-endpoint and OTEL_EXPORTER_OTLP_*)",
+        )?;
+        info!("exporting metrics over OTLP");
+        Some(provider)
+    } else {
+        None
+    };
     let (server_tls, provisioned_tls) = collector_tls(&args, &client).await?;
     let compiler = new_compiler(&args, provisioned_tls.as_ref())?;
     let collector = new_collector(&args, &client);
@@ -328,6 +348,10 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
         _ = shutdown_signal() => info!("shutting down"),
+    }
+    if let Some(provider) = otlp {
+        let _ =
+            tokio::task::spawn_blocking(move || flowlens_operator::otlp::shutdown(provider)).await;
     }
     Ok(())
 }

@@ -1,10 +1,15 @@
-//! Prometheus metrics of the operator.
+//! Prometheus metrics of the operator: its own workings
+//! (`flowlens_operator_*`) and the results of observations and policies
+//! ([`ResultMetrics`]: `flowlens_observation_*`, `flowlens_flow_*`,
+//! `flowlens_policy_*`).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::result_metrics::ResultMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ControllerLabels {
@@ -61,6 +66,8 @@ pub struct Metrics {
     pub(crate) open_parts: Gauge,
     pub(crate) windows_finalized: Counter,
     pub(crate) merge_seconds: Histogram,
+    /// Each observation's and policy's series.
+    pub results: ResultMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -75,7 +82,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("flowlens_operator");
+        let mut root = Registry::default();
+        let results = ResultMetrics::default();
+        root.register_collector(Box::new(results.clone()));
+        let registry = root.sub_registry_with_prefix("flowlens_operator");
         let reconciles = Family::<ControllerLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_seconds = Family::<ControllerLabels, Histogram>::new_with_constructor(
@@ -167,7 +177,7 @@ impl Metrics {
             merge_seconds.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             reconciles,
             reconcile_errors,
             reconcile_seconds,
@@ -182,6 +192,7 @@ impl Metrics {
             open_parts,
             windows_finalized,
             merge_seconds,
+            results,
         }
     }
 

@@ -149,7 +149,24 @@ fn percentiles(h: &Histogram) -> LatencyPercentiles {
     }
 }
 
+/// One flow of a final window within the series budget (or the `other`
+/// bucket): what the observation's metrics export.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct MergedFlow {
+    pub source: FlowEndpoint,
+    pub destination: FlowEndpoint,
+    pub port: u16,
+    /// The IP protocol number (0 for the `other` bucket).
+    pub protocol: u8,
+    pub service: Option<String>,
+    pub traffic: Traffic,
+    /// Connections.
+    pub flows: u64,
+    pub rtt: Histogram,
+}
+
 /// Merges the parts (`(node, part)`) of the window `[start, end)`.
+#[cfg(any(test, fuzzing))]
 pub(crate) fn merge(
     start: i64,
     end: i64,
@@ -157,6 +174,18 @@ pub(crate) fn merge(
     params: &MergeParams,
     dir: &impl Directory,
 ) -> WindowResult {
+    merge_window(start, end, parts, params, dir).0
+}
+
+/// [`merge`], and every flow kept by the series budget (with `other`), by
+/// bytes: their traffic sums to the window's.
+pub(crate) fn merge_window(
+    start: i64,
+    end: i64,
+    parts: &[(String, ObservationWindow)],
+    params: &MergeParams,
+    dir: &impl Directory,
+) -> (WindowResult, Vec<MergedFlow>) {
     let mut r = WindowResult {
         start,
         end,
@@ -168,8 +197,22 @@ pub(crate) fn merge(
     let budget = apply_budget(flows, params.max_series);
     r.series = budget.series;
     r.folded_series = budget.folded.saturating_add(agent_folded);
-    r.top_flows = top_flows(budget.flows, params.top_n);
-    r
+    r.top_flows = top_flows(&budget.flows, params.top_n);
+    let flows = budget
+        .flows
+        .into_iter()
+        .map(|(id, acc)| MergedFlow {
+            source: id.source,
+            destination: id.destination,
+            port: id.port,
+            protocol: id.protocol,
+            service: id.service,
+            traffic: acc.traffic,
+            flows: acc.flows,
+            rtt: acc.rtt,
+        })
+        .collect();
+    (r, flows)
 }
 
 /// Sums every series of the parts into `r`'s totals (applying the counting
@@ -373,16 +416,16 @@ struct Budgeted {
 }
 
 /// The first `top_n` flows, as status shows them.
-fn top_flows(kept: Vec<(FlowId, FlowAcc)>, top_n: usize) -> Vec<TopFlow> {
-    kept.into_iter()
+fn top_flows(kept: &[(FlowId, FlowAcc)], top_n: usize) -> Vec<TopFlow> {
+    kept.iter()
         .take(top_n)
         .map(|(id, acc)| {
             let rtt = (!acc.rtt.is_empty()).then(|| percentiles(&acc.rtt));
             TopFlow {
-                source: id.source,
-                destination: id.destination,
+                source: id.source.clone(),
+                destination: id.destination.clone(),
                 port: id.port,
-                service: id.service,
+                service: id.service.clone(),
                 protocol: if id.protocol == 0 {
                     "-".into()
                 } else {
