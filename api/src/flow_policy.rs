@@ -260,6 +260,12 @@ pub struct FlowPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_until: Option<Time>,
 
+    /// Who tried to reach whom: the blocked and audited connection
+    /// attempts with the most attempts, seen in the last hour (at most 10;
+    /// `blocked` and `audited` count every match, named or not).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_blocked: Vec<TopAttempt>,
+
     /// Human-readable figures for `kubectl get flowpolicies`.
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,6 +317,32 @@ pub struct MatchCounters {
     /// Connection attempts matched: TCP SYNs and `connect()` calls rejected at
     /// the socket.
     pub connections: u64,
+}
+
+/// Attempts of one source to reach one destination, matched by the policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopAttempt {
+    /// `Blocked` (an `Enforce` rule dropped it) or `Audited`.
+    pub verdict: String,
+    /// Who opened the connection: `namespace/pod`, `node/<name>` (a node or
+    /// a host-network pod) or an IP address.
+    pub source: String,
+    /// Whom it tried to reach, named the same way (`service/namespace/name`
+    /// when a Service's address was refused as a whole).
+    pub destination: String,
+    /// The destination port.
+    pub port: u16,
+    /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6` or the IP protocol number.
+    pub protocol: String,
+    /// Connection attempts (TCP SYNs, `connect()` calls).
+    pub attempts: u64,
+    /// Packets matched.
+    pub packets: u64,
+    /// The last attempt.
+    pub last_seen: Time,
+    /// The node whose agent saw the last attempt.
+    pub node: String,
 }
 
 /// Preformatted figures for `kubectl get flowpolicies`.

@@ -211,6 +211,53 @@ pub struct PolicyMatches {
     pub name: String,
     pub blocked: Matches,
     pub audited: Matches,
+    /// Who tried to reach whom: the busiest of the window's blocked and
+    /// audited attempts (at most [`MAX_NAMED_ATTEMPTS`]; the counts above
+    /// hold every match, named or not).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<NamedAttempt>,
+}
+
+/// Most named attempts per policy in one window of one agent.
+pub const MAX_NAMED_ATTEMPTS: usize = 16;
+
+/// Whether a rule blocked or only audited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AttemptVerdict {
+    Blocked,
+    Audited,
+}
+
+/// Which side opened the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AttemptDirection {
+    /// The local pod tried to reach `peer` (its egress rules matched).
+    Egress,
+    /// `peer` tried to reach the local pod (its ingress rules matched).
+    Ingress,
+}
+
+/// Attempts of one local pod with one peer on one port, matched by one
+/// policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamedAttempt {
+    /// The local pod whose rules matched (`namespace/pod`).
+    pub pod: String,
+    pub direction: AttemptDirection,
+    /// The peer's IP address (through a Service, the Service's address).
+    pub peer: String,
+    /// The server's port.
+    pub port: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub verdict: AttemptVerdict,
+    /// Connection attempts (TCP SYNs, `connect()` calls).
+    pub attempts: u64,
+    /// Packets matched (for a protocol without connections, what was dropped).
+    pub packets: u64,
+    /// Unix seconds of the last match.
+    pub last_seen: i64,
 }
 
 /// The audience of the ServiceAccount tokens agents present to the

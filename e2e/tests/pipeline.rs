@@ -548,6 +548,73 @@ async fn policies_block_audit_and_count_in_status() {
         "audit counts every packet of the connections"
     );
 
+    // Who tried to reach whom: status names both sides and the port, with
+    // as many attempts as the client saw refused (or made, when audited).
+    let top = |s: &flowlens_api::flow_policy::FlowPolicyStatus| {
+        s.top_blocked
+            .iter()
+            .map(|t| {
+                (
+                    t.verdict.clone(),
+                    t.source.clone(),
+                    t.destination.clone(),
+                    t.port,
+                    t.protocol.clone(),
+                    t.attempts,
+                    t.node.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let blocked_top = top(&policy(&sim, &shop, "deny-db").await);
+    let audited_top = top(&policy(&sim, &shop, "audit-other").await);
+    println!("topBlocked: deny-db {blocked_top:?}; audit-other {audited_top:?}");
+    assert_eq!(
+        blocked_top,
+        [(
+            "Blocked".to_owned(),
+            format!("{shop}/web-1"),
+            format!("{shop}/db-1"),
+            5432,
+            "TCP".to_owned(),
+            denied,
+            a1.clone()
+        )]
+    );
+    assert_eq!(
+        audited_top,
+        [(
+            "Audited".to_owned(),
+            format!("{shop}/web-1"),
+            format!("{other}/ext-1"),
+            8080,
+            "TCP".to_owned(),
+            ok,
+            a1.clone()
+        )]
+    );
+
+    // `kubectl flowlens blocked` shows the same, from status.
+    let (ok_cli, table, err) = flowlens_e2e::kubectl::kubectl_flowlens(
+        &flowlens_e2e::cluster::kubeconfig_path(),
+        &["blocked", "-n", &shop],
+    );
+    println!("kubectl flowlens blocked -n {shop}:\n{table}");
+    assert!(ok_cli, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.contains("deny-db"))
+        .unwrap_or_else(|| panic!("no deny-db row:\n{table}"));
+    for cell in [
+        "Blocked",
+        &format!("{shop}/web-1"),
+        &format!("{shop}/db-1"),
+        "5432",
+        &denied.to_string(),
+    ] {
+        assert!(row.contains(cell), "{cell:?} not in {row:?}");
+    }
+
     // A node reports only for itself: node a1's token cannot speak for b1,
     // and no token gets nothing.
     let token =

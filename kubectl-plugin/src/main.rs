@@ -6,7 +6,10 @@
 //!   attached pods, policies in force and problems (NodeAgentConfigs).
 //! - `top <observation>`: the busiest flows of an observation's last window
 //!   (its status), refreshed with `--watch`.
+//! - `blocked`: who tried to reach whom and was blocked or audited, by
+//!   FlowPolicy (their `status.topBlocked`).
 
+mod blocked_table;
 mod flow_table;
 mod node_table;
 mod table;
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use flowlens_api::{NetworkObservation, NodeAgentConfig};
+use flowlens_api::{FlowPolicy, NetworkObservation, NodeAgentConfig};
 use kube::{
     Api, Client, Config,
     api::ListParams,
@@ -26,7 +29,7 @@ use kube::{
 #[command(
     name = "kubectl flowlens",
     version,
-    about = "Flowlens from kubectl: nodes' status and observations' top flows"
+    about = "Flowlens from kubectl: nodes' status, observations' top flows, blocked attempts"
 )]
 struct Cli {
     /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
@@ -62,6 +65,14 @@ enum Command {
         /// Seconds between refreshes with `--watch`.
         #[arg(long, default_value_t = 5)]
         interval: u64,
+    },
+    /// Blocked and audited attempts (source, destination, port) by FlowPolicy.
+    Blocked {
+        /// Only the policies of this namespace (default: every namespace).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only this policy (needs `--namespace`).
+        policy: Option<String>,
     },
 }
 
@@ -130,6 +141,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Blocked { namespace, policy } => {
+            let api = match &namespace {
+                Some(ns) => Api::<FlowPolicy>::namespaced(client, ns),
+                None => Api::<FlowPolicy>::all(client),
+            };
+            let policies = match (&policy, &namespace) {
+                (Some(name), Some(_)) => vec![
+                    api.get(name)
+                        .await
+                        .map_err(|e| explain(e, "get", "flowpolicies.flowlens.dev"))?,
+                ],
+                (Some(_), None) => {
+                    anyhow::bail!("a policy is named within its namespace: pass --namespace")
+                }
+                (None, _) => {
+                    api.list(&ListParams::default())
+                        .await
+                        .map_err(|e| explain(e, "list", "flowpolicies.flowlens.dev"))?
+                        .items
+                }
+            };
+            match cli.output {
+                Output::Table => {
+                    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+                    print!("{}", blocked_table::blocked_table(&policies, now));
+                }
+                Output::Json => {
+                    let rows: Vec<_> = policies
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "namespace": p.metadata.namespace,
+                                "policy": p.metadata.name,
+                                "topBlocked": p.status.as_ref().map(|s| &s.top_blocked),
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -165,8 +217,9 @@ fn explain(e: kube::Error, verb: &str, resource: &str) -> anyhow::Error {
         ),
         kube::Error::Api(s) if s.code == 404 && verb == "get" => {
             anyhow::anyhow!(
-                "{resource}: {} (`kubectl get networkobservations` lists them)",
-                s.message
+                "{resource}: {} (`kubectl get {}` lists them)",
+                s.message,
+                resource.split('.').next().unwrap_or(resource)
             )
         }
         kube::Error::Api(s) if s.code == 404 => anyhow::anyhow!(

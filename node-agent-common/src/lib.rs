@@ -200,6 +200,40 @@ pub struct RuleCounters {
     pub connections: u64,
 }
 
+/// Key of the table of named attempts: which local endpoint (scope), rule
+/// and verdict, and whom it tried to reach (or who tried to reach it) on
+/// which server port.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptKey {
+    /// [`rule_scope`] of the endpoint and the rules' direction.
+    pub scope: [u8; 4],
+    pub slot: u8,
+    /// [`VERDICT_DROP`] or [`VERDICT_AUDIT`].
+    pub verdict: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// The peer's port and the local one (host order): the server's port
+    /// is the first for egress rules, the second for ingress rules (the
+    /// agent picks; choosing here would cost the verifier a branch on the
+    /// rules' direction).
+    pub remote_port: u16,
+    pub local_port: u16,
+    /// The peer: the server (egress rules) or the client (ingress rules).
+    pub peer: [u8; 16],
+}
+
+/// What one [`AttemptKey`] matched in a window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttemptStats {
+    /// Connection attempts (TCP SYNs, `connect()` calls).
+    pub attempts: u64,
+    pub packets: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last match.
+    pub last_ns: u64,
+}
+
 /// Verdicts of the policy evaluation.
 pub const VERDICT_PASS: u8 = 0;
 pub const VERDICT_DROP: u8 = 1;
@@ -504,6 +538,8 @@ assert_size!(PeerKey, 24);
 assert_size!(PortKey, 8);
 assert_size!(RuleCounterKey, 8);
 assert_size!(RuleCounters, 16);
+assert_size!(AttemptKey, 28);
+assert_size!(AttemptStats, 24);
 assert_size!(ConnState, 8);
 assert_size!(PodAddrs, 32);
 assert_size!(DatapathConfig, 32);
@@ -533,6 +569,8 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for RuleCounterKey {}
     unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for AttemptKey {}
+    unsafe impl aya::Pod for AttemptStats {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for PodAddrs {}
     unsafe impl aya::Pod for PodInterface {}

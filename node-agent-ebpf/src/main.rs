@@ -144,13 +144,16 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         && let Some(svc) = service::frontend(generation, &p.dst, p.dport, p.protocol)
         && let Some(why) = service::any_blocked(generation, svc, &p.src, ep, p.protocol)
     {
-        policy::count(
-            generation,
-            why.endpoint_id,
-            &why.decision,
-            p.packets,
-            if syn { 1 } else { 0 },
-        );
+        // Named as the Service address on its port, whichever side's rules
+        // refused (no branch on the direction: see `policy::Peer`).
+        let peer = policy::Peer {
+            addr: p.dst,
+            remote_port: p.dport,
+            local_port: p.dport,
+            protocol: p.protocol,
+            attempt: syn as u8,
+        };
+        policy::count(generation, why.endpoint_id, &why.decision, p.packets, &peer);
         return TC_ACT_SHOT;
     }
     if ep.flags & (ENDPOINT_POLICY_EGRESS | ENDPOINT_POLICY_INGRESS) != 0 {
@@ -172,7 +175,14 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         ));
         key.direction = direction;
         if d.verdict != VERDICT_PASS {
-            policy::count(generation, ep.id, &d, p.packets, if syn { 1 } else { 0 });
+            let peer = policy::Peer {
+                addr: key.remote_addr,
+                remote_port: key.remote_port,
+                local_port: key.local_port,
+                protocol: p.protocol,
+                attempt: syn as u8,
+            };
+            policy::count(generation, ep.id, &d, p.packets, &peer);
             if d.verdict == VERDICT_DROP {
                 return TC_ACT_SHOT;
             }
@@ -669,7 +679,7 @@ fn on_sendmsg(
             1
         }
         service::Choice::Refused(why) => {
-            policy::count(generation, why.endpoint_id, &why.decision, 1, 0);
+            policy::count_unnamed(generation, why.endpoint_id, &why.decision, 1, 0);
             0
         }
         service::Choice::Unavailable => 1,
@@ -700,7 +710,7 @@ fn on_connect(
                 1
             }
             service::Choice::Refused(why) => {
-                policy::count(generation, why.endpoint_id, &why.decision, 0, 1);
+                policy::count_unnamed(generation, why.endpoint_id, &why.decision, 0, 1);
                 bump(COUNTER_CONNECT_DENIED);
                 forget_socket(ctx);
                 0
@@ -717,7 +727,14 @@ fn on_connect(
     if let Some(ep) = ep {
         let d = policy::evaluate(generation, ep, ROLE_CLIENT, &remote, protocol, port);
         if d.verdict == VERDICT_DROP {
-            policy::count(generation, ep.id, &d, 0, 1);
+            let peer = policy::Peer {
+                addr: remote,
+                remote_port: port,
+                local_port: port,
+                protocol,
+                attempt: 1,
+            };
+            policy::count(generation, ep.id, &d, 0, &peer);
             bump(COUNTER_CONNECT_DENIED);
             return 0;
         }
@@ -731,7 +748,14 @@ fn on_connect(
     } {
         let d = policy::evaluate(generation, peer, ROLE_SERVER, &local, protocol, port);
         if d.verdict == VERDICT_DROP {
-            policy::count(generation, peer.id, &d, 0, 1);
+            let client = policy::Peer {
+                addr: local,
+                remote_port: port,
+                local_port: port,
+                protocol,
+                attempt: 1,
+            };
+            policy::count(generation, peer.id, &d, 0, &client);
             bump(COUNTER_CONNECT_DENIED);
             return 0;
         }

@@ -1,7 +1,7 @@
 //! Every map of the datapath. All are pinned by name under the agent's pin
 //! root, so counters, configuration and enforcement survive the agent.
 //!
-//! Result maps (flows, overflow, RTT, rule counters) sit behind a one-slot array of maps:
+//! Result maps (flows, overflow, RTT, rule counters, named attempts) sit behind a one-slot array of maps:
 //! the agent swaps an empty map in, the kernel waits for running programs
 //! (`synchronize_rcu` on every map-in-map update), then the agent drains the
 //! old map with no concurrent writer. Nothing is lost or counted twice.
@@ -15,10 +15,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    BackendKey, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
-    FlowKey, FlowStats, FragKey, FragPorts, NUM_COUNTERS, NUM_DROP_REASONS, NUM_SUSPECT,
-    OverflowKey, PeerKey, PodAddrs, PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters,
-    ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey, ServiceSocket, SkbLayout,
+    AttemptKey, AttemptStats, BackendKey, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE,
+    EndpointInfo, EndpointKey, FlowKey, FlowStats, FragKey, FragPorts, NUM_COUNTERS,
+    NUM_DROP_REASONS, NUM_SUSPECT, OverflowKey, PeerKey, PodAddrs, PodInterface, PortKey, RttKey,
+    RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey,
+    ServiceSocket, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -27,6 +28,7 @@ pub const FLOW_TABLE_TEMPLATE: usize = 65536;
 pub const RTT_TABLE_TEMPLATE: usize = 65536;
 pub const OVERFLOW_TABLE_TEMPLATE: usize = 8192;
 pub const RULE_COUNTER_TEMPLATE: usize = 8192;
+pub const ATTEMPT_TABLE_TEMPLATE: usize = 4096;
 
 #[btf_map]
 pub static FL_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -106,6 +108,12 @@ pub static FL_RULE_CNT: ArrayOfMaps<
     HashMap<RuleCounterKey, RuleCounters, RULE_COUNTER_TEMPLATE>,
     1,
 > = ArrayOfMaps::new();
+
+/// Blocked and audited attempts by peer and port (bounded: a full table
+/// drops the name, never the count in `FL_RULE_CNT`).
+#[btf_map]
+pub static FL_ATTEMPTS: ArrayOfMaps<HashMap<AttemptKey, AttemptStats, ATTEMPT_TABLE_TEMPLATE>, 1> =
+    ArrayOfMaps::new();
 
 #[btf_map]
 pub static FL_RTT: ArrayOfMaps<HashMap<RttKey, u64, RTT_TABLE_TEMPLATE>, 1> = ArrayOfMaps::new();

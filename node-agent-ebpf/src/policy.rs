@@ -11,19 +11,20 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
     maps::lpm_trie::Key,
 };
 use flowlens_agent_common::{
-    COUNTER_CONN_TABLE_FULL, ConnKey, ConnState, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, EndpointInfo, PEER_SCOPE_BITS,
-    PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerKey, PortKey, ROLE_CLIENT,
-    ROLE_SERVER, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS,
-    rule_scope,
+    AttemptKey, AttemptStats, COUNTER_CONN_TABLE_FULL, ConnKey, ConnState, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, EndpointInfo,
+    PEER_SCOPE_BITS, PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerKey,
+    PortKey, ROLE_CLIENT, ROLE_SERVER, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP,
+    VERDICT_PASS, rule_scope,
 };
 
 use crate::{
     atomic::add_u64,
-    maps::{FL_CONNS, FL_PEERS, FL_PORTS, FL_RULE_CNT, bump},
+    maps::{FL_ATTEMPTS, FL_CONNS, FL_PEERS, FL_PORTS, FL_RULE_CNT, bump},
     packet::{Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -272,32 +273,131 @@ pub fn packet_decision(
     pack(d)
 }
 
-/// Adds a match to the counters of the deciding rule.
-#[inline(never)]
-pub fn count(generation: u32, ep_id: u32, d: &Decision, packets: u64, connections: u64) {
-    let Some(counters) = FL_RULE_CNT.get(0) else {
-        return;
-    };
-    let key = RuleCounterKey {
-        scope: rule_scope(generation, d.rule_direction, ep_id),
-        slot: d.slot,
-        verdict: d.verdict,
-        _pad: [0; 2],
-    };
-    if let Some(c) = counters.get_ptr_mut(&key) {
-        add_u64(unsafe { &raw mut (*c).packets }, packets);
-        add_u64(unsafe { &raw mut (*c).connections }, connections);
-        return;
-    }
-    let fresh = RuleCounters {
+/// Whom a match was with: the peer (the server for egress rules, the
+/// client for ingress rules), the server port and protocol, and whether it
+/// was a connection attempt.
+pub struct Peer {
+    pub addr: [u8; 16],
+    /// The peer's port and the local one (see [`AttemptKey`]).
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub protocol: u8,
+    /// 1 for a connection attempt (a TCP SYN, a `connect()` call), else 0.
+    pub attempt: u8,
+}
+
+/// Adds a match to the counters of the deciding rule and to the named
+/// attempts (peer and port). Inlined: it only packs its arguments into
+/// registers for [`count_packed`], so the verifier never follows pointers
+/// into the caller's stack from there (it did, and the TC program no longer
+/// verified within its budget).
+#[inline(always)]
+pub fn count(generation: u32, ep_id: u32, d: &Decision, packets: u64, peer: &Peer) {
+    let scope = u32::from_be_bytes(rule_scope(generation, d.rule_direction, ep_id));
+    let rule = (u64::from(scope) << 32) | (u64::from(d.slot) << 8) | u64::from(d.verdict);
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&peer.addr[..8]);
+    lo.copy_from_slice(&peer.addr[8..]);
+    let ports = (u64::from(peer.remote_port) << 48)
+        | (u64::from(peer.local_port) << 32)
+        | (u64::from(peer.protocol) << 8)
+        | u64::from(peer.attempt);
+    count_packed(rule, packets, ports);
+    name(
+        rule,
         packets,
-        connections,
-    };
-    if counters.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
-        // Another CPU inserted it first.
+        u64::from_ne_bytes(hi),
+        u64::from_ne_bytes(lo),
+        ports,
+    );
+}
+
+/// [`count`] without naming the peer: for Service connections refused at
+/// the socket, whose backend loop leaves the verifier too many states to
+/// follow another subprogram through.
+#[inline(always)]
+pub fn count_unnamed(generation: u32, ep_id: u32, d: &Decision, packets: u64, attempt: u8) {
+    let scope = u32::from_be_bytes(rule_scope(generation, d.rule_direction, ep_id));
+    let rule = (u64::from(scope) << 32) | (u64::from(d.slot) << 8) | u64::from(d.verdict);
+    count_packed(rule, packets, u64::from(attempt));
+}
+
+/// The rule counters of [`count`], from registers: `rule` is scope << 32 |
+/// slot << 8 | verdict; `ports` remote port << 48 | local port << 32 |
+/// protocol << 8 | attempt (and for [`name`], `hi`, `lo` the peer address).
+#[inline(never)]
+fn count_packed(rule: u64, packets: u64, ports: u64) {
+    let scope = ((rule >> 32) as u32).to_be_bytes();
+    let slot = (rule >> 8) as u8;
+    let verdict = rule as u8;
+    let connections = ports & 1;
+    if let Some(counters) = FL_RULE_CNT.get(0) {
+        let key = RuleCounterKey {
+            scope,
+            slot,
+            verdict,
+            _pad: [0; 2],
+        };
         if let Some(c) = counters.get_ptr_mut(&key) {
             add_u64(unsafe { &raw mut (*c).packets }, packets);
             add_u64(unsafe { &raw mut (*c).connections }, connections);
+        } else {
+            let fresh = RuleCounters {
+                packets,
+                connections,
+            };
+            if counters.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
+                // Another CPU inserted it first.
+                if let Some(c) = counters.get_ptr_mut(&key) {
+                    add_u64(unsafe { &raw mut (*c).packets }, packets);
+                    add_u64(unsafe { &raw mut (*c).connections }, connections);
+                }
+            }
+        }
+    }
+}
+
+/// The named attempts (its own subprogram, called after [`count_packed`]
+/// rather than from it: the stacks of nested calls add up).
+#[inline(never)]
+fn name(rule: u64, packets: u64, hi: u64, lo: u64, ports: u64) {
+    let scope = ((rule >> 32) as u32).to_be_bytes();
+    let slot = (rule >> 8) as u8;
+    let verdict = rule as u8;
+    let connections = ports & 1;
+    let Some(table) = FL_ATTEMPTS.get(0) else {
+        return;
+    };
+    let mut peer = [0u8; 16];
+    peer[..8].copy_from_slice(&hi.to_ne_bytes());
+    peer[8..].copy_from_slice(&lo.to_ne_bytes());
+    let key = AttemptKey {
+        scope,
+        slot,
+        verdict,
+        protocol: (ports >> 8) as u8,
+        _pad: 0,
+        remote_port: (ports >> 48) as u16,
+        local_port: (ports >> 32) as u16,
+        peer,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Two CPUs inserting the same new key at once lose one's first match
+    // (the name only; `FL_RULE_CNT` has the count).
+    match table.get_ptr_mut(&key) {
+        Some(a) => {
+            add_u64(unsafe { &raw mut (*a).attempts }, connections);
+            add_u64(unsafe { &raw mut (*a).packets }, packets);
+            unsafe { (*a).last_ns = now };
+        }
+        None => {
+            let fresh = AttemptStats {
+                attempts: connections,
+                packets,
+                last_ns: now,
+            };
+            let _ = table.insert(&key, &fresh, BPF_NOEXIST as u64);
         }
     }
 }

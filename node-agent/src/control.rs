@@ -720,6 +720,7 @@ impl ControlLoop {
             ("rtt", fill.rtt),
             ("overflow", fill.overflow),
             ("rules", fill.rules),
+            ("attempts", fill.attempts),
         ] {
             self.metrics
                 .table_entries

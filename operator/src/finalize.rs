@@ -14,6 +14,7 @@ use tracing::debug;
 use crate::{
     collect::{
         Directory,
+        attempts::{PeerNames, name_attempts},
         merge::{MergeParams, merge_window},
     },
     collector::{Collector, now_ms},
@@ -48,6 +49,25 @@ impl Directory for ObservationDirectory<'_> {
 
     fn zone(&self, node: &str) -> Option<&str> {
         self.compiler.node(node).and_then(|n| n.zone.as_deref())
+    }
+}
+
+/// Names the peers of blocked and audited attempts.
+struct PolicyPeers<'a> {
+    compiler: &'a Compiler,
+}
+
+impl PeerNames for PolicyPeers<'_> {
+    fn name(&self, ip: &IpAddr) -> Option<String> {
+        if let Some(p) = self.compiler.pod_by_ip(ip) {
+            return Some(format!("{}/{}", p.namespace, p.name));
+        }
+        if let Some(n) = self.compiler.node_by_address(ip) {
+            return Some(format!("node/{}", n.name));
+        }
+        self.compiler
+            .service_by_ip(ip)
+            .map(|s| format!("service/{}/{}", s.namespace, s.name))
     }
 }
 
@@ -135,11 +155,16 @@ fn finalize_due(ctx: &Context, collector: &Collector, now: i64) {
     };
     let (deltas, through) = deltas;
     let mut wake_policies = BTreeSet::new();
+    let names = PolicyPeers { compiler: &c };
     let known: Vec<_> = deltas
         .into_iter()
         .filter(|(k, _)| c.policy(k).is_some())
         .inspect(|(k, _)| {
             wake_policies.insert(k.clone());
+        })
+        .map(|(k, mut d)| {
+            d.top = name_attempts(&std::mem::take(&mut d.attempts), &names);
+            (k, d)
         })
         .collect();
     ctx.policy_results.retain(|k| c.policy(k).is_some());

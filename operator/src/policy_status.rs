@@ -65,6 +65,10 @@ pub(crate) fn write_policy_counts(deltas: &[PolicyDelta], s: &mut FlowPolicyStat
         if shown.is_some_and(|e| e >= d.end) {
             continue;
         }
+        if !d.top.is_empty() || !s.top_blocked.is_empty() {
+            s.top_blocked =
+                crate::collect::attempts::merge_top(&s.top_blocked, d.top.clone(), d.end);
+        }
         let b = s.blocked.get_or_insert_with(Default::default);
         // Saturating: the counters add up reports' counts.
         b.packets = b.packets.saturating_add(d.blocked.packets);

@@ -18,8 +18,9 @@ use std::{
 };
 
 use flowlens_agent_common::{
-    DIRECTION_EGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats, OverflowKey, PROTO_TCP,
-    RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, split_rule_scope,
+    AttemptKey, AttemptStats, DIRECTION_EGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey,
+    FlowStats, OverflowKey, PROTO_TCP, RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT,
+    VERDICT_DROP, split_rule_scope,
 };
 use flowlens_api::{
     GroupBy,
@@ -27,8 +28,9 @@ use flowlens_api::{
     network_observation::{FlowEndpoint, PodDimensions},
     node_agent_config::NodeAgentConfigSpec,
     report::{
-        Matches, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow, Role,
-        Series, Traffic,
+        AttemptDirection, AttemptVerdict, MAX_NAMED_ATTEMPTS, Matches, NamedAttempt,
+        ObservationWindow, POLICY_WINDOW_SECONDS, PolicyMatches, PolicyWindow, Role, Series,
+        Traffic,
     },
 };
 
@@ -41,6 +43,11 @@ pub(crate) struct Drained {
     pub overflow: Vec<(OverflowKey, FlowStats)>,
     pub rtt: Vec<(RttKey, u64)>,
     pub rules: Vec<(RuleCounterKey, RuleCounters)>,
+    /// Blocked and audited attempts by peer and port.
+    pub attempts: Vec<(AttemptKey, AttemptStats)>,
+    /// CLOCK_MONOTONIC (ns) when the tables were read: the kernel stamps
+    /// attempts with it.
+    pub read_at_ns: u64,
     /// Connections the connect hook translated from a Service frontend to
     /// a backend, with the Service's id (only those seen in `flows`).
     pub services: Vec<ConnService>,
@@ -195,6 +202,38 @@ pub(crate) struct AggregatorStats {
     pub folded_not_tracked: u64,
 }
 
+/// Named attempts tracked per policy in one window (the busiest
+/// [`MAX_NAMED_ATTEMPTS`] are reported).
+const MAX_TRACKED_ATTEMPTS: usize = 1024;
+
+/// One named attempt's identity within a policy's window.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AttemptId {
+    pod: String,
+    direction: u8,
+    peer: [u8; 16],
+    port: u16,
+    protocol: u8,
+    verdict: AttemptVerdict,
+}
+
+/// The busiest attempts, by attempts then packets, most recent first on a
+/// tie (at most [`MAX_NAMED_ATTEMPTS`]).
+fn busiest<'a>(named: impl Iterator<Item = &'a NamedAttempt>) -> Vec<NamedAttempt> {
+    let mut v: Vec<&NamedAttempt> = named.collect();
+    v.sort_by(|a, b| {
+        (b.attempts, b.packets, b.last_seen, &a.pod, &a.peer, a.port).cmp(&(
+            a.attempts,
+            a.packets,
+            a.last_seen,
+            &b.pod,
+            &b.peer,
+            b.port,
+        ))
+    });
+    v.into_iter().take(MAX_NAMED_ATTEMPTS).cloned().collect()
+}
+
 /// Per-observation windows and per-policy counters of one node.
 #[derive(Clone)]
 pub(crate) struct Aggregator {
@@ -204,6 +243,8 @@ pub(crate) struct Aggregator {
     roles: HashMap<ConnId, (Role, i64)>,
     policy_start: i64,
     policy: BTreeMap<(String, String), PolicyMatches>,
+    /// Named attempts of the open policy window, by policy.
+    named: BTreeMap<(String, String), HashMap<AttemptId, NamedAttempt>>,
     generation_tables: [Option<Arc<Tables>>; 2],
     closed: Vec<ObservationWindow>,
     /// The last part number used (observation and policy parts share the
@@ -283,6 +324,7 @@ impl Aggregator {
             observations: BTreeMap::new(),
             roles: HashMap::new(),
             policy_start: window_start(now_ms, POLICY_WINDOW_SECONDS),
+            named: BTreeMap::new(),
             policy: BTreeMap::new(),
             generation_tables: [None, None],
             closed: Vec::new(),
@@ -376,6 +418,7 @@ impl Aggregator {
         }
         self.add_overflow(&d.overflow);
         self.add_rule_counters(&d.rules);
+        self.add_attempts(&d.attempts, now_ms, d.read_at_ns);
         self.roles
             .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
     }
@@ -516,6 +559,106 @@ impl Aggregator {
         }
     }
 
+    /// Named attempts into the open policy window (at most
+    /// [`MAX_TRACKED_ATTEMPTS`] per policy; the counts hold the rest).
+    fn add_attempts(
+        &mut self,
+        attempts: &[(AttemptKey, AttemptStats)],
+        now_ms: i64,
+        read_at_ns: u64,
+    ) {
+        for (k, a) in attempts {
+            let (generation, direction, endpoint) = split_rule_scope(k.scope);
+            let Some(tables) = self.generation_tables[generation as usize].as_ref() else {
+                continue;
+            };
+            let (Some(rule), Some(ep)) = (
+                tables.slots.get(&(endpoint, direction, k.slot)),
+                tables.endpoint(endpoint),
+            ) else {
+                continue;
+            };
+            let verdict = match k.verdict {
+                VERDICT_DROP => AttemptVerdict::Blocked,
+                VERDICT_AUDIT => AttemptVerdict::Audited,
+                _ => continue,
+            };
+            let id = AttemptId {
+                pod: ep.key.clone(),
+                direction,
+                peer: k.peer,
+                // The server's port: the peer's when the local pod opened
+                // the connection.
+                port: if direction == DIRECTION_EGRESS {
+                    k.remote_port
+                } else {
+                    k.local_port
+                },
+                protocol: k.protocol,
+                verdict,
+            };
+            let ago_ms =
+                (read_at_ns.saturating_sub(a.last_ns) / 1_000_000).min(i64::MAX as u64) as i64;
+            let last_seen = now_ms.saturating_sub(ago_ms).div_euclid(1000);
+            let named = self
+                .named
+                .entry((rule.namespace.clone(), rule.policy.clone()))
+                .or_default();
+            let tracked = named.len();
+            match named.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let n = e.get_mut();
+                    n.attempts = n.attempts.saturating_add(a.attempts);
+                    n.packets = n.packets.saturating_add(a.packets);
+                    n.last_seen = n.last_seen.max(last_seen);
+                }
+                std::collections::hash_map::Entry::Vacant(e) if tracked < MAX_TRACKED_ATTEMPTS => {
+                    let id = e.key();
+                    let n = NamedAttempt {
+                        pod: id.pod.clone(),
+                        direction: if id.direction == DIRECTION_EGRESS {
+                            AttemptDirection::Egress
+                        } else {
+                            AttemptDirection::Ingress
+                        },
+                        peer: ip_from_bytes(&id.peer).to_string(),
+                        port: id.port,
+                        protocol: id.protocol,
+                        verdict,
+                        attempts: a.attempts,
+                        packets: a.packets,
+                        last_seen,
+                    };
+                    e.insert(n);
+                }
+                std::collections::hash_map::Entry::Vacant(_) => {}
+            }
+        }
+    }
+
+    /// The open policy window's matches, each with its busiest named
+    /// attempts.
+    fn policy_matches(&self) -> Vec<PolicyMatches> {
+        let mut out: BTreeMap<(String, String), PolicyMatches> = self.policy.clone();
+        for (key, named) in &self.named {
+            let m = out.entry(key.clone()).or_insert_with(|| PolicyMatches {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                ..Default::default()
+            });
+            m.attempts = busiest(named.values());
+        }
+        out.into_values().collect()
+    }
+
+    /// [`Self::policy_matches`], emptying the open policy window.
+    fn take_policy_matches(&mut self) -> Vec<PolicyMatches> {
+        let out = self.policy_matches();
+        self.policy.clear();
+        self.named.clear();
+        out
+    }
+
     /// Closes every window that ended by `now_ms`.
     pub(crate) fn close_due(&mut self, now_ms: i64) -> (Vec<ObservationWindow>, Vec<PolicyWindow>) {
         let mut out = std::mem::take(&mut self.closed);
@@ -537,8 +680,7 @@ impl Aggregator {
         let mut policies = Vec::new();
         let pw = i64::from(POLICY_WINDOW_SECONDS);
         if now_ms.div_euclid(1000) >= self.policy_start + pw {
-            let matches: Vec<PolicyMatches> =
-                std::mem::take(&mut self.policy).into_values().collect();
+            let matches = self.take_policy_matches();
             if !matches.is_empty() {
                 policies.push(PolicyWindow {
                     start: self.policy_start,
@@ -604,7 +746,7 @@ impl Aggregator {
         for (_, (view, w)) in std::mem::take(&mut self.observations) {
             out.push(self.finish(&view, w, false, true));
         }
-        let matches: Vec<PolicyMatches> = std::mem::take(&mut self.policy).into_values().collect();
+        let matches = self.take_policy_matches();
         let policies = if matches.is_empty() {
             Vec::new()
         } else {
@@ -635,14 +777,14 @@ impl Aggregator {
             .map(|((view, w), part)| window_part(view, w, part, false, true))
             .collect();
         let mut policies = Vec::new();
-        if !self.policy.is_empty() {
+        if !self.policy.is_empty() || !self.named.is_empty() {
             let now_s = now_ms.div_euclid(1000);
             policies.push(PolicyWindow {
                 start: self.policy_start,
                 window_seconds: (now_s - self.policy_start)
                     .clamp(1, i64::from(POLICY_WINDOW_SECONDS))
                     as u32,
-                policies: self.policy.values().cloned().collect(),
+                policies: self.policy_matches(),
                 part: self.next_part(),
             });
         }
@@ -667,7 +809,7 @@ impl Aggregator {
 
     /// Policy matches of the open policy window.
     pub(crate) fn policy_snapshot(&self) -> Vec<PolicyMatches> {
-        self.policy.values().cloned().collect()
+        self.policy_matches()
     }
 
     /// A completed part: `closed_early` when it was closed before its

@@ -1,9 +1,9 @@
 use std::sync::Arc;
 
 use flowlens_agent_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, FlowKey, FlowStats,
-    OverflowKey, RttKey, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP, rtt_bucket,
-    rule_scope, v4_mapped,
+    AttemptKey, AttemptStats, DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_FLAG_SYN,
+    FLOW_FLAG_SYN_ACK, FlowKey, FlowStats, OverflowKey, RttKey, RuleCounterKey, RuleCounters,
+    VERDICT_AUDIT, VERDICT_DROP, rtt_bucket, rule_scope, v4_mapped,
 };
 use flowlens_api::{node_agent_config::NodeAgentConfigSpec, report::Role};
 
@@ -403,6 +403,59 @@ fn rule_counters_are_attributed_through_the_generation_tables() {
         (m.blocked.packets, m.blocked.connections, m.audited.packets),
         (4, 3, 1)
     );
+}
+
+/// Named attempts reach the policy window with the local pod, the peer and
+/// the server's port (the remote port for egress rules), summed per peer
+/// and port, stamped with wall time from the kernel's monotonic clock; a
+/// scope the tables do not know is not named.
+#[test]
+fn named_attempts_are_attributed_and_summed() {
+    let mut a = agg();
+    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    a.set_generation_tables(1, tables);
+    let key = |generation, peer: u8| AttemptKey {
+        scope: rule_scope(generation, DIRECTION_EGRESS, 1),
+        slot: 0,
+        verdict: VERDICT_DROP,
+        protocol: 6,
+        _pad: 0,
+        remote_port: 5432,
+        local_port: 40000,
+        peer: ip(peer),
+    };
+    let stats = |attempts, last_ns| AttemptStats {
+        attempts,
+        packets: attempts,
+        last_ns,
+    };
+    // Read at monotonic 100 s, wall T0 + 1 s: a match at 98 s was 2 s ago.
+    let drained = |v| Drained {
+        attempts: v,
+        read_at_ns: 100_000_000_000,
+        ..Default::default()
+    };
+    a.ingest(
+        &drained(vec![
+            (key(1, 9), stats(3, 98_000_000_000)),
+            (key(0, 9), stats(5, 0)),
+        ]),
+        T0 + 1_000,
+    );
+    a.ingest(
+        &drained(vec![(key(1, 9), stats(2, 99_500_000_000))]),
+        T0 + 2_000,
+    );
+    let (_, p) = a.close_due(T0 + 10_000);
+    let named = &p[0].policies[0].attempts;
+    assert_eq!(named.len(), 1, "{named:?}");
+    let n = &named[0];
+    assert_eq!(n.peer, "10.0.0.9");
+    assert_eq!(n.pod, "a/client-1");
+    assert_eq!((n.port, n.protocol, n.attempts, n.packets), (5432, 6, 5, 5));
+    assert_eq!(n.direction, flowlens_api::report::AttemptDirection::Egress);
+    assert_eq!(n.verdict, flowlens_api::report::AttemptVerdict::Blocked);
+    assert_eq!(n.last_seen, (T0 + 1_500).div_euclid(1000));
 }
 
 /// What a killed agent's spool holds of its open windows: each as a part

@@ -26,6 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
 };
+use flowlens_agent_common::{AttemptKey, AttemptStats};
 use flowlens_agent_common::{
     DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS,
     OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PodAddrs, PodInterface, PortKey,
@@ -60,11 +61,29 @@ const PINNED_MAPS: &[&str] = &[
     "FL_OVERFLOW",
     "FL_RTT",
     "FL_RULE_CNT",
+    "FL_ATTEMPTS",
     "FL_SERVICES",
     "FL_SVC_BACKENDS",
     "FL_SVC_CONNS",
     "FL_SVC_SOCKS",
 ];
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Capacity of each named-attempts table (blocked and audited attempts by
+/// peer and port, per drain). A full table loses names, never counts.
+const ATTEMPT_TABLE_SIZE: u32 = 4096;
 
 /// Which hook to use for RTT samples.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -119,6 +138,7 @@ pub(crate) struct TableFill {
     pub rtt: (usize, u32),
     pub overflow: (usize, u32),
     pub rules: (usize, u32),
+    pub attempts: (usize, u32),
 }
 
 pub struct Datapath {
@@ -129,6 +149,7 @@ pub struct Datapath {
     overflow: Swappable<OverflowKey, FlowStats>,
     rtt: Swappable<RttKey, u64>,
     rules: Swappable<RuleCounterKey, RuleCounters>,
+    attempts: Swappable<AttemptKey, AttemptStats>,
     generation: u32,
     /// Tables written to each generation by this agent (None: unknown).
     written: [Option<Arc<Tables>>; 2],
@@ -186,6 +207,13 @@ impl Datapath {
         let overflow = Swappable::open(&mut ebpf, &layout, "FL_OVERFLOW", "overflow", 8192)?;
         let rtt = Swappable::open(&mut ebpf, &layout, "FL_RTT", "rtt", opts.rtt_table_size)?;
         let rules = Swappable::open(&mut ebpf, &layout, "FL_RULE_CNT", "rules", 16384)?;
+        let attempts = Swappable::open(
+            &mut ebpf,
+            &layout,
+            "FL_ATTEMPTS",
+            "attempts",
+            ATTEMPT_TABLE_SIZE,
+        )?;
 
         let config = read_config(&mut ebpf)?;
         let mut dp = Datapath {
@@ -196,6 +224,7 @@ impl Datapath {
             overflow,
             rtt,
             rules,
+            attempts,
             generation: config.epoch & 1,
             written: [None, None],
             cgroups: None,
@@ -231,6 +260,12 @@ impl Datapath {
             } else {
                 dp.rules.read_spare()?
             },
+            attempts: if counted(dp.attempts.spare_id())? {
+                Vec::new()
+            } else {
+                dp.attempts.read_spare()?
+            },
+            read_at_ns: monotonic_ns(),
             // Before any config: Service names are not known yet.
             services: Vec::new(),
         };
@@ -666,6 +701,7 @@ impl Datapath {
             self.overflow.spare_id()?,
             self.rtt.spare_id()?,
             self.rules.spare_id()?,
+            self.attempts.spare_id()?,
         ])
     }
 
@@ -675,7 +711,8 @@ impl Datapath {
         self.flows.clear_spare()?;
         self.overflow.clear_spare()?;
         self.rtt.clear_spare()?;
-        self.rules.clear_spare()
+        self.rules.clear_spare()?;
+        self.attempts.clear_spare()
     }
 
     /// Swaps out and reads every result table (emptying the tables the
@@ -691,11 +728,13 @@ impl Datapath {
         let overflow = self.overflow.swap_and_read(&mut self.ebpf)?;
         let rtt = self.rtt.swap_and_read(&mut self.ebpf)?;
         let rules = self.rules.swap_and_read(&mut self.ebpf)?;
+        let attempts = self.attempts.swap_and_read(&mut self.ebpf)?;
         self.fill = TableFill {
             flows: (flows.len(), self.flows.capacity()),
             rtt: (rtt.len(), self.rtt.capacity()),
             overflow: (overflow.len(), self.overflow.capacity()),
             rules: (rules.len(), self.rules.capacity()),
+            attempts: (attempts.len(), self.attempts.capacity()),
         };
         let known: Vec<&crate::tables::services::ServiceTables> = self
             .written
@@ -711,6 +750,8 @@ impl Datapath {
         d.overflow.extend(overflow);
         d.rtt.extend(rtt);
         d.rules.extend(rules);
+        d.attempts.extend(attempts);
+        d.read_at_ns = monotonic_ns();
         Ok(d)
     }
 
@@ -725,6 +766,8 @@ impl Datapath {
             overflow: self.overflow.peek()?,
             rtt: self.rtt.peek()?,
             rules: self.rules.peek()?,
+            attempts: self.attempts.peek()?,
+            read_at_ns: monotonic_ns(),
         })
     }
 

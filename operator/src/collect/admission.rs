@@ -41,7 +41,10 @@ use std::collections::HashMap;
 
 use flowlens_api::{
     network_observation::FlowEndpoint,
-    report::{ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportBatch, Series},
+    report::{
+        MAX_NAMED_ATTEMPTS, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportBatch,
+        Series,
+    },
 };
 
 /// How far in the future (seconds) a window may start: clocks of nodes
@@ -79,10 +82,11 @@ pub(crate) enum Refusal {
     TooManyAgents,
     TooManySeries,
     FieldTooLong,
+    BadAddress,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Refusal; 10] = [
+    pub(crate) const ALL: [Refusal; 11] = [
         Refusal::MisalignedWindow,
         Refusal::WrongWindowSeconds,
         Refusal::FutureWindow,
@@ -93,6 +97,7 @@ impl Refusal {
         Refusal::TooManyAgents,
         Refusal::TooManySeries,
         Refusal::FieldTooLong,
+        Refusal::BadAddress,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -107,6 +112,7 @@ impl Refusal {
             Refusal::TooManyAgents => "TooManyAgents",
             Refusal::TooManySeries => "TooManySeries",
             Refusal::FieldTooLong => "FieldTooLong",
+            Refusal::BadAddress => "BadAddress",
         }
     }
 }
@@ -241,9 +247,65 @@ fn check_fields(batch: &ReportBatch) -> Result<(), Refused> {
                 format!("policyWindows[{i}].policies[{j}].namespace")
             })?;
             check_len(&p.name, || format!("policyWindows[{i}].policies[{j}].name"))?;
+            let at = format!("policyWindows[{i}].policies[{j}].attempts");
+            if p.attempts.len() > MAX_NAMED_ATTEMPTS {
+                return Err(refused(
+                    Refusal::FieldTooLong,
+                    at,
+                    format!(
+                        "{} attempts, at most {MAX_NAMED_ATTEMPTS}",
+                        p.attempts.len()
+                    ),
+                ));
+            }
+            for (k, a) in p.attempts.iter().enumerate() {
+                check_len(&a.pod, || format!("{at}[{k}].pod"))?;
+                check_len(&a.peer, || format!("{at}[{k}].peer"))?;
+            }
         }
     }
     Ok(())
+}
+
+/// Keeps the named attempts a node may truthfully report: of a pod on it
+/// (or deleted since), with a peer that is an IP address. The rest are
+/// dropped one by one (the policy's counts stay).
+fn admit_attempts(
+    scope: &impl Scope,
+    node: &str,
+    p: &mut flowlens_api::report::PolicyMatches,
+    at: &str,
+    dropped: &mut Vec<Refused>,
+) {
+    let mut k = 0;
+    p.attempts.retain(|a| {
+        let here = format!("{at}.attempts[{k}]");
+        k += 1;
+        let local =
+            a.pod
+                .split_once('/')
+                .is_some_and(|(ns, name)| match scope.pod_node(ns, name) {
+                    None => true,
+                    Some(n) => n == Some(node),
+                });
+        if !local {
+            dropped.push(refused(
+                Refusal::ForeignPod,
+                format!("{here}.pod"),
+                format!("{} is not a pod of node {node}", a.pod),
+            ));
+            return false;
+        }
+        if a.peer.parse::<std::net::IpAddr>().is_err() {
+            dropped.push(refused(
+                Refusal::BadAddress,
+                format!("{here}.peer"),
+                format!("{:?} is not an IP address", a.peer),
+            ));
+            return false;
+        }
+        true
+    });
 }
 
 /// Start and length of one window, whatever it belongs to: aligned, not
@@ -334,6 +396,15 @@ impl Admission {
                     format!("{} is older than the agents' buffer", w.start),
                 ));
                 continue;
+            }
+            for (j, p) in w.policies.iter_mut().enumerate() {
+                admit_attempts(
+                    scope,
+                    node,
+                    p,
+                    &format!("{at}.policies[{j}]"),
+                    &mut out.dropped,
+                );
             }
             let mut j = 0;
             w.policies.retain(|p| {

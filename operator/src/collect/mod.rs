@@ -14,6 +14,7 @@
 //! [`crate::collector`].
 
 pub(crate) mod admission;
+pub(crate) mod attempts;
 pub(crate) mod deadline_clock;
 pub(crate) mod merge;
 pub(crate) mod observation_book;

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use flowlens_api::report::{Matches, PolicyWindow};
+use flowlens_api::{
+    flow_policy::TopAttempt,
+    report::{Matches, NamedAttempt, PolicyWindow},
+};
 
 use super::{Accepted, Timing};
 
@@ -20,6 +23,11 @@ pub(crate) struct PolicyDelta {
     pub audited: Matches,
     /// Nodes that reported matches.
     pub nodes: u32,
+    /// Named attempts, `(node, attempt)`, as the agents reported them.
+    pub attempts: Vec<(String, NamedAttempt)>,
+    /// The same, named for status (by the finalizer, which knows the
+    /// cluster).
+    pub top: Vec<TopAttempt>,
 }
 
 #[derive(Debug, Default)]
@@ -93,7 +101,7 @@ impl PolicyBook {
             let w = self.windows.remove(&start).expect("first window");
             self.finalized_through = end;
             let mut sums: BTreeMap<PolicyKey, PolicyDelta> = BTreeMap::new();
-            for ((_node, _, _), part) in &w.parts {
+            for ((node, _, _), part) in &w.parts {
                 for p in &part.policies {
                     let d = sums
                         .entry((p.namespace.clone(), p.name.clone()))
@@ -103,6 +111,8 @@ impl PolicyBook {
                         });
                     d.blocked.add(&p.blocked);
                     d.audited.add(&p.audited);
+                    d.attempts
+                        .extend(p.attempts.iter().map(|a| (node.clone(), a.clone())));
                 }
             }
             for (key, d) in &mut sums {
@@ -152,6 +162,7 @@ mod tests {
                     connections: blocked,
                 },
                 audited: Matches::default(),
+                attempts: Vec::new(),
             }],
         }
     }

@@ -261,6 +261,12 @@ impl Compiler {
         self.by_ip.get(ip).and_then(|k| self.pods.get(k))
     }
 
+    /// The Service with this cluster IP (a scan: for naming the few refused
+    /// Service connections of a window, not for a hot path).
+    pub(crate) fn service_by_ip(&self, ip: &IpAddr) -> Option<&ServiceInfo> {
+        self.services.values().find(|s| s.cluster_ips.contains(ip))
+    }
+
     /// The node whose address this is: one of its InternalIP and ExternalIP
     /// addresses, or the IP of a host-network pod on it.
     pub(crate) fn node_by_address(&self, ip: &IpAddr) -> Option<&NodeInfo> {

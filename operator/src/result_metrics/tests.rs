@@ -296,8 +296,8 @@ fn deleted_objects_lose_their_series() {
     let delta = PolicyDelta {
         end: 110,
         blocked,
-        audited: Matches::default(),
         nodes: 1,
+        ..Default::default()
     };
     let key = |n: &str| ("shop".to_string(), n.to_string());
     m.record_policies(&[(key("p"), delta.clone()), (key("q"), delta.clone())]);

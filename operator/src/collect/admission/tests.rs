@@ -87,6 +87,7 @@ fn policy_window(start: i64, policies: &[&str]) -> PolicyWindow {
         policies: policies
             .iter()
             .map(|n| PolicyMatches {
+                attempts: Vec::new(),
                 namespace: "ns".into(),
                 name: (*n).into(),
                 blocked: Matches {
@@ -286,6 +287,55 @@ fn series_of_pods_on_other_nodes_drop_the_part() {
     s.local.node = Some("b".into());
     w.series = vec![s];
     assert_eq!(dropped(batch(vec![w], vec![])).1, vec![Refusal::ForeignPod]);
+}
+
+/// A node names only attempts of its own pods (or of pods deleted since),
+/// with an IP address as the peer; the rest go one by one, the counts stay.
+#[test]
+fn named_attempts_of_other_nodes_pods_or_without_an_address_are_dropped() {
+    use flowlens_api::report::{AttemptDirection, AttemptVerdict, NamedAttempt};
+    let named = |pod: &str, peer: &str| NamedAttempt {
+        pod: pod.into(),
+        direction: AttemptDirection::Egress,
+        peer: peer.into(),
+        port: 5432,
+        protocol: 6,
+        verdict: AttemptVerdict::Blocked,
+        attempts: 1,
+        packets: 1,
+        last_seen: NOW_S,
+    };
+    let mut w = policy_window(START, &["p"]);
+    w.policies[0].attempts = vec![
+        named("ns/here", "10.0.0.9"),
+        named("ns/there", "10.0.0.9"),
+        named("ns/gone", "fd00::9"),
+        named("ns/here", "not-an-ip"),
+        named("no-slash", "10.0.0.9"),
+    ];
+    let (a, reasons) = dropped(batch(vec![], vec![w.clone()]));
+    assert_eq!(
+        reasons,
+        vec![
+            Refusal::ForeignPod,
+            Refusal::BadAddress,
+            Refusal::ForeignPod
+        ]
+    );
+    assert_eq!(
+        a.dropped[0].field,
+        "policyWindows[0].policies[0].attempts[1].pod"
+    );
+    let kept: Vec<&str> = a.policy_windows[0].policies[0]
+        .attempts
+        .iter()
+        .map(|n| n.pod.as_str())
+        .collect();
+    assert_eq!(kept, vec!["ns/here", "ns/gone"]);
+    assert_eq!(a.policy_windows[0].policies[0].blocked.connections, 1);
+    // More than an agent sends refuses the batch.
+    w.policies[0].attempts = vec![named("ns/here", "10.0.0.9"); MAX_NAMED_ATTEMPTS + 1];
+    assert_eq!(batch_refusal(batch(vec![], vec![w])), Refusal::FieldTooLong);
 }
 
 #[test]
