@@ -567,6 +567,27 @@ async fn an_agent_kill_9_lets_no_blocked_connection_through_and_loses_no_count()
     let counted = blocked_in_status(&ns.name, attempts).await;
     println!("agent kill -9: status counts {counted} blocked connects; the client made {attempts}");
     assert_eq!(counted, attempts, "blocked attempts lost or counted twice");
+    // Named too, across the kill: web to db on 5432, every attempt.
+    let top = Api::<FlowPolicy>::namespaced(client().await.unwrap(), &ns.name)
+        .get("web-no-db")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .top_blocked;
+    println!("agent kill -9: topBlocked {top:?}");
+    assert_eq!(top.len(), 1, "{top:?}");
+    let t = &top[0];
+    assert_eq!(
+        (t.verdict.as_str(), t.port, t.protocol.as_str()),
+        ("Blocked", 5432, "TCP")
+    );
+    assert!(
+        t.source == format!("{}/{web}", ns.name)
+            && t.destination.starts_with(&format!("{}/db", ns.name)),
+        "{t:?}"
+    );
+    assert_eq!(t.attempts, attempts, "named attempts lost or counted twice");
 }
 
 fn lease_holder() -> String {
