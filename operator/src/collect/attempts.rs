@@ -4,7 +4,10 @@
 //! `status.topBlocked` (bounded: the [`MAX_TOP_ATTEMPTS`] with the most
 //! attempts, each seen within [`TOP_ATTEMPT_TTL_S`]).
 
-use std::net::IpAddr;
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    net::IpAddr,
+};
 
 use flowlens_api::{
     flow_policy::TopAttempt,
@@ -30,7 +33,7 @@ pub(crate) fn name_attempts(
     attempts: &[(String, NamedAttempt)],
     names: &impl PeerNames,
 ) -> Vec<TopAttempt> {
-    let mut out: Vec<TopAttempt> = Vec::new();
+    let mut out: Vec<TopAttempt> = Vec::with_capacity(attempts.len());
     for (node, a) in attempts {
         let peer = match a.peer.parse::<IpAddr>() {
             Ok(ip) => names
@@ -57,9 +60,9 @@ pub(crate) fn name_attempts(
             last_seen: time(a.last_seen),
             node: node.clone(),
         };
-        add(&mut out, t);
+        out.push(t);
     }
-    out
+    sum(out)
 }
 
 fn time(unix_s: i64) -> Time {
@@ -72,18 +75,35 @@ fn key(t: &TopAttempt) -> Key<'_> {
     (&t.verdict, &t.source, &t.destination, t.port, &t.protocol)
 }
 
-/// Adds `t` to `list`, summing with the entry of the same key.
-fn add(list: &mut Vec<TopAttempt>, t: TopAttempt) {
-    if let Some(e) = list.iter_mut().find(|e| key(e) == key(&t)) {
-        e.attempts = e.attempts.saturating_add(t.attempts);
-        e.packets = e.packets.saturating_add(t.packets);
-        if t.last_seen.0 >= e.last_seen.0 {
-            e.last_seen = t.last_seen;
-            e.node = t.node;
+/// The entries summed per key (attempts, packets; the latest `lastSeen`
+/// and its node), in the order keys first appear. Hashed: a window brings
+/// up to 16 attempts per policy from every node.
+fn sum(items: impl IntoIterator<Item = TopAttempt>) -> Vec<TopAttempt> {
+    type Owned = (String, String, String, u16, String);
+    let owned = |t: &TopAttempt| -> Owned {
+        let (v, s, d, p, pr) = key(t);
+        (v.to_owned(), s.to_owned(), d.to_owned(), p, pr.to_owned())
+    };
+    let mut out: Vec<TopAttempt> = Vec::new();
+    let mut index: HashMap<Owned, usize> = HashMap::new();
+    for t in items {
+        match index.entry(owned(&t)) {
+            Entry::Occupied(i) => {
+                let e = &mut out[*i.get()];
+                e.attempts = e.attempts.saturating_add(t.attempts);
+                e.packets = e.packets.saturating_add(t.packets);
+                if t.last_seen.0 >= e.last_seen.0 {
+                    e.last_seen = t.last_seen;
+                    e.node = t.node;
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(out.len());
+                out.push(t);
+            }
         }
-    } else {
-        list.push(t);
     }
+    out
 }
 
 /// `status.topBlocked` after adding a window's named attempts: entries not
@@ -94,10 +114,7 @@ pub(crate) fn merge_top(
     new: Vec<TopAttempt>,
     now_s: i64,
 ) -> Vec<TopAttempt> {
-    let mut all: Vec<TopAttempt> = current.to_vec();
-    for t in new {
-        add(&mut all, t);
-    }
+    let mut all = sum(current.iter().cloned().chain(new));
     all.retain(|t| t.last_seen.0.as_second() > now_s - TOP_ATTEMPT_TTL_S);
     all.sort_by(|a, b| {
         (b.attempts, b.packets, b.last_seen.0)
