@@ -91,9 +91,27 @@ install_packages() {
   pkill -x containerd 2>/dev/null || true
 }
 
+# API aggregation (the live flows API): its own CA, so that no user's client
+# certificate can pass for the API server's proxy.
+make_front_proxy_pki() {
+  [[ -f "$pki/front-proxy-client.crt" ]] && return 0
+  (
+    cd "$pki"
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-ca.key 2>/dev/null
+    openssl req -x509 -new -key front-proxy-ca.key -days 3650 -subj "/CN=flowlens-front-proxy-ca" \
+      -out front-proxy-ca.crt 2>/dev/null
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-client.key 2>/dev/null
+    openssl req -new -key front-proxy-client.key -subj "/CN=front-proxy-client" -out front-proxy-client.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n' > front-proxy-client.ext
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -days 3650 -extfile front-proxy-client.ext -out front-proxy-client.crt 2>/dev/null
+    rm -f front-proxy-client.csr front-proxy-client.ext
+  )
+}
+
 make_pki() {
   local ip=$1
-  [[ -f "$pki/ca.crt" && -f "$pki/node-ip" && $(cat "$pki/node-ip") == "$ip" ]] && return 0
+  [[ -f "$pki/ca.crt" && -f "$pki/node-ip" && $(cat "$pki/node-ip") == "$ip" ]] && { make_front_proxy_pki; return 0; }
   log "creating a CA and the certificates of every component"
   rm -rf "$pki" && mkdir -p "$pki"
   (
@@ -146,6 +164,7 @@ EOF
     done
     chmod 600 ./*.key ./*.kubeconfig
   )
+  make_front_proxy_pki
 }
 
 write_configs() {
@@ -276,7 +295,12 @@ start_control_plane() {
       --service-account-issuer "https://kubernetes.default.svc.$cluster_domain" \
       --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
       --service-cluster-ip-range "$service_cidr" \
-      --allow-privileged=true --profiling=false --cert-dir "$top/apiserver-certs"
+      --allow-privileged=true --profiling=false --cert-dir "$top/apiserver-certs" \
+      --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+      --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+      --requestheader-extra-headers-prefix X-Remote-Extra- \
+      --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
+      --enable-aggregator-routing=true
   fi
   wait_for kube-apiserver 90 "kube-apiserver was not ready" \
     curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "https://$ip:$api_port/readyz"

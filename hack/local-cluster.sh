@@ -79,6 +79,26 @@ make_pki() {
   )
 }
 
+# API aggregation (the live flows API): the API server proxies to aggregated
+# servers with a client certificate of this CA, which they trust for the
+# X-Remote-User/X-Remote-Group headers naming the user.
+make_front_proxy_pki() {
+  [[ -f "$pki/front-proxy-client.crt" ]] && return 0
+  log "creating the front-proxy CA and client certificate (API aggregation)"
+  (
+    cd "$pki"
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-ca.key 2>/dev/null
+    openssl req -x509 -new -key front-proxy-ca.key -days 3650 -subj "/CN=flowlens-front-proxy-ca" \
+      -out front-proxy-ca.crt 2>/dev/null
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-client.key 2>/dev/null
+    openssl req -new -key front-proxy-client.key -subj "/CN=front-proxy-client" -out front-proxy-client.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n' > front-proxy-client.ext
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -days 3650 -extfile front-proxy-client.ext -out front-proxy-client.crt 2>/dev/null
+    rm -f front-proxy-client.csr front-proxy-client.ext
+  )
+}
+
 write_kubeconfig() {
   local b64="base64 -w0"
   cat > "$kubeconfig.tmp" <<EOF
@@ -149,6 +169,14 @@ start_apiserver() {
     --allow-privileged=true \
     --profiling=false \
     --cert-dir "$state/apiserver-certs" \
+    --requestheader-client-ca-file "$pki/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$pki/front-proxy-client.crt" \
+    --proxy-client-key-file "$pki/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     > "$logs/kube-apiserver.log" 2>&1 < /dev/null &
   echo $! > "$run/kube-apiserver.pid"
 }
@@ -197,6 +225,7 @@ cmd_up() {
   mkdir -p "$logs" "$run"
   find_binaries
   make_pki
+  make_front_proxy_pki
   start_etcd
   start_apiserver
   wait_ready

@@ -21,6 +21,7 @@ pub mod group_by;
 pub mod histogram;
 pub mod label_selector;
 pub mod labels;
+pub mod live;
 pub mod network_observation;
 pub mod node_agent_config;
 pub mod patterns;

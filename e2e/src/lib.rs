@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod fixtures;
 pub mod kubectl;
+pub mod live;
 mod metrics;
 pub mod objects;
 pub mod operator;

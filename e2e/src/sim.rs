@@ -285,6 +285,67 @@ impl SimCluster {
         bind_cluster_role(&self.client, &self.run, &binding, role, namespace, sa).await
     }
 
+    /// Applies the ClusterRoles of `file` and binds `role` of them to
+    /// ServiceAccount `namespace/sa` in `namespace` only (a RoleBinding).
+    pub async fn grant_role_in_namespace(
+        &self,
+        file: &str,
+        role: &str,
+        namespace: &str,
+        sa: &str,
+    ) -> anyhow::Result<()> {
+        let roles = apply_cluster_roles(&self.client, file).await?;
+        anyhow::ensure!(
+            roles.iter().any(|r| r == role),
+            "{file} has no ClusterRole {role}"
+        );
+        let binding = format!("{}-{sa}", self.run);
+        let b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": binding, "namespace": namespace,
+                         "labels": {crate::objects::TEST_LABEL: self.run}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
+        }))?;
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(self.client.clone(), namespace)
+            .patch(
+                &binding,
+                &PatchParams::apply("flowlens-e2e").force(),
+                &Patch::Apply(&b),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Starts the operator with its report endpoint (and the live API) on
+    /// TLS: `tls`'s certificate, which agents verify with its CA.
+    pub fn start_operator_tls(&mut self, tls: &crate::live::CollectorCerts, extra: &[&str]) {
+        let addr = self.collector.to_string();
+        let url = format!("https://{addr}");
+        let sa = format!("{}/{AGENT_SA}", self.agent_namespace);
+        let (cert, key, ca) = (
+            tls.cert.display().to_string(),
+            tls.key.display().to_string(),
+            tls.ca.display().to_string(),
+        );
+        let mut args = vec![
+            "--collector-addr",
+            &addr,
+            "--collector-url",
+            &url,
+            "--agent-service-account",
+            &sa,
+            "--collector-tls-cert",
+            &cert,
+            "--collector-tls-key",
+            &key,
+            "--collector-ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        self.operator = Some(Operator::start_with_env(&self.run, &args, &[]));
+    }
+
     /// Starts every node's agent and waits until each applies its config.
     pub async fn start_agents(&mut self) -> anyhow::Result<()> {
         for node in 0..self.topo.nodes.len() {

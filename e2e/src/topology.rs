@@ -27,7 +27,7 @@ use crate::process::{Proc, require_root, run, run_quiet, workspace_bin};
 
 /// The root-namespace address agents use to reach the API server and the
 /// operator in end-to-end tests (a SAN of the local API server certificate).
-pub(crate) const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const GATEWAY_PEER: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 
 /// The pods' IPv4 gateway: the node's side of every pod veth.

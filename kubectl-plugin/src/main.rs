@@ -8,10 +8,14 @@
 //!   (its status), refreshed with `--watch`.
 //! - `blocked`: who tried to reach whom and was blocked or audited, by
 //!   FlowPolicy (their `status.topBlocked`).
+//! - `observe`: live flows, seconds after the packets, with blocked and
+//!   audited attempts and their policy (the live API, through the API
+//!   server: `list`/`watch` on `flows.live.flowlens.dev`).
 
 mod blocked_table;
 mod flow_table;
 mod node_table;
+mod observe;
 mod table;
 
 use std::time::Duration;
@@ -29,7 +33,7 @@ use kube::{
 #[command(
     name = "kubectl flowlens",
     version,
-    about = "Flowlens from kubectl: nodes' status, observations' top flows, blocked attempts"
+    about = "Flowlens from kubectl: live flows, nodes' status, observations' top flows, blocked attempts"
 )]
 struct Cli {
     /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
@@ -74,6 +78,53 @@ enum Command {
         /// Only this policy (needs `--namespace`).
         policy: Option<String>,
     },
+    /// Live flows: connections as they happen, blocked and audited attempts
+    /// with their policy.
+    Observe {
+        /// Only this namespace's pods (default: every namespace you may read).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only flows of this pod (on either side).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only flows of this workload's pods (`Deployment/web` or `web`).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only flows to this server port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<VerdictArg>,
+        /// Keep printing new flows until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start with the flows of this long ago (`30s`, `5m`; at most 5m).
+        /// Default: 10s, or none with `--follow`.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerdictArg {
+    Forwarded,
+    Blocked,
+    Audited,
+}
+
+impl From<VerdictArg> for flowlens_api::live::LiveVerdict {
+    fn from(v: VerdictArg) -> Self {
+        match v {
+            VerdictArg::Forwarded => Self::Forwarded,
+            VerdictArg::Blocked => Self::Blocked,
+            VerdictArg::Audited => Self::Audited,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    flowlens_api::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -88,6 +139,31 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = client(&cli).await?;
     match cli.command {
+        Command::Observe {
+            namespace,
+            pod,
+            workload,
+            port,
+            verdict,
+            follow,
+            since,
+        } => {
+            let filter = observe::Filter {
+                pod,
+                workload,
+                port,
+                verdict: verdict.map(Into::into),
+            };
+            observe(
+                client,
+                cli.output,
+                namespace.as_deref(),
+                &filter,
+                follow,
+                since,
+            )
+            .await?;
+        }
         Command::Status => {
             let configs = Api::<NodeAgentConfig>::all(client)
                 .list(&ListParams::default())
@@ -179,6 +255,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams the live API's lines, filtered, until it ends (or forever with
+/// `follow`).
+async fn observe(
+    client: Client,
+    output: Output,
+    namespace: Option<&str>,
+    filter: &observe::Filter,
+    follow: bool,
+    since: Option<Duration>,
+) -> anyhow::Result<()> {
+    use futures::{AsyncBufReadExt as _, TryStreamExt as _};
+    let path = observe::path(namespace, follow, since.map(|d| d.as_secs()));
+    let request = http::Request::get(&path).body(Vec::new())?;
+    let body = client.request_stream(request).await.map_err(|e| {
+        let resource = "flows.live.flowlens.dev";
+        match &e {
+            kube::Error::Api(s) if s.code == 404 || s.code == 503 => anyhow::anyhow!(
+                "the live flows API is not available ({}): is the APIService v1alpha1.live.flowlens.dev installed and Available (`kubectl get apiservice v1alpha1.live.flowlens.dev`), and the operator running?",
+                s.message
+            ),
+            _ => explain(e, if follow { "watch" } else { "list" }, resource),
+        }
+    })?;
+    let mut lines = body.lines();
+    while let Some(text) = lines
+        .try_next()
+        .await
+        .context("reading the live flows stream")?
+    {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let l: flowlens_api::live::LiveLine = match serde_json::from_str(&text) {
+            Ok(l) => l,
+            Err(e) => {
+                anyhow::bail!("the live flows API sent a line that is not a flow ({e}): {text}")
+            }
+        };
+        match output {
+            Output::Json => {
+                if let flowlens_api::live::LiveLine::Flow(r) = &l
+                    && !filter.matches(r)
+                {
+                    continue;
+                }
+                println!("{text}");
+            }
+            Output::Table => {
+                if let Some(s) = observe::render(&l, filter) {
+                    println!("{s}");
                 }
             }
         }

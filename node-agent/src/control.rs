@@ -52,6 +52,8 @@ pub enum Event {
     ConfigObject(String),
     /// Windows and policy matches as they stand now, without draining (for `dump`).
     Preview(tokio::sync::oneshot::Sender<Preview>),
+    /// Someone started observing live flows: drain every second.
+    LiveWatched,
     /// Stop: drain and flush open windows as incomplete parts.
     Shutdown,
 }
@@ -75,6 +77,8 @@ pub struct Reporting {
     pub spool: Option<Spool>,
     /// The last part number a predecessor (the spool) may have used.
     pub last_part: u64,
+    /// Live records for `kubectl flowlens observe`.
+    pub live: Arc<crate::report::live::LiveFeed>,
 }
 
 #[derive(Clone, Debug)]
@@ -105,7 +109,7 @@ const APPLY_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Pods without an interface listed in the node's status.
 const MISSING_PODS_LISTED: usize = 20;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -198,6 +202,11 @@ impl ControlLoop {
                 Ok(Event::ConfigObject(uid)) => self.shared.update(|s| s.config_uid = Some(uid)),
                 Ok(Event::Preview(reply)) => {
                     let _ = reply.send(self.preview());
+                }
+                Ok(Event::LiveWatched) => {
+                    if self.spec.is_some() {
+                        self.schedule_flow_drain(now_ms());
+                    }
                 }
                 Ok(Event::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.shutdown();
@@ -577,7 +586,11 @@ impl ControlLoop {
     fn schedule_flow_drain(&mut self, now: i64) {
         let fill = self.datapath.fill.flows;
         let pressure = fill.1 > 0 && fill.0 as u64 * 2 > u64::from(fill.1);
-        let cap = if pressure {
+        let live = self
+            .reporting
+            .as_ref()
+            .is_some_and(|r| r.live.watching(now));
+        let cap = if pressure || live {
             1000
         } else {
             self.opts.max_drain_interval.as_millis() as i64
@@ -612,6 +625,11 @@ impl ControlLoop {
             .drain_seconds
             .observe(started.elapsed().as_secs_f64());
         self.count(&drained, now);
+        if let Some(r) = &self.reporting
+            && r.live.watching(now)
+        {
+            r.live.push(self.agg.live_records(&drained, now));
+        }
         self.schedule_flow_drain(now);
         let kernel = self.datapath.counters().unwrap_or_default();
         self.shared.update(|s| {

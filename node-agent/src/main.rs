@@ -247,6 +247,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|r| r.agent.clone())
         .unwrap_or_else(report::new_agent_id);
     let outbox = report::Outbox::default();
+    let live = Arc::new(report::live::LiveFeed::default());
     let last_part = restored.as_ref().map_or(0, |r| r.next_part);
     if let Some(r) = restored {
         info!(agent = %r.agent, windows = r.windows.len(), policy_windows = r.policies.len(), "reporting what the previous agent's spool held");
@@ -269,6 +270,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             wake: wake_tx,
             spool,
             last_part,
+            live: live.clone(),
         }),
     );
     let control_thread = std::thread::Builder::new()
@@ -283,6 +285,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let router = http::router(shared.clone(), metrics.clone(), events_tx.clone());
         spawn_http_server(args.http_addr, router);
         start_config_source(&args, &node, &shared, &events_tx).await?;
+        if reports {
+            tokio::spawn(report::live::run(
+                live,
+                node.clone(),
+                args.collector_url.clone(),
+                args.token_file.clone(),
+                shared.clone(),
+                events_tx.clone(),
+            ));
+        }
         let reporter_task = spawn_reporter(
             &args,
             &node,

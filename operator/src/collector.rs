@@ -27,8 +27,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use flowlens_api::report::{
-    ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportAck, ReportBatch,
+use flowlens_api::{
+    live::{LIVE_POLL_HOLD_SECONDS, LivePush, LiveReply},
+    report::{ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportAck, ReportBatch},
 };
 use tracing::{debug, info, warn};
 
@@ -42,6 +43,10 @@ use crate::{
     },
     compile::{Compiler, Observation},
     context::Context,
+    live::{
+        api::{ClientCert, FrontProxySetting},
+        hub::LiveHub,
+    },
     metrics::{KindLabels, PartLabels, RefusalLabels},
 };
 
@@ -69,6 +74,10 @@ pub struct Collector {
     pub(crate) admission: Mutex<Admission>,
     /// Stands still while reports cannot be verified.
     pub(crate) deadline_clock: Mutex<crate::collect::deadline_clock::DeadlineClock>,
+    /// Live records and their readers ([`crate::live`]).
+    pub live: Arc<LiveHub>,
+    /// How the API server proxies live-API readers (or why it cannot).
+    pub front_proxy: FrontProxySetting,
 }
 
 impl Collector {
@@ -80,6 +89,10 @@ impl Collector {
             policies: Mutex::new(PolicyBook::new(timing, POLICY_WINDOW_SECONDS)),
             admission: Mutex::new(Admission::new()),
             deadline_clock: Mutex::default(),
+            live: Arc::default(),
+            front_proxy: Arc::new(std::sync::RwLock::new(Err(
+                "the API server's front-proxy settings are not read yet".into(),
+            ))),
         }
     }
 }
@@ -101,13 +114,20 @@ struct Endpoint {
 }
 
 pub fn router(ctx: Arc<Context>, collector: Arc<Collector>) -> Router {
+    let live = crate::live::api::router(
+        collector.live.clone(),
+        collector.front_proxy.clone(),
+        ctx.metrics.clone(),
+    );
     Router::new()
         .route("/v1/reports", post(report))
+        .route("/v1/live", post(live_push))
         .with_state(Endpoint {
             ctx,
             collector,
             turns: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPORTS)),
         })
+        .merge(live)
 }
 
 /// Answers a refused request: counted by outcome; logged once a minute per
@@ -197,10 +217,15 @@ async fn report(
     {
         return too_large(&ctx, &collector);
     }
-    let (node, batch) = match authenticate(&ctx, &collector, &headers, body).await {
-        Ok(x) => x,
-        Err(refused) => return refused,
-    };
+    let (node, batch) =
+        match authenticate::<ReportBatch>(&ctx, &collector, &headers, body, MAX_REPORT_BYTES, |b| {
+            &b.node
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(refused) => return refused,
+        };
     let agent = batch.agent.clone();
     let now = now_ms();
     let (known, admitted) = {
@@ -273,6 +298,103 @@ async fn report(
     axum::Json(ack).into_response()
 }
 
+/// Largest live push accepted ([`MAX_LIVE_PUSH`] records of a few hundred
+/// bytes).
+const MAX_LIVE_BYTES: usize = 4 << 20;
+
+/// `POST /v1/live`: an agent's live records (see [`crate::live`]), admitted
+/// and published; the answer says whether anyone reads, after holding the
+/// request up to [`LIVE_POLL_HOLD_SECONDS`] while nobody does.
+async fn live_push(
+    State(Endpoint { ctx, collector, .. }): State<Endpoint>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !ctx.sync.is_synced() {
+        return reply(
+            &ctx,
+            &collector,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the operator is starting (initial sync); retry".into(),
+        );
+    }
+    let (node, push) =
+        match authenticate::<LivePush>(&ctx, &collector, &headers, body, MAX_LIVE_BYTES, |p| {
+            &p.node
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(refused) => return refused,
+        };
+    let now = now_ms();
+    let lost = push.lost;
+    let admitted = if push.records.is_empty() {
+        Default::default()
+    } else {
+        let compiler = ctx.compiler.lock().expect("compiler lock");
+        crate::live::admit::admit(
+            push,
+            &node,
+            &LiveNodeScope {
+                compiler: &compiler,
+            },
+            now,
+        )
+    };
+    let m = &ctx.metrics.live_records;
+    m.get_or_create(&KindLabels { kind: "admitted" })
+        .inc_by(admitted.records.len() as u64);
+    m.get_or_create(&KindLabels { kind: "dropped" })
+        .inc_by(admitted.dropped as u64);
+    m.get_or_create(&KindLabels { kind: "lost" }).inc_by(lost);
+    if let Some(why) = &admitted.reason
+        && collector
+            .admission
+            .lock()
+            .expect("admission lock")
+            .should_log(&node, "live_dropped", now)
+    {
+        warn!(%node, dropped = admitted.dropped, "dropped live records: {why} (logged once a minute per node)");
+    }
+    if !admitted.records.is_empty() {
+        collector.live.publish(admitted.records, now);
+    }
+    let watching = collector.live.readers() > 0
+        || collector
+            .live
+            .wait_for_reader(std::time::Duration::from_secs(LIVE_POLL_HOLD_SECONDS))
+            .await;
+    axum::Json(LiveReply { watching }).into_response()
+}
+
+/// Who a node's live records may name.
+struct LiveNodeScope<'a> {
+    compiler: &'a Compiler,
+}
+
+impl crate::collect::attempts::PeerNames for LiveNodeScope<'_> {
+    fn name(&self, ip: &std::net::IpAddr) -> Option<String> {
+        crate::finalize::peer_name(self.compiler, ip)
+    }
+}
+
+impl crate::live::admit::LiveScope for LiveNodeScope<'_> {
+    fn pod(&self, namespace: &str, name: &str) -> Option<(Option<&str>, String)> {
+        self.compiler.pod(&format!("{namespace}/{name}")).map(|p| {
+            (
+                p.node.as_deref(),
+                format!("{}/{}", p.workload.kind, p.workload.name),
+            )
+        })
+    }
+
+    fn policy_on_node(&self, namespace: &str, name: &str, node: &str) -> bool {
+        NodeScope::new(self.compiler, node).policy_on_node(namespace, name)
+    }
+}
+
 /// 413: the agent splits its backlog into smaller batches.
 fn too_large(ctx: &Context, collector: &Collector) -> Response {
     reply(
@@ -284,14 +406,17 @@ fn too_large(ctx: &Context, collector: &Collector) -> Response {
     )
 }
 
-/// Checks the token, reads and parses the batch and checks that the agent reports for
-/// its own node. Returns the node and the batch, or the refusal.
-async fn authenticate(
+/// Checks the token, reads and parses the body (a `T` of at most `max`
+/// bytes) and checks that the agent speaks for its own node (`node_of_body`).
+/// Returns the node and the body, or the refusal.
+async fn authenticate<T: serde::de::DeserializeOwned>(
     ctx: &Context,
     collector: &Collector,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(String, ReportBatch), Response> {
+    max: usize,
+    node_of_body: impl Fn(&T) -> &str,
+) -> Result<(String, T), Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -320,10 +445,10 @@ async fn authenticate(
         }
     };
     // Only now is the body read.
-    let Ok(body) = axum::body::to_bytes(body, MAX_REPORT_BYTES).await else {
+    let Ok(body) = axum::body::to_bytes(body, max).await else {
         return Err(too_large(ctx, collector));
     };
-    let batch: ReportBatch = match serde_json::from_slice(&body) {
+    let batch: T = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
             return Err(reply(
@@ -331,13 +456,19 @@ async fn authenticate(
                 collector,
                 StatusCode::BAD_REQUEST,
                 "invalid",
-                format!("the report is not a ReportBatch: {e}"),
+                format!(
+                    "the body is not a {}: {e}",
+                    std::any::type_name::<T>()
+                        .rsplit("::")
+                        .next()
+                        .unwrap_or("report")
+                ),
             ));
         }
     };
     let node = node_of(&id, &ctx.compiler.lock().expect("compiler lock"));
     match node {
-        Ok(n) if n == batch.node => Ok((n, batch)),
+        Ok(n) if n == node_of_body(&batch) => Ok((n, batch)),
         Ok(n) => Err(reply(
             ctx,
             collector,
@@ -345,7 +476,8 @@ async fn authenticate(
             "forbidden",
             format!(
                 "{} runs on node {n} and may not report for node {}",
-                id.user, batch.node
+                id.user,
+                node_of_body(&batch)
             ),
         )),
         Err(msg) => Err(reply(
@@ -528,9 +660,12 @@ impl Scope for NodeScope<'_> {
 }
 
 /// The report endpoint's certificate, replaceable while serving (the
-/// operator renews what it provisions; see [`crate::collector_tls`]).
+/// operator renews what it provisions; see [`crate::collector_tls`]), and
+/// the CA of client certificates it asks for (the API server's front-proxy
+/// CA, for the live API; agents present none and use tokens).
 pub struct ServerTls {
     config: std::sync::RwLock<Arc<rustls::ServerConfig>>,
+    pem: std::sync::Mutex<(String, String, Option<String>)>,
 }
 
 /// How long a client may take to finish its TLS handshake.
@@ -553,13 +688,24 @@ impl ServerTls {
     /// From a PEM certificate chain and key.
     pub fn from_pem(cert: &str, key: &str) -> anyhow::Result<ServerTls> {
         Ok(ServerTls {
-            config: std::sync::RwLock::new(server_config(cert, key)?),
+            config: std::sync::RwLock::new(server_config(cert, key, None)?),
+            pem: std::sync::Mutex::new((cert.to_owned(), key.to_owned(), None)),
         })
     }
 
     /// Serves a new certificate to connections from now on.
     pub fn replace(&self, cert: &str, key: &str) -> anyhow::Result<()> {
-        *self.config.write().expect("tls lock") = server_config(cert, key)?;
+        let mut pem = self.pem.lock().expect("tls lock");
+        *self.config.write().expect("tls lock") = server_config(cert, key, pem.2.as_deref())?;
+        (pem.0, pem.1) = (cert.to_owned(), key.to_owned());
+        Ok(())
+    }
+
+    /// Asks clients for a certificate signed by `ca` (PEM) from now on.
+    pub fn set_client_ca(&self, ca: Option<&str>) -> anyhow::Result<()> {
+        let mut pem = self.pem.lock().expect("tls lock");
+        *self.config.write().expect("tls lock") = server_config(&pem.0, &pem.1, ca)?;
+        pem.2 = ca.map(str::to_owned);
         Ok(())
     }
 
@@ -568,7 +714,11 @@ impl ServerTls {
     }
 }
 
-fn server_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn server_config(
+    cert: &str,
+    key: &str,
+    client_ca: Option<&str>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -576,13 +726,31 @@ fn server_config(cert: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConf
         .context("parsing the collector's certificate (PEM)")?;
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
         .context("parsing the collector's private key (PEM)")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the collector's certificate and key do not match")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots
+                    .add(c.context("parsing the front-proxy CA (PEM)")?)
+                    .context("the front-proxy CA is not a usable certificate")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("the collector's certificate and key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -624,6 +792,15 @@ pub async fn serve(
                         return;
                     }
                 };
+            // A verified client certificate (the API server's, proxying a
+            // live-API reader) is known to every request of the connection.
+            let cn = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::live::front_proxy::common_name(c));
+            let router = router.layer(axum::Extension(ClientCert(cn)));
             let service = hyper_util::service::TowerToHyperService::new(router);
             if let Err(e) =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())

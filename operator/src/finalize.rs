@@ -59,16 +59,22 @@ struct PolicyPeers<'a> {
 
 impl PeerNames for PolicyPeers<'_> {
     fn name(&self, ip: &IpAddr) -> Option<String> {
-        if let Some(p) = self.compiler.pod_by_ip(ip) {
-            return Some(format!("{}/{}", p.namespace, p.name));
-        }
-        if let Some(n) = self.compiler.node_by_address(ip) {
-            return Some(format!("node/{}", n.name));
-        }
-        self.compiler
-            .service_by_ip(ip)
-            .map(|s| format!("service/{}/{}", s.namespace, s.name))
+        peer_name(self.compiler, ip)
     }
+}
+
+/// A peer address as the cluster names it: `namespace/pod`, `node/<name>`,
+/// `service/<namespace>/<name>`.
+pub(crate) fn peer_name(compiler: &Compiler, ip: &IpAddr) -> Option<String> {
+    if let Some(p) = compiler.pod_by_ip(ip) {
+        return Some(format!("{}/{}", p.namespace, p.name));
+    }
+    if let Some(n) = compiler.node_by_address(ip) {
+        return Some(format!("node/{}", n.name));
+    }
+    compiler
+        .service_by_ip(ip)
+        .map(|s| format!("service/{}/{}", s.namespace, s.name))
 }
 
 /// Finalizes due windows once a second: merges them and wakes the status

@@ -28,6 +28,7 @@ pub mod finalize;
 pub mod fuzz;
 pub mod http;
 pub mod leader;
+pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod observation_status;

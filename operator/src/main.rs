@@ -333,10 +333,13 @@ async fn main() -> anyhow::Result<()> {
     let collector_router = collector::router(ctx.clone(), collector.clone());
     let collector_addr = args.collector_addr;
     let collector_server = collector::serve(collector_addr, collector_router, server_tls.clone());
+    let live_setup =
+        flowlens_operator::live::setup::run(ctx.clone(), collector.clone(), server_tls.clone());
 
     tokio::select! {
         _ = renew_collector_tls(&args, ctx.clone(), server_tls, provisioned_tls) => error!("certificate renewal ended"),
         r = collector_server => error!(addr = %collector_addr, "report endpoint failed: {r:?}"),
+        _ = live_setup => error!("live API setup ended"),
         _ = finalize::finalize_loop(ctx.clone(), collector) => error!("window finalizer ended"),
         _ = nac_watch => error!("NodeAgentConfig watch ended"),
         _ = feed::run_all(ctx.clone()) => error!("watch feeds ended"),

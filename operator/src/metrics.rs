@@ -66,6 +66,11 @@ pub struct Metrics {
     pub(crate) open_parts: Gauge,
     pub(crate) windows_finalized: Counter,
     pub(crate) merge_seconds: Histogram,
+    /// Live records from agents, by outcome (admitted, dropped, lost: the
+    /// agent's buffer overflowed).
+    pub(crate) live_records: Family<KindLabels, Counter>,
+    /// Readers of the live API now.
+    pub(crate) live_readers: Gauge,
     /// Each observation's and policy's series.
     pub results: ResultMetrics,
 }
@@ -106,6 +111,18 @@ impl Metrics {
         let open_parts = Gauge::default();
         let windows_finalized = Counter::default();
         let merge_seconds = duration_histogram();
+        let live_records = Family::<KindLabels, Counter>::default();
+        let live_readers = Gauge::default();
+        registry.register(
+            "live_records",
+            "Live records from agents, by outcome (admitted, dropped by admission, lost in the agent's buffer)",
+            live_records.clone(),
+        );
+        registry.register(
+            "live_readers",
+            "Readers of the live flows API now",
+            live_readers.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciliations, by controller",
@@ -192,6 +209,8 @@ impl Metrics {
             open_parts,
             windows_finalized,
             merge_seconds,
+            live_records,
+            live_readers,
             results,
         }
     }

@@ -9,6 +9,7 @@
 //! for remotes traced on other nodes). A connection between two traced pods
 //! counts as one flow, at the client.
 
+mod live;
 pub(crate) mod role;
 
 use std::{

@@ -610,3 +610,121 @@ fn a_connection_flood_keeps_every_byte_and_bounds_the_state() {
     assert_eq!(packets, 2 * n as u64);
     assert_eq!(bytes, 200 * n as u64);
 }
+
+/// Live records: a connection between two local pods once, at its client,
+/// with the opening counted; a blocked attempt with its policy and the
+/// time of its last match.
+#[test]
+fn live_records_show_each_connection_once_and_attempts_with_their_policy() {
+    use flowlens_api::live::{LiveDirection, LiveVerdict};
+    let mut a = agg();
+    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    a.set_generation_tables(1, tables);
+    let d = Drained {
+        flows: vec![
+            flow(
+                1,
+                ip(2),
+                40000,
+                5201,
+                DIRECTION_EGRESS,
+                3,
+                180,
+                FLOW_FLAG_SYN,
+            ),
+            flow(
+                1,
+                ip(2),
+                40000,
+                5201,
+                DIRECTION_INGRESS,
+                2,
+                120,
+                FLOW_FLAG_SYN_ACK,
+            ),
+            flow(
+                2,
+                ip(1),
+                5201,
+                40000,
+                DIRECTION_INGRESS,
+                3,
+                180,
+                FLOW_FLAG_SYN,
+            ),
+            flow(
+                2,
+                ip(1),
+                5201,
+                40000,
+                DIRECTION_EGRESS,
+                2,
+                120,
+                FLOW_FLAG_SYN_ACK,
+            ),
+            // Inbound from outside the node: shown at the server.
+            flow(2, ip(7), 5201, 50000, DIRECTION_INGRESS, 1, 60, 0),
+        ],
+        attempts: vec![(
+            AttemptKey {
+                scope: rule_scope(1, DIRECTION_EGRESS, 1),
+                slot: 0,
+                verdict: VERDICT_DROP,
+                protocol: 6,
+                _pad: 0,
+                remote_port: 5432,
+                local_port: 40001,
+                peer: ip(9),
+            },
+            AttemptStats {
+                attempts: 4,
+                packets: 0,
+                last_ns: 99_000_000_000,
+            },
+        )],
+        read_at_ns: 100_000_000_000,
+        ..Default::default()
+    };
+    a.ingest(&d, T0);
+    let mut live = a.live_records(&d, T0);
+    live.sort_by_key(|r| (r.pod.clone(), r.peer.clone()));
+    assert_eq!(live.len(), 3, "{live:?}");
+    let client = &live[0];
+    assert_eq!(
+        (client.pod.as_str(), client.peer.as_str()),
+        ("client-1", "10.0.0.2")
+    );
+    assert_eq!(client.direction, LiveDirection::Egress);
+    assert_eq!(
+        (
+            client.port,
+            client.connections,
+            client.packets,
+            client.bytes
+        ),
+        (5201, 1, 5, 300)
+    );
+    let blocked = &live[1];
+    assert_eq!(blocked.verdict, LiveVerdict::Blocked);
+    assert_eq!(blocked.policy.as_deref(), Some("a/p"));
+    assert_eq!(
+        (blocked.peer.as_str(), blocked.port, blocked.connections),
+        ("10.0.0.9", 5432, 4)
+    );
+    assert_eq!(
+        blocked.time,
+        T0 - 1_000,
+        "the last match, from the kernel's clock"
+    );
+    let inbound = &live[2];
+    assert_eq!(
+        (inbound.pod.as_str(), inbound.peer.as_str()),
+        ("server-1", "10.0.0.7")
+    );
+    assert_eq!(inbound.direction, LiveDirection::Ingress);
+    assert_eq!(
+        (inbound.port, inbound.connections),
+        (5201, 0),
+        "no SYN seen"
+    );
+}

@@ -5,6 +5,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use flowlens_api::{
+    live::{LIVE_POLL_HOLD_SECONDS, LivePush, LiveReply},
     node_agent_config::CollectorEndpoint,
     report::{ReportAck, ReportBatch},
 };
@@ -39,7 +40,7 @@ pub(crate) enum SendError {
         status: u16,
         body: String,
     },
-    #[error("the collector's answer is not a ReportAck: {0}")]
+    #[error("the collector's answer does not parse: {0}")]
     Answer(String),
 }
 
@@ -73,6 +74,8 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 pub(crate) struct CollectorClient {
     endpoint: CollectorEndpoint,
     url: hyper::Uri,
+    /// `/v1/live` beside the report path.
+    live_url: hyper::Uri,
     client: HttpsClient,
 }
 
@@ -111,6 +114,10 @@ impl CollectorClient {
         let url: hyper::Uri = full.parse().map_err(|e: hyper::http::uri::InvalidUri| {
             SendError::Url(full.clone(), e.to_string())
         })?;
+        let live = format!("{}/v1/live", full.trim_end_matches("/v1/reports"));
+        let live_url: hyper::Uri = live
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| SendError::Url(live, e.to_string()))?;
         match url.scheme_str() {
             Some("http" | "https") => {}
             _ => return Err(SendError::Url(full, "use http:// or https://".into())),
@@ -124,6 +131,7 @@ impl CollectorClient {
         Ok(CollectorClient {
             endpoint: endpoint.clone(),
             url,
+            live_url,
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 .build(https),
@@ -140,13 +148,35 @@ impl CollectorClient {
         batch: &ReportBatch,
         token_file: &Path,
     ) -> Result<ReportAck, SendError> {
+        self.post(&self.url, batch, token_file, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// Posts live records; the collector holds the request while nobody
+    /// observes (up to [`LIVE_POLL_HOLD_SECONDS`]).
+    pub(crate) async fn send_live(
+        &self,
+        push: &LivePush,
+        token_file: &Path,
+    ) -> Result<LiveReply, SendError> {
+        let timeout = Duration::from_secs(LIVE_POLL_HOLD_SECONDS) + REQUEST_TIMEOUT;
+        self.post(&self.live_url, push, token_file, timeout).await
+    }
+
+    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        url: &hyper::Uri,
+        body: &B,
+        token_file: &Path,
+        timeout: Duration,
+    ) -> Result<R, SendError> {
         let token = std::fs::read_to_string(token_file).map_err(|source| SendError::Token {
             path: token_file.display().to_string(),
             audience: flowlens_api::report::REPORT_AUDIENCE,
             source,
         })?;
-        let body = serde_json::to_vec(batch).expect("a report serializes");
-        let req = hyper::Request::post(self.url.clone())
+        let body = serde_json::to_vec(body).expect("a report serializes");
+        let req = hyper::Request::post(url.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(
                 hyper::header::AUTHORIZATION,
@@ -155,12 +185,12 @@ impl CollectorClient {
             .body(Full::new(Bytes::from(body)))
             .expect("a valid request");
         let unreachable = |message: String| SendError::Unreachable {
-            url: self.url.to_string(),
+            url: url.to_string(),
             message,
         };
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+        let resp = tokio::time::timeout(timeout, self.client.request(req))
             .await
-            .map_err(|_| unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+            .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
             .map_err(|e| unreachable(format!("{e:#}")))?;
         let status = resp.status();
         let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
@@ -170,7 +200,7 @@ impl CollectorClient {
             .to_bytes();
         if !status.is_success() {
             return Err(SendError::Refused {
-                url: self.url.to_string(),
+                url: url.to_string(),
                 status: status.as_u16(),
                 body: String::from_utf8_lossy(&body).chars().take(500).collect(),
             });

@@ -7,6 +7,7 @@
 
 pub(crate) mod buffer;
 pub(crate) mod client;
+pub mod live;
 
 use std::{
     path::PathBuf,

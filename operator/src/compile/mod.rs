@@ -205,6 +205,11 @@ impl Compiler {
             .extend(self.observations.keys().cloned());
     }
 
+    /// Where agents report, and the CA bundle they verify it with.
+    pub fn collector(&self) -> Option<&CollectorEndpoint> {
+        self.collector.as_ref()
+    }
+
     pub fn set_collector(&mut self, c: Option<CollectorEndpoint>) {
         if self.collector != c {
             self.collector = c;

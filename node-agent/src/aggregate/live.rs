@@ -1,0 +1,135 @@
+//! Live records (see `flowlens_api::live`): one drain's connections and
+//! policy matches as `kubectl flowlens observe` shows them. Pure: called
+//! after [`Aggregator::ingest`] with the same drain, only while someone
+//! observes.
+
+use std::collections::HashMap;
+
+use flowlens_agent_common::{
+    DIRECTION_EGRESS, FLOW_FLAG_SYN, VERDICT_AUDIT, VERDICT_DROP, split_rule_scope,
+};
+use flowlens_api::{
+    live::{LiveDirection, LiveFlow, LiveVerdict},
+    report::Role,
+};
+
+use super::{Aggregator, Drained, connections, ip_from_bytes, role};
+use crate::tables::prefix::addr_bytes;
+
+impl Aggregator {
+    /// The drain `d`'s records at `now_ms`: one per connection of a local
+    /// pod (a connection between two local pods once, at its client), one
+    /// per blocked or audited (pod, peer, port, rule).
+    pub(crate) fn live_records(&self, d: &Drained, now_ms: i64) -> Vec<LiveFlow> {
+        let mut pods: HashMap<[u8; 16], (&str, &str)> = HashMap::new();
+        for tables in self.generation_tables.iter().flatten() {
+            for ep in &tables.endpoint_refs {
+                let Some((namespace, pod)) = ep.key.split_once('/') else {
+                    continue;
+                };
+                for ip in &ep.ips {
+                    pods.insert(addr_bytes(*ip), (namespace, pod));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (id, facts) in connections(d) {
+            let Some((namespace, pod)) = pods.get(&id.local) else {
+                continue;
+            };
+            let role = self.roles.get(&id).map_or_else(
+                || {
+                    role::local_role(
+                        facts.tx_flags,
+                        facts.rx_flags,
+                        id.local_port,
+                        id.remote_port,
+                        !facts.tx.is_zero(),
+                    )
+                },
+                |(r, _)| *r,
+            );
+            if role == Role::Server && pods.contains_key(&id.remote) {
+                continue;
+            }
+            let opened = match role {
+                Role::Client => facts.tx_flags & FLOW_FLAG_SYN != 0,
+                Role::Server => facts.rx_flags & FLOW_FLAG_SYN != 0,
+            };
+            let service = match (role, facts.service) {
+                (Role::Client, Some(sid)) => self
+                    .service_names
+                    .get(&sid)
+                    .or_else(|| self.service_names_before.get(&sid))
+                    .cloned(),
+                _ => None,
+            };
+            out.push(LiveFlow {
+                time: now_ms,
+                node: String::new(),
+                namespace: (*namespace).to_owned(),
+                pod: (*pod).to_owned(),
+                workload: None,
+                direction: match role {
+                    Role::Client => LiveDirection::Egress,
+                    Role::Server => LiveDirection::Ingress,
+                },
+                peer: ip_from_bytes(&id.remote).to_string(),
+                peer_name: None,
+                port: role::server_port(role, id.local_port, id.remote_port),
+                protocol: id.protocol,
+                service,
+                verdict: LiveVerdict::Forwarded,
+                policy: None,
+                connections: u64::from(opened),
+                packets: facts.tx.packets.saturating_add(facts.rx.packets),
+                bytes: facts.tx.bytes.saturating_add(facts.rx.bytes),
+            });
+        }
+        for (k, a) in &d.attempts {
+            let (generation, direction, endpoint) = split_rule_scope(k.scope);
+            let Some(tables) = self.generation_tables[generation as usize].as_ref() else {
+                continue;
+            };
+            let (Some(rule), Some(ep)) = (
+                tables.slots.get(&(endpoint, direction, k.slot)),
+                tables.endpoint(endpoint),
+            ) else {
+                continue;
+            };
+            let Some((namespace, pod)) = ep.key.split_once('/') else {
+                continue;
+            };
+            let verdict = match k.verdict {
+                VERDICT_DROP => LiveVerdict::Blocked,
+                VERDICT_AUDIT => LiveVerdict::Audited,
+                _ => continue,
+            };
+            let egress = direction == DIRECTION_EGRESS;
+            let ago_ms = (d.read_at_ns.saturating_sub(a.last_ns) / 1_000_000).min(60_000) as i64;
+            out.push(LiveFlow {
+                time: now_ms - ago_ms,
+                node: String::new(),
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                workload: None,
+                direction: if egress {
+                    LiveDirection::Egress
+                } else {
+                    LiveDirection::Ingress
+                },
+                peer: ip_from_bytes(&k.peer).to_string(),
+                peer_name: None,
+                port: if egress { k.remote_port } else { k.local_port },
+                protocol: k.protocol,
+                service: None,
+                verdict,
+                policy: Some(format!("{}/{}", rule.namespace, rule.policy)),
+                connections: a.attempts,
+                packets: a.packets,
+                bytes: 0,
+            });
+        }
+        out
+    }
+}
