@@ -994,3 +994,132 @@ spec:
     assert!(to_node.destination.host_network, "{to_node:?}");
     assert!(!to_node.destination.external, "{to_node:?}");
 }
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// In the pod: the time (unix ms, the node's clock) just before `nc -z` to
+/// `to`, then nc's exit code.
+fn connect_at(ns: &str, pod: &str, to: &str, port: u16) -> (i64, i32) {
+    let out = exec(
+        ns,
+        pod,
+        &[
+            "bash",
+            "-c",
+            &format!("date +%s%3N; nc -z -w 1 {to} {port}; echo $?"),
+        ],
+    )
+    .unwrap();
+    let v: Vec<&str> = out.split_whitespace().collect();
+    (v[0].parse().unwrap(), v[1].parse().unwrap())
+}
+
+/// `kubectl flowlens observe` through the installed cluster's API server
+/// (APIService v1alpha1.live.flowlens.dev, served by the operator): refused
+/// to a user without a role; with `view` in the namespace, `--follow`
+/// shows a new connection, and a blocked attempt with its policy, within
+/// 2 s of the connect (timed with the pod's clock, the node's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_follows_a_new_connection_and_a_blocked_attempt_within_two_seconds() {
+    use flowlens_api::live::LiveVerdict;
+    use flowlens_e2e::{kubectl::kubectl_flowlens, live::Observer};
+    require_cluster();
+    let client = client().await.unwrap();
+    let (ns, web, db_ip) = blocked_web_and_db("fl-live").await;
+    let _obs = Observed::start(&client, &ns).await;
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the live API available",
+        || {
+            kubectl(&[
+                "get",
+                "apiservice",
+                "v1alpha1.live.flowlens.dev",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Available\")].status}",
+            ])
+            .ok()
+            .filter(|s| s == "True")
+        },
+    );
+    let kubeconfig = std::env::temp_dir().join(format!("{}-live.kubeconfig", ns.name));
+    flowlens_e2e::cluster::service_account_kubeconfig(&client, &ns.name, "viewer", &kubeconfig)
+        .await
+        .unwrap();
+    let (ok, _, err) = kubectl_flowlens(&kubeconfig, &["observe", "-n", &ns.name]);
+    println!("without a role: {err}");
+    assert!(!ok, "a user without a role read live flows");
+    assert!(
+        err.contains("refused to list flows.live.flowlens.dev"),
+        "{err}"
+    );
+    flowlens_e2e::kubectl::apply(&format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: viewer, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}
+subjects: [{{kind: ServiceAccount, name: viewer, namespace: {ns}}}]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        "observe allowed through view",
+        || {
+            kubectl_flowlens(&kubeconfig, &["observe", "-n", &ns.name, "--since", "1s"])
+                .0
+                .then_some(())
+        },
+    );
+    let observer = Observer::start(&kubeconfig, &["observe", "-n", &ns.name, "--follow"]).unwrap();
+    // Arrival times on the same clock as the pod's.
+    let (base, base_ms) = (Instant::now(), unix_ms());
+    let arrival_ms = |at: Instant| base_ms + (at - base).as_millis() as i64;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let (connected_ms, code) = connect_at(&ns.name, &web, &db_ip, 5201);
+    assert_eq!(code, 0, "the allowed port");
+    let (at, r) = observer
+        .wait_for(base, Duration::from_secs(10), |r| {
+            r.pod == web
+                && r.port == 5201
+                && r.verdict == LiveVerdict::Forwarded
+                && r.connections >= 1
+        })
+        .unwrap();
+    let shown = arrival_ms(at) - connected_ms;
+    println!("real cluster: new connection shown {shown} ms after the connect: {r:?}");
+    assert!(
+        r.peer_name
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("{}/db-", ns.name))),
+        "{r:?}"
+    );
+    assert!(shown < 2000, "shown {shown} ms after the connect");
+
+    let (refused_ms, code) = connect_at(&ns.name, &web, &db_ip, 5432);
+    assert_ne!(code, 0, "the blocked port");
+    let (at, r) = observer
+        .wait_for(base, Duration::from_secs(10), |r| {
+            r.verdict == LiveVerdict::Blocked
+        })
+        .unwrap();
+    let shown = arrival_ms(at) - refused_ms;
+    println!("real cluster: blocked attempt shown {shown} ms after the connect: {r:?}");
+    assert_eq!(
+        r.policy.as_deref(),
+        Some(format!("{}/web-no-db", ns.name).as_str())
+    );
+    assert_eq!((r.pod.as_str(), r.port), (web.as_str(), 5432));
+    assert!(shown < 2000, "shown {shown} ms after the connect");
+    drop(observer);
+    let _ = std::fs::remove_file(&kubeconfig);
+}

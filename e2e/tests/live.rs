@@ -199,6 +199,15 @@ async fn observe_follows_connections_and_blocked_attempts_within_seconds_for_all
     }
     assert_eq!(observer.lost(), 0);
     assert_eq!(shown(), denied, "attempts shown = connects refused");
+    // The one connection made is shown once (at its client, not again by
+    // the server's node).
+    let opened: u64 = observer
+        .records()
+        .iter()
+        .filter(|r| r.verdict == LiveVerdict::Forwarded && r.port == 5432)
+        .map(|r| r.connections)
+        .sum();
+    assert_eq!(opened, 1, "{:?}", observer.records());
     // Only the namespace asked for.
     assert!(observer.records().iter().all(|r| r.namespace == shop));
     drop(observer);

@@ -80,14 +80,19 @@ pub fn line(r: &LiveFlow) -> String {
         .map_or(String::new(), |s| format!(" via service/{s}"));
     let what = match r.verdict {
         LiveVerdict::Forwarded => format!(
-            "{} conn, {} pkts, {}",
+            "{} new, {} pkts, {}",
             r.connections,
             format::count(r.packets),
             format::bytes(r.bytes)
         ),
         _ => format!(
-            "{} attempts, {} pkts",
+            "{} {}, {} pkts",
             r.connections,
+            if r.connections == 1 {
+                "attempt"
+            } else {
+                "attempts"
+            },
             format::count(r.packets)
         ),
     };

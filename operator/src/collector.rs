@@ -393,6 +393,15 @@ impl crate::live::admit::LiveScope for LiveNodeScope<'_> {
     fn policy_on_node(&self, namespace: &str, name: &str, node: &str) -> bool {
         NodeScope::new(self.compiler, node).policy_on_node(namespace, name)
     }
+
+    fn traced(&self, ip: &std::net::IpAddr) -> bool {
+        self.compiler.pod_by_ip(ip).is_some_and(|p| {
+            let key = p.key();
+            self.compiler
+                .observations()
+                .any(|o| o.selected.contains(&key))
+        })
+    }
 }
 
 /// 413: the agent splits its backlog into smaller batches.

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use flowlens_api::live::{LiveFlow, LivePush, LiveVerdict, MAX_LIVE_PUSH};
+use flowlens_api::live::{LiveDirection, LiveFlow, LivePush, LiveVerdict, MAX_LIVE_PUSH};
 
 use crate::collect::attempts::PeerNames;
 
@@ -21,9 +21,15 @@ pub(crate) trait LiveScope: PeerNames {
     fn pod(&self, namespace: &str, name: &str) -> Option<(Option<&str>, String)>;
     /// Whether the policy `namespace/name` is in force on `node`.
     fn policy_on_node(&self, namespace: &str, name: &str, node: &str) -> bool;
+    /// Whether `ip` is a pod some observation traces (its own node shows
+    /// the connections it opens).
+    fn traced(&self, ip: &IpAddr) -> bool;
 }
 
 /// Admitted records, and how many were dropped (with the first reason).
+/// A connection is shown once: at its client when the client is traced
+/// (as status counts it), so the server's node's record of it is left
+/// out, not counted as dropped.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Admitted {
     pub records: Vec<LiveFlow>,
@@ -93,6 +99,12 @@ pub(crate) fn admit(push: LivePush, node: &str, scope: &impl LiveScope, now_ms: 
             }
         }
         let peer = peer.to_canonical();
+        if r.verdict == LiveVerdict::Forwarded
+            && r.direction == LiveDirection::Ingress
+            && scope.traced(&peer)
+        {
+            continue;
+        }
         r.peer = peer.to_string();
         r.peer_name = scope.name(&peer);
         r.node = node.to_owned();
@@ -105,7 +117,6 @@ pub(crate) fn admit(push: LivePush, node: &str, scope: &impl LiveScope, now_ms: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flowlens_api::live::LiveDirection;
 
     struct Cluster;
 
@@ -125,6 +136,9 @@ mod tests {
         }
         fn policy_on_node(&self, namespace: &str, name: &str, node: &str) -> bool {
             (namespace, name, node) == ("ns", "deny-db", "node-a")
+        }
+        fn traced(&self, ip: &IpAddr) -> bool {
+            ip.to_string() == "10.0.0.1"
         }
     }
 
@@ -208,6 +222,31 @@ mod tests {
         assert_eq!(a.records[0].policy.as_deref(), Some("ns/deny-db"));
         assert_eq!(a.dropped, 8);
         assert!(a.reason.unwrap().contains("db is not a pod of node node-a"));
+    }
+
+    /// db (node-b) sees web's connection arrive; web (10.0.0.1) is traced,
+    /// so node-a shows it: once, at the client. From an untraced client,
+    /// the server's record is the only one.
+    #[test]
+    fn a_connection_is_shown_at_its_traced_client_only() {
+        let at_server = |peer: &str| {
+            let mut r = record("db", peer);
+            r.direction = LiveDirection::Ingress;
+            r
+        };
+        let a = admit(
+            LivePush {
+                node: "node-b".into(),
+                records: vec![at_server("10.0.0.1"), at_server("10.9.9.9")],
+                lost: 0,
+            },
+            "node-b",
+            &Cluster,
+            1_000,
+        );
+        assert_eq!(a.dropped, 0);
+        assert_eq!(a.records.len(), 1);
+        assert_eq!(a.records[0].peer, "10.9.9.9");
     }
 
     #[test]
