@@ -18,6 +18,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 
+/// Now, in unix milliseconds (the clock live records carry).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// PEM files of a CA and a serving certificate it signed.
 pub struct CollectorCerts {
     pub ca: PathBuf,

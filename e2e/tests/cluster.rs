@@ -995,13 +995,6 @@ spec:
     assert!(!to_node.destination.external, "{to_node:?}");
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// In the pod: the time (unix ms, the node's clock) just before `nc -z` to
 /// `to`, then nc's exit code.
 fn connect_at(ns: &str, pod: &str, to: &str, port: u16) -> (i64, i32) {
@@ -1027,7 +1020,10 @@ fn connect_at(ns: &str, pod: &str, to: &str, port: u16) -> (i64, i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_follows_a_new_connection_and_a_blocked_attempt_within_two_seconds() {
     use flowlens_api::live::LiveVerdict;
-    use flowlens_e2e::{kubectl::kubectl_flowlens, live::Observer};
+    use flowlens_e2e::{
+        kubectl::kubectl_flowlens,
+        live::{Observer, unix_ms},
+    };
     require_cluster();
     let client = client().await.unwrap();
     let (ns, web, db_ip) = blocked_web_and_db("fl-live").await;

@@ -13,18 +13,11 @@ use flowlens_api::live::{LiveDirection, LiveVerdict};
 use flowlens_e2e::{
     fixtures::{TwoNodes, deny_web_to_db, two_nodes, wait_enforced, wait_ready},
     kubectl::kubectl_flowlens,
-    live::{CollectorCerts, LiveApiService, Observer},
+    live::{CollectorCerts, LiveApiService, Observer, unix_ms},
     topology::GATEWAY,
     traffic::{echo_server, spawn_traffic},
 };
 use serde_json::json;
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// How soon a connection must show (the goal).
 const LIVE_WITHIN: Duration = Duration::from_secs(2);

@@ -159,6 +159,20 @@ fn reply(
     (status, msg).into_response()
 }
 
+/// 503 until the initial sync: pods and policies unknown, nothing could
+/// be admitted.
+fn starting(ctx: &Context, collector: &Collector) -> Option<Response> {
+    (!ctx.sync.is_synced()).then(|| {
+        reply(
+            ctx,
+            collector,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the operator is starting (initial sync); retry".into(),
+        )
+    })
+}
+
 /// The node an agent runs on, from the pod its token is bound to.
 fn node_of(id: &Identity, compiler: &Compiler) -> Result<String, String> {
     if let Some(n) = &id.node {
@@ -186,14 +200,8 @@ async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !ctx.sync.is_synced() {
-        return reply(
-            &ctx,
-            &collector,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the operator is starting (initial sync); retry".into(),
-        );
+    if let Some(starting) = starting(&ctx, &collector) {
+        return starting;
     }
     let _turn = match tokio::time::timeout(QUEUE_TIMEOUT, turns.acquire()).await {
         Ok(Ok(permit)) => permit,
@@ -310,14 +318,8 @@ async fn live_push(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !ctx.sync.is_synced() {
-        return reply(
-            &ctx,
-            &collector,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the operator is starting (initial sync); retry".into(),
-        );
+    if let Some(starting) = starting(&ctx, &collector) {
+        return starting;
     }
     let (node, push) =
         match authenticate::<LivePush>(&ctx, &collector, &headers, body, MAX_LIVE_BYTES, |p| {

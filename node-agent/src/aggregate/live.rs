@@ -5,15 +5,13 @@
 
 use std::collections::HashMap;
 
-use flowlens_agent_common::{
-    DIRECTION_EGRESS, FLOW_FLAG_SYN, VERDICT_AUDIT, VERDICT_DROP, split_rule_scope,
-};
+use flowlens_agent_common::{DIRECTION_EGRESS, FLOW_FLAG_SYN};
 use flowlens_api::{
     live::{LiveDirection, LiveFlow, LiveVerdict},
-    report::Role,
+    report::{AttemptVerdict, Role},
 };
 
-use super::{Aggregator, Drained, connections, ip_from_bytes, role};
+use super::{Aggregator, Drained, attempt_of, connections, ip_from_bytes, role};
 use crate::tables::prefix::addr_bytes;
 
 impl Aggregator {
@@ -87,25 +85,13 @@ impl Aggregator {
             });
         }
         for (k, a) in &d.attempts {
-            let (generation, direction, endpoint) = split_rule_scope(k.scope);
-            let Some(tables) = self.generation_tables[generation as usize].as_ref() else {
+            let Some(of) = attempt_of(&self.generation_tables, k) else {
                 continue;
             };
-            let (Some(rule), Some(ep)) = (
-                tables.slots.get(&(endpoint, direction, k.slot)),
-                tables.endpoint(endpoint),
-            ) else {
+            let Some((namespace, pod)) = of.pod.split_once('/') else {
                 continue;
             };
-            let Some((namespace, pod)) = ep.key.split_once('/') else {
-                continue;
-            };
-            let verdict = match k.verdict {
-                VERDICT_DROP => LiveVerdict::Blocked,
-                VERDICT_AUDIT => LiveVerdict::Audited,
-                _ => continue,
-            };
-            let egress = direction == DIRECTION_EGRESS;
+            let egress = of.direction == DIRECTION_EGRESS;
             let ago_ms = (d.read_at_ns.saturating_sub(a.last_ns) / 1_000_000).min(60_000) as i64;
             out.push(LiveFlow {
                 time: now_ms - ago_ms,
@@ -120,11 +106,14 @@ impl Aggregator {
                 },
                 peer: ip_from_bytes(&k.peer).to_string(),
                 peer_name: None,
-                port: if egress { k.remote_port } else { k.local_port },
+                port: of.port,
                 protocol: k.protocol,
                 service: None,
-                verdict,
-                policy: Some(format!("{}/{}", rule.namespace, rule.policy)),
+                verdict: match of.verdict {
+                    AttemptVerdict::Blocked => LiveVerdict::Blocked,
+                    AttemptVerdict::Audited => LiveVerdict::Audited,
+                },
+                policy: Some(format!("{}/{}", of.rule.namespace, of.rule.policy)),
                 connections: a.attempts,
                 packets: a.packets,
                 bytes: 0,

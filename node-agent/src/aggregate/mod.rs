@@ -315,6 +315,45 @@ fn connections(d: &Drained) -> HashMap<ConnId, ConnFacts> {
     conns
 }
 
+/// What an attempt's kernel key names, through the tables of its
+/// generation: the rule, the local pod (`namespace/pod`), the direction,
+/// the verdict and the server's port.
+pub(crate) struct AttemptOf<'a> {
+    pub rule: &'a crate::tables::SlotRule,
+    pub pod: &'a str,
+    pub direction: u8,
+    pub verdict: AttemptVerdict,
+    pub port: u16,
+}
+
+pub(crate) fn attempt_of<'a>(
+    generation_tables: &'a [Option<Arc<Tables>>; 2],
+    k: &AttemptKey,
+) -> Option<AttemptOf<'a>> {
+    let (generation, direction, endpoint) = split_rule_scope(k.scope);
+    let tables = generation_tables[generation as usize].as_ref()?;
+    let rule = tables.slots.get(&(endpoint, direction, k.slot))?;
+    let ep = tables.endpoint(endpoint)?;
+    let verdict = match k.verdict {
+        VERDICT_DROP => AttemptVerdict::Blocked,
+        VERDICT_AUDIT => AttemptVerdict::Audited,
+        _ => return None,
+    };
+    Some(AttemptOf {
+        rule,
+        pod: &ep.key,
+        direction,
+        verdict,
+        // The server's port: the peer's when the local pod opened the
+        // connection.
+        port: if direction == DIRECTION_EGRESS {
+            k.remote_port
+        } else {
+            k.local_port
+        },
+    })
+}
+
 /// How long a connection's role is remembered after it was last seen.
 const ROLE_MEMORY_MS: i64 = 10 * 60 * 1000;
 
@@ -569,32 +608,15 @@ impl Aggregator {
         read_at_ns: u64,
     ) {
         for (k, a) in attempts {
-            let (generation, direction, endpoint) = split_rule_scope(k.scope);
-            let Some(tables) = self.generation_tables[generation as usize].as_ref() else {
+            let Some(of) = attempt_of(&self.generation_tables, k) else {
                 continue;
             };
-            let (Some(rule), Some(ep)) = (
-                tables.slots.get(&(endpoint, direction, k.slot)),
-                tables.endpoint(endpoint),
-            ) else {
-                continue;
-            };
-            let verdict = match k.verdict {
-                VERDICT_DROP => AttemptVerdict::Blocked,
-                VERDICT_AUDIT => AttemptVerdict::Audited,
-                _ => continue,
-            };
+            let (rule, direction, verdict) = (of.rule, of.direction, of.verdict);
             let id = AttemptId {
-                pod: ep.key.clone(),
+                pod: of.pod.to_owned(),
                 direction,
                 peer: k.peer,
-                // The server's port: the peer's when the local pod opened
-                // the connection.
-                port: if direction == DIRECTION_EGRESS {
-                    k.remote_port
-                } else {
-                    k.local_port
-                },
+                port: of.port,
                 protocol: k.protocol,
                 verdict,
             };
