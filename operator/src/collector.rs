@@ -363,6 +363,7 @@ async fn live_push(
     if !admitted.records.is_empty() {
         collector.live.publish(admitted.records, now);
     }
+    collector.live.publish_lost(lost);
     let watching = collector.live.readers() > 0
         || collector
             .live

@@ -34,7 +34,10 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::info;
 
-use super::{front_proxy::FrontProxy, hub::LiveHub};
+use super::{
+    front_proxy::FrontProxy,
+    hub::{LiveHub, Update},
+};
 use crate::metrics::Metrics;
 
 /// How long a one-shot read waits for agents to drain and post.
@@ -235,8 +238,9 @@ async fn flows(
                     None => f.rx.recv().await,
                 };
                 let l = match next {
-                    Ok(r) if keep(&r) => LiveLine::Flow((*r).clone()),
-                    Ok(_) => continue,
+                    Ok(Update::Flow(r)) if keep(&r) => LiveLine::Flow((*r).clone()),
+                    Ok(Update::Flow(_)) => continue,
+                    Ok(Update::Lost(n)) => LiveLine::Lost { lost: n },
                     Err(RecvError::Lagged(n)) => LiveLine::Lost { lost: n },
                     Err(RecvError::Closed) => return None,
                 };
@@ -249,7 +253,7 @@ async fn flows(
 
 /// A following reader: counted until its stream is dropped.
 struct Follower {
-    rx: tokio::sync::broadcast::Receiver<Arc<LiveFlow>>,
+    rx: tokio::sync::broadcast::Receiver<Update>,
     _reading: super::hub::Reading,
     metrics: Arc<Metrics>,
     hub: Arc<LiveHub>,

@@ -20,8 +20,17 @@ const READER_LAG: usize = 8192;
 
 pub struct LiveHub {
     recent: Mutex<VecDeque<Arc<LiveFlow>>>,
-    feed: broadcast::Sender<Arc<LiveFlow>>,
+    feed: broadcast::Sender<Update>,
     readers: watch::Sender<usize>,
+}
+
+/// What following readers get.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Flow(Arc<LiveFlow>),
+    /// Records an agent's feed dropped (which namespaces they were of is
+    /// unknown: every reader is told).
+    Lost(u64),
 }
 
 impl Default for LiveHub {
@@ -66,7 +75,7 @@ impl LiveHub {
     }
 
     /// New records, from now on.
-    pub fn follow(&self) -> broadcast::Receiver<Arc<LiveFlow>> {
+    pub fn follow(&self) -> broadcast::Receiver<Update> {
         self.feed.subscribe()
     }
 
@@ -76,7 +85,7 @@ impl LiveHub {
         &self,
         since_ms: i64,
         keep: impl Fn(&LiveFlow) -> bool,
-    ) -> (Vec<Arc<LiveFlow>>, broadcast::Receiver<Arc<LiveFlow>>) {
+    ) -> (Vec<Arc<LiveFlow>>, broadcast::Receiver<Update>) {
         let recent = self.recent.lock().expect("live lock");
         let rx = self.feed.subscribe();
         let head = recent
@@ -92,13 +101,20 @@ impl LiveHub {
         let mut recent = self.recent.lock().expect("live lock");
         for r in records {
             let r = Arc::new(r);
-            let _ = self.feed.send(r.clone());
+            let _ = self.feed.send(Update::Flow(r.clone()));
             recent.push_back(r);
         }
         while recent.len() > RECENT_MAX
             || recent.front().is_some_and(|r| r.time < now_ms - RECENT_MS)
         {
             recent.pop_front();
+        }
+    }
+
+    /// Tells following readers that an agent dropped `n` records.
+    pub fn publish_lost(&self, n: u64) {
+        if n > 0 {
+            let _ = self.feed.send(Update::Lost(n));
         }
     }
 
@@ -165,7 +181,17 @@ mod tests {
         let hub = LiveHub::default();
         let mut follower = hub.follow();
         hub.publish(vec![record(0, "a"), record(1_000, "b")], 1_000);
-        assert_eq!(follower.recv().await.unwrap().namespace, "a");
+        match follower.recv().await.unwrap() {
+            Update::Flow(r) => assert_eq!(r.namespace, "a"),
+            u => panic!("{u:?}"),
+        }
+        let _ = follower.recv().await.unwrap();
+        hub.publish_lost(0);
+        hub.publish_lost(3);
+        assert!(
+            matches!(follower.recv().await.unwrap(), Update::Lost(3)),
+            "0 is not news"
+        );
         assert_eq!(hub.recent(0, |r| r.namespace == "b").len(), 1);
         assert_eq!(hub.recent(500, |_| true).len(), 1, "since");
         hub.publish(vec![record(RECENT_MS + 500, "c")], RECENT_MS + 500);
