@@ -276,11 +276,7 @@ impl SimCluster {
         namespace: &str,
         sa: &str,
     ) -> anyhow::Result<()> {
-        let roles = apply_cluster_roles(&self.client, file).await?;
-        anyhow::ensure!(
-            roles.iter().any(|r| r == role),
-            "{file} has no ClusterRole {role}"
-        );
+        apply_cluster_role(&self.client, file, role).await?;
         let binding = format!("{}-user", self.run);
         bind_cluster_role(&self.client, &self.run, &binding, role, namespace, sa).await
     }
@@ -294,11 +290,7 @@ impl SimCluster {
         namespace: &str,
         sa: &str,
     ) -> anyhow::Result<()> {
-        let roles = apply_cluster_roles(&self.client, file).await?;
-        anyhow::ensure!(
-            roles.iter().any(|r| r == role),
-            "{file} has no ClusterRole {role}"
-        );
+        apply_cluster_role(&self.client, file, role).await?;
         let binding = format!("{}-{sa}", self.run);
         let b: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -487,6 +479,16 @@ async fn bind_cluster_role(
             &Patch::Apply(&b),
         )
         .await?;
+    Ok(())
+}
+
+/// Applies the ClusterRoles of `file`, which must define `role`.
+async fn apply_cluster_role(client: &Client, file: &str, role: &str) -> anyhow::Result<()> {
+    let roles = apply_cluster_roles(client, file).await?;
+    anyhow::ensure!(
+        roles.iter().any(|r| r == role),
+        "{file} has no ClusterRole {role}"
+    );
     Ok(())
 }
 

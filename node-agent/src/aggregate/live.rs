@@ -35,18 +35,7 @@ impl Aggregator {
             let Some((namespace, pod)) = pods.get(&id.local) else {
                 continue;
             };
-            let role = self.roles.get(&id).map_or_else(
-                || {
-                    role::local_role(
-                        facts.tx_flags,
-                        facts.rx_flags,
-                        id.local_port,
-                        id.remote_port,
-                        !facts.tx.is_zero(),
-                    )
-                },
-                |(r, _)| *r,
-            );
+            let role = self.role_of(&id, &facts);
             if role == Role::Server && pods.contains_key(&id.remote) {
                 continue;
             }
@@ -54,14 +43,7 @@ impl Aggregator {
                 Role::Client => facts.tx_flags & FLOW_FLAG_SYN != 0,
                 Role::Server => facts.rx_flags & FLOW_FLAG_SYN != 0,
             };
-            let service = match (role, facts.service) {
-                (Role::Client, Some(sid)) => self
-                    .service_names
-                    .get(&sid)
-                    .or_else(|| self.service_names_before.get(&sid))
-                    .cloned(),
-                _ => None,
-            };
+            let service = self.service_of(role, &facts);
             out.push(LiveFlow {
                 time: now_ms,
                 node: String::new(),

@@ -463,12 +463,12 @@ impl Aggregator {
             .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
     }
 
-    /// Adds one connection's facts to the series of every observation that
-    /// traces its local side.
-    fn add_connection(&mut self, id: ConnId, facts: &ConnFacts, now_ms: i64) {
-        let cached = self.roles.get(&id).map(|(r, _)| *r);
+    /// The local side's role: from the handshake when this drain saw it,
+    /// else as remembered, else guessed from ports and who sent.
+    fn role_of(&self, id: &ConnId, facts: &ConnFacts) -> Role {
+        let cached = self.roles.get(id).map(|(r, _)| *r);
         let decided = (facts.tx_flags | facts.rx_flags) & (FLOW_FLAG_SYN | FLOW_FLAG_SYN_ACK) != 0;
-        let role = match (decided, cached) {
+        match (decided, cached) {
             (false, Some(r)) => r,
             _ => role::local_role(
                 facts.tx_flags,
@@ -477,22 +477,32 @@ impl Aggregator {
                 id.remote_port,
                 !facts.tx.is_zero(),
             ),
-        };
-        if self.roles.len() < MAX_REMEMBERED_ROLES || self.roles.contains_key(&id) {
-            self.roles.insert(id, (role, now_ms));
-        } else {
-            self.stats.roles_not_remembered = self.stats.roles_not_remembered.saturating_add(1);
         }
-        let port = role::server_port(role, id.local_port, id.remote_port);
-        // A connection the local pod opened through a Service is named by it.
-        let service = match (role, facts.service) {
+    }
+
+    /// The Service (`namespace/name`) a local client connected through.
+    fn service_of(&self, role: Role, facts: &ConnFacts) -> Option<String> {
+        match (role, facts.service) {
             (Role::Client, Some(sid)) => self
                 .service_names
                 .get(&sid)
                 .or_else(|| self.service_names_before.get(&sid))
                 .cloned(),
             _ => None,
-        };
+        }
+    }
+
+    /// Adds one connection's facts to the series of every observation that
+    /// traces its local side.
+    fn add_connection(&mut self, id: ConnId, facts: &ConnFacts, now_ms: i64) {
+        let role = self.role_of(&id, facts);
+        if self.roles.len() < MAX_REMEMBERED_ROLES || self.roles.contains_key(&id) {
+            self.roles.insert(id, (role, now_ms));
+        } else {
+            self.stats.roles_not_remembered = self.stats.roles_not_remembered.saturating_add(1);
+        }
+        let port = role::server_port(role, id.local_port, id.remote_port);
+        let service = self.service_of(role, facts);
         let mut attributed = false;
         for (view, window) in self.observations.values_mut() {
             let Some(dims) = view.dims.get(&id.local) else {
