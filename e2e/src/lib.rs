@@ -15,6 +15,9 @@
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
 //!   operator), with `proxy` for the API server; [`traffic`]: iperf3 and
 //!   `flowlens-traffic` runs.
+//! - [`stats`]: medians and bootstrap intervals of benchmark rounds;
+//!   [`resources`]: CPU and memory from /proc; [`tc_floor`]: the minimal TC
+//!   program the datapath benchmark compares against.
 //!
 //! Binaries: `flowlens-delay-line` (the delay line) and `flowlens-traffic`
 //! (echo server, ping-pong, connect loop, long-lived stream).
@@ -33,6 +36,9 @@ pub mod otlp;
 pub mod process;
 pub mod prometheus;
 mod proxy;
+pub mod resources;
 pub mod sim;
+pub mod stats;
+pub mod tc_floor;
 pub mod topology;
 pub mod traffic;

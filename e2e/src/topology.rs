@@ -406,7 +406,7 @@ impl Topology {
         PathBuf::from(format!("/sys/fs/bpf/flowlens-e2e-{}", self.prefix()))
     }
 
-    pub(crate) fn bpffs_root(&self, node: usize) -> PathBuf {
+    pub fn bpffs_root(&self, node: usize) -> PathBuf {
         self.bpffs_base().join(&self.nodes[node].name)
     }
 
@@ -715,7 +715,7 @@ impl Topology {
 
     /// A command in a node's network namespace (not its mount namespace, so
     /// /sys/fs/bpf and the cgroup hierarchy stay those of the host).
-    pub(crate) fn node_cmd(
+    pub fn node_cmd(
         &self,
         node: usize,
         program: impl AsRef<std::ffi::OsStr>,

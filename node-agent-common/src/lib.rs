@@ -66,6 +66,12 @@ pub struct FlowStats {
     /// passes without rule evaluation (an endpoint without rules, or a
     /// connection its rules allow); 0: evaluate. Set only by the TC programs.
     pub pass_epoch: u32,
+    /// The host-side interface whose program counted the key's packets
+    /// (0: none yet). A packet leaving a pod takes the fast path only
+    /// through that interface: the key's local address was checked to be
+    /// that pod's when the entry was made, so the source check is implied.
+    pub ifindex: u32,
+    pub _pad: u32,
 }
 
 /// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
@@ -529,7 +535,7 @@ macro_rules! assert_size {
     };
 }
 assert_size!(FlowKey, 40);
-assert_size!(FlowStats, 40);
+assert_size!(FlowStats, 48);
 assert_size!(OverflowKey, 24);
 assert_size!(RttKey, 40);
 assert_size!(EndpointKey, 20);

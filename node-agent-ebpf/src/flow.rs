@@ -8,7 +8,7 @@ use flowlens_agent_common::{
 
 use crate::{
     atomic::{add_u32, add_u64},
-    maps::{FL_FLOWS, FL_OVERFLOW, bump},
+    maps::{FL_FLOW_SCRATCH, FL_FLOWS, FL_OVERFLOW, bump},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -76,11 +76,12 @@ fn add_with_flags(stats: *mut FlowStats, p: &Packet, flags: u32) {
 }
 
 /// Counts a packet of a traced endpoint. `key` is the flow as seen from the
-/// local endpoint, `existing` its entry if the caller found one (else null), and
+/// local endpoint, `existing` its entry if the caller found one (else null),
 /// `pass_epoch` the epoch in which the key's packets pass untouched (0: not
-/// known to), recorded for the fast path.
+/// known to) and `ifindex` the interface of the program, both recorded for
+/// the fast path.
 #[inline(never)]
-pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: u32) {
+pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: u32, ifindex: u32) {
     let Some(flows) = FL_FLOWS.get(0) else {
         return;
     };
@@ -88,21 +89,19 @@ pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: 
     if !existing.is_null() {
         let stats = existing;
         add_with_flags(stats, p, flags);
-        // Plain store: racing writers store the current epoch or 0, and a
-        // stale epoch never matches the current one.
-        unsafe { (*stats).pass_epoch = pass_epoch };
+        // Plain stores: racing writers store the current epoch or 0 (a
+        // stale epoch never matches the current one), and the one interface
+        // whose program sees the key's packets.
+        unsafe {
+            (*stats).pass_epoch = pass_epoch;
+            (*stats).ifindex = ifindex;
+        }
         return;
     }
-    let fresh = FlowStats {
-        packets: p.packets,
-        bytes: p.bytes,
-        payload_bytes: p.payload_bytes,
-        flags,
-        retransmits: 0,
-        drops: 0,
-        pass_epoch,
+    let Some(fresh) = new_entry(p, flags, pass_epoch, ifindex) else {
+        return;
     };
-    match flows.insert(key, &fresh, BPF_NOEXIST as u64) {
+    match flows.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // Another CPU created it first.
         Err(-17) => {
@@ -115,6 +114,28 @@ pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: 
             bump(COUNTER_FLOW_TABLE_FULL);
             account_overflow(key, p);
         }
+    }
+}
+
+/// A new entry for packet `p`, written in this CPU's scratch slot rather
+/// than on the stack: the TC programs' frames are close to the verifier's
+/// 512 bytes. Only the TC programs use the slot, and they do not nest on a
+/// CPU.
+#[inline(always)]
+fn new_entry(p: &Packet, flags: u32, pass_epoch: u32, ifindex: u32) -> Option<&'static FlowStats> {
+    let e = FL_FLOW_SCRATCH.get_ptr_mut(0)?;
+    // Field by field: a struct literal would be built on the stack first.
+    unsafe {
+        (*e).packets = p.packets;
+        (*e).bytes = p.bytes;
+        (*e).payload_bytes = p.payload_bytes;
+        (*e).flags = flags;
+        (*e).retransmits = 0;
+        (*e).drops = 0;
+        (*e).pass_epoch = pass_epoch;
+        (*e).ifindex = ifindex;
+        (*e)._pad = 0;
+        Some(&*e)
     }
 }
 
@@ -132,16 +153,10 @@ fn account_overflow(key: &FlowKey, p: &Packet) {
         add_with_flags(stats, p, 0);
         return;
     }
-    let fresh = FlowStats {
-        packets: p.packets,
-        bytes: p.bytes,
-        payload_bytes: p.payload_bytes,
-        flags: 0,
-        retransmits: 0,
-        drops: 0,
-        pass_epoch: 0,
+    let Some(fresh) = new_entry(p, 0, 0, 0) else {
+        return;
     };
-    if overflow.insert(&okey, &fresh, BPF_NOEXIST as u64).is_err()
+    if overflow.insert(&okey, fresh, BPF_NOEXIST as u64).is_err()
         && let Some(stats) = overflow.get_ptr_mut(&okey)
     {
         add_with_flags(stats, p, 0);
@@ -169,6 +184,8 @@ pub fn account_retransmit(key: &FlowKey) {
         retransmits: 1,
         drops: 0,
         pass_epoch: 0,
+        ifindex: 0,
+        _pad: 0,
     };
     let _ = flows.insert(key, &fresh, BPF_NOEXIST as u64);
 }

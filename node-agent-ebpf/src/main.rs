@@ -88,16 +88,6 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         packet::fragment_ports(&mut p);
     }
     let egress = direction == DIRECTION_EGRESS;
-    // A packet leaving a pod must come from an address the pod owns: one
-    // with another source is dropped if the pod has rules, and never
-    // counted as the traffic of the pod whose address it forged.
-    if egress {
-        match source_check(ctx, &p.src) {
-            SOURCE_OWNED => {}
-            SOURCE_SPOOFED_DROP => return TC_ACT_SHOT,
-            _ => return TC_ACT_UNSPEC,
-        }
-    }
     // The flow as seen from the local endpoint.
     let mut key = FlowKey {
         local_addr: if egress { p.src } else { p.dst },
@@ -110,7 +100,9 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     };
 
     // Fast path: a flow already known, in this epoch, to be traced and to
-    // pass untouched is counted with one lookup.
+    // pass untouched is counted with one lookup. Leaving a pod, only through
+    // the interface whose packets made the entry (whose source address was
+    // checked then): a pod forging another's address never takes it.
     // Not for a SYN: it opens a new connection on the 5-tuple, to be decided
     // afresh (a bare ACK sent first must not pave its way).
     let existing = flow::lookup(&key);
@@ -120,9 +112,21 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         && !existing.is_null()
         && epoch != 0
         && unsafe { (*existing).pass_epoch } == epoch
+        && (!egress || unsafe { (*existing).ifindex } == skb_ifindex(ctx))
     {
         flow::add(existing, &p);
         return TC_ACT_UNSPEC;
+    }
+
+    // A packet leaving a pod must come from an address the pod owns: one
+    // with another source is dropped if the pod has rules, and never
+    // counted as the traffic of the pod whose address it forged.
+    if egress {
+        match source_check(skb_ifindex(ctx), &p.src) {
+            SOURCE_OWNED => {}
+            SOURCE_SPOOFED_DROP => return TC_ACT_SHOT,
+            _ => return TC_ACT_UNSPEC,
+        }
     }
 
     let ep = match unsafe {
@@ -196,22 +200,33 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     }
 
     if ep.flags & ENDPOINT_TRACE != 0 {
-        flow::account(&key, &p, existing, if passes { epoch } else { 0 });
+        let pass_epoch = if passes { epoch } else { 0 };
+        flow::account(&key, &p, existing, pass_epoch, skb_ifindex(ctx));
     }
     TC_ACT_UNSPEC
+}
+
+/// The interface of the packet (a fresh load each time: a value kept
+/// across calls would take stack the verifier counts against 512 bytes).
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    unsafe {
+        core::ptr::read_volatile(
+            &raw const (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex,
+        )
+    }
 }
 
 const SOURCE_OWNED: u32 = 0;
 const SOURCE_SPOOFED_DROP: u32 = 1;
 const SOURCE_SPOOFED_PASS: u32 = 2;
 
-/// Whether the pod behind the packet's interface owns `src` (`SOURCE_*`).
+/// Whether the pod behind interface `ifindex` owns `src` (`SOURCE_*`).
 /// Interfaces the agent has not described pass; IPv6 link-local and
 /// unspecified sources (neighbour discovery, duplicate address detection)
 /// are every pod's own.
 #[inline(never)]
-fn source_check(ctx: &TcContext, src: &[u8; 16]) -> u32 {
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
+fn source_check(ifindex: u32, src: &[u8; 16]) -> u32 {
     let Some(pod) = (unsafe { maps::FL_IFACES.get(&ifindex) }) else {
         return SOURCE_OWNED;
     };
@@ -291,8 +306,11 @@ pub fn fl_sockops(ctx: SockOpsContext) -> u32 {
         // local_port is in host order; remote_port holds the network-order
         // port in its upper 16 bits.
         let rport = u16::from_be((rport_raw >> 16) as u16);
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        rtt::record(&local, &remote, lport as u16, rport, srtt, cookie);
+        // A single load at a constant offset, like the fields above.
+        let sk = unsafe { core::ptr::read_volatile(&raw const (*ops).__bindgen_anon_2.sk) };
+        if rtt::due(sk) {
+            rtt::record(&local, &remote, lport as u16, rport, srtt, 0);
+        }
     }
     1
 }

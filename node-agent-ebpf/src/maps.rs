@@ -11,7 +11,7 @@
 //! `FL_CONFIG.epoch` (whose bit 0 is the generation) with one array update.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use flowlens_agent_common::{
@@ -91,9 +91,20 @@ pub static FL_DROP_REASONS: PerCpuArray<u64, { NUM_DROP_REASONS as usize }> = Pe
 #[btf_map]
 pub static FL_SKB_LAYOUT: Array<SkbLayout, 1> = Array::new();
 
-/// Socket cookie -> time of its last RTT sample (rate limit per socket).
+/// Socket cookie -> time of its last RTT sample (rate limit per socket),
+/// for the `tcp_probe` fallback, which has no socket to store it in.
 #[btf_map]
 pub static FL_RTT_LAST: LruHashMap<u64, u64, 65536> = LruHashMap::new();
+
+/// Time of a socket's last RTT sample, stored in the socket itself (no
+/// table to fill or evict): the `sock_ops` rate limit.
+#[btf_map]
+pub static FL_RTT_SOCK: SkStorage<u64> = SkStorage::new();
+
+/// One new flow entry per CPU, built here before its insert (see
+/// `flow::new_entry`).
+#[btf_map]
+pub static FL_FLOW_SCRATCH: PerCpuArray<FlowStats, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FL_FLOWS: ArrayOfMaps<HashMap<FlowKey, FlowStats, FLOW_TABLE_TEMPLATE>, 1> =

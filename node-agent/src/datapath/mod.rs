@@ -57,6 +57,7 @@ const PINNED_MAPS: &[&str] = &[
     "FL_DROP_REASONS",
     "FL_SKB_LAYOUT",
     "FL_RTT_LAST",
+    "FL_RTT_SOCK",
     "FL_FLOWS",
     "FL_OVERFLOW",
     "FL_RTT",

@@ -3,10 +3,10 @@
 //! agent never reinterprets maps of another layout.
 //!
 //! ```text
-//! <root>/v2/maps/FL_*              maps of the eBPF object
-//! <root>/v2/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
-//! <root>/v2/links/tc_<ifindex>_<ingress|egress>_<ifname>
-//! <root>/v2/links/<hook>           cgroup and tracepoint links
+//! <root>/v3/maps/FL_*              maps of the eBPF object
+//! <root>/v3/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
+//! <root>/v3/links/tc_<ifindex>_<ingress|egress>_<ifname>
+//! <root>/v3/links/<hook>           cgroup and tracepoint links
 //! ```
 //!
 //! bpffs reserves `.` in names, so interface names store it as `~`.
@@ -22,7 +22,7 @@ use std::{
 };
 
 /// Bump when a map's key, value or meaning changes.
-pub const LAYOUT_VERSION: &str = "v2";
+pub const LAYOUT_VERSION: &str = "v3";
 
 /// The default pin root.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/flowlens";
@@ -191,7 +191,9 @@ mod tests {
         let p = l.tc_link("veth.a_b", 42, true);
         assert_eq!(
             p,
-            Path::new("/sys/fs/bpf/x/v2/links/tc_42_ingress_veth~a_b")
+            Path::new("/sys/fs/bpf/x")
+                .join(LAYOUT_VERSION)
+                .join("links/tc_42_ingress_veth~a_b")
         );
         let name = p.file_name().unwrap().to_str().unwrap();
         assert_eq!(

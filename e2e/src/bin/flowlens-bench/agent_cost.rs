@@ -1,0 +1,125 @@
+//! `flowlens-bench agent-at-64k-flows`: the agent's own cost with a full
+//! flow table. One traced pod sends one UDP datagram to each of `--flows`
+//! ports of another pod every second, so every drain of the kernel table
+//! holds that many flows; the agent's CPU (user + system, in % of one core)
+//! and resident memory are read from /proc over `--seconds`. With the
+//! default `--flow-table-size` (65,536) the table is over half full, so the
+//! agent drains it every second; a larger table is drained at window ends.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use flowlens_e2e::{
+    agent::Agent,
+    config::SpecBuilder,
+    resources::{process_cpu_ns, process_status_kb},
+    topology::Topology,
+};
+
+use super::arg;
+
+/// Sends one datagram to each of `flows` ports of `to` every second from a
+/// thread inside network namespace `netns`, until `stop`.
+fn spray(
+    netns: String,
+    to: std::net::Ipv4Addr,
+    flows: u16,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("pod netns");
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        while !stop.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            for i in 0..flows {
+                let _ = sock.send_to(b"x", SocketAddr::from((to, 1024 + i)));
+            }
+            if let Some(rest) = Duration::from_secs(1).checked_sub(start.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+    })
+}
+
+pub fn run(args: &[String]) {
+    let flows: u16 = arg(args, "--flows", 64000).min(64000);
+    let seconds: u64 = arg(args, "--seconds", 10);
+    // The agent's default; a table over half full is drained every second.
+    let table: u32 = arg(args, "--flow-table-size", 65536);
+    let json = args.iter().any(|a| a == "--json");
+
+    let mut topo = Topology::new();
+    let n = topo.add_node("bench", None);
+    let a = topo.add_pod(n, "a");
+    let b = topo.add_pod(n, "b");
+    let mut cfg = SpecBuilder::new(&topo, n);
+    // Only the sender is traced: one table entry per flow.
+    cfg.trace("obs", 5, &[a]);
+    let spec = cfg.build();
+    let table_arg = table.to_string();
+    let agent = Agent::standalone(&topo, n, &spec, &["--flow-table-size", &table_arg]);
+    let pid = agent.proc.pid();
+    let idle_from = (Instant::now(), process_cpu_ns(pid));
+    std::thread::sleep(Duration::from_secs(seconds));
+    let idle_pct =
+        100.0 * (process_cpu_ns(pid) - idle_from.1) / idle_from.0.elapsed().as_nanos() as f64;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = spray(
+        topo.pods[a].netns.clone(),
+        topo.pods[b].ip4,
+        flows,
+        stop.clone(),
+    );
+    // Let the table fill and one drain happen before measuring.
+    std::thread::sleep(Duration::from_secs(6));
+    let from = (Instant::now(), process_cpu_ns(pid));
+    let mut most_entries = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(d) = agent.dump() {
+            most_entries = most_entries.max(d.kernel["flowEntries"].as_u64().unwrap_or(0));
+        }
+    }
+    let busy_pct = 100.0 * (process_cpu_ns(pid) - from.1) / from.0.elapsed().as_nanos() as f64;
+    let rss_mb = process_status_kb(pid, "VmRSS") as f64 / 1024.0;
+    let peak_mb = process_status_kb(pid, "VmHWM") as f64 / 1024.0;
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    drop(agent);
+    let _ = std::process::Command::new(flowlens_e2e::process::workspace_bin("flowlens-agent"))
+        .args([
+            "cleanup",
+            "--bpffs-root",
+            topo.bpffs_root(n).to_str().unwrap(),
+        ])
+        .output();
+
+    println!("| agent | CPU (% of one core) | RSS | peak RSS | goal |");
+    println!("|---|---|---|---|---|");
+    println!("| no traffic | {idle_pct:.2}% | | | < 1% |");
+    println!(
+        "| {flows} flows every second, table of {table} (largest drain: {most_entries} entries) | {busy_pct:.2}% | {rss_mb:.0} MB | {peak_mb:.0} MB | < 1%, < 64 MB |"
+    );
+    let line = format!(
+        "{{\"bench\":\"agent-at-64k-flows\",\"flows\":{flows},\"flow_table_size\":{table},\"seconds\":{seconds},\"idle_cpu_pct\":{idle_pct:.3},\"cpu_pct\":{busy_pct:.3},\"rss_mb\":{rss_mb:.1},\"peak_rss_mb\":{peak_mb:.1},\"largest_drain_entries\":{most_entries}}}"
+    );
+    if json {
+        println!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}

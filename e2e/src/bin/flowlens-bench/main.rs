@@ -1,0 +1,57 @@
+//! Benchmarks (`just bench`). Each prints a table and a JSON line.
+//!
+//! `flowlens-bench datapath [--rounds N] [--seconds S] [--json]`: what
+//! observing costs, side by side with nothing attached, a minimal TC
+//! program, nftables per-flow counters and conntrack accounting
+//! (`datapath.rs`).
+//!
+//! `flowlens-bench agent-at-64k-flows [--flows N] [--seconds S] [--json]`:
+//! the agent's own CPU and memory while every drain holds 64,000 flows
+//! (`agent_cost.rs`).
+//!
+//! `flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50]
+//! [--rate 50]`: against the local API server and a real operator, the time
+//! from a pod getting its IP (status patch) to the NodeAgentConfig of its
+//! node carrying it, and from a FlowPolicy being applied to every affected
+//! NodeAgentConfig carrying its rules; pods get their IPs at `--rate` per
+//! second, as a busy cluster would.
+
+mod agent_cost;
+mod datapath;
+mod propagation;
+
+fn arg<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn propagation(args: &[String]) {
+    let nodes: usize = arg(args, "--nodes", 20);
+    let pods: usize = arg(args, "--pods", 1000);
+    let policies: usize = arg(args, "--policies", 50);
+    let rate: u64 = arg(args, "--rate", 50);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(propagation::run(nodes, pods, policies, rate));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("datapath") => datapath::run(&args),
+        Some("agent-at-64k-flows") => agent_cost::run(&args),
+        Some("propagation") => propagation(&args),
+        _ => {
+            eprintln!(
+                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 65536] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]"
+            );
+            std::process::exit(2);
+        }
+    }
+}
