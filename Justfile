@@ -132,8 +132,12 @@ bench: setup up
     cargo bench -p flowlens-operator --bench compile
     # Propagation against the local API server: 1,000 pods on 20 nodes.
     {{target}}/release/flowlens-bench propagation
-    # Datapath overhead: veth TCP stream and 64-byte UDP, with and without programs.
-    {{target}}/release/flowlens-bench datapath --rounds 5 --seconds 3
+    # Datapath, side by side: nothing attached, a minimal TC program, nftables
+    # per-flow counters, conntrack accounting, Flowlens, Flowlens + 10,000 rules.
+    {{target}}/release/flowlens-bench datapath --rounds 7 --seconds 4
+    # The agent's own CPU and memory with 64,000 flows per drain.
+    {{target}}/release/flowlens-bench agent-at-64k-flows
+    {{target}}/release/flowlens-bench agent-at-64k-flows --flow-table-size 262144
 
 # The demo: control plane, operator, agents on 3 simulated nodes, a shop app
 # with traffic, live `kubectl get` every window. Ctrl-C (or DEMO_SECONDS=N)

@@ -265,12 +265,23 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 #[sock_ops]
 pub fn fl_sockops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops as *const bpf_sock_ops;
-    // Every context field is read here, in straight-line code: the verifier
-    // only accepts context loads at constant offsets, and LLVM may otherwise
-    // share an address computation between branches.
-    let (op, family, l4, r4, l6, r6, lport, rport_raw, srtt_us) = unsafe {
+    // The operation and the socket first: most RTT callbacks of a busy
+    // socket fall within its sampling interval and stop here, before the
+    // (costly, converted) address fields are read.
+    let (op, sk) = unsafe {
         (
             ctx_u32(&raw const (*ops).op),
+            core::ptr::read_volatile(&raw const (*ops).__bindgen_anon_2.sk),
+        )
+    };
+    if op == BPF_SOCK_OPS_RTT_CB && !rtt::due(sk) {
+        return 1;
+    }
+    // Every other context field is read here, in straight-line code: the
+    // verifier only accepts context loads at constant offsets, and LLVM may
+    // otherwise share an address computation between branches.
+    let (family, l4, r4, l6, r6, lport, rport_raw, srtt_us) = unsafe {
+        (
             ctx_u32(&raw const (*ops).family),
             ctx_u32(&raw const (*ops).local_ip4),
             ctx_u32(&raw const (*ops).remote_ip4),
@@ -306,11 +317,7 @@ pub fn fl_sockops(ctx: SockOpsContext) -> u32 {
         // local_port is in host order; remote_port holds the network-order
         // port in its upper 16 bits.
         let rport = u16::from_be((rport_raw >> 16) as u16);
-        // A single load at a constant offset, like the fields above.
-        let sk = unsafe { core::ptr::read_volatile(&raw const (*ops).__bindgen_anon_2.sk) };
-        if rtt::due(sk) {
-            rtt::record(&local, &remote, lport as u16, rport, srtt, 0);
-        }
+        rtt::record(&local, &remote, lport as u16, rport, srtt, 0);
     }
     1
 }

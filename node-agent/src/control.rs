@@ -637,6 +637,9 @@ impl ControlLoop {
             s.kernel.last_drain_micros = started.elapsed().as_micros() as u64;
         });
         self.kernel_state(kernel);
+        let entries = drained.flows.len();
+        drop(drained);
+        crate::allocator::release_after_drain(entries);
     }
 
     /// Drained records into windows; closed windows out (spooled first).

@@ -8,6 +8,7 @@
 //! fuzz target does (`fuzz/`).
 
 mod aggregate;
+pub mod allocator;
 pub mod cgroups;
 pub mod config_source;
 pub mod control;

@@ -165,6 +165,7 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    flowlens_agent::allocator::limit_arenas();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Dump { addr, json, top }) => {
