@@ -242,6 +242,23 @@ impl Agent {
     }
 }
 
+/// `flowlens-agent cleanup` for the pins under `bpffs_root`: detaches every
+/// program a (stopped) agent left and removes its maps. Its error output if
+/// it failed.
+pub fn cleanup_pins(bpffs_root: &std::path::Path) -> Result<(), String> {
+    let out = Command::new(workspace_bin("flowlens-agent"))
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(bpffs_root)
+        .output()
+        .map_err(|e| format!("flowlens-agent cleanup: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 fn spawn(topo: &Topology, node: usize, args: &[String], run: u32) -> Proc {
     spawn_with_env(topo, node, args, run, &[])
 }

@@ -33,11 +33,10 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    agent::{Agent, AgentDump},
+    agent::{Agent, AgentDump, cleanup_pins},
     cluster::{kubeconfig_path, repo_root},
     objects::TestObjects,
     operator::Operator,
-    process::{run_quiet, workspace_bin},
     proxy::TcpProxy,
     topology::{GATEWAY, Topology},
 };
@@ -412,10 +411,8 @@ impl SimCluster {
                 continue;
             }
             let root = self.topo.bpffs_root(node);
-            run_quiet(
-                workspace_bin("flowlens-agent").to_str().unwrap(),
-                &["cleanup", "--bpffs-root", root.to_str().unwrap()],
-            );
+            // What is left is reported below.
+            let _ = cleanup_pins(&root);
             if root.exists()
                 && std::fs::read_dir(&root)
                     .map(|mut d| d.next().is_some())

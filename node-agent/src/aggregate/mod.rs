@@ -115,7 +115,7 @@ struct SeriesKey {
     service: Option<String>,
 }
 
-/// The key of the `other` series (made once: it holds strings).
+/// The key of the `other` series (made once; its clones share the endpoint).
 static OTHER: LazyLock<SeriesKey> = LazyLock::new(SeriesKey::other);
 
 impl SeriesKey {
@@ -582,7 +582,7 @@ impl Aggregator {
                     continue;
                 }
                 window.overflow_packets = window.overflow_packets.saturating_add(s.packets);
-                let acc = window.series.entry(SeriesKey::other()).or_default();
+                let acc = window.series.entry(OTHER.clone()).or_default();
                 if k.direction == DIRECTION_EGRESS {
                     acc.tx.add(&t);
                 } else {
@@ -905,13 +905,12 @@ fn series_slot<'w>(
     max_series: u32,
     stats: &mut AggregatorStats,
 ) -> &'w mut SeriesAcc {
-    // Most calls: a series of the window, or room for a new one.
+    // Most calls: room for a new series (checked without hashing `other`
+    // until the window is full), or a series the window has.
     let len = window.series.len();
-    if len < max_series as usize || window.series.contains_key(&key) {
-        return window.series.entry(key).or_default();
-    }
-    let kept = len - usize::from(window.series.contains_key(&*OTHER));
-    if kept < max_series as usize {
+    let room = len < max_series as usize
+        || len - usize::from(window.series.contains_key(&*OTHER)) < max_series as usize;
+    if room || window.series.contains_key(&key) {
         return window.series.entry(key).or_default();
     }
     let fingerprint = window.fingerprints.hash_one(&key);
@@ -920,10 +919,8 @@ fn series_slot<'w>(
     } else if !window.folded.contains(&fingerprint) {
         stats.folded_not_tracked = stats.folded_not_tracked.saturating_add(1);
     }
-    if !window.series.contains_key(&*OTHER) {
-        window.series.insert(OTHER.clone(), SeriesAcc::default());
-    }
-    window.series.get_mut(&*OTHER).expect("just inserted")
+    // A cheap clone: the endpoint is shared.
+    window.series.entry(OTHER.clone()).or_default()
 }
 
 fn build_window<'a>(

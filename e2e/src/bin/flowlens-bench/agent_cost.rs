@@ -17,7 +17,7 @@ use std::{
 };
 
 use flowlens_e2e::{
-    agent::Agent,
+    agent::{Agent, cleanup_pins},
     config::SpecBuilder,
     resources::{process_cpu_ns, process_status_kb},
     topology::Topology,
@@ -99,13 +99,9 @@ pub fn run(args: &[String]) {
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
     drop(agent);
-    let _ = std::process::Command::new(flowlens_e2e::process::workspace_bin("flowlens-agent"))
-        .args([
-            "cleanup",
-            "--bpffs-root",
-            topo.bpffs_root(n).to_str().unwrap(),
-        ])
-        .output();
+    if let Err(e) = cleanup_pins(&topo.bpffs_root(n)) {
+        eprintln!("flowlens-agent cleanup: {e}");
+    }
 
     println!("| agent | CPU (% of one core) | RSS | peak RSS | goal |");
     println!("|---|---|---|---|---|");

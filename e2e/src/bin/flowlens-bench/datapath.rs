@@ -32,9 +32,9 @@ use flowlens_api::{
     node_agent_config::{Direction, NodeAgentConfigSpec},
 };
 use flowlens_e2e::{
-    agent::Agent,
+    agent::{Agent, cleanup_pins},
     config::SpecBuilder,
-    process::{Proc, workspace_bin},
+    process::Proc,
     resources::{busy_cpu_ns, process_cpu_ns, process_status_kb},
     stats::{Rng, median, median_with_ci},
     tc_floor::TcFloor,
@@ -250,19 +250,12 @@ impl Bench<'_> {
             }
             Arm::Flowlens | Arm::FlowlensRules => {
                 let agent = self.agent.take().unwrap();
-                let counted = agent.dump().map(|d| d.endpoints.attached).unwrap_or(0);
-                assert!(counted > 0, "the agent lost its interfaces");
+                let attached = agent.dump().map(|d| d.endpoints.attached).unwrap_or(0);
+                assert!(attached > 0, "the agent lost its interfaces");
                 drop(agent);
-                let root = self.topo.bpffs_root(self.node);
-                let out = Command::new(workspace_bin("flowlens-agent"))
-                    .args(["cleanup", "--bpffs-root", root.to_str().unwrap()])
-                    .output()
-                    .expect("flowlens-agent cleanup");
-                assert!(
-                    out.status.success(),
-                    "cleanup: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                if let Err(e) = cleanup_pins(&self.topo.bpffs_root(self.node)) {
+                    panic!("flowlens-agent cleanup: {e}");
+                }
             }
         }
         self.assert_clean();

@@ -20,12 +20,24 @@ mod agent_cost;
 mod datapath;
 mod propagation;
 
+/// The value of `--flag`, or `default` when it is absent. A value that
+/// does not parse ends the run with a message naming the flag (a benchmark
+/// run with a silently different setting would report the wrong thing).
 fn arg<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    let Some(i) = args.iter().position(|a| a == flag) else {
+        return default;
+    };
+    match args.get(i + 1).map(|v| (v, v.parse())) {
+        Some((_, Ok(v))) => v,
+        Some((v, Err(_))) => {
+            eprintln!("flowlens-bench: {flag}: invalid value {v:?}");
+            std::process::exit(2);
+        }
+        None => {
+            eprintln!("flowlens-bench: {flag} needs a value");
+            std::process::exit(2);
+        }
+    }
 }
 
 fn propagation(args: &[String]) {
