@@ -32,7 +32,7 @@ check-generated: generate
 fuzz seconds="300":
     #!/usr/bin/env bash
     set -euo pipefail
-    for t in report node_config; do
+    for t in report node_config dns_message; do
         AYA_BUILD_SKIP=1 cargo +nightly fuzz run -s none -a --target-dir {{target}}/fuzz "$t" -- \
             -max_total_time={{seconds}} -dict={{justfile_directory()}}/fuzz/dict/"$t".dict
     done
@@ -138,6 +138,8 @@ bench: setup up
     # The agent's own CPU and memory with 64,000 flows per drain.
     {{target}}/release/flowlens-bench agent-at-64k-flows
     {{target}}/release/flowlens-bench agent-at-64k-flows --flow-table-size 262144
+    # What observing DNS costs: per DNS packet in the kernel, per message in the agent.
+    {{target}}/release/flowlens-bench dns
 
 # The demo: control plane, operator, agents on 3 simulated nodes, a shop app
 # with traffic, live `kubectl get` every window. Ctrl-C (or DEMO_SECONDS=N)

@@ -9,7 +9,8 @@ set -euo pipefail
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 packages=(iperf3 iputils-ping netcat-openbsd nftables conntrack iproute2 bpftool
-          etcd-server openssl curl jq socat ethtool hyperfine lua5.1 prometheus)
+          etcd-server openssl curl jq socat ethtool hyperfine lua5.1 prometheus
+          dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,13 +8,19 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::patterns;
 
 /// One dimension of `groupBy`: `namespace`, `workload`, `pod`, `node`, `zone`,
-/// `service` or `label:<key>` (the key must also be listed in `keepLabels`).
+/// `service`, `dnsName` or `label:<key>` (the key must also be listed in
+/// `keepLabels`).
 ///
 /// `service` is the Service a client connected through (none for direct
 /// connections). It is not a pod dimension: top flows always carry it, so
 /// traffic through a Service is never merged with direct traffic; alone
 /// (`groupBy: [service]`) it groups traffic by Service without pod
 /// dimensions.
+///
+/// `dnsName` groups external peers by the DNS name the traced pods resolved
+/// to their addresses (from the answers the pods received), without the
+/// address: a service behind many addresses is one row. Peers without a
+/// name keep their address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GroupBy {
     Namespace,
@@ -23,6 +29,7 @@ pub enum GroupBy {
     Node,
     Zone,
     Service,
+    DnsName,
     Label(String),
 }
 
@@ -42,6 +49,7 @@ impl fmt::Display for GroupBy {
             GroupBy::Node => f.write_str("node"),
             GroupBy::Zone => f.write_str("zone"),
             GroupBy::Service => f.write_str("service"),
+            GroupBy::DnsName => f.write_str("dnsName"),
             GroupBy::Label(k) => write!(f, "label:{k}"),
         }
     }
@@ -50,7 +58,7 @@ impl fmt::Display for GroupBy {
 /// Why a `groupBy` item was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{0:?} is not a groupBy dimension: use namespace, workload, pod, node, zone, service or label:<key>"
+    "{0:?} is not a groupBy dimension: use namespace, workload, pod, node, zone, service, dnsName or label:<key>"
 )]
 pub struct GroupByError(pub String);
 
@@ -65,6 +73,7 @@ impl FromStr for GroupBy {
             "node" => GroupBy::Node,
             "zone" => GroupBy::Zone,
             "service" => GroupBy::Service,
+            "dnsName" => GroupBy::DnsName,
             other => match other.strip_prefix("label:") {
                 Some(key) if crate::labels::label_key(key).is_ok() => {
                     GroupBy::Label(key.to_owned())
@@ -119,6 +128,7 @@ mod tests {
             "node",
             "zone",
             "service",
+            "dnsName",
             "label:app.kubernetes.io/name",
         ] {
             let g: GroupBy = s.parse().unwrap();

@@ -14,6 +14,7 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod dns;
 pub mod duration;
 pub mod flow_policy;
 pub mod format;

@@ -198,6 +198,11 @@ pub struct NetworkObservationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencyPercentiles>,
 
+    /// DNS of the traced pods over the last window: queries, answers by
+    /// response code, query-to-answer latency, the names queried most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsStatus>,
+
     /// The `topN` flows of the last window, by bytes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_flows: Vec<TopFlow>,
@@ -296,8 +301,9 @@ pub struct LatencyPercentiles {
 /// The dimensions of one side of a flow. Only the dimensions in `groupBy` are
 /// set. A node, or a pod on the host network (whose address is its node's),
 /// has `node` and `hostNetwork: true` (and `zone` when grouping by zone). A
-/// peer that is neither a known pod nor a node has `external: true` and its
-/// address; the overflow bucket of `maxSeries` has `other: true`.
+/// peer that is neither a known pod nor a node has `external: true`, its
+/// address and, when the traced pods resolved it, its DNS `name` (grouping
+/// by `dnsName`, the name without the address); the overflow bucket of `maxSeries` has `other: true`.
 #[derive(
     Serialize,
     Deserialize,
@@ -327,6 +333,10 @@ pub struct FlowEndpoint {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// An external peer's DNS name: the name the traced pods asked for when
+    /// their resolver answered with this address (CNAMEs followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub external: bool,
     /// The node's own network: a node address (InternalIP, ExternalIP) or a
@@ -382,6 +392,7 @@ impl FlowEndpoint {
                 .filter_map(|k| pod.labels.get(k).map(|v| (k.clone(), v.clone())))
                 .collect(),
             address: None,
+            name: None,
             external: false,
             host_network: false,
             other: false,

@@ -18,7 +18,7 @@ pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
 pub const NAMESPACE_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 /// A `groupBy` item.
-pub const GROUP_BY: &str = r"^(namespace|workload|pod|node|zone|service|label:([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$";
+pub const GROUP_BY: &str = r"^(namespace|workload|pod|node|zone|service|dnsName|label:([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$";
 
 /// An aggregation window of at least 5 seconds: `5s`..`59s`, `1m`, `1m30s`, `2h`, ...
 /// (hours, minutes and seconds, in that order, each at most once).
@@ -71,6 +71,7 @@ mod tests {
                 "node",
                 "zone",
                 "service",
+                "dnsName",
                 "label:app",
                 "label:app.kubernetes.io/name",
             ],

@@ -81,6 +81,9 @@ pub struct ObservationWindow {
     /// observation changed mid-window) a new one.
     #[serde(default)]
     pub part: u64,
+    /// DNS of the observation's pods in the window (absent without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsWindow>,
     /// Closed before the window ended (agent stopping, observation
     /// changed): more parts of this window may follow from this node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -141,6 +144,10 @@ pub struct Series {
     /// The remote address; `None` for the `other` bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
+    /// The DNS name the local pods resolved to the remote address (from
+    /// the answers they received), when they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_name: Option<String>,
     /// The server port (0 without ports).
     pub port: u16,
     /// IP protocol number.

@@ -116,14 +116,11 @@ impl TcFloor {
 
         // Interface indexes are per namespace: resolve and attach from a
         // thread that has entered it (links stay with the devices).
-        let netns_path = format!("/var/run/netns/{netns}");
+        let netns = netns.to_owned();
         let prog_fd = prog.as_raw_fd();
         let ifaces = ifaces.to_vec();
         let links = std::thread::spawn(move || -> io::Result<Vec<OwnedFd>> {
-            let ns = std::fs::File::open(&netns_path)?;
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::topology::enter_netns(&netns)?;
             let mut links = Vec::new();
             for iface in &ifaces {
                 let c = CString::new(iface.as_str()).unwrap();
@@ -131,7 +128,7 @@ impl TcFloor {
                 if ifindex == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
-                        format!("no interface {iface} in {netns_path}"),
+                        format!("no interface {iface} in network namespace {netns}"),
                     ));
                 }
                 for attach_type in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {

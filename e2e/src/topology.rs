@@ -109,6 +109,18 @@ fn netns_path(ns: &str) -> String {
     format!("/var/run/netns/{ns}")
 }
 
+/// Moves the calling thread into network namespace `netns` (for a thread
+/// that sends or serves traffic as a pod).
+pub fn enter_netns(netns: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns_path(netns))?;
+    // SAFETY: a valid namespace descriptor; only this thread moves.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) {
     run(
         "ip",

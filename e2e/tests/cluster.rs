@@ -993,6 +993,40 @@ spec:
     );
     assert!(to_node.destination.host_network, "{to_node:?}");
     assert!(!to_node.destination.external, "{to_node:?}");
+
+    // The cluster's DNS (dnsmasq, fed from the Services): the pod's lookups
+    // of the Service's name are in status, answered NOERROR and timed.
+    let fqdn = format!("db.{}.svc.cluster.local", ns.name);
+    let (ns_name, pod, name) = (ns.name.clone(), web.clone(), fqdn.clone());
+    let resolver = std::thread::spawn(move || {
+        exec(
+            &ns_name,
+            &pod,
+            &[
+                "bash",
+                "-c",
+                &format!(
+                    "for i in $(seq 1 20); do getent hosts {name}. || exit 1; sleep 0.5; done"
+                ),
+            ],
+        )
+    });
+    let dns = obs
+        .wait("the pod's DNS in status", |s| {
+            s.dns.filter(|d| {
+                d.responses.get("NOERROR").copied().unwrap_or(0) >= 1
+                    && d.top_names.iter().any(|n| n.name == fqdn)
+            })
+        })
+        .await;
+    let answered = resolver.join().unwrap();
+    println!("cluster DNS in status: {dns:?}");
+    assert!(answered.is_ok(), "getent: {answered:?}");
+    let latency = dns.latency.expect("answered queries are timed");
+    assert!(
+        latency.samples >= 1 && latency.p50_micros > 0,
+        "{latency:?}"
+    );
 }
 
 /// In the pod: the time (unix ms, the node's clock) just before `nc -z` to

@@ -55,7 +55,48 @@ pub fn top_flows(obs: &NetworkObservation) -> String {
     } else {
         out.push_str(&t.to_string());
     }
+    if let Some(d) = &s.dns {
+        out.push_str(&dns_line(d));
+    }
     out
+}
+
+/// The window's DNS in one line: queries, answers by code, latency, the
+/// names asked most.
+fn dns_line(d: &flowlens_api::dns::DnsStatus) -> String {
+    let codes: Vec<String> = d
+        .responses
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    let latency = d.latency.as_ref().map_or_else(String::new, |l| {
+        format!(
+            ", latency p50 {} p99 {}",
+            format::micros(l.p50_micros),
+            format::micros(l.p99_micros)
+        )
+    });
+    let names: Vec<String> = d
+        .top_names
+        .iter()
+        .take(3)
+        .map(|n| format!("{} ({})", n.name, n.queries))
+        .collect();
+    format!(
+        "DNS: {} queries ({}; {} unanswered){latency}; most asked: {}\n",
+        format::count(d.queries),
+        if codes.is_empty() {
+            "no answers".into()
+        } else {
+            codes.join(", ")
+        },
+        d.unanswered,
+        if names.is_empty() {
+            "-".into()
+        } else {
+            names.join(", ")
+        },
+    )
 }
 
 fn flow_row(f: &TopFlow, seconds: i64) -> Vec<String> {
@@ -93,6 +134,12 @@ fn endpoint(e: &FlowEndpoint) -> String {
     }
     if e.host_network {
         return format!("node {}", e.node.as_deref().unwrap_or("?"));
+    }
+    if let Some(n) = &e.name {
+        return match &e.address {
+            Some(a) => format!("{n} ({a}, external)"),
+            None => format!("{n} (external)"),
+        };
     }
     if let Some(a) = &e.address {
         return if e.external {
@@ -143,6 +190,13 @@ mod tests {
                 {"source": {"namespace": "shop", "labels": {"app": "web"}},
                  "destination": {"address": "203.0.113.9", "external": true},
                  "port": 443, "protocol": "TCP", "bytes": 600, "packets": 10, "flows": 1},
+                {"source": {"namespace": "shop", "labels": {"app": "web"}},
+                 "destination": {"address": "192.0.2.7", "name": "api.payments.example",
+                                 "external": true},
+                 "port": 443, "protocol": "TCP", "bytes": 500, "packets": 8, "flows": 1},
+                {"source": {"namespace": "shop", "labels": {"app": "web"}},
+                 "destination": {"name": "cdn.example", "external": true},
+                 "port": 443, "protocol": "TCP", "bytes": 400, "packets": 6, "flows": 2},
             ],
         }));
         let out = top_flows(&obs);
@@ -158,6 +212,33 @@ mod tests {
         assert!(lines[2].contains(&format::rate(100_000.0)), "{out}");
         assert!(lines[3].starts_with("shop app=web "), "{out}");
         assert!(lines[3].contains("203.0.113.9 (external)"), "{out}");
+        assert!(
+            lines[4].contains("api.payments.example (192.0.2.7, external)"),
+            "{out}"
+        );
+        assert!(lines[5].contains("cdn.example (external)"), "{out}");
+        assert!(!out.contains("DNS:"), "no DNS in this window: {out}");
+        let mut with_dns = obs.clone();
+        with_dns.status.as_mut().unwrap().dns = Some(
+            serde_json::from_value(json!({
+                "queries": 6, "responses": {"NOERROR": 3, "NXDOMAIN": 2, "REFUSED": 1},
+                "latency": {"samples": 6, "p50Micros": 20224, "p95Micros": 20736, "p99Micros": 20736},
+                "topNames": [{"name": "www.payments.example", "queries": 3}],
+            }))
+            .unwrap(),
+        );
+        let out = top_flows(&with_dns);
+        let last = out.lines().last().unwrap();
+        assert!(
+            last.starts_with(
+                "DNS: 6 queries (NOERROR 3, NXDOMAIN 2, REFUSED 1; 0 unanswered), latency p50 "
+            ),
+            "{out}"
+        );
+        assert!(
+            last.ends_with("most asked: www.payments.example (3)"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -529,6 +529,55 @@ pub struct ServiceSocket {
     pub _pad: [u8; 4],
 }
 
+/// DNS: the server port whose messages the TC programs copy to the agent
+/// (queries a traced pod sends to it, the answers it receives from it),
+/// over UDP and TCP.
+pub const DNS_PORT: u16 = 53;
+/// Payload bytes copied per DNS packet (a longer message arrives cut; the
+/// agent still reads its header and question).
+pub const DNS_CAPTURE_BYTES: usize = 512;
+/// DNS packets copied per CPU per second at most; more are counted as
+/// dropped (`DnsBudget::dropped`).
+pub const DNS_EVENTS_PER_CPU_SECOND: u64 = 16384;
+
+/// One DNS packet of a traced pod, copied to the agent's ring buffer.
+/// Addresses and ports as seen from the pod (as in [`FlowKey`]).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    /// CLOCK_MONOTONIC nanoseconds when the packet passed the hook.
+    pub ts_ns: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    /// `DIRECTION_EGRESS`: a query leaving the pod; `DIRECTION_INGRESS`:
+    /// an answer to it.
+    pub direction: u8,
+    /// Bytes of `payload` filled (at most [`DNS_CAPTURE_BYTES`]).
+    pub captured: u16,
+    /// The packet's transport payload length (more than `captured` when
+    /// the message was cut).
+    pub payload_len: u32,
+    pub _pad: u32,
+    pub payload: [u8; DNS_CAPTURE_BYTES],
+}
+
+/// Per-CPU state and counters of the DNS copy (cumulative counters).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsBudget {
+    /// Start (CLOCK_MONOTONIC ns) of the current one-second budget.
+    pub window_ns: u64,
+    /// Packets copied in the current budget.
+    pub used: u64,
+    /// Packets copied.
+    pub captured: u64,
+    /// Packets not copied: over budget or the ring buffer full.
+    pub dropped: u64,
+}
+
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
@@ -560,12 +609,17 @@ assert_size!(FragKey, 40);
 assert_size!(FragPorts, 4);
 assert_size!(PodInterface, 40);
 
+assert_size!(DnsEvent, 568);
+assert_size!(DnsBudget, 32);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all of these are `repr(C)`, `Copy`, and have no implicit padding
     // (checked by the size assertions above and explicit `_pad` fields).
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for DnsEvent {}
+    unsafe impl aya::Pod for DnsBudget {}
     unsafe impl aya::Pod for FlowStats {}
     unsafe impl aya::Pod for OverflowKey {}
     unsafe impl aya::Pod for RttKey {}

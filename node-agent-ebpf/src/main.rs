@@ -24,6 +24,7 @@
 #![allow(clippy::manual_saturating_arithmetic, clippy::implicit_saturating_sub)]
 
 mod atomic;
+mod dns;
 mod drop;
 mod flow;
 mod maps;
@@ -47,9 +48,9 @@ use aya_ebpf::{
 };
 use flowlens_agent_common::{
     COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo, EndpointKey,
-    FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CLIENT, ROLE_SERVER, SUSPECT_SPOOFED,
-    ServiceConnKey, ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+    DNS_PORT, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo,
+    EndpointKey, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER,
+    SUSPECT_SPOOFED, ServiceConnKey, ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
 };
 
 use crate::{
@@ -98,6 +99,16 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         direction,
         _pad: [0; 2],
     };
+
+    // DNS of a traced pod (a query it sends, an answer it receives): a copy
+    // for the agent. Two compares for every other packet.
+    if (if egress { p.dport } else { p.sport }) == DNS_PORT
+        && (p.protocol == PROTO_UDP || p.protocol == PROTO_TCP)
+        && p.opaque == 0
+        && epoch != 0
+    {
+        dns::capture(ctx, &p, egress, generation);
+    }
 
     // Fast path: a flow already known, in this epoch, to be traced and to
     // pass untouched is counted with one lookup. Leaving a pod, only through

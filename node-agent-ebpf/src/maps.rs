@@ -11,15 +11,15 @@
 //! `FL_CONFIG.epoch` (whose bit 0 is the generation) with one array update.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    AttemptKey, AttemptStats, BackendKey, ConnKey, ConnState, DatapathConfig, ENDPOINT_TRACE,
-    EndpointInfo, EndpointKey, FlowKey, FlowStats, FragKey, FragPorts, NUM_COUNTERS,
-    NUM_DROP_REASONS, NUM_SUSPECT, OverflowKey, PeerKey, PodAddrs, PodInterface, PortKey, RttKey,
-    RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo, ServiceKey,
-    ServiceSocket, SkbLayout,
+    AttemptKey, AttemptStats, BackendKey, ConnKey, ConnState, DatapathConfig, DnsBudget, DnsEvent,
+    ENDPOINT_TRACE, EndpointInfo, EndpointKey, FlowKey, FlowStats, FragKey, FragPorts,
+    NUM_COUNTERS, NUM_DROP_REASONS, NUM_SUSPECT, OverflowKey, PeerKey, PodAddrs, PodInterface,
+    PortKey, RttKey, RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo,
+    ServiceKey, ServiceSocket, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -105,6 +105,15 @@ pub static FL_RTT_SOCK: SkStorage<u64> = SkStorage::new();
 /// `flow::new_entry`).
 #[btf_map]
 pub static FL_FLOW_SCRATCH: PerCpuArray<FlowStats, 1> = PerCpuArray::new();
+
+/// DNS packets of traced pods, copied for the agent to parse (4 MiB:
+/// about 7,300 messages; the agent reads it every 200 ms).
+#[btf_map]
+pub static FL_DNS_EVENTS: RingBuf<DnsEvent, { 4 << 20 }> = RingBuf::new();
+
+/// The DNS copy's per-CPU budget and counters.
+#[btf_map]
+pub static FL_DNS_BUDGET: PerCpuArray<DnsBudget, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FL_FLOWS: ArrayOfMaps<HashMap<FlowKey, FlowStats, FLOW_TABLE_TEMPLATE>, 1> =

@@ -1,9 +1,12 @@
-//! The compiler of kernel tables as the fuzz target `node_config` (`fuzz/`)
-//! drives it: a JSON `NodeAgentConfigSpec` compiled for a node with fixed
-//! addresses, with what the kernel maps can hold asserted.
+//! What the fuzz targets drive (`fuzz/`):
+//! - `node_config`: the compiler of kernel tables, a JSON
+//!   `NodeAgentConfigSpec` compiled for a node with fixed addresses, with
+//!   what the kernel maps can hold asserted;
+//! - `dns_message`: a DNS packet's copied payload through the parser and
+//!   the query/answer tracker, as a hostile pod would send it.
 //!
 //! Built only under `cfg(fuzzing)` (cargo fuzz sets it) and in tests, which
-//! run the checked-in corpus (`fuzz/corpus/node_config/`) through it.
+//! run the checked-in corpora (`fuzz/corpus/<target>/`) through them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -96,9 +99,66 @@ pub fn node_config(body: &[u8]) {
     }
 }
 
+/// One DNS payload, read as the kernel copies it (cut at 512 bytes, UDP
+/// and TCP), then as a query and as the answer to it. Panics when the
+/// parser or the tracker breaks its bounds.
+pub fn dns_message(payload: &[u8]) {
+    use crate::dns::{
+        message::parse,
+        tracker::{DnsPacket, DnsTracker, Seen},
+    };
+    use flowlens_agent_common::DNS_CAPTURE_BYTES;
+
+    let copied = &payload[..payload.len().min(DNS_CAPTURE_BYTES)];
+    let mut tracker = DnsTracker::default();
+    for tcp in [false, true] {
+        let message = parse(copied, payload.len(), tcp);
+        if let Ok(m) = &message {
+            assert!(m.answers.len() <= 64, "answers unbounded");
+            if let Some(q) = &m.qname {
+                assert!(
+                    flowlens_api::dns::check_name(q).is_ok(),
+                    "{q:?} is no plain name"
+                );
+            }
+            assert!(!m.cut || m.answers.is_empty(), "answers from a cut copy");
+        }
+        for (from_pod, ts) in [(true, 1_000), (false, 21_000)] {
+            let p = DnsPacket {
+                ts_ns: ts,
+                local: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 5],
+                remote: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 53],
+                local_port: 4000,
+                remote_port: 53,
+                protocol: if tcp { 6 } else { 17 },
+                from_pod,
+                message: message.clone(),
+            };
+            if let Seen::Answer { latency_us, .. } = tracker.observe(&p, 0) {
+                assert_eq!(latency_us, 20, "latency from the stamps");
+            }
+        }
+    }
+    let (names, pending) = tracker.sizes();
+    assert!(names <= 64 && pending <= 2, "tracker state unbounded");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every input of the checked-in DNS corpus.
+    #[test]
+    fn the_dns_corpus_passes() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/dns_message");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            dns_message(&std::fs::read(e.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no corpus in {}", dir.display());
+    }
 
     /// Every input of the checked-in corpus (seeds and the crashes found).
     #[test]

@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod config_source;
 pub mod control;
 pub mod datapath;
+mod dns;
 pub mod dump;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;

@@ -30,6 +30,12 @@ pub(crate) struct ReasonLabels {
     pub reason: String,
 }
 
+/// What became of a DNS message (a fixed set, see `dns_messages`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// A bounded piece of the agent's own state (see `aggregate`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
@@ -56,6 +62,11 @@ pub struct Metrics {
     pub(crate) drops_without_flow: Counter,
     /// Suspect packets of attached pods, by reason.
     pub(crate) suspect_packets: Family<ReasonLabels, Counter>,
+    /// DNS messages of traced pods, by what became of them.
+    pub(crate) dns_messages: Family<OutcomeLabels, Counter>,
+    /// Names remembered (pod, address) and queries awaiting an answer.
+    pub(crate) dns_names: Gauge,
+    pub(crate) dns_pending: Gauge,
     pub(crate) service_translated: Counter,
     pub(crate) drain_seconds: Histogram,
     /// Entries a full bound of the aggregator's state could not keep.
@@ -105,6 +116,9 @@ impl Metrics {
             drops_without_flow: Counter::default(),
             service_translated: Counter::default(),
             suspect_packets: Family::default(),
+            dns_messages: Family::default(),
+            dns_names: Gauge::default(),
+            dns_pending: Gauge::default(),
             drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
             state_overflows: Family::default(),
             applies: Family::default(),
@@ -200,6 +214,21 @@ impl Metrics {
             "suspect_packets",
             "Packets of attached pods whose rules cannot be evaluated (orphan_fragment, truncated, ipv6_extension_headers) or whose source the pod does not own (spoofed_source), by reason; dropped at pods with rules, never counted as another pod's traffic",
             self.suspect_packets.clone(),
+        );
+        registry.register(
+            "dns_messages",
+            "DNS messages of traced pods by outcome: copied (by the kernel), dropped_in_kernel (over the per-CPU budget or the ring buffer full), unreadable (malformed, cut TCP), unmatched_answer (no waiting query: forged, late or repeated), pending_full, names_full",
+            self.dns_messages.clone(),
+        );
+        registry.register(
+            "dns_names",
+            "(pod, address) pairs whose DNS name the agent remembers",
+            self.dns_names.clone(),
+        );
+        registry.register(
+            "dns_pending_queries",
+            "DNS queries of traced pods awaiting their answer",
+            self.dns_pending.clone(),
         );
         registry.register(
             "service_connections_translated",

@@ -84,6 +84,7 @@ fn write_window(r: &WindowResult, s: &mut NetworkObservationStatus) {
     total.cross_zone_bytes = total.cross_zone_bytes.saturating_add(r.cross_zone_bytes);
     total.windows = total.windows.saturating_add(1);
     s.latency = r.latency.clone();
+    s.dns = r.dns.as_ref().map(crate::collect::merge::dns_status);
     s.top_flows = r.top_flows.clone();
     s.series = Some(SeriesUsage {
         series: r.series,

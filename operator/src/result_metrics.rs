@@ -138,6 +138,14 @@ pub(crate) struct Totals {
     rtt: RttHistogram,
     /// RTT percentiles of the last window with samples.
     pub last_rtt: Option<LatencyPercentiles>,
+    pub dns_queries: u64,
+    pub dns_unanswered: u64,
+    /// DNS answers by response code.
+    pub dns_responses: BTreeMap<String, u64>,
+    /// Query-to-answer time of DNS queries (the RTT buckets).
+    dns_latency: RttHistogram,
+    /// The names queried most in the last window with DNS (at most 10).
+    pub dns_top_names: Vec<flowlens_api::dns::NameCount>,
 }
 
 #[derive(Debug)]
@@ -182,6 +190,7 @@ fn endpoint_labels(side: &str, e: &FlowEndpoint, out: &mut Labels) {
         ("node", &e.node),
         ("zone", &e.zone),
         ("address", &e.address),
+        ("name", &e.name),
     ] {
         if let Some(v) = value {
             out.push((format!("{side}_{name}"), v.clone()));
@@ -273,6 +282,16 @@ impl ResultMetrics {
         if window.latency.is_some() {
             t.last_rtt = window.latency.clone();
         }
+        if let Some(d) = &window.dns {
+            t.dns_queries = t.dns_queries.saturating_add(d.queries);
+            t.dns_unanswered = t.dns_unanswered.saturating_add(d.unanswered);
+            for (code, n) in &d.responses {
+                let c = t.dns_responses.entry(code.clone()).or_default();
+                *c = c.saturating_add(*n);
+            }
+            t.dns_latency.add(&d.latency);
+            t.dns_top_names = d.top_names.clone();
+        }
 
         let end = window.end;
         let idle_before = end - IDLE_SECS.max(5 * (window.end - window.start));
@@ -357,7 +376,21 @@ pub(crate) struct CounterDef<T> {
 }
 
 /// Each observation's counters (label `observation`).
-pub(crate) const OBSERVATION_COUNTERS: [CounterDef<Totals>; 9] = [
+pub(crate) const OBSERVATION_COUNTERS: [CounterDef<Totals>; 11] = [
+    CounterDef {
+        prometheus: "flowlens_observation_dns_queries",
+        otlp: "flowlens.observation.dns.queries",
+        unit: "{query}",
+        help: "DNS queries the observation's pods sent (to port 53, UDP or TCP)",
+        value: |t| t.dns_queries,
+    },
+    CounterDef {
+        prometheus: "flowlens_observation_dns_unanswered",
+        otlp: "flowlens.observation.dns.unanswered",
+        unit: "{query}",
+        help: "DNS queries of the observation's pods without an answer within 10 s",
+        value: |t| t.dns_unanswered,
+    },
     CounterDef {
         prometheus: "flowlens_observation_windows",
         otlp: "flowlens.observation.windows",
@@ -541,6 +574,52 @@ impl Collector for ResultMetrics {
                 family
                     .encode_family(&[("observation", name)])?
                     .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count(), &h.encoded(), None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "flowlens_observation_dns_responses",
+                "DNS answers to the observation's pods, by response code (NOERROR, NXDOMAIN, SERVFAIL, ...)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, o) in obs() {
+                for (code, n) in &o.totals.dns_responses {
+                    let set = [("observation", name), ("rcode", code.as_str())];
+                    ConstCounter::new(*n).encode(family.encode_family(&set)?)?;
+                }
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "flowlens_observation_dns_latency_seconds",
+                "DNS query-to-answer time of the observation's pods",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (name, o) in obs() {
+                let h = &o.totals.dns_latency;
+                if h.is_empty() {
+                    continue;
+                }
+                family
+                    .encode_family(&[("observation", name)])?
+                    .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count(), &h.encoded(), None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "flowlens_observation_dns_top_name_queries",
+                "Queries of the names the observation's pods asked most, in the last window with DNS (at most 10 names)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, o) in obs() {
+                for n in &o.totals.dns_top_names {
+                    let set = [("observation", name), ("name", n.name.as_str())];
+                    ConstGauge::new(n.queries.min(i64::MAX as u64) as i64)
+                        .encode(family.encode_family(&set)?)?;
+                }
             }
         }
         for c in &FLOW_COUNTERS {

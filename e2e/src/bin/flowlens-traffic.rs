@@ -7,6 +7,8 @@
 //! flowlens-traffic connect-loop --to IP:PORT [--interval-ms 10] [--duration-ms D] [--timeout-ms T]
 //! flowlens-traffic stream --to IP:PORT [--duration-ms D] [--chunk S] [--interval-ms M]
 //! flowlens-traffic idle-exchange --to IP:PORT --idle-ms I [--timeout-ms T]
+//! flowlens-traffic resolve --server IP:PORT --name NAME [--type A|AAAA] [--tcp] [--connect PORT]
+//! flowlens-traffic dns-junk --to IP:PORT [--from-port P] [--forge-address IPV4]
 //! ```
 
 use std::{
@@ -187,6 +189,175 @@ fn idle_exchange(args: &[String]) {
     println!("{{\"first\":{first},\"second\":{second}}}");
 }
 
+/// A DNS query to `--server` (UDP, or TCP with `--tcp`), as a stub
+/// resolver sends it; prints the response code, the addresses, the time to
+/// the answer, and, with `--connect PORT`, whether a TCP exchange with the
+/// first address on that port worked.
+fn resolve(args: &[String]) {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let server: SocketAddr = arg(args, "--server", String::new())
+        .parse()
+        .unwrap_or_else(|_| {
+            eprintln!("--server IP:PORT is required");
+            std::process::exit(2)
+        });
+    let name: String = arg(args, "--name", String::new());
+    let qtype = match arg(args, "--type", "A".to_string()).as_str() {
+        "AAAA" => RecordType::AAAA,
+        _ => RecordType::A,
+    };
+    let tcp = args.iter().any(|a| a == "--tcp");
+    let connect: u16 = arg(args, "--connect", 0);
+    let name = Name::from_ascii(&name).unwrap_or_else(|e| {
+        eprintln!("--name {name:?}: {e}");
+        std::process::exit(2)
+    });
+    let id: u16 = std::process::id() as u16 ^ 0x5a5a;
+    let mut q = Message::new(id, MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(name, qtype));
+    let wire = q.to_vec().expect("encoding the query");
+    let t0 = Instant::now();
+    let answer = if tcp {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut framed = (wire.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&wire);
+        s.write_all(&framed).expect("send");
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).expect("answer length");
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).expect("answer");
+        buf
+    } else {
+        let bind = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = std::net::UdpSocket::bind(bind).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(&wire, server).expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = s.recv(&mut buf).expect("no answer within 5 s");
+        buf.truncate(n);
+        buf
+    };
+    let elapsed = t0.elapsed();
+    let m = Message::from_vec(&answer).expect("a readable answer");
+    let addrs: Vec<std::net::IpAddr> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(std::net::IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    let connected = match (connect, addrs.first()) {
+        (0, _) | (_, None) => false,
+        (port, Some(ip)) => {
+            TcpStream::connect_timeout(&SocketAddr::new(*ip, port), Duration::from_secs(5))
+                .and_then(|mut s| {
+                    s.write_all(b"hello")?;
+                    let mut b = [0u8; 5];
+                    s.read_exact(&mut b)
+                })
+                .is_ok()
+        }
+    };
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    println!(
+        "{{\"rcode\":{},\"id\":{id},\"addresses\":{:?},\"elapsed_us\":{},\"connected\":{connected}}}",
+        u16::from(m.metadata.response_code.low()),
+        addrs,
+        elapsed.as_micros()
+    );
+}
+
+/// Malformed, truncated and unsolicited DNS messages sent from
+/// `--from-port` (53: they look like answers) to `--to`, as a hostile pod
+/// would. Prints how many were sent.
+fn dns_junk(args: &[String]) {
+    let to = target(args);
+    let from: u16 = arg(args, "--from-port", 53);
+    let forged: std::net::Ipv4Addr = arg(
+        args,
+        "--forge-address",
+        std::net::Ipv4Addr::new(192, 0, 2, 66),
+    );
+    let bind: SocketAddr = if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], from))
+    } else {
+        SocketAddr::from(([0u16; 8], from))
+    };
+    let s = std::net::UdpSocket::bind(bind).unwrap_or_else(|e| {
+        eprintln!("bind {bind}: {e}");
+        std::process::exit(1)
+    });
+    let header = |id: u16, flags: u16, qd: u16, an: u16| {
+        let mut h = Vec::with_capacity(12);
+        for v in [id, flags, qd, an, 0, 0] {
+            h.extend_from_slice(&v.to_be_bytes());
+        }
+        h
+    };
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x12],
+        header(1, 0x8180, 1, 0)[..11].to_vec(),
+        // 65535 answers promised, none present.
+        header(2, 0x8180, 0, 0xffff),
+        // A question whose name points at itself.
+        [header(3, 0x8180, 1, 0), vec![0xc0, 12, 0, 1, 0, 1]].concat(),
+        // A label longer than the message.
+        [header(4, 0x8180, 1, 0), vec![63, b'a', b'b']].concat(),
+        // An answer whose data length runs past the end.
+        [
+            header(5, 0x8180, 1, 1),
+            vec![1, b'x', 0, 0, 1, 0, 1],
+            vec![0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0xff, 0xff, 1, 2],
+        ]
+        .concat(),
+    ];
+    // Well formed, but answering no query: must teach no name
+    // (`evil.example` is `--forge-address`).
+    junk.push(
+        [
+            header(6, 0x8180, 1, 1),
+            vec![4, b'e', b'v', b'i', b'l', 7],
+            b"example".to_vec(),
+            vec![0, 0, 1, 0, 1],
+            vec![0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4],
+            forged.octets().to_vec(),
+        ]
+        .concat(),
+    );
+    let mut x: u32 = 0x1234_5678;
+    for len in [12usize, 40, 200, 600, 1400] {
+        junk.push(
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect(),
+        );
+    }
+    let mut sent = 0;
+    for j in &junk {
+        if s.send_to(j, to).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("{{\"sent\":{sent}}}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -195,8 +366,12 @@ fn main() {
         Some("connect-loop") => connect_loop(&args),
         Some("stream") => stream(&args),
         Some("idle-exchange") => idle_exchange(&args),
+        Some("resolve") => resolve(&args),
+        Some("dns-junk") => dns_junk(&args),
         _ => {
-            eprintln!("usage: flowlens-traffic echo-server|ping-pong|connect-loop|stream ...");
+            eprintln!(
+                "usage: flowlens-traffic echo-server|ping-pong|connect-loop|stream|idle-exchange|resolve|dns-junk ..."
+            );
             std::process::exit(2);
         }
     }

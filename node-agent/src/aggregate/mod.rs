@@ -26,6 +26,7 @@ use flowlens_agent_common::{
 };
 use flowlens_api::{
     GroupBy,
+    dns::{DnsWindow, MAX_RCODES, rcode_name, top_names},
     histogram::Histogram,
     network_observation::{FlowEndpoint, PodDimensions},
     node_agent_config::NodeAgentConfigSpec,
@@ -36,7 +37,7 @@ use flowlens_api::{
     },
 };
 
-use crate::tables::Tables;
+use crate::{dns::tracker as dns, tables::Tables};
 
 /// Maps of the per-drain hot path: keyed by what the kernel tables hold
 /// (which a pod's traffic chooses), hashed with foldhash's randomly seeded
@@ -113,6 +114,8 @@ struct SeriesKey {
     protocol: u8,
     role: Role,
     service: Option<String>,
+    /// The DNS name the local pods resolved to `remote`.
+    remote_name: Option<Arc<str>>,
 }
 
 /// The key of the `other` series (made once; its clones share the endpoint).
@@ -127,6 +130,7 @@ impl SeriesKey {
             protocol: 0,
             role: Role::Client,
             service: None,
+            remote_name: None,
         }
     }
 }
@@ -174,6 +178,59 @@ struct OpenWindow {
     folded: FastSet<u64>,
     fingerprints: foldhash::quality::RandomState,
     overflow_packets: u64,
+    dns: DnsAcc,
+}
+
+/// Distinct names counted per window (for `topNames`); queries of further
+/// names are counted, not named.
+pub(crate) const MAX_WINDOW_NAMES: usize = 1024;
+
+/// The DNS of one observation's pods in an open window.
+#[derive(Clone, Default)]
+struct DnsAcc {
+    queries: u64,
+    responses: BTreeMap<u16, u64>,
+    unanswered: u64,
+    latency: Histogram,
+    names: FastMap<Arc<str>, u64>,
+}
+
+impl DnsAcc {
+    fn add(&mut self, seen: &dns::Seen) {
+        match seen {
+            dns::Seen::Query { qname } => {
+                self.queries = self.queries.saturating_add(1);
+                if let Some(n) = qname
+                    && (self.names.len() < MAX_WINDOW_NAMES || self.names.contains_key(n))
+                {
+                    *self.names.entry(Arc::clone(n)).or_default() += 1;
+                }
+            }
+            dns::Seen::Answer { rcode, latency_us } => {
+                // Codes beyond the header's 16 cannot occur; bounded anyway.
+                if self.responses.len() < MAX_RCODES || self.responses.contains_key(rcode) {
+                    *self.responses.entry(*rcode).or_default() += 1;
+                }
+                self.latency.record(*latency_us);
+            }
+            dns::Seen::Nothing => {}
+        }
+    }
+
+    fn window(&self) -> Option<DnsWindow> {
+        let w = DnsWindow {
+            queries: self.queries,
+            responses: self
+                .responses
+                .iter()
+                .map(|(c, n)| (rcode_name(*c), *n))
+                .collect(),
+            unanswered: self.unanswered,
+            latency: self.latency.clone(),
+            top_names: top_names(self.names.iter().map(|(n, c)| (n.to_string(), *c))),
+        };
+        (!w.is_empty()).then_some(w)
+    }
 }
 
 impl OpenWindow {
@@ -186,6 +243,7 @@ impl OpenWindow {
             folded: FastSet::default(),
             fingerprints: foldhash::quality::RandomState::default(),
             overflow_packets: 0,
+            dns: DnsAcc::default(),
         }
     }
 }
@@ -273,6 +331,8 @@ pub(crate) struct Aggregator {
     /// (a connection translated just before a change still drains after it).
     service_names: HashMap<u64, String>,
     service_names_before: HashMap<u64, String>,
+    /// DNS queries awaiting answers, and the names pods resolved.
+    pub dns: dns::DnsTracker,
     pub stats: AggregatorStats,
 }
 
@@ -389,6 +449,7 @@ impl Aggregator {
             parts: 0,
             service_names: HashMap::new(),
             service_names_before: HashMap::new(),
+            dns: dns::DnsTracker::default(),
             stats: AggregatorStats::default(),
         }
     }
@@ -479,6 +540,29 @@ impl Aggregator {
         self.add_attempts(&d.attempts, now_ms, d.read_at_ns);
         self.roles
             .retain(|_, (_, seen)| now_ms - *seen < ROLE_MEMORY_MS);
+        for local in self.dns.expire(now_ms) {
+            for (view, window) in self.observations.values_mut() {
+                if view.dims.contains_key(&local) {
+                    window.dns.unanswered = window.dns.unanswered.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Adds DNS packets of traced pods (before the drain whose connections
+    /// they named: a pod resolves, then connects).
+    pub(crate) fn ingest_dns(&mut self, packets: &[dns::DnsPacket], now_ms: i64) {
+        for p in packets {
+            let seen = self.dns.observe(p, now_ms);
+            if seen == dns::Seen::Nothing {
+                continue;
+            }
+            for (view, window) in self.observations.values_mut() {
+                if view.dims.contains_key(&p.local) {
+                    window.dns.add(&seen);
+                }
+            }
+        }
     }
 
     /// The local side's role: from the handshake when this drain saw it,
@@ -521,6 +605,7 @@ impl Aggregator {
         }
         let port = role::server_port(role, id.local_port, id.remote_port);
         let service = self.service_of(role, facts);
+        let remote_name = self.dns.name_of(&id.local, &id.remote, now_ms);
         let mut attributed = false;
         for (view, window) in self.observations.values_mut() {
             let Some(dims) = view.dims.get(&id.local) else {
@@ -535,6 +620,7 @@ impl Aggregator {
                 protocol: id.protocol,
                 role,
                 service: service.clone(),
+                remote_name: remote_name.clone(),
             };
             let counts_flow = !(remote_traced_here && role == Role::Server);
             let new_flow = counts_flow
@@ -749,17 +835,7 @@ impl Aggregator {
     pub(crate) fn snapshot(&self) -> Vec<ObservationWindow> {
         self.observations
             .iter()
-            .map(|(_, (view, w))| {
-                build_window(
-                    &view.params,
-                    &view.uid,
-                    w.start,
-                    false,
-                    w.series.iter(),
-                    w.folded.len(),
-                    w.overflow_packets,
-                )
-            })
+            .map(|(_, (view, w))| build_window(&view.params, &view.uid, w, false))
             .collect()
     }
 
@@ -885,15 +961,7 @@ fn window_part(
     complete: bool,
     closed_early: bool,
 ) -> ObservationWindow {
-    let mut out = build_window(
-        &view.params,
-        &view.uid,
-        w.start,
-        complete,
-        w.series.iter(),
-        w.folded.len(),
-        w.overflow_packets,
-    );
+    let mut out = build_window(&view.params, &view.uid, w, complete);
     out.part = part;
     out.closed_early = closed_early;
     out
@@ -923,19 +991,19 @@ fn series_slot<'w>(
     window.series.entry(OTHER.clone()).or_default()
 }
 
-fn build_window<'a>(
+fn build_window(
     params: &ObsParams,
     uid: &str,
-    start: i64,
+    w: &OpenWindow,
     complete: bool,
-    series: impl Iterator<Item = (&'a SeriesKey, &'a SeriesAcc)>,
-    folded: usize,
-    overflow_packets: u64,
 ) -> ObservationWindow {
-    let mut out: Vec<Series> = series
+    let mut out: Vec<Series> = w
+        .series
+        .iter()
         .map(|(k, a)| Series {
             local: FlowEndpoint::clone(&k.local),
             remote: k.remote.map(|ip| ip.to_string()),
+            remote_name: k.remote_name.as_deref().map(str::to_owned),
             port: k.port,
             protocol: k.protocol,
             role: k.role,
@@ -958,12 +1026,13 @@ fn build_window<'a>(
         observation: params.name.clone(),
         uid: uid.to_owned(),
         generation: params.generation,
-        start,
+        start: w.start,
         window_seconds: params.window_seconds,
         complete,
         series: out,
-        folded_series: folded as u64,
-        overflow_packets,
+        folded_series: w.folded.len() as u64,
+        overflow_packets: w.overflow_packets,
+        dns: w.dns.window(),
         part: 0,
         closed_early: false,
     }

@@ -28,9 +28,9 @@ use aya::{
 };
 use flowlens_agent_common::{AttemptKey, AttemptStats};
 use flowlens_agent_common::{
-    DatapathConfig, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS, NUM_DROP_REASONS,
-    OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PodAddrs, PodInterface, PortKey,
-    RttKey, RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
+    DatapathConfig, DnsBudget, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS,
+    NUM_DROP_REASONS, OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PodAddrs,
+    PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
 };
 use flowlens_api::node_agent_config::DatapathHooks;
 use tracing::{info, warn};
@@ -67,6 +67,8 @@ const PINNED_MAPS: &[&str] = &[
     "FL_SVC_BACKENDS",
     "FL_SVC_CONNS",
     "FL_SVC_SOCKS",
+    "FL_DNS_EVENTS",
+    "FL_DNS_BUDGET",
 ];
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
@@ -130,6 +132,12 @@ pub(crate) struct KernelCounters {
     pub service_translated: u64,
     /// Suspect packets by `SUSPECT_*` reason.
     pub suspect: [u64; flowlens_agent_common::NUM_SUSPECT as usize],
+    /// DNS packets copied to the ring buffer, and not copied (budget or
+    /// ring full).
+    pub dns_copied: u64,
+    pub dns_dropped: u64,
+    /// DNS copies the agent read from the ring buffer.
+    pub dns_read: u64,
 }
 
 /// Sizes of the tables drained last time, against their capacity.
@@ -166,6 +174,10 @@ pub struct Datapath {
     /// Drop reason names of the running kernel, by value.
     drop_reason_names: BTreeMap<u32, String>,
     pub(crate) fill: TableFill,
+    /// The DNS copies (None: the ring buffer could not be opened).
+    dns_ring: Option<aya::maps::RingBuf<MapData>>,
+    /// DNS copies read from it so far.
+    dns_read: u64,
 }
 
 /// A stable hash of a revision string (kept in the kernel per generation).
@@ -217,6 +229,7 @@ impl Datapath {
         )?;
 
         let config = read_config(&mut ebpf)?;
+        let dns_ring = open_dns_ring(&mut ebpf);
         let mut dp = Datapath {
             ebpf,
             layout,
@@ -235,6 +248,8 @@ impl Datapath {
             leftovers: None,
             drop_reason_names: BTreeMap::new(),
             fill: TableFill::default(),
+            dns_ring,
+            dns_read: 0,
         };
         // Spare tables a predecessor's spool vouches for are emptied by the
         // first drain; any other spare table holds what a predecessor
@@ -774,6 +789,7 @@ impl Datapath {
 
     /// The global counters, summed over CPUs (cumulative since the maps were created).
     pub(crate) fn counters(&mut self) -> Result<KernelCounters> {
+        let dns_budget = self.dns_budget()?;
         let map: PerCpuArray<&mut MapData, u64> = typed(&mut self.ebpf, "FL_COUNTERS")?;
         let mut v = [0u64; NUM_COUNTERS as usize];
         for (i, slot) in v.iter_mut().enumerate() {
@@ -790,7 +806,33 @@ impl Datapath {
             drops_without_flow: v[flowlens_agent_common::COUNTER_DROPS_WITHOUT_FLOW as usize],
             service_translated: v[flowlens_agent_common::COUNTER_SERVICE_TRANSLATED as usize],
             suspect: self.suspect_counters()?,
+            dns_copied: dns_budget.captured,
+            dns_dropped: dns_budget.dropped,
+            dns_read: self.dns_read,
         })
+    }
+
+    /// The DNS packets the ring buffer holds, parsed.
+    pub(crate) fn take_dns(&mut self) -> Vec<crate::dns::tracker::DnsPacket> {
+        let mut out = Vec::new();
+        if let Some(ring) = &mut self.dns_ring {
+            let n = crate::dns::capture::read(ring, &mut out);
+            self.dns_read = self.dns_read.saturating_add(n as u64);
+        }
+        out
+    }
+
+    /// The DNS copy's counters, summed over CPUs.
+    fn dns_budget(&mut self) -> Result<DnsBudget> {
+        let map: PerCpuArray<&mut MapData, DnsBudget> = typed(&mut self.ebpf, "FL_DNS_BUDGET")?;
+        let per_cpu = map
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("FL_DNS_BUDGET", e))?;
+        Ok(per_cpu.iter().fold(DnsBudget::default(), |a, b| DnsBudget {
+            captured: a.captured.saturating_add(b.captured),
+            dropped: a.dropped.saturating_add(b.dropped),
+            ..a
+        }))
     }
 
     /// The suspect-packet counters, summed over CPUs (cumulative).
@@ -855,6 +897,22 @@ where
         DatapathError::map(name, aya::maps::MapError::InvalidName { name: name.into() })
     })?;
     T::try_from(map).map_err(|e| DatapathError::map(name, e))
+}
+
+/// The DNS ring buffer; without it, DNS goes unobserved (logged), and
+/// everything else works.
+fn open_dns_ring(ebpf: &mut Ebpf) -> Option<aya::maps::RingBuf<MapData>> {
+    let opened = ebpf
+        .take_map("FL_DNS_EVENTS")
+        .ok_or_else(|| "the object has no FL_DNS_EVENTS map".to_owned())
+        .and_then(|m| aya::maps::RingBuf::try_from(m).map_err(|e| e.to_string()));
+    match opened {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "DNS of traced pods will not be observed");
+            None
+        }
+    }
 }
 
 fn read_config(ebpf: &mut Ebpf) -> Result<DatapathConfig> {

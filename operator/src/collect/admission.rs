@@ -40,6 +40,7 @@
 use std::collections::HashMap;
 
 use flowlens_api::{
+    dns::{DnsWindow, MAX_RCODES, MAX_TOP_NAMES},
     network_observation::FlowEndpoint,
     report::{
         MAX_NAMED_ATTEMPTS, ObservationWindow, POLICY_WINDOW_SECONDS, PolicyWindow, ReportBatch,
@@ -83,10 +84,11 @@ pub(crate) enum Refusal {
     TooManySeries,
     FieldTooLong,
     BadAddress,
+    BadDns,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Refusal; 11] = [
+    pub(crate) const ALL: [Refusal; 12] = [
         Refusal::MisalignedWindow,
         Refusal::WrongWindowSeconds,
         Refusal::FutureWindow,
@@ -98,6 +100,7 @@ impl Refusal {
         Refusal::TooManySeries,
         Refusal::FieldTooLong,
         Refusal::BadAddress,
+        Refusal::BadDns,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -113,6 +116,7 @@ impl Refusal {
             Refusal::TooManySeries => "TooManySeries",
             Refusal::FieldTooLong => "FieldTooLong",
             Refusal::BadAddress => "BadAddress",
+            Refusal::BadDns => "BadDns",
         }
     }
 }
@@ -223,6 +227,48 @@ fn check_endpoint(e: &FlowEndpoint, at: &str) -> Result<(), Refused> {
     Ok(())
 }
 
+fn check_dns_name(name: &str, field: impl FnOnce() -> String) -> Result<(), Refused> {
+    flowlens_api::dns::check_name(name)
+        .map_err(|e| refused(Refusal::BadDns, field(), format!("not a DNS name: {e}")))
+}
+
+/// A window's DNS: bounded lists, response codes as the agents name them,
+/// plain names.
+fn check_dns(d: &DnsWindow, at: &str) -> Result<(), Refused> {
+    if d.responses.len() > MAX_RCODES {
+        return Err(refused(
+            Refusal::FieldTooLong,
+            format!("{at}.responses"),
+            format!("{} response codes, at most {MAX_RCODES}", d.responses.len()),
+        ));
+    }
+    for code in d.responses.keys() {
+        let known = code.len() <= 16
+            && !code.is_empty()
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+        if !known {
+            return Err(refused(
+                Refusal::BadDns,
+                format!("{at}.responses"),
+                format!("{code:?} is not a response code name"),
+            ));
+        }
+    }
+    if d.top_names.len() > MAX_TOP_NAMES {
+        return Err(refused(
+            Refusal::FieldTooLong,
+            format!("{at}.topNames"),
+            format!("{} names, at most {MAX_TOP_NAMES}", d.top_names.len()),
+        ));
+    }
+    for (k, n) in d.top_names.iter().enumerate() {
+        check_dns_name(&n.name, || format!("{at}.topNames[{k}].name"))?;
+    }
+    Ok(())
+}
+
 /// Strings and label counts of a whole batch.
 fn check_fields(batch: &ReportBatch) -> Result<(), Refused> {
     check_len(&batch.node, || "node".into())?;
@@ -239,6 +285,12 @@ fn check_fields(batch: &ReportBatch) -> Result<(), Refused> {
             if let Some(svc) = &s.service {
                 check_len(svc, || format!("{at}.service"))?;
             }
+            if let Some(n) = &s.remote_name {
+                check_dns_name(n, || format!("{at}.remoteName"))?;
+            }
+        }
+        if let Some(d) = &w.dns {
+            check_dns(d, &format!("windows[{i}].dns"))?;
         }
     }
     for (i, w) in batch.policy_windows.iter().enumerate() {

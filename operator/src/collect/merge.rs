@@ -23,6 +23,7 @@ use std::{
 
 use flowlens_api::{
     GroupBy,
+    dns::{DnsStatus, DnsWindow},
     histogram::Histogram,
     network_observation::{FlowEndpoint, LatencyPercentiles, PodDimensions, TopFlow},
     report::{ObservationWindow, Role, Series, Traffic, protocol_name},
@@ -46,6 +47,8 @@ pub(crate) struct WindowResult {
     pub drops: u64,
     pub cross_zone_bytes: u64,
     pub latency: Option<LatencyPercentiles>,
+    /// DNS of the traced pods, summed over the nodes.
+    pub dns: Option<DnsWindow>,
     pub top_flows: Vec<TopFlow>,
     pub series: u64,
     pub max_series: u64,
@@ -149,6 +152,17 @@ fn percentiles(h: &Histogram) -> LatencyPercentiles {
     }
 }
 
+/// A window's DNS as status shows it.
+pub(crate) fn dns_status(d: &DnsWindow) -> DnsStatus {
+    DnsStatus {
+        queries: d.queries,
+        responses: d.responses.clone(),
+        unanswered: d.unanswered,
+        latency: (!d.latency.is_empty()).then(|| percentiles(&d.latency)),
+        top_names: d.top_names.clone(),
+    }
+}
+
 /// One flow of a final window within the series budget (or the `other`
 /// bucket): what the observation's metrics export.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -226,11 +240,15 @@ fn sum_parts(
 ) -> (HashMap<FlowId, FlowAcc>, u64) {
     let mut flows: HashMap<FlowId, FlowAcc> = HashMap::new();
     let mut latency = Histogram::default();
+    let mut dns = DnsWindow::default();
     let mut nodes = BTreeSet::new();
     let mut agent_folded: u64 = 0;
     for (node, part) in parts {
         nodes.insert(node.as_str());
         agent_folded = agent_folded.saturating_add(part.folded_series);
+        if let Some(d) = &part.dns {
+            dns.add(d);
+        }
         let local_zone = dir.zone(node);
         for s in &part.series {
             let remote_ip: Option<IpAddr> = s.remote.as_deref().and_then(|a| a.parse().ok());
@@ -296,6 +314,7 @@ fn sum_parts(
     }
     r.nodes_reporting = nodes.len() as u32;
     r.latency = (!latency.is_empty()).then(|| percentiles(&latency));
+    r.dns = (!dns.is_empty()).then_some(dns);
     (flows, agent_folded)
 }
 
@@ -318,14 +337,24 @@ fn flow_id(s: &Series, remote: &Remote, params: &MergeParams) -> FlowId {
     let remote = match (remote.pod, remote.node) {
         (Some(p), _) => pod_endpoint(p, remote.zone, params),
         (None, Some(n)) => node_endpoint(n, params),
-        (None, None) => FlowEndpoint {
-            address: remote
-                .ip
-                .map(|i| i.to_string())
-                .or_else(|| s.remote.clone()),
-            external: true,
-            ..Default::default()
-        },
+        (None, None) => {
+            // Grouped by name, a named peer is its name alone: one row
+            // for every address it resolved to.
+            let by_name = s.remote_name.is_some() && params.group_by.contains(&GroupBy::DnsName);
+            FlowEndpoint {
+                address: if by_name {
+                    None
+                } else {
+                    remote
+                        .ip
+                        .map(|i| i.to_string())
+                        .or_else(|| s.remote.clone())
+                },
+                name: s.remote_name.clone(),
+                external: true,
+                ..Default::default()
+            }
+        }
     };
     let (source, destination) = match s.role {
         Role::Client => (local, remote),

@@ -320,3 +320,69 @@ fn deleted_objects_lose_their_series() {
     );
     assert!(!text.contains("policy=\"q\""));
 }
+
+#[test]
+fn dns_adds_up_over_windows_and_names_the_peers() {
+    use flowlens_api::dns::{DnsWindow, NameCount};
+
+    let m = ResultMetrics::default();
+    let ext = FlowEndpoint {
+        address: Some("192.0.2.7".into()),
+        name: Some("api.payments.example".into()),
+        external: true,
+        ..Default::default()
+    };
+    let f = flow(pod("shop", "web"), ext, 443, 1000);
+    let mut lat = flowlens_api::histogram::Histogram::default();
+    lat.record(20_000);
+    for (end, nx) in [(110, 1), (120, 2)] {
+        let mut w = window(end, std::slice::from_ref(&f));
+        w.dns = Some(DnsWindow {
+            queries: 2 + nx,
+            responses: [("NOERROR".to_owned(), 2), ("NXDOMAIN".to_owned(), nx)].into(),
+            latency: lat.clone(),
+            top_names: vec![NameCount {
+                name: "api.payments.example".into(),
+                queries: 2,
+            }],
+            ..Default::default()
+        });
+        m.record_window("u", "shop", 10, &w, std::slice::from_ref(&f));
+    }
+    let text = scrape(&m);
+    assert_eq!(
+        samples(&text, "flowlens_observation_dns_queries_total", &[]),
+        vec![7]
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "flowlens_observation_dns_responses_total",
+            &["rcode=\"NXDOMAIN\""]
+        ),
+        vec![3]
+    );
+    assert_eq!(
+        samples(&text, "flowlens_observation_dns_latency_seconds_count", &[]),
+        vec![2]
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "flowlens_observation_dns_top_name_queries",
+            &["name=\"api.payments.example\""]
+        ),
+        vec![2]
+    );
+    assert_eq!(
+        samples(
+            &text,
+            "flowlens_flow_bytes_total",
+            &[
+                "destination_name=\"api.payments.example\"",
+                "destination_address=\"192.0.2.7\""
+            ]
+        ),
+        vec![2000]
+    );
+}

@@ -8,7 +8,6 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +19,7 @@ use flowlens_e2e::{
     agent::{Agent, cleanup_pins},
     config::SpecBuilder,
     resources::{process_cpu_ns, process_status_kb},
-    topology::Topology,
+    topology::{Topology, enter_netns},
 };
 
 use super::arg;
@@ -34,12 +33,7 @@ fn spray(
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("pod netns");
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
+        enter_netns(&netns).expect("entering the pod's network namespace");
         let sock = UdpSocket::bind("0.0.0.0:0").expect("udp socket");
         while !stop.load(Ordering::Relaxed) {
             let start = Instant::now();

@@ -550,7 +550,7 @@ struct ProgramCost {
 
 /// `bpftool prog show -j` -> (name, run_time_ns, run_cnt) of the programs
 /// of the benchmark (the agent's `fl_*` and the floor).
-fn program_stats() -> Vec<(String, u64, u64)> {
+pub(super) fn program_stats() -> Vec<(String, u64, u64)> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()

@@ -18,6 +18,7 @@
 
 mod agent_cost;
 mod datapath;
+mod dns;
 mod propagation;
 
 /// The value of `--flag`, or `default` when it is absent. A value that
@@ -59,9 +60,10 @@ fn main() {
         Some("datapath") => datapath::run(&args),
         Some("agent-at-64k-flows") => agent_cost::run(&args),
         Some("propagation") => propagation(&args),
+        Some("dns") => dns::run(&args),
         _ => {
             eprintln!(
-                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 65536] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]"
+                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 65536] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]\n       flowlens-bench dns [--queries 20000] [--rate 2000] [--rounds 3] [--seed N] [--json]"
             );
             std::process::exit(2);
         }

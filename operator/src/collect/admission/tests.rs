@@ -432,6 +432,63 @@ fn over_long_strings_refuse_the_batch() {
 }
 
 #[test]
+fn dns_names_and_lists_a_node_makes_up_refuse_the_batch() {
+    use flowlens_api::dns::{DnsWindow, NameCount};
+
+    let named = |name: &str| {
+        let mut w = window("u", START);
+        let mut s = series("ns", "here");
+        s.remote_name = Some(name.into());
+        w.series = vec![s];
+        batch(vec![w], vec![])
+    };
+    assert!(admit(named("api.payments.example")).is_ok());
+    for bad in ["", "Api.example", "a b.example", "a..b", &"x".repeat(300)] {
+        let r = admit(named(bad)).unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_str()),
+            (Refusal::BadDns, "windows[0].series[0].remoteName"),
+            "{bad:?}"
+        );
+    }
+
+    let with_dns = |d: DnsWindow| {
+        let mut w = window("u", START);
+        w.dns = Some(d);
+        batch(vec![w], vec![])
+    };
+    let honest = DnsWindow {
+        queries: 3,
+        responses: [("NOERROR".to_owned(), 2), ("RCODE23".to_owned(), 1)].into(),
+        top_names: vec![NameCount {
+            name: "api.example".into(),
+            queries: 3,
+        }],
+        ..Default::default()
+    };
+    assert!(admit(with_dns(honest.clone())).is_ok());
+    let mut d = honest.clone();
+    d.top_names = (0..=MAX_TOP_NAMES)
+        .map(|i| NameCount {
+            name: format!("n{i}.example"),
+            queries: 1,
+        })
+        .collect();
+    assert_eq!(batch_refusal(with_dns(d)), Refusal::FieldTooLong);
+    let mut d = honest.clone();
+    d.responses = (0..=MAX_RCODES as u16)
+        .map(|i| (format!("RCODE{i}"), 1))
+        .collect();
+    assert_eq!(batch_refusal(with_dns(d)), Refusal::FieldTooLong);
+    let mut d = honest.clone();
+    d.responses = [("<script>".to_owned(), 1)].into();
+    assert_eq!(batch_refusal(with_dns(d)), Refusal::BadDns);
+    let mut d = honest;
+    d.top_names[0].name = "x\u{0}.example".into();
+    assert_eq!(batch_refusal(with_dns(d)), Refusal::BadDns);
+}
+
+#[test]
 fn refusals_are_logged_once_per_node_and_reason_per_interval() {
     let mut adm = Admission::new();
     let (foreign, stale) = (Refusal::ForeignPod.label(), Refusal::StaleWindow.label());

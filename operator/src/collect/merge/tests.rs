@@ -227,6 +227,90 @@ fn traffic_with_untraced_peers_counts_both_directions() {
 }
 
 #[test]
+fn external_peers_carry_the_name_their_pods_resolved_and_group_by_it() {
+    let mut d = Dir::new();
+    d.add_pod("10.0.1.1", "shop", "web-1", "web", "n1", true);
+    let named = |addr: &str, name: Option<&str>, bytes: u64| {
+        let mut s = series(
+            dims("shop", "web"),
+            addr,
+            443,
+            Role::Client,
+            1,
+            traffic(2, bytes),
+            traffic(2, bytes),
+            &[],
+        );
+        s.remote_name = name.map(str::to_owned);
+        s
+    };
+    let mut p = part(vec![
+        named("203.0.113.9", Some("cdn.example"), 1000),
+        named("203.0.113.10", Some("cdn.example"), 900),
+        named("198.51.100.1", None, 800),
+    ]);
+    let mut lat = Histogram::default();
+    lat.record(20_000);
+    p.dns = Some(DnsWindow {
+        queries: 2,
+        responses: [("NOERROR".to_owned(), 2)].into(),
+        latency: lat.clone(),
+        ..Default::default()
+    });
+    let mut p2 = part(vec![]);
+    p2.dns = Some(DnsWindow {
+        queries: 1,
+        responses: [("NXDOMAIN".to_owned(), 1)].into(),
+        latency: lat,
+        ..Default::default()
+    });
+    let parts = [("n1".to_string(), p), ("n2".to_string(), p2)];
+
+    // By address: each address its own row, with its name.
+    let r = merge(100, 110, &parts, &DEFAULT, &d);
+    assert_eq!(r.top_flows.len(), 3);
+    let first = &r.top_flows[0].destination;
+    assert_eq!(
+        (
+            first.address.as_deref(),
+            first.name.as_deref(),
+            first.external
+        ),
+        (Some("203.0.113.9"), Some("cdn.example"), true)
+    );
+    assert_eq!(r.top_flows[2].destination.name, None);
+    let dns = dns_status(r.dns.as_ref().unwrap());
+    assert_eq!(dns.queries, 3);
+    assert_eq!(dns.responses["NOERROR"], 2);
+    assert_eq!(dns.responses["NXDOMAIN"], 1);
+    let l = dns.latency.unwrap();
+    assert_eq!(l.samples, 2);
+    assert!(l.p50_micros.abs_diff(20_000) < 20_000 / 32, "{l:?}");
+
+    // By name: the two addresses of cdn.example are one row.
+    let params = MergeParams {
+        group_by: &[GroupBy::Namespace, GroupBy::Workload, GroupBy::DnsName],
+        ..DEFAULT
+    };
+    let r = merge(100, 110, &parts, &params, &d);
+    assert_eq!(r.top_flows.len(), 2);
+    let cdn = &r.top_flows[0];
+    assert_eq!(
+        (
+            cdn.destination.address.as_deref(),
+            cdn.destination.name.as_deref()
+        ),
+        (None, Some("cdn.example"))
+    );
+    assert_eq!((cdn.bytes, cdn.flows), (3800, 2));
+    assert_eq!(
+        r.top_flows[1].destination.address.as_deref(),
+        Some("198.51.100.1"),
+        "a peer without a name keeps its address"
+    );
+}
+
+#[test]
 fn remote_pods_get_the_same_dimensions_as_local_ones() {
     let mut d = Dir::new();
     d.add_pod("10.0.2.1", "shop", "db-1", "db", "n2", false);
