@@ -97,6 +97,32 @@ pub(crate) fn print_window(
         q(0.99),
         rtt.count()
     )?;
+    if let Some(d) = &w.dns {
+        let codes: Vec<String> = d
+            .responses
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        writeln!(
+            out,
+            "  dns queries {}  answers {}  unanswered {}  latency p50 {} p99 {}",
+            d.queries,
+            if codes.is_empty() {
+                "-".into()
+            } else {
+                codes.join(", ")
+            },
+            d.unanswered,
+            d.latency
+                .quantile(0.5)
+                .map(format::micros)
+                .unwrap_or_else(|| "-".into()),
+            d.latency
+                .quantile(0.99)
+                .map(format::micros)
+                .unwrap_or_else(|| "-".into()),
+        )?;
+    }
     if w.series.is_empty() {
         return Ok(());
     }
@@ -114,7 +140,11 @@ pub(crate) fn print_window(
             out,
             "  {:<40} {:<28} {:>6} {:<6} {:>10} {:>9} {:>9} {:>9}",
             endpoint(s),
-            format!("{arrow} {}", s.remote.as_deref().unwrap_or("(other)")),
+            match (&s.remote, &s.remote_name) {
+                (Some(r), Some(n)) => format!("{arrow} {n} ({r})"),
+                (Some(r), None) => format!("{arrow} {r}"),
+                (None, _) => format!("{arrow} (other)"),
+            },
             s.port,
             protocol_name(s.protocol),
             format::bytes(s.tx.bytes.saturating_add(s.rx.bytes)),

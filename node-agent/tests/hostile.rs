@@ -386,3 +386,123 @@ fn crafted_packets_do_not_get_past_the_rules() {
         assert!(n.is_some(), "no suspect packet counted as {reason}");
     }
 }
+
+/// Sends `count` malformed 40-byte DNS messages (a header promising 65,535
+/// answers) to `dst:53` as fast as Python can, and prints how many the
+/// socket took.
+const DNS_FLOOD: &str = "
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+junk, n = struct.pack('!6H', 1, 0x8180, 0, 0xffff, 0, 0) + bytes(28), 0
+for _ in range(int(sys.argv[2])):
+    try:
+        s.sendto(junk, (sys.argv[1], 53)); n += 1
+    except OSError:
+        pass
+print(n)
+";
+
+/// The host side's receive drops of a pod's interface (packets the pod sent
+/// that never reached the TC programs).
+fn rx_dropped(topo: &Topology, pod: usize) -> u64 {
+    let out = topo
+        .node_cmd(
+            topo.pods[pod].node,
+            "ip",
+            &["-s", "-j", "link", "show", &topo.pods[pod].host_if],
+        )
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["stats64"]["rx"]["dropped"].as_u64().unwrap_or(0)
+}
+
+/// A pod floods port 53 with malformed DNS far past the copy budget: every
+/// packet is still counted, the copies over budget are dropped and
+/// counted (never waited for), the rules still hold, and the agent stays up.
+#[test]
+fn a_dns_flood_is_counted_exactly_and_its_copies_stay_within_the_budget() {
+    let mut topo = Topology::new();
+    let n = topo.add_node("n1", None);
+    let a = topo.add_pod(n, "a");
+    let b = topo.add_pod(n, "b");
+    let b_ip = format!("{}/32", topo.pods[b].ip4);
+    let mut cfg = SpecBuilder::new(&topo, 0);
+    cfg.trace("obs", 5, &[a]).rule(
+        "no-5000",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&b_ip],
+        &[(Protocol::Udp, 5000, 5000)],
+    );
+    let spec = cfg.build();
+    let agent = Agent::standalone(&topo, 0, &spec, &[]);
+    let from = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        now - now % 5
+    };
+    let dropped_before = rx_dropped(&topo, a);
+    let out = topo.pod_output(
+        a,
+        "python3",
+        &["-c", DNS_FLOOD, &topo.pods[b].ip4.to_string(), "100000"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(
+        rx_dropped(&topo, a),
+        dropped_before,
+        "the veth dropped some: the ground truth would not be exact"
+    );
+    // The rules hold during and after the flood.
+    let blocked = udp_received(&topo, a, 4000, b, 5000);
+    let allowed = udp_received(&topo, a, 4000, b, 5002);
+
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 1;
+    let windows = agent.windows("obs", from, until, Duration::from_secs(20));
+    let b_ip4 = topo.pods[b].ip4.to_string();
+    let counted: u64 = windows
+        .iter()
+        .flat_map(|w| w.series.iter())
+        .filter(|s| s.remote.as_deref() == Some(b_ip4.as_str()) && s.port == 53 && s.protocol == 17)
+        .map(|s| s.tx.packets)
+        .sum();
+    let copied = agent.metric_sum("flowlens_agent_dns_messages_total", "outcome=\"copied\"");
+    let over = agent.metric_sum(
+        "flowlens_agent_dns_messages_total",
+        "outcome=\"dropped_in_kernel\"",
+    );
+    let unreadable = agent.metric_sum(
+        "flowlens_agent_dns_messages_total",
+        "outcome=\"unreadable\"",
+    );
+    println!(
+        "DNS flood: {sent} sent, {counted} counted; copies: {copied} made, {over} dropped, \
+         {unreadable} unreadable; b:5000 (blocked) {blocked}/10, b:5002 {allowed}/10"
+    );
+    assert_eq!(counted, sent, "every packet of the flood counted, once");
+    assert_eq!(
+        copied + over,
+        sent as f64,
+        "every packet copied or counted as not"
+    );
+    assert!(
+        over > 0.0,
+        "100,000 packets at once must exceed the copy budget"
+    );
+    assert_eq!(unreadable, copied, "every copy read, and none readable");
+    assert_eq!((blocked, allowed), (0, 10));
+    assert!(agent.dump().is_some(), "the agent answers after the flood");
+}
