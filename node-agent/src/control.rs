@@ -112,6 +112,23 @@ const MISSING_PODS_LISTED: usize = 20;
 /// table), between drains too: at the kernel's budget of 16,384 copies a
 /// second per CPU, 200 ms of two CPUs' copies fit its 4 MiB.
 const DNS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long `FlowTableFull` stays reported after the last overflow.
+const TABLE_FULL_HELD_MS: i64 = 10 * 60_000;
+
+/// `FlowTableFull` while the flow table (of `capacity` entries) overflowed
+/// within [`TABLE_FULL_HELD_MS`] of `now_ms`. The message holds no count,
+/// so it does not change from one drain to the next (each change is a
+/// status write); `flowlens_agent_table_full_total` has the counts.
+fn flow_table_full_problem(capacity: u32, full_at: Option<i64>, now_ms: i64) -> Option<Problem> {
+    full_at
+        .filter(|at| now_ms - at < TABLE_FULL_HELD_MS)
+        .map(|_| Problem {
+            reason: reason::FLOW_TABLE_FULL.into(),
+            message: format!(
+                "the flow table ({capacity} entries) filled up in the last 10 minutes: packets of new connections were counted without their flow (totals stay exact, in the 'other' series; flowlens_agent_table_full_total counts them); raise --flow-table-size"
+            ),
+        })
+}
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -135,6 +152,8 @@ pub struct ControlLoop {
     last_kernel: crate::datapath::KernelCounters,
     last_agg_stats: crate::aggregate::AggregatorStats,
     last_dns_stats: crate::dns::tracker::DnsStats,
+    /// When (ms) a drain last found the flow table had overflowed.
+    flow_table_full_at: Option<i64>,
     last_drops: BTreeMap<String, u64>,
     other_layouts_removed: bool,
     next_flow_drain: i64,
@@ -177,6 +196,7 @@ impl ControlLoop {
             last_kernel,
             last_agg_stats: Default::default(),
             last_dns_stats: Default::default(),
+            flow_table_full_at: None,
             last_drops,
             other_layouts_removed: false,
             // No drain before the first config: records drained without
@@ -805,7 +825,15 @@ impl ControlLoop {
                 .get_or_create(&TableLabels { table })
                 .set(i64::from(cap));
         }
-        let full_now = k.flow_table_full > prev.flow_table_full;
+        // A stable message, held for a while after the last overflow: the
+        // node's status is written when the problem starts and ends, not
+        // on every drain of a full table (the counts are in
+        // `flowlens_agent_table_full_total`).
+        let now = now_ms();
+        if k.flow_table_full > prev.flow_table_full {
+            self.flow_table_full_at = Some(now);
+        }
+        let full = flow_table_full_problem(fill.flows.1, self.flow_table_full_at, now);
         self.shared.update(|s| {
             s.kernel.flow_entries = fill.flows.0;
             s.kernel.flow_capacity = fill.flows.1;
@@ -820,16 +848,7 @@ impl ControlLoop {
             s.kernel.drops_without_flow = k.drops_without_flow;
             s.kernel.service_translated = k.service_translated;
             s.problems.retain(|p| p.reason != reason::FLOW_TABLE_FULL);
-            if full_now {
-                s.problems.push(Problem {
-                    reason: reason::FLOW_TABLE_FULL.into(),
-                    message: format!(
-                        "the flow table ({} entries) was full: {} packets were counted without their flow (totals stay exact, in the 'other' series); raise --flow-table-size",
-                        fill.flows.1,
-                        k.flow_table_full - prev.flow_table_full
-                    ),
-                });
-            }
+            s.problems.extend(full);
         });
         self.last_kernel = k;
         self.last_drops = drops;
@@ -1038,5 +1057,31 @@ impl ControlLoop {
             "flushing open windows as incomplete parts"
         );
         self.publish(windows, policies, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_flow_table_is_one_steady_problem_not_a_write_per_drain() {
+        assert_eq!(flow_table_full_problem(65536, None, 1_000), None);
+        let at = 1_000;
+        let first = flow_table_full_problem(65536, Some(at), at).unwrap();
+        assert_eq!(first.reason, reason::FLOW_TABLE_FULL);
+        // Drains later, still overflowing or not: the same problem, word
+        // for word, so the node's status is not rewritten.
+        for later in [at + 1_000, at + 60_000, at + TABLE_FULL_HELD_MS - 1] {
+            assert_eq!(
+                flow_table_full_problem(65536, Some(at), later),
+                Some(first.clone())
+            );
+        }
+        assert_eq!(
+            flow_table_full_problem(65536, Some(at), at + TABLE_FULL_HELD_MS),
+            None,
+            "cleared 10 minutes after the last overflow"
+        );
     }
 }
