@@ -728,3 +728,92 @@ fn live_records_show_each_connection_once_and_attempts_with_their_policy() {
         "no SYN seen"
     );
 }
+
+#[test]
+fn dns_answers_name_the_connections_that_follow_and_fill_the_window() {
+    use crate::dns::{
+        message::{DnsMessage, ParseError},
+        tracker::DnsPacket,
+    };
+
+    let mut a = agg();
+    let resolver = v4_mapped([192, 168, 1, 53]);
+    let web = v4_mapped([203, 0, 113, 7]);
+    let packet =
+        |ts_ns: u64, from_pod: bool, id: u16, rcode: u16, qname: &str, answers| DnsPacket {
+            ts_ns,
+            local: ip(1),
+            remote: resolver,
+            local_port: 5353,
+            remote_port: 53,
+            protocol: 17,
+            from_pod,
+            message: Ok(DnsMessage {
+                id,
+                response: !from_pod,
+                rcode,
+                qname: Some(qname.into()),
+                answers,
+                cut: false,
+            }),
+        };
+    let answer = vec![("203.0.113.7".parse().unwrap(), 30)];
+    a.ingest_dns(
+        &[
+            packet(1_000_000, true, 1, 0, "api.example", vec![]),
+            packet(21_000_000, false, 1, 0, "api.example", answer),
+            packet(30_000_000, true, 2, 0, "gone.example", vec![]),
+            packet(32_000_000, false, 2, 3, "gone.example", vec![]),
+            // Never answered.
+            packet(40_000_000, true, 3, 0, "slow.example", vec![]),
+            // Unreadable.
+            DnsPacket {
+                message: Err(ParseError::Short),
+                ..packet(50_000_000, false, 9, 0, "x.example", vec![])
+            },
+        ],
+        T0 + 100,
+    );
+    a.ingest(
+        &Drained {
+            flows: vec![flow(
+                1,
+                web,
+                40000,
+                443,
+                DIRECTION_EGRESS,
+                3,
+                300,
+                FLOW_FLAG_SYN,
+            )],
+            ..Default::default()
+        },
+        T0 + 500,
+    );
+    // The query of slow.example gives up within the window.
+    a.ingest(&Drained::default(), T0 + 100 + dns_wait());
+    let (w, _) = a.close_due(T0 + 20_000);
+    let w = w.iter().find(|w| w.start == T0 / 1000).unwrap();
+    let to_web = w
+        .series
+        .iter()
+        .find(|s| s.remote.as_deref() == Some("203.0.113.7"))
+        .unwrap();
+    assert_eq!(to_web.remote_name.as_deref(), Some("api.example"));
+    let dns = w.dns.as_ref().unwrap();
+    assert_eq!(dns.queries, 3);
+    assert_eq!(
+        dns.responses,
+        [("NOERROR".to_owned(), 1), ("NXDOMAIN".to_owned(), 1)].into()
+    );
+    assert_eq!(dns.unanswered, 1);
+    assert_eq!(dns.latency.count(), 2);
+    let median = dns.latency.quantile(0.5).unwrap();
+    assert!((2_000..=20_000 + 20_000 / 32).contains(&median), "{median}");
+    assert_eq!(dns.top_names.len(), 3);
+    assert_eq!(a.dns.stats.unreadable, 1);
+}
+
+fn dns_wait() -> i64 {
+    crate::dns::tracker::ANSWER_WAIT_MS
+}
