@@ -96,6 +96,10 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
         sim.topo.pods[resolver].ip4.to_string(),
         sim.topo.pods[api].ip4.to_string(),
     );
+    let (resolver_ip6, api_ip6) = (
+        sim.topo.pods[resolver].ip6.to_string(),
+        sim.topo.pods[api].ip6.to_string(),
+    );
     let log = sim.topo.work_dir.join("dnsmasq.log");
     let _dnsmasq = Proc::spawn(
         "dnsmasq",
@@ -110,9 +114,9 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
                 "--no-resolv",
                 "--no-hosts",
                 "--bind-interfaces",
-                &format!("--listen-address={resolver_ip}"),
+                &format!("--listen-address={resolver_ip},{resolver_ip6}"),
                 "--port=53",
-                &format!("--host-record=api.payments.example,{api_ip}"),
+                &format!("--host-record=api.payments.example,{api_ip},{api_ip6}"),
                 "--cname=www.payments.example,api.payments.example",
                 "--local=/payments.example/",
                 "--log-queries",
@@ -259,6 +263,21 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // And over IPv6: an AAAA query to the resolver's IPv6 address, then a
+    // connection to the answer.
+    let r = resolve(
+        &sim,
+        client,
+        &format!("[{resolver_ip6}]:53"),
+        "www.payments.example",
+        &["--type", "AAAA", "--connect", "8443"],
+    );
+    assert_eq!(
+        (&r["rcode"], &r["addresses"], &r["connected"]),
+        (&json!(0), &json!([api_ip6]), &json!(true)),
+        "{r}"
+    );
+
     // 3. Status of the burst's window.
     let window_start = (burst_start / WINDOW_S * WINDOW_S) as i64;
     let burst = |s: &NetworkObservationStatus| {
@@ -349,10 +368,9 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
         (None, 8443)
     );
 
-    // 4. The forged answer taught nothing, and the later connection kept
-    //    the resolved name.
-    // The operator's flow counters hold every window: the three resolved
-    // connections and the later one, all under the resolved name.
+    // 4. The forged answer taught nothing, the later connection kept the
+    //    resolved name, and the IPv6 connection has it too. The operator's
+    //    flow counters hold every window: 3 + 1 + 1 named connections.
     let op = sim.operator();
     let f = format!("observation=\"{obs}\"");
     let named = "destination_name=\"www.payments.example\"";
@@ -361,20 +379,28 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
         "the later connection counted",
         || async {
             let n = op.metric_sum("flowlens_flow_connections_total", named);
-            (n >= 8.0).then_some(n)
+            (n >= 10.0).then_some(n)
         },
     )
     .await
     .unwrap_or_else(|e| {
         panic!(
-            "{e}: {} connections named (3 + 1 per observation expected)",
+            "{e}: {} connections named (3 + 1 + 1 per observation expected)",
             op.metric_sum("flowlens_flow_connections_total", named)
         )
     });
     assert_eq!(
         op.metric_sum("flowlens_flow_connections_total", named),
-        8.0,
-        "both observations: 3 + 1 connections each, none counted twice"
+        10.0,
+        "both observations: 3 + 1 + 1 connections each, none counted twice"
+    );
+    assert_eq!(
+        op.metric_sum(
+            "flowlens_flow_connections_total",
+            &format!("destination_address=\"{api_ip6}\",destination_name=\"www.payments.example\"")
+        ),
+        1.0,
+        "the IPv6 connection, named (the by-name observation has no address)"
     );
     let later = observation(&sim, &obs).await;
     let all = serde_json::to_string(&later).unwrap() + &serde_json::to_string(&s).unwrap();
@@ -412,7 +438,8 @@ async fn resolved_names_response_codes_and_dns_latency_reach_status() {
     // The operator's counters agree with status (nothing counted twice).
     assert_eq!(
         op.metric_sum("flowlens_observation_dns_queries_total", &f),
-        6.0
+        7.0,
+        "6 in the burst, the AAAA query after"
     );
     assert_eq!(
         op.metric_sum(
