@@ -81,11 +81,7 @@ pub(crate) fn print_window(
         w.start,
         if w.complete { "complete" } else { "partial" }
     )?;
-    let q = |p| {
-        rtt.quantile(p)
-            .map(format::micros)
-            .unwrap_or_else(|| "-".into())
-    };
+    let q = |p| quantile(&rtt, p);
     writeln!(
         out,
         "  flows {flows}  packets {}  bytes {} (payload {})  retransmits {retrans}  drops {drops}  rtt p50 {} p95 {} p99 {} ({} samples)",
@@ -113,14 +109,8 @@ pub(crate) fn print_window(
                 codes.join(", ")
             },
             d.unanswered,
-            d.latency
-                .quantile(0.5)
-                .map(format::micros)
-                .unwrap_or_else(|| "-".into()),
-            d.latency
-                .quantile(0.99)
-                .map(format::micros)
-                .unwrap_or_else(|| "-".into()),
+            quantile(&d.latency, 0.5),
+            quantile(&d.latency, 0.99),
         )?;
     }
     if w.series.is_empty() {
@@ -149,17 +139,18 @@ pub(crate) fn print_window(
             protocol_name(s.protocol),
             format::bytes(s.tx.bytes.saturating_add(s.rx.bytes)),
             s.tx.packets.saturating_add(s.rx.packets),
-            s.rtt
-                .quantile(0.5)
-                .map(format::micros)
-                .unwrap_or_else(|| "-".into()),
-            s.rtt
-                .quantile(0.99)
-                .map(format::micros)
-                .unwrap_or_else(|| "-".into()),
+            quantile(&s.rtt, 0.5),
+            quantile(&s.rtt, 0.99),
         )?;
     }
     Ok(())
+}
+
+/// A percentile of a histogram of microseconds, or `-` without samples.
+fn quantile(h: &Histogram, p: f64) -> String {
+    h.quantile(p)
+        .map(format::micros)
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Prints the whole dump as text.

@@ -402,6 +402,13 @@ for _ in range(int(sys.argv[2])):
 print(n)
 ";
 
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// The host side's receive drops of a pod's interface (packets the pod sent
 /// that never reached the TC programs).
 fn rx_dropped(topo: &Topology, pod: usize) -> u64 {
@@ -439,11 +446,8 @@ fn a_dns_flood_is_counted_exactly_and_its_copies_stay_within_the_budget() {
     let spec = cfg.build();
     let agent = Agent::standalone(&topo, 0, &spec, &[]);
     let from = {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        now - now % 5
+        let t = now_s();
+        t - t % 5
     };
     let dropped_before = rx_dropped(&topo, a);
     let out = topo.pod_output(
@@ -466,11 +470,7 @@ fn a_dns_flood_is_counted_exactly_and_its_copies_stay_within_the_budget() {
     let blocked = udp_received(&topo, a, 4000, b, 5000);
     let allowed = udp_received(&topo, a, 4000, b, 5002);
 
-    let until = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        + 1;
+    let until = now_s() + 1;
     let windows = agent.windows("obs", from, until, Duration::from_secs(20));
     let b_ip4 = topo.pods[b].ip4.to_string();
     let counted: u64 = windows

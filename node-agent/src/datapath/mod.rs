@@ -136,8 +136,6 @@ pub(crate) struct KernelCounters {
     /// ring full).
     pub dns_copied: u64,
     pub dns_dropped: u64,
-    /// DNS copies the agent read from the ring buffer.
-    pub dns_read: u64,
 }
 
 /// Sizes of the tables drained last time, against their capacity.
@@ -176,8 +174,6 @@ pub struct Datapath {
     pub(crate) fill: TableFill,
     /// The DNS copies (None: the ring buffer could not be opened).
     dns_ring: Option<aya::maps::RingBuf<MapData>>,
-    /// DNS copies read from it so far.
-    dns_read: u64,
 }
 
 /// A stable hash of a revision string (kept in the kernel per generation).
@@ -249,7 +245,6 @@ impl Datapath {
             drop_reason_names: BTreeMap::new(),
             fill: TableFill::default(),
             dns_ring,
-            dns_read: 0,
         };
         // Spare tables a predecessor's spool vouches for are emptied by the
         // first drain; any other spare table holds what a predecessor
@@ -808,7 +803,6 @@ impl Datapath {
             suspect: self.suspect_counters()?,
             dns_copied: dns_budget.captured,
             dns_dropped: dns_budget.dropped,
-            dns_read: self.dns_read,
         })
     }
 
@@ -816,8 +810,7 @@ impl Datapath {
     pub(crate) fn take_dns(&mut self) -> Vec<crate::dns::tracker::DnsPacket> {
         let mut out = Vec::new();
         if let Some(ring) = &mut self.dns_ring {
-            let n = crate::dns::capture::read(ring, &mut out);
-            self.dns_read = self.dns_read.saturating_add(n as u64);
+            crate::dns::capture::read(ring, &mut out);
         }
         out
     }

@@ -12,18 +12,14 @@ use super::{message, tracker::DnsPacket};
 /// Records read per call at most (the rest wait for the next call).
 pub(crate) const MAX_READ: usize = 65_536;
 
-/// Reads every record the ring holds (up to [`MAX_READ`]) into `out`;
-/// returns how many records were read.
-pub(crate) fn read(ring: &mut RingBuf<MapData>, out: &mut Vec<DnsPacket>) -> usize {
-    let mut n = 0;
-    while n < MAX_READ {
+/// Reads every record the ring holds (up to [`MAX_READ`]) into `out`.
+pub(crate) fn read(ring: &mut RingBuf<MapData>, out: &mut Vec<DnsPacket>) {
+    for _ in 0..MAX_READ {
         let Some(item) = ring.next() else { break };
-        n += 1;
         if let Some(p) = packet(&item) {
             out.push(p);
         }
     }
-    n
 }
 
 /// One ring record as a packet (its message parsed); `None` for a record

@@ -27,14 +27,10 @@ use flowlens_e2e::{
     config::SpecBuilder,
     resources::process_cpu_ns,
     stats::{Rng, median},
-    topology::{self, Topology},
+    topology::{Topology, enter_netns},
 };
 
 use super::{arg, datapath::program_stats};
-
-fn enter_netns(netns: &str) {
-    topology::enter_netns(netns).expect("entering the pod's network namespace");
-}
 
 /// A query for `api.example.` (A) with id `id`.
 fn query(id: u16) -> Vec<u8> {
@@ -54,7 +50,7 @@ fn responder(netns: String, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandl
         .map(|port| {
             let (netns, stop) = (netns.clone(), stop.clone());
             std::thread::spawn(move || {
-                enter_netns(&netns);
+                enter_netns(&netns).expect("entering the responder's network namespace");
                 let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind the responder");
                 s.set_read_timeout(Some(Duration::from_millis(200)))
                     .unwrap();
@@ -81,7 +77,7 @@ fn responder(netns: String, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandl
 fn client(netns: &str, to: SocketAddr, n: u32, rate: u32) -> u32 {
     let netns = netns.to_owned();
     std::thread::spawn(move || {
-        enter_netns(&netns);
+        enter_netns(&netns).expect("entering the client's network namespace");
         let s = UdpSocket::bind("0.0.0.0:0").expect("client socket");
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let start = Instant::now();
