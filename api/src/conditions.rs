@@ -36,6 +36,9 @@ pub mod reason {
     /// The node's config is missing or unreadable: the last one applied stays.
     pub const CONFIG_MISSING: &str = "ConfigMissing";
     pub const TOO_MANY_RULES: &str = "TooManyRules";
+    /// The node's policy tables cannot hold every policy: some are left
+    /// out there (named in the message).
+    pub const POLICY_TABLE_FULL: &str = "PolicyTableFull";
     /// The collector refused a report window for good (the agent dropped
     /// it; the operator's log and report_refusals metric say why).
     pub const REPORT_REFUSED: &str = "ReportRefused";

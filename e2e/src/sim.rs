@@ -339,8 +339,17 @@ impl SimCluster {
 
     /// Starts every node's agent and waits until each applies its config.
     pub async fn start_agents(&mut self) -> anyhow::Result<()> {
+        self.start_agents_with(|_| Vec::new()).await
+    }
+
+    /// [`Self::start_agents`], with `extra(node)` added to each agent's
+    /// arguments.
+    pub async fn start_agents_with(
+        &mut self,
+        extra: impl Fn(usize) -> Vec<&'static str>,
+    ) -> anyhow::Result<()> {
         for node in 0..self.topo.nodes.len() {
-            self.start_agent(node, &[]).await?;
+            self.start_agent(node, &extra(node)).await?;
         }
         for node in 0..self.topo.nodes.len() {
             self.wait_applied(node, Duration::from_secs(60)).await?;

@@ -673,6 +673,115 @@ async fn policies_block_audit_and_count_in_status() {
 /// Fail-static across a deleted NodeAgentConfig: the agent keeps the last
 /// config (it used to apply an empty one, lifting every block until the
 /// operator wrote the config again), and the operator writes it again.
+/// A node whose policy tables cannot hold every policy: the policy that
+/// does not fit is left out there and reported (node Degraded, the policy
+/// Degraded naming the node), every other policy applies, and a pod created
+/// afterwards on that node is enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_policy_table_leaves_one_policy_out_and_still_enforces_a_new_pod() {
+    let TwoNodes {
+        mut sim,
+        a1,
+        shop,
+        web,
+        db,
+        ..
+    } = two_nodes("e2e-full").await;
+    deny_web_to_db(&sim, &shop).await;
+    // 40 peer prefixes: more than web's node holds (32 per generation).
+    let wide: Vec<_> = (0..40)
+        .map(|i| json!({"ipBlock": {"cidr": format!("198.51.100.{i}/32")}}))
+        .collect();
+    sim.objects
+        .policy(
+            &shop,
+            "wide",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "egress": [{"to": wide, "ports": [{"port": 9999}]}]}),
+        )
+        .await
+        .unwrap();
+    sim.start_operator(&[]);
+    sim.start_agents_with(|node| {
+        if node == 0 {
+            vec!["--policy-table-size", "64"]
+        } else {
+            Vec::new()
+        }
+    })
+    .await
+    .unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+    let degraded = poll(Duration::from_secs(30), "wide Degraded", || async {
+        let s = policy(&sim, &shop, "wide").await;
+        condition(&s.conditions, "Degraded")
+            .filter(|c| c.status == "True" && c.message.contains(&a1))
+            .cloned()
+    })
+    .await
+    .unwrap();
+    println!("wide: {}", degraded.message);
+    assert!(
+        degraded.message.contains("PolicyTableFull") && degraded.message.contains("shop/wide"),
+        "{}",
+        degraded.message
+    );
+    let nac = Api::<NodeAgentConfig>::all(sim.client.clone())
+        .get(&a1)
+        .await
+        .unwrap();
+    let node_degraded = condition(&nac.status.as_ref().unwrap().conditions, "Degraded")
+        .cloned()
+        .unwrap();
+    println!(
+        "node {a1}: {}: {}",
+        node_degraded.reason, node_degraded.message
+    );
+    assert_eq!(
+        (node_degraded.status.as_str(), node_degraded.reason.as_str()),
+        ("True", "PolicyTableFull")
+    );
+
+    // A pod created now on the full node gets the rules that fit.
+    let web2 = sim
+        .add_pod(0, &shop, "web-2", &[("app", "web")], Some("web"))
+        .await
+        .unwrap();
+    poll(
+        Duration::from_secs(30),
+        "web-2 in the applied config",
+        || async {
+            let d = sim.agent(0).dump()?;
+            let nac = Api::<NodeAgentConfig>::all(sim.client.clone())
+                .get(&a1)
+                .await
+                .ok()?;
+            (nac.spec.endpoints.iter().any(|e| e.pod == "web-2")
+                && d.applied_revision.as_ref() == Some(&nac.spec.revision))
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+    let _db = echo_server(&sim.topo, db, 5432);
+    let db_addr = format!("{}:5432", sim.topo.pods[db].ip4);
+    let loop_args = ["--duration-ms", "1000", "--interval-ms", "20"];
+    for (pod, name) in [(web, "web-1"), (web2, "web-2")] {
+        let r = spawn_traffic(&sim.topo, pod, "connect-loop", &db_addr, &loop_args)
+            .join()
+            .unwrap();
+        println!("{name} -> db: {r}");
+        assert_eq!(r["successes"], 0, "{name} is enforced: {r}");
+        assert!(r["denied"].as_u64().unwrap() > 5, "{r}");
+    }
+    // The left-out policy is still reported, with the node.
+    let s = policy(&sim, &shop, "wide").await;
+    let d = condition(&s.conditions, "Degraded").unwrap();
+    assert!(d.status == "True" && d.message.contains(&a1), "{d:?}");
+    sim.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_node_config_lifts_no_block() {
     let TwoNodes {

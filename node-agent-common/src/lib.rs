@@ -156,19 +156,43 @@ pub const fn split_rule_scope(scope: [u8; 4]) -> (u32, u8, u32) {
     (v >> 31, ((v >> 30) & 1) as u8, v & (MAX_ENDPOINT_ID - 1))
 }
 
-/// LPM key data of the peer table: scope, then the peer address. The prefix
-/// length is `32 + address prefix` (IPv4 prefixes are `96 + n`). The last 4
-/// bytes pad the key to a multiple of 8 and are never covered by a prefix.
+/// LPM key data of the peer class table: the generation (0 or 1,
+/// big-endian), then the peer address. The prefix length is
+/// `32 + address prefix` (IPv4 prefixes are `96 + n`). The last 4 bytes pad
+/// the key to a multiple of 8 and are never covered by a prefix.
+///
+/// Peer classes are shared by every endpoint and rule of the node: a class
+/// is one combination of the address sets that contain an address, so the
+/// table grows with the distinct peer prefixes, not with endpoints x peers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey {
-    pub scope: [u8; 4],
+    pub generation: [u8; 4],
     pub addr: [u8; 16],
     pub _pad: [u8; 4],
 }
 
-/// Bits of the peer LPM prefix that cover the scope.
-pub const PEER_SCOPE_BITS: u32 = 32;
+/// Bits of the peer LPM prefix that cover the generation.
+pub const PEER_GENERATION_BITS: u32 = 32;
+
+/// The generation field of a [`PeerKey`].
+#[inline(always)]
+pub const fn peer_generation(generation: u32) -> [u8; 4] {
+    (generation & 1).to_be_bytes()
+}
+
+/// The class of an address in no address set a rule names: never a key of
+/// the class rule table.
+pub const NO_CLASS: u32 = 0;
+
+/// Key of the class rule table: the rule slots of one endpoint and
+/// direction ([`rule_scope`]) that match the peers of one class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassRuleKey {
+    pub scope: [u8; 4],
+    pub class: u32,
+}
 
 /// LPM key data of the port table: scope, protocol, then the port
 /// (big-endian). The prefix length is `40 + port prefix` (0..=16 bits).
@@ -590,6 +614,7 @@ assert_size!(RttKey, 40);
 assert_size!(EndpointKey, 20);
 assert_size!(EndpointInfo, 40);
 assert_size!(PeerKey, 24);
+assert_size!(ClassRuleKey, 8);
 assert_size!(PortKey, 8);
 assert_size!(RuleCounterKey, 8);
 assert_size!(RuleCounters, 16);
@@ -626,6 +651,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for ClassRuleKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for RuleCounterKey {}
     unsafe impl aya::Pod for RuleCounters {}

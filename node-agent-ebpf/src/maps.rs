@@ -11,15 +11,16 @@
 //! `FL_CONFIG.epoch` (whose bit 0 is the generation) with one array update.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use flowlens_agent_common::{
-    AttemptKey, AttemptStats, BackendKey, ConnKey, ConnState, DatapathConfig, DnsBudget, DnsEvent,
-    ENDPOINT_TRACE, EndpointInfo, EndpointKey, FlowKey, FlowStats, FragKey, FragPorts,
-    NUM_COUNTERS, NUM_DROP_REASONS, NUM_SUSPECT, OverflowKey, PeerKey, PodAddrs, PodInterface,
-    PortKey, RttKey, RuleCounterKey, RuleCounters, ServiceBackendAddr, ServiceConnKey, ServiceInfo,
-    ServiceKey, ServiceSocket, SkbLayout,
+    AttemptKey, AttemptStats, BackendKey, ClassRuleKey, ConnKey, ConnState, DatapathConfig,
+    DnsBudget, DnsEvent, ENDPOINT_TRACE, EndpointInfo, EndpointKey, FlowKey, FlowStats, FragKey,
+    FragPorts, NUM_COUNTERS, NUM_DROP_REASONS, NUM_SUSPECT, OverflowKey, PeerKey, PodAddrs,
+    PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters, ServiceBackendAddr,
+    ServiceConnKey, ServiceInfo, ServiceKey, ServiceSocket, SkbLayout,
 };
 
 /// Capacity of the flow-table template; the agent creates the real tables
@@ -36,8 +37,16 @@ pub static FL_CONFIG: Array<DatapathConfig, 1> = Array::new();
 #[btf_map]
 pub static FL_ENDPOINTS: HashMap<EndpointKey, EndpointInfo, 32768> = HashMap::new();
 
+/// Peer prefix -> peer class (shared by every endpoint and rule), by
+/// generation.
 #[btf_map]
-pub static FL_PEERS: LpmTrie<PeerKey, u64, 524288> = LpmTrie::new();
+pub static FL_PEER_CLASSES: LpmTrie<PeerKey, u32, 524288> = LpmTrie::new();
+
+/// (endpoint and direction, peer class) -> the rule slots that match.
+/// Not preallocated: most nodes use a small part of it.
+#[btf_map]
+pub static FL_CLASS_RULES: HashMap<ClassRuleKey, u64, 524288, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static FL_PORTS: LpmTrie<PortKey, u64, 131072> = LpmTrie::new();

@@ -15,16 +15,16 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use flowlens_agent_common::{
-    AttemptKey, AttemptStats, COUNTER_CONN_TABLE_FULL, ConnKey, ConnState, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, EndpointInfo,
-    PEER_SCOPE_BITS, PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerKey,
-    PortKey, ROLE_CLIENT, ROLE_SERVER, RuleCounterKey, RuleCounters, VERDICT_AUDIT, VERDICT_DROP,
-    VERDICT_PASS, rule_scope,
+    AttemptKey, AttemptStats, COUNTER_CONN_TABLE_FULL, ClassRuleKey, ConnKey, ConnState,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS,
+    EndpointInfo, NO_CLASS, PEER_GENERATION_BITS, PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PeerKey, PortKey, ROLE_CLIENT, ROLE_SERVER, RuleCounterKey, RuleCounters,
+    VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS, peer_generation, rule_scope,
 };
 
 use crate::{
     atomic::add_u64,
-    maps::{FL_ATTEMPTS, FL_CONNS, FL_PEERS, FL_PORTS, FL_RULE_CNT, bump},
+    maps::{FL_ATTEMPTS, FL_CLASS_RULES, FL_CONNS, FL_PEER_CLASSES, FL_PORTS, FL_RULE_CNT, bump},
     packet::{Packet, TCP_ACK, TCP_SYN},
 };
 
@@ -99,18 +99,16 @@ pub fn evaluate(
         return PASS;
     }
     let scope = rule_scope(generation, direction, ep.id);
-    let peer_key = Key::new(
-        PEER_SCOPE_BITS + 128,
-        PeerKey {
-            scope,
-            addr: *peer,
-            _pad: [0; 4],
-        },
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&peer[..8]);
+    lo.copy_from_slice(&peer[8..]);
+    let peer_mask = peer_slots(
+        generation,
+        u32::from_ne_bytes(scope),
+        u64::from_ne_bytes(hi),
+        u64::from_ne_bytes(lo),
     );
-    let peer_mask = match FL_PEERS.get(&peer_key) {
-        Some(m) => *m,
-        None => return PASS,
-    };
     if peer_mask == 0 {
         return PASS;
     }
@@ -146,6 +144,43 @@ pub fn evaluate(
             slot: lowest_slot(matched),
             rule_direction: direction,
         }
+    }
+}
+
+/// The rule slots of `scope` (an endpoint and direction) whose address sets
+/// hold the peer `hi`:`lo`: the peer's class (which address sets hold it),
+/// then the slots of that class. From registers, in a subprogram of its own:
+/// one result instead of a path per miss keeps the callers within the
+/// verifier's budget.
+#[inline(never)]
+fn peer_slots(generation: u32, scope: u32, hi: u64, lo: u64) -> u64 {
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&hi.to_ne_bytes());
+    addr[8..].copy_from_slice(&lo.to_ne_bytes());
+    let key = Key::new(
+        PEER_GENERATION_BITS + 128,
+        PeerKey {
+            generation: peer_generation(generation),
+            addr,
+            _pad: [0; 4],
+        },
+    );
+    let class = match FL_PEER_CLASSES.get(&key) {
+        Some(c) => *c,
+        None => return 0,
+    };
+    if class == NO_CLASS {
+        return 0;
+    }
+    let key = ClassRuleKey {
+        scope: scope.to_ne_bytes(),
+        class,
+    };
+    // SAFETY: a copy of the value is taken at once; the agent writes the
+    // entries of the other generation only.
+    match unsafe { FL_CLASS_RULES.get(&key) } {
+        Some(m) => *m,
+        None => 0,
     }
 }
 

@@ -136,6 +136,10 @@ mod tests {
         .unwrap();
         let spec = parse_config(&text).unwrap();
         assert_eq!(spec.rules.len(), 1);
-        assert!(crate::tables::compile(&spec, &[]).problems.is_empty());
+        assert!(
+            crate::tables::compile(&spec, &[], crate::tables::Capacity::UNLIMITED)
+                .problems
+                .is_empty()
+        );
     }
 }

@@ -306,7 +306,18 @@ impl ControlLoop {
         };
         self.retry = None;
         let started = Instant::now();
-        let tables = Arc::new(tables::compile(&spec, &crate::interfaces::host_addresses()));
+        let capacity = match self.datapath.policy_capacity() {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "cannot read the policy tables' size");
+                return;
+            }
+        };
+        let tables = Arc::new(tables::compile(
+            &spec,
+            &crate::interfaces::host_addresses(),
+            capacity,
+        ));
         // A restarted agent finds the kernel enforcing some revision: when it
         // is this one, the tables it compiles are those in force (compilation
         // is deterministic), so counters of that generation stay attributable.
@@ -330,7 +341,7 @@ impl ControlLoop {
                 info!(
                     revision = %spec.revision,
                     endpoints = tables.endpoint_refs.len(),
-                    kernel_entries = tables.endpoints.len() + tables.peers.len() + tables.ports.len(),
+                    kernel_entries = tables.endpoints.len() + tables.policy_entries(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "applied config"
                 );
@@ -526,6 +537,7 @@ impl ControlLoop {
             .map(|p| Problem {
                 reason: match p {
                     tables::Problem::TooManyRules { .. } => reason::TOO_MANY_RULES.into(),
+                    tables::Problem::PolicyTableFull { .. } => reason::POLICY_TABLE_FULL.into(),
                     _ => reason::APPLY_FAILED.into(),
                 },
                 message: p.to_string(),
@@ -616,6 +628,11 @@ impl ControlLoop {
                         && p.message.starts_with(APPLY_FAILED_PREFIX)
             });
             s.problems.extend(problems);
+            // A full policy table concerns the policies left out (each
+            // reported in `policiesNotInForce`): last, so that the node's
+            // Degraded reason names a problem of every policy when there is one.
+            s.problems
+                .sort_by_key(|p| p.reason == reason::POLICY_TABLE_FULL);
             s.hooks = self.datapath.hooks().clone();
         });
     }

@@ -101,6 +101,15 @@ pub(crate) fn policies_in_force(
         })
         .map(String::as_str)
         .collect();
+    // Policies left out of full tables, with the problem's message.
+    let table_full: Vec<(&str, String)> = problems
+        .iter()
+        .filter_map(|p| match p {
+            tables::Problem::PolicyTableFull { left_out, .. } => Some((left_out, p.to_string())),
+            _ => None,
+        })
+        .flat_map(|(left_out, message)| left_out.iter().map(move |l| (l.as_str(), message.clone())))
+        .collect();
     let mut in_force = Vec::new();
     let mut not = Vec::new();
     for policy in &spec.policies {
@@ -124,7 +133,11 @@ pub(crate) fn policies_in_force(
             .copied()
             .filter(|p| endpoints.missing.iter().any(|m| m == p))
             .collect();
-        let problem = if !pods.is_empty() && !tc_supported {
+        let key = format!("{}/{}", policy.namespace, policy.name);
+        let full = table_full.iter().find(|(l, _)| *l == key);
+        let problem = if let Some((_, message)) = full {
+            Some((reason::POLICY_TABLE_FULL, message.clone()))
+        } else if !pods.is_empty() && !tc_supported {
             Some((
                 reason::UNSUPPORTED_KERNEL,
                 "the kernel has no TCX (Linux 6.6+): the per-pod programs cannot be attached"

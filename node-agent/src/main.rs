@@ -110,6 +110,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 65536)]
     flow_table_size: u32,
 
+    /// Entries of each policy table (peer classes, class rules, ports); a
+    /// configuration gets half (the next one is written beside it). When the
+    /// rules do not fit, whole policies are left out and reported, the rest
+    /// apply. The tables are not preallocated.
+    #[arg(long, default_value_t = 524288, value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+    policy_table_size: u32,
+
     /// Entries of each RTT histogram table (connections x buckets per window).
     #[arg(long, default_value_t = 65536)]
     rtt_table_size: u32,
@@ -224,6 +231,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rtt_hook: args.rtt_hook,
         flow_table_size: args.flow_table_size,
         rtt_table_size: args.rtt_table_size,
+        policy_table_size: args.policy_table_size,
         rtt_sample_interval: Duration::from_millis(args.rtt_sample_interval_ms),
     };
     info!(node = %node, bpffs_root = %args.bpffs_root.display(), cgroup_root = ?cgroup_root, "starting flowlens-agent {}", env!("CARGO_PKG_VERSION"));

@@ -196,9 +196,13 @@ impl NodeStates {
                 n.degraded
                     .push(format!("node {node}: {}: {}", p.reason, p.message));
             }
+            // A node degraded only because some policies do not fit its
+            // tables names those in `policiesNotInForce` (above); the
+            // others are in force there. (The agent puts that reason first
+            // only when it is the node's only kind of problem.)
             if let Some(c) = status
                 .and_then(|st| conditions::get(&st.conditions, conditions::DEGRADED))
-                .filter(|c| c.status == "True")
+                .filter(|c| c.status == "True" && c.reason != reason::POLICY_TABLE_FULL)
             {
                 n.degraded
                     .push(format!("node {node}: {}: {}", c.reason, c.message));
@@ -636,6 +640,55 @@ mod tests {
             "{}",
             d.message
         );
+    }
+
+    /// A node whose tables left out policy q: q is Degraded naming the
+    /// node, p (in force there) is not.
+    #[test]
+    fn a_full_policy_table_degrades_only_the_policies_left_out() {
+        let msg = "the kernel's peer class table holds 32 entries per generation and the config needs 42; left out on this node: shop/q";
+        let mut n1 = nac(
+            "n1",
+            &[("shop", "p", "rev1")],
+            Some(("PolicyTableFull", msg)),
+        );
+        Arc::make_mut(&mut n1)
+            .status
+            .as_mut()
+            .unwrap()
+            .policies_not_in_force
+            .push(flowlens_api::node_agent_config::PolicyNotInForce {
+                policy: PolicyRef {
+                    namespace: "shop".into(),
+                    name: "q".into(),
+                    revision: "rev1".into(),
+                },
+                reason: "PolicyTableFull".into(),
+                message: msg.into(),
+            });
+        let cfgs = configs(vec![n1]);
+        let status = |name: &str| {
+            policy_status(
+                "shop",
+                name,
+                &view(&["n1"]),
+                &cfgs,
+                &Default::default(),
+                Timestamp::now(),
+            )
+        };
+        let p = status("p");
+        let d = get(&p.conditions, "Degraded").unwrap();
+        assert_eq!(d.status, "False", "{}", d.message);
+        assert_eq!(get(&p.conditions, "Enforced").unwrap().status, "True");
+        let q = status("q");
+        let d = get(&q.conditions, "Degraded").unwrap();
+        assert!(
+            d.status == "True" && d.message.contains("node n1: PolicyTableFull"),
+            "{}",
+            d.message
+        );
+        assert_eq!(get(&q.conditions, "Enforced").unwrap().status, "False");
     }
 
     #[test]

@@ -349,7 +349,11 @@ fn overflow_keeps_totals() {
 #[test]
 fn rule_counters_are_attributed_through_the_generation_tables() {
     let mut a = agg();
-    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    let tables = Arc::new(crate::tables::compile(
+        &spec(),
+        &[],
+        crate::tables::Capacity::UNLIMITED,
+    ));
     a.set_generation_tables(1, tables);
     let key = |verdict| RuleCounterKey {
         scope: rule_scope(1, DIRECTION_EGRESS, 1),
@@ -412,7 +416,11 @@ fn rule_counters_are_attributed_through_the_generation_tables() {
 #[test]
 fn named_attempts_are_attributed_and_summed() {
     let mut a = agg();
-    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    let tables = Arc::new(crate::tables::compile(
+        &spec(),
+        &[],
+        crate::tables::Capacity::UNLIMITED,
+    ));
     a.set_generation_tables(1, tables);
     let key = |generation, peer: u8| AttemptKey {
         scope: rule_scope(generation, DIRECTION_EGRESS, 1),
@@ -465,7 +473,11 @@ fn named_attempts_are_attributed_and_summed() {
 #[test]
 fn spooled_open_parts_use_up_their_part_numbers() {
     let mut a = agg();
-    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    let tables = Arc::new(crate::tables::compile(
+        &spec(),
+        &[],
+        crate::tables::Capacity::UNLIMITED,
+    ));
     a.set_generation_tables(1, tables);
     a.ingest(
         &Drained {
@@ -618,7 +630,11 @@ fn a_connection_flood_keeps_every_byte_and_bounds_the_state() {
 fn live_records_show_each_connection_once_and_attempts_with_their_policy() {
     use flowlens_api::live::{LiveDirection, LiveVerdict};
     let mut a = agg();
-    let tables = Arc::new(crate::tables::compile(&spec(), &[]));
+    let tables = Arc::new(crate::tables::compile(
+        &spec(),
+        &[],
+        crate::tables::Capacity::UNLIMITED,
+    ));
     a.set_generation_tables(1, tables);
     let d = Drained {
         flows: vec![

@@ -28,9 +28,10 @@ use aya::{
 };
 use flowlens_agent_common::{AttemptKey, AttemptStats};
 use flowlens_agent_common::{
-    DatapathConfig, DnsBudget, EndpointInfo, EndpointKey, FlowKey, FlowStats, NUM_COUNTERS,
-    NUM_DROP_REASONS, OverflowKey, PEER_SCOPE_BITS, PORT_SCOPE_BITS, PeerKey, PodAddrs,
-    PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters, SkbLayout, rule_scope,
+    ClassRuleKey, DatapathConfig, DnsBudget, EndpointInfo, EndpointKey, FlowKey, FlowStats,
+    NUM_COUNTERS, NUM_DROP_REASONS, OverflowKey, PEER_GENERATION_BITS, PORT_SCOPE_BITS, PeerKey,
+    PodAddrs, PodInterface, PortKey, RttKey, RuleCounterKey, RuleCounters, SkbLayout,
+    peer_generation, rule_scope,
 };
 use flowlens_api::node_agent_config::DatapathHooks;
 use tracing::{info, warn};
@@ -39,7 +40,10 @@ pub(crate) use error::{DatapathError, Result};
 use pins::PinLayout;
 use results::Swappable;
 
-use crate::{aggregate::Drained, tables::Tables};
+use crate::{
+    aggregate::Drained,
+    tables::{Capacity, Tables},
+};
 
 /// The compiled eBPF object, embedded at build time.
 static EBPF_OBJECT: &[u8] =
@@ -49,7 +53,8 @@ static EBPF_OBJECT: &[u8] =
 const PINNED_MAPS: &[&str] = &[
     "FL_CONFIG",
     "FL_ENDPOINTS",
-    "FL_PEERS",
+    "FL_PEER_CLASSES",
+    "FL_CLASS_RULES",
     "FL_PORTS",
     "FL_CONNS",
     "FL_CGROUPS",
@@ -70,6 +75,9 @@ const PINNED_MAPS: &[&str] = &[
     "FL_DNS_EVENTS",
     "FL_DNS_BUDGET",
 ];
+
+/// The policy tables, sized by `--policy-table-size`.
+const POLICY_TABLES: [&str; 3] = ["FL_PEER_CLASSES", "FL_CLASS_RULES", "FL_PORTS"];
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
 fn monotonic_ns() -> u64 {
@@ -115,6 +123,8 @@ pub struct DatapathOptions {
     pub rtt_hook: RttHook,
     pub flow_table_size: u32,
     pub rtt_table_size: u32,
+    /// Entries of each policy table (peer classes, class rules, ports).
+    pub policy_table_size: u32,
     pub rtt_sample_interval: Duration,
 }
 
@@ -202,6 +212,9 @@ impl Datapath {
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        for name in POLICY_TABLES {
+            loader.map_max_entries(name, opts.policy_table_size);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         attach::load_programs(&mut ebpf)?;
@@ -512,6 +525,15 @@ impl Datapath {
         &self.hooks
     }
 
+    /// What one generation of the policy tables can hold.
+    pub(crate) fn policy_capacity(&self) -> Result<Capacity> {
+        Ok(Capacity::per_generation(
+            max_entries(&self.ebpf, "FL_PEER_CLASSES")?,
+            max_entries(&self.ebpf, "FL_CLASS_RULES")?,
+            max_entries(&self.ebpf, "FL_PORTS")?,
+        ))
+    }
+
     pub(crate) fn generation(&self) -> u32 {
         self.generation
     }
@@ -545,19 +567,25 @@ impl Datapath {
             }
         }
         {
-            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
-            for (dir, id, prefix, mask) in &tables.peers {
-                let key = Key::new(
-                    PEER_SCOPE_BITS + u32::from(prefix.len),
-                    PeerKey {
-                        scope: rule_scope(next, *dir, *id),
-                        addr: prefix.bytes(),
-                        _pad: [0; 4],
-                    },
-                );
-                peers
-                    .insert(&key, *mask, 0)
-                    .map_err(|e| DatapathError::map("FL_PEERS (is the table full?)", e))?;
+            let mut classes: LpmTrie<&mut MapData, PeerKey, u32> =
+                typed(&mut self.ebpf, "FL_PEER_CLASSES")?;
+            for (prefix, class) in &tables.peer_classes {
+                classes
+                    .insert(&peer_class_key(next, prefix), *class, 0)
+                    .map_err(|e| DatapathError::map("FL_PEER_CLASSES (is the table full?)", e))?;
+            }
+        }
+        {
+            let mut rules: HashMap<&mut MapData, ClassRuleKey, u64> =
+                typed(&mut self.ebpf, "FL_CLASS_RULES")?;
+            for (dir, id, class, mask) in &tables.class_rules {
+                let key = ClassRuleKey {
+                    scope: rule_scope(next, *dir, *id),
+                    class: *class,
+                };
+                rules
+                    .insert(key, *mask, 0)
+                    .map_err(|e| DatapathError::map("FL_CLASS_RULES (is the table full?)", e))?;
             }
         }
         {
@@ -607,16 +635,18 @@ impl Datapath {
                     addr: *addr,
                 });
             }
-            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
-            for (dir, id, prefix, _) in &t.peers {
-                let _ = peers.remove(&Key::new(
-                    PEER_SCOPE_BITS + u32::from(prefix.len),
-                    PeerKey {
-                        scope: rule_scope(g, *dir, *id),
-                        addr: prefix.bytes(),
-                        _pad: [0; 4],
-                    },
-                ));
+            let mut classes: LpmTrie<&mut MapData, PeerKey, u32> =
+                typed(&mut self.ebpf, "FL_PEER_CLASSES")?;
+            for (prefix, _) in &t.peer_classes {
+                let _ = classes.remove(&peer_class_key(g, prefix));
+            }
+            let mut rules: HashMap<&mut MapData, ClassRuleKey, u64> =
+                typed(&mut self.ebpf, "FL_CLASS_RULES")?;
+            for (dir, id, class, _) in &t.class_rules {
+                let _ = rules.remove(&ClassRuleKey {
+                    scope: rule_scope(g, *dir, *id),
+                    class: *class,
+                });
             }
             let mut ports: LpmTrie<&mut MapData, PortKey, u64> = typed(&mut self.ebpf, "FL_PORTS")?;
             for (dir, id, prefix, _) in &t.ports {
@@ -647,14 +677,27 @@ impl Datapath {
             }
         }
         {
-            let mut peers: LpmTrie<&mut MapData, PeerKey, u64> = typed(&mut self.ebpf, "FL_PEERS")?;
-            let keys: Vec<Key<PeerKey>> = peers
+            let mut classes: LpmTrie<&mut MapData, PeerKey, u32> =
+                typed(&mut self.ebpf, "FL_PEER_CLASSES")?;
+            let keys: Vec<Key<PeerKey>> = classes
                 .keys()
                 .filter_map(|k| k.ok())
-                .filter(|k| gen_bit(k.data().scope) == g)
+                .filter(|k| k.data().generation == peer_generation(g))
                 .collect();
             for k in keys {
-                let _ = peers.remove(&k);
+                let _ = classes.remove(&k);
+            }
+        }
+        {
+            let mut rules: HashMap<&mut MapData, ClassRuleKey, u64> =
+                typed(&mut self.ebpf, "FL_CLASS_RULES")?;
+            let keys: Vec<ClassRuleKey> = rules
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| gen_bit(k.scope) == g)
+                .collect();
+            for k in keys {
+                let _ = rules.remove(&k);
             }
         }
         {
@@ -880,6 +923,36 @@ fn next_epoch(epoch: u32, next: u32) -> u32 {
     let e = if e & 1 == next { e } else { e.wrapping_add(1) };
     // 0 means "before the first config" to the kernel; never reuse it.
     if e == 0 { 2 | next } else { e }
+}
+
+/// The LPM key of a peer class entry of generation `g`.
+fn peer_class_key(g: u32, prefix: &crate::tables::prefix::AddrPrefix) -> Key<PeerKey> {
+    Key::new(
+        PEER_GENERATION_BITS + u32::from(prefix.len),
+        PeerKey {
+            generation: peer_generation(g),
+            addr: prefix.bytes(),
+            _pad: [0; 4],
+        },
+    )
+}
+
+/// The entries map `name` can hold, as the kernel created it (a pinned map
+/// keeps the size it was created with).
+fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name) {
+        Some(Map::LpmTrie(m) | Map::HashMap(m)) => m,
+        _ => {
+            return Err(DatapathError::map(
+                name,
+                aya::maps::MapError::InvalidName { name: name.into() },
+            ));
+        }
+    };
+    data.info()
+        .map(|i| i.max_entries())
+        .map_err(|e| DatapathError::map(name, e))
 }
 
 fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T>

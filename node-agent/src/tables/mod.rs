@@ -16,10 +16,10 @@ use flowlens_agent_common::{
 };
 use flowlens_api::{
     flow_policy::PolicyMode,
-    node_agent_config::{BlockRule, Direction, NodeAgentConfigSpec},
+    node_agent_config::{BlockRule, Direction, NodeAgentConfigSpec, PolicyRef},
 };
 
-use prefix::{AddrEntry, AddrPrefix, PortPrefix, PortSpan, addr_bytes, peer_masks, port_masks};
+use prefix::{AddrEntry, AddrPrefix, PortPrefix, PortSpan, addr_bytes, port_masks};
 
 /// Rule slots per endpoint and direction (bits of a `u64`).
 pub(crate) const MAX_SLOTS: usize = 64;
@@ -69,6 +69,15 @@ pub(crate) enum Problem {
     /// The kernel's Service `table` is full: later frontends are not
     /// translated (their connections go through kube-proxy unchecked).
     TooManyServices { table: &'static str, limit: usize },
+    /// The config's rules need more entries of a policy `table` than one
+    /// generation has (`capacity`): the policies `left_out` (`namespace/name`)
+    /// are not in the kernel; every other policy is.
+    PolicyTableFull {
+        table: &'static str,
+        needed: usize,
+        capacity: usize,
+        left_out: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -109,6 +118,61 @@ impl std::fmt::Display for Problem {
                 f,
                 "more than {limit} Service {table}: the rest are not translated at connect()"
             ),
+            Problem::PolicyTableFull {
+                table,
+                needed,
+                capacity,
+                left_out,
+            } => write!(
+                f,
+                "the kernel's {table} table holds {capacity} entries per generation and the config needs {needed}; left out on this node: {}; raise --policy-table-size or select fewer peers",
+                named(left_out)
+            ),
+        }
+    }
+}
+
+/// Policies named in a problem, at most.
+const POLICIES_NAMED: usize = 5;
+
+fn named(items: &[String]) -> String {
+    let mut s = items
+        .iter()
+        .take(POLICIES_NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > POLICIES_NAMED {
+        s.push_str(&format!(" and {} more", items.len() - POLICIES_NAMED));
+    }
+    s
+}
+
+/// Entries each policy table can take for one generation: the agent writes
+/// the next generation while the current one is in force, so a generation
+/// has half of each kernel table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Capacity {
+    pub peer_classes: usize,
+    pub class_rules: usize,
+    pub ports: usize,
+}
+
+impl Capacity {
+    /// No limit (tests, the fuzzer).
+    #[cfg(any(test, fuzzing))]
+    pub(crate) const UNLIMITED: Capacity = Capacity {
+        peer_classes: usize::MAX,
+        class_rules: usize::MAX,
+        ports: usize::MAX,
+    };
+
+    /// The capacity of one generation of kernel tables of these sizes.
+    pub(crate) fn per_generation(peer_classes: u32, class_rules: u32, ports: u32) -> Capacity {
+        Capacity {
+            peer_classes: peer_classes as usize / 2,
+            class_rules: class_rules as usize / 2,
+            ports: ports as usize / 2,
         }
     }
 }
@@ -118,8 +182,10 @@ impl std::fmt::Display for Problem {
 pub(crate) struct Tables {
     /// Kernel endpoint entries: address -> info.
     pub endpoints: Vec<([u8; 16], EndpointInfo)>,
-    /// Peer LPM entries: (direction, endpoint id, prefix, mask).
-    pub peers: Vec<(u8, u32, AddrPrefix, u64)>,
+    /// Peer class LPM entries: prefix -> class (shared by every endpoint).
+    pub peer_classes: Vec<(AddrPrefix, u32)>,
+    /// Class rule entries: (direction, endpoint id, class, slot mask).
+    pub class_rules: Vec<(u8, u32, u32, u64)>,
     /// Port LPM entries: (direction, endpoint id, prefix, mask).
     pub ports: Vec<(u8, u32, PortPrefix, u64)>,
     /// (endpoint id, direction, slot) -> rule.
@@ -131,6 +197,23 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
+    /// The first policy table this generation does not fit in: (table,
+    /// entries needed, capacity).
+    fn overflow(&self, cap: Capacity) -> Option<(&'static str, usize, usize)> {
+        [
+            ("peer class", self.peer_classes.len(), cap.peer_classes),
+            ("class rule", self.class_rules.len(), cap.class_rules),
+            ("port", self.ports.len(), cap.ports),
+        ]
+        .into_iter()
+        .find(|(_, n, c)| n > c)
+    }
+
+    /// Entries of the policy tables (peer classes, class rules, ports).
+    pub(crate) fn policy_entries(&self) -> usize {
+        self.peer_classes.len() + self.class_rules.len() + self.ports.len()
+    }
+
     /// The endpoint with this id.
     pub(crate) fn endpoint(&self, id: u32) -> Option<&EndpointRef> {
         self.endpoint_refs.iter().find(|e| e.id == id)
@@ -145,42 +228,142 @@ fn kernel_direction(d: Direction) -> u8 {
 }
 
 /// Compiles a config for a node whose own addresses are `host_addrs` (where
-/// NodePorts are translated). Never fails: problems are collected in
-/// `Tables::problems`.
-pub(crate) fn compile(spec: &NodeAgentConfigSpec, host_addrs: &[IpAddr]) -> Tables {
+/// NodePorts are translated), within the kernel's `capacity`. Never fails:
+/// problems are collected in `Tables::problems`.
+///
+/// When the rules do not fit, whole policies are left out, in the reverse
+/// of their precedence (Audit before Enforce, newer before older): the
+/// longest run of policies in precedence order that fits is kept, then each
+/// later policy that still fits on its own (up to [`FIT_ATTEMPTS`]). The
+/// rest are reported, and everything else applies: a table that is full
+/// never holds back a new pod or an unrelated policy.
+pub(crate) fn compile(
+    spec: &NodeAgentConfigSpec,
+    host_addrs: &[IpAddr],
+    capacity: Capacity,
+) -> Tables {
+    let all = compile_without(spec, host_addrs, &HashSet::new());
+    let Some((table, needed, cap)) = all.overflow(capacity) else {
+        return all;
+    };
+    let order = precedence(spec);
+    let without = |kept: &[&PolicyRef]| -> HashSet<(&str, &str)> {
+        let kept: HashSet<(&str, &str)> = kept.iter().map(|p| policy_key(p)).collect();
+        order
+            .iter()
+            .map(|p| policy_key(p))
+            .filter(|k| !kept.contains(k))
+            .collect()
+    };
+    // The longest fitting run, by bisection (no policy always fits).
+    let (mut lo, mut hi) = (0usize, order.len());
+    let mut best = compile_without(spec, host_addrs, &without(&[]));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        let t = compile_without(spec, host_addrs, &without(&order[..mid]));
+        if t.overflow(capacity).is_none() {
+            lo = mid;
+            best = t;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let mut kept: Vec<&PolicyRef> = order[..lo].to_vec();
+    let mut left_out = Vec::new();
+    let mut attempts = 0;
+    for (i, p) in order.iter().enumerate().skip(lo) {
+        // Policy `lo` is known not to fit after the run.
+        if i > lo && attempts < FIT_ATTEMPTS {
+            attempts += 1;
+            kept.push(p);
+            let t = compile_without(spec, host_addrs, &without(&kept));
+            if t.overflow(capacity).is_none() {
+                best = t;
+                continue;
+            }
+            kept.pop();
+        }
+        left_out.push(format!("{}/{}", p.namespace, p.name));
+    }
+    best.problems.push(Problem::PolicyTableFull {
+        table,
+        needed,
+        capacity: cap,
+        left_out,
+    });
+    best
+}
+
+/// Policies tried one by one after the longest fitting run.
+const FIT_ATTEMPTS: usize = 16;
+
+fn policy_key(p: &PolicyRef) -> (&str, &str) {
+    (p.namespace.as_str(), p.name.as_str())
+}
+
+/// The policies of the config's rules, the one to keep first first:
+/// Enforce before Audit, then by the operator's priority (older first),
+/// then by name.
+fn precedence(spec: &NodeAgentConfigSpec) -> Vec<&PolicyRef> {
+    let mut rank: HashMap<(&str, &str), (bool, u64, &PolicyRef)> = HashMap::new();
+    for r in &spec.rules {
+        let e = rank
+            .entry(policy_key(&r.policy))
+            .or_insert((true, u64::MAX, &r.policy));
+        e.0 &= r.mode != PolicyMode::Enforce;
+        e.1 = e.1.min(r.priority);
+    }
+    let mut order: Vec<_> = rank.into_iter().collect();
+    order.sort_by_key(|&((namespace, name), (audit, priority, _))| {
+        (audit, priority, namespace, name)
+    });
+    order.into_iter().map(|(_, (_, _, p))| p).collect()
+}
+
+/// What a rule's peers are, as an address set of the node.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum PeerSet<'a> {
+    Any,
+    Named(&'a str),
+}
+
+/// [`compile`] without the rules of the policies `left_out`.
+fn compile_without(
+    spec: &NodeAgentConfigSpec,
+    host_addrs: &[IpAddr],
+    left_out: &HashSet<(&str, &str)>,
+) -> Tables {
     let mut t = Tables::default();
     let sets = address_sets(spec, &mut t.problems);
     let ids = number_endpoints(spec, &mut t);
-    let per_endpoint = rules_per_endpoint(spec, &ids, &mut t.problems);
+    let per_endpoint = rules_per_endpoint(spec, &ids, left_out, &mut t.problems);
 
     let mut reported_sets = BTreeSet::new();
     let mut info: HashMap<u32, EndpointInfo> = HashMap::new();
-    // Endpoints with the same rule list share the computed LPM contents.
-    let mut cache: HashMap<Vec<&str>, LpmContents> = HashMap::new();
+    let mut ranked = Vec::with_capacity(per_endpoint.len());
+    // The sets the rules in force name: only those are in the kernel.
+    let mut used: BTreeSet<PeerSet> = BTreeSet::new();
     for ((id, dir), rules) in per_endpoint {
         let rules = rank_rules(rules, id, dir, &mut t);
         let rules_info = assign_slots(&rules, id, dir, &mut t);
-        let signature: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
-        let (peers, ports) = cache
-            .entry(signature)
-            .or_insert_with(|| lpm_contents(&rules, &sets))
-            .clone();
         for r in &rules {
-            if !r.any_peer
-                && let Some(name) = &r.address_set
-                && !sets.contains_key(name.as_str())
-                && reported_sets.insert(name.clone())
+            let Some(set) = peer_set(r) else {
+                continue;
+            };
+            if let PeerSet::Named(name) = set
+                && !sets.contains_key(name)
             {
-                t.problems.push(Problem::UnknownAddressSet {
-                    rule: r.id.clone(),
-                    set: name.clone(),
-                });
+                // Matches no peer.
+                if reported_sets.insert(name.to_owned()) {
+                    t.problems.push(Problem::UnknownAddressSet {
+                        rule: r.id.clone(),
+                        set: name.to_owned(),
+                    });
+                }
+                continue;
             }
+            used.insert(set);
         }
-        t.peers
-            .extend(peers.into_iter().map(|(p, m)| (dir, id, p, m)));
-        t.ports
-            .extend(ports.into_iter().map(|(p, m)| (dir, id, p, m)));
         let e = info.entry(id).or_insert(EndpointInfo {
             id,
             ..Default::default()
@@ -192,14 +375,50 @@ pub(crate) fn compile(spec: &NodeAgentConfigSpec, host_addrs: &[IpAddr]) -> Tabl
             e.ingress = rules_info;
             e.flags |= ENDPOINT_POLICY_INGRESS;
         }
+        ranked.push((id, dir, rules));
+    }
+    let all = [AddrEntry {
+        cidr: AddrPrefix::new(0, 0),
+        except: Vec::new(),
+    }];
+    let used: Vec<PeerSet> = used.into_iter().collect();
+    let entries: Vec<&[AddrEntry]> = used
+        .iter()
+        .map(|s| match s {
+            PeerSet::Any => &all[..],
+            PeerSet::Named(name) => sets[name].as_slice(),
+        })
+        .collect();
+    let classes = prefix::peer_classes(&entries);
+    let classes_of = classes.classes_of_sets(used.len());
+    let index: HashMap<PeerSet, usize> = used.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    t.peer_classes = classes.entries;
+    // Endpoints with the same rule list share the computed contents.
+    let mut cache: HashMap<Vec<&str>, RuleContents> = HashMap::new();
+    for (id, dir, rules) in ranked {
+        let signature: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+        let (class_masks, ports) = cache
+            .entry(signature)
+            .or_insert_with(|| rule_contents(&rules, &index, &classes_of));
+        t.class_rules
+            .extend(class_masks.iter().map(|&(c, m)| (dir, id, c, m)));
+        t.ports.extend(ports.iter().map(|&(p, m)| (dir, id, p, m)));
     }
     endpoint_entries(&mut t, info);
     t.services = services::compile(spec, host_addrs, &mut t.problems);
     t
 }
 
-/// The LPM contents of one endpoint and direction: peers, then ports.
-type LpmContents = (Vec<(AddrPrefix, u64)>, Vec<(PortPrefix, u64)>);
+fn peer_set(r: &BlockRule) -> Option<PeerSet<'_>> {
+    if r.any_peer {
+        Some(PeerSet::Any)
+    } else {
+        r.address_set.as_deref().map(PeerSet::Named)
+    }
+}
+
+/// The class rule and port entries of one endpoint and direction.
+type RuleContents = (Vec<(u32, u64)>, Vec<(PortPrefix, u64)>);
 
 /// Address sets by name; entries that do not parse are problems.
 fn address_sets<'a>(
@@ -278,10 +497,14 @@ fn number_endpoints(spec: &NodeAgentConfigSpec, t: &mut Tables) -> HashMap<Strin
 fn rules_per_endpoint<'a>(
     spec: &'a NodeAgentConfigSpec,
     ids: &HashMap<String, u32>,
+    left_out: &HashSet<(&str, &str)>,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<(u32, u8), Vec<&'a BlockRule>> {
     let mut per_endpoint: BTreeMap<(u32, u8), Vec<&BlockRule>> = BTreeMap::new();
     for rule in &spec.rules {
+        if left_out.contains(&policy_key(&rule.policy)) {
+            continue;
+        }
         for ep in &rule.endpoints {
             match ids.get(ep) {
                 Some(&id) => per_endpoint
@@ -368,28 +591,22 @@ fn assign_slots(rules: &[&BlockRule], id: u32, dir: u8, t: &mut Tables) -> Direc
     rules_info
 }
 
-/// The peer and port LPM entries of a slot-ordered rule list.
-fn lpm_contents(rules: &[&BlockRule], sets: &HashMap<&str, Vec<AddrEntry>>) -> LpmContents {
-    let all = [AddrEntry {
-        cidr: AddrPrefix::new(0, 0),
-        except: Vec::new(),
-    }];
-    let empty: [AddrEntry; 0] = [];
-    let peer_slots: Vec<(u8, &[AddrEntry])> = rules
-        .iter()
-        .enumerate()
-        .map(|(slot, r)| {
-            let entries: &[AddrEntry] = if r.any_peer {
-                &all
-            } else {
-                match r.address_set.as_deref().and_then(|n| sets.get(n)) {
-                    Some(e) => e.as_slice(),
-                    None => &empty,
-                }
-            };
-            (slot as u8, entries)
-        })
-        .collect();
+/// The class rule and port LPM entries of a slot-ordered rule list:
+/// `classes_of[index[set]]` are the classes that hold each set.
+fn rule_contents(
+    rules: &[&BlockRule],
+    index: &HashMap<PeerSet, usize>,
+    classes_of: &[Vec<u32>],
+) -> RuleContents {
+    let mut masks: BTreeMap<u32, u64> = BTreeMap::new();
+    for (slot, r) in rules.iter().enumerate() {
+        let Some(&i) = peer_set(r).and_then(|s| index.get(&s)) else {
+            continue;
+        };
+        for &class in &classes_of[i] {
+            *masks.entry(class).or_default() |= 1u64 << slot;
+        }
+    }
     let spans: Vec<Vec<PortSpan>> = rules
         .iter()
         .map(|r| {
@@ -409,7 +626,7 @@ fn lpm_contents(rules: &[&BlockRule], sets: &HashMap<&str, Vec<AddrEntry>>) -> L
         .filter(|(_, s)| !s.is_empty())
         .map(|(slot, s)| (slot as u8, s.as_slice()))
         .collect();
-    (peer_masks(&peer_slots), port_masks(&port_slots))
+    (masks.into_iter().collect(), port_masks(&port_slots))
 }
 
 /// The kernel's endpoint entries: one per address of every endpoint that is
@@ -472,7 +689,7 @@ rules:
 
     #[test]
     fn endpoints_get_flags_and_one_entry_per_ip() {
-        let t = compile(&spec(BASE), &[]);
+        let t = compile(&spec(BASE), &[], Capacity::UNLIMITED);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
         let client: Vec<_> = t.endpoints.iter().filter(|(_, i)| i.id == 1).collect();
         assert_eq!(client.len(), 2, "IPv4 and IPv6 entries");
@@ -490,19 +707,23 @@ rules:
     }
 
     #[test]
-    fn peers_and_ports_are_scoped_to_their_endpoint() {
-        let t = compile(&spec(BASE), &[]);
-        let client_peers: Vec<_> = t
-            .peers
-            .iter()
-            .filter(|(d, id, _, _)| *d == DIRECTION_EGRESS && *id == 1)
-            .collect();
-        assert_eq!(client_peers.len(), 3, "/32, /16 and the except /24");
-        let except = client_peers
-            .iter()
-            .find(|(_, _, p, _)| p.len == 96 + 24)
-            .unwrap();
-        assert_eq!(except.3, 0);
+    fn peer_classes_are_shared_and_rules_are_scoped_to_their_endpoint() {
+        let t = compile(&spec(BASE), &[], Capacity::UNLIMITED);
+        // The sets in use: any peer (q) and dbs (p).
+        let classes: Vec<(u8, u32)> = t.peer_classes.iter().map(|(p, c)| (p.len, *c)).collect();
+        assert_eq!(
+            classes,
+            vec![(0, 1), (128, 2), (96 + 16, 2), (96 + 24, 1)],
+            "::/0 is any peer; 10.0.0.2 and 10.9/16 are also dbs; the except /24 only any peer"
+        );
+        assert_eq!(
+            t.class_rules,
+            vec![
+                (DIRECTION_EGRESS, 1, 2, 1),
+                (DIRECTION_INGRESS, 2, 1, 1),
+                (DIRECTION_INGRESS, 2, 2, 1),
+            ]
+        );
         let ports: Vec<_> = t.ports.iter().filter(|(_, id, _, _)| *id == 1).collect();
         assert_eq!(ports.len(), 1);
         assert_eq!(
@@ -514,13 +735,129 @@ rules:
             ),
             (6, 5432, 16, 1)
         );
-        let db_peers: Vec<_> = t.peers.iter().filter(|(_, id, _, _)| *id == 2).collect();
-        assert_eq!(db_peers.len(), 1);
-        assert_eq!(
-            (db_peers[0].0, db_peers[0].2.len, db_peers[0].3),
-            (DIRECTION_INGRESS, 0, 1)
-        );
         assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 0)].policy, "p");
+    }
+
+    /// 100 local pods with a rule each to the same 1,000 peers: the kernel
+    /// holds the peers once (the old per-endpoint layout held 100,000).
+    #[test]
+    fn tables_grow_with_distinct_peers_not_endpoints_times_peers() {
+        let mut s = spec(BASE);
+        let template_ep = s.endpoints[0].clone();
+        s.endpoints.clear();
+        for i in 0..100 {
+            let mut e = template_ep.clone();
+            e.pod = format!("c{i}");
+            e.uid = format!("u{i}");
+            e.ips = vec![format!("10.1.0.{i}")];
+            s.endpoints.push(e);
+        }
+        s.address_sets[0].entries = (0..1000)
+            .map(|i| flowlens_api::node_agent_config::CidrEntry {
+                cidr: format!("10.2.{}.{}/32", i / 256, i % 256),
+                except: vec![],
+            })
+            .collect();
+        s.rules.truncate(1);
+        s.rules[0].endpoints = (0..100).map(|i| format!("a/c{i}")).collect();
+        let t = compile(&s, &[], Capacity::UNLIMITED);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert_eq!(t.peer_classes.len(), 1000);
+        assert_eq!(
+            t.class_rules.len(),
+            100,
+            "one class, one entry per endpoint"
+        );
+    }
+
+    /// Three policies; the tables hold two of them. The newest Enforce
+    /// policy is left out, the older ones and a new pod's rules apply.
+    #[test]
+    fn a_full_table_leaves_out_whole_policies_and_applies_the_rest() {
+        let mut s = spec(BASE);
+        let template = s.rules[0].clone();
+        s.rules.clear();
+        s.policies.clear();
+        s.address_sets[0].entries = (0..40)
+            .map(|i| flowlens_api::node_agent_config::CidrEntry {
+                cidr: format!("10.2.0.{i}/32"),
+                except: vec![],
+            })
+            .collect();
+        s.address_sets
+            .push(flowlens_api::node_agent_config::AddressSet {
+                name: "small".into(),
+                entries: vec![flowlens_api::node_agent_config::CidrEntry {
+                    cidr: "10.3.0.0/16".into(),
+                    except: vec![],
+                }],
+            });
+        for (name, priority, set) in [
+            ("old", 0, "small"),
+            ("big", 10, "dbs"),
+            ("new", 20, "small"),
+        ] {
+            let mut r = template.clone();
+            r.id = format!("a/{name}/egress/0");
+            r.policy.name = name.into();
+            r.priority = priority;
+            r.address_set = Some(set.into());
+            s.policies.push(r.policy.clone());
+            s.rules.push(r);
+        }
+        let cap = Capacity {
+            peer_classes: 20,
+            class_rules: 20,
+            ports: 20,
+        };
+        let t = compile(&s, &[], cap);
+        match &t.problems[..] {
+            [
+                Problem::PolicyTableFull {
+                    table,
+                    needed,
+                    capacity,
+                    left_out,
+                },
+            ] => {
+                assert_eq!((*table, *needed, *capacity), ("peer class", 41, 20));
+                assert_eq!(left_out, &["a/big".to_owned()]);
+            }
+            p => panic!("{p:?}"),
+        }
+        let kept: BTreeSet<&str> = t.slots.values().map(|r| r.policy.as_str()).collect();
+        assert_eq!(
+            kept,
+            BTreeSet::from(["new", "old"]),
+            "the later small policy still fits"
+        );
+        assert_eq!(t.peer_classes.len(), 1);
+        assert!(t.problems[0].to_string().contains("a/big"));
+
+        // A new pod the kept policies select gets their rules.
+        let mut pod = s.endpoints[0].clone();
+        pod.pod = "client-2".into();
+        pod.uid = "u9".into();
+        pod.ips = vec!["10.0.0.9".into()];
+        s.endpoints.push(pod);
+        for r in &mut s.rules {
+            r.endpoints.push("a/client-2".into());
+        }
+        let t = compile(&s, &[], cap);
+        let id = t
+            .endpoint_refs
+            .iter()
+            .find(|e| e.key == "a/client-2")
+            .unwrap()
+            .id;
+        assert!(
+            t.class_rules
+                .iter()
+                .any(|&(_, e, _, m)| e == id && m == 0b11)
+        );
+        assert!(
+            matches!(&t.problems[..], [Problem::PolicyTableFull { left_out, .. }] if left_out == &["a/big".to_owned()])
+        );
     }
 
     #[test]
@@ -538,7 +875,7 @@ rules:
             };
             s.rules.push(r);
         }
-        let t = compile(&s, &[]);
+        let t = compile(&s, &[], Capacity::UNLIMITED);
         let client = t.endpoints.iter().find(|(_, i)| i.id == 1).unwrap().1;
         assert_eq!(
             client.egress.enforce_mask.count_ones(),
@@ -576,7 +913,7 @@ rules:
                 s.rules.push(r);
             }
         }
-        let t = compile(&s, &[]);
+        let t = compile(&s, &[], Capacity::UNLIMITED);
         assert!(
             (0..64).all(|slot| t.slots[&(1, DIRECTION_EGRESS, slot)].policy == "z-old"),
             "the older policy keeps every slot"
@@ -609,7 +946,7 @@ rules:
             r.id = format!("a/p/egress/{i}");
             s.rules.push(r);
         }
-        let t = compile(&s, &[]);
+        let t = compile(&s, &[], Capacity::UNLIMITED);
         assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 2)].rule_id, "a/p/egress/2");
         assert_eq!(t.slots[&(1, DIRECTION_EGRESS, 10)].rule_id, "a/p/egress/10");
         match &t.problems[..] {
@@ -637,23 +974,31 @@ rules:
                 except: vec![],
             });
         s.endpoints[2].ips.push("not-an-ip".into());
-        let t = compile(&s, &[]);
+        let t = compile(&s, &[], Capacity::UNLIMITED);
         assert_eq!(t.problems.len(), 4, "{:?}", t.problems);
-        // The rule with a missing set matches no peer: no peer entries for it.
-        assert!(t.peers.iter().all(|(_, id, _, m)| *id != 1 || *m == 0));
+        // The rule with a missing set matches no peer: no entries for it.
+        assert!(t.class_rules.iter().all(|(_, id, _, _)| *id != 1));
     }
 
     #[test]
     fn identical_rule_lists_compile_once_and_replicate() {
         let mut s = spec(BASE);
         s.rules[1].endpoints = vec!["a/db".into(), "a/idle".into()];
-        let t = compile(&s, &[]);
+        let t = compile(&s, &[], Capacity::UNLIMITED);
         let ingress: Vec<_> = t
-            .peers
+            .class_rules
             .iter()
             .filter(|(d, _, _, _)| *d == DIRECTION_INGRESS)
             .collect();
-        assert_eq!(ingress.len(), 2);
-        assert_ne!(ingress[0].1, ingress[1].1);
+        // Any peer is in both classes (with and without dbs).
+        let of = |id: u32| -> Vec<(u32, u64)> {
+            ingress
+                .iter()
+                .filter(|r| r.1 == id)
+                .map(|r| (r.2, r.3))
+                .collect()
+        };
+        assert_eq!(of(2), vec![(1, 1), (2, 1)]);
+        assert_eq!(of(2), of(3));
     }
 }

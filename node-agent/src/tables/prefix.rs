@@ -12,6 +12,7 @@ use std::{
     net::IpAddr,
 };
 
+use flowlens_agent_common::NO_CLASS;
 use ipnet::IpNet;
 
 /// A prefix of the 128-bit address space; IPv4 is IPv4-mapped
@@ -98,38 +99,69 @@ enum Tag {
     Exclude,
 }
 
-/// LPM entries for slots `(slot, entries)`: for every address `a`, the mask of
-/// the longest returned prefix containing `a` is exactly the set of slots
-/// whose entries contain `a`; addresses outside every returned prefix match
-/// no slot.
-pub(crate) fn peer_masks(slots: &[(u8, &[AddrEntry])]) -> Vec<(AddrPrefix, u64)> {
-    // prefix -> (entry id, slot, tag)
-    let mut tags: HashMap<AddrPrefix, Vec<(usize, u8, Tag)>> = HashMap::new();
+/// The peer classes of some address sets, as LPM entries.
+///
+/// A class is one combination of sets: `members[c - 1]` lists the indices
+/// (into the `sets` given) of the sets in class `c`. For every address `a`,
+/// the class of the longest entry containing `a` is the one whose members
+/// are exactly the sets containing `a`; addresses outside every entry, and
+/// entries of class [`NO_CLASS`] (holes carved by `except`), are in no set.
+/// Classes are numbered in the order of the sorted entries, so the same
+/// sets always give the same numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PeerClasses {
+    pub entries: Vec<(AddrPrefix, u32)>,
+    pub members: Vec<Vec<u32>>,
+}
+
+impl PeerClasses {
+    /// The classes that contain set `set`, for each set `0..sets`.
+    pub(crate) fn classes_of_sets(&self, sets: usize) -> Vec<Vec<u32>> {
+        let mut out = vec![Vec::new(); sets];
+        for (i, m) in self.members.iter().enumerate() {
+            for &s in m {
+                if let Some(v) = out.get_mut(s as usize) {
+                    v.push(i as u32 + 1);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// See [`PeerClasses`].
+pub(crate) fn peer_classes(sets: &[&[AddrEntry]]) -> PeerClasses {
+    // prefix -> (entry id, set, tag)
+    let mut tags: HashMap<AddrPrefix, Vec<(usize, u32, Tag)>> = HashMap::new();
     let mut entry_id = 0usize;
-    for (slot, entries) in slots {
+    for (set, entries) in sets.iter().enumerate() {
         for e in entries.iter() {
             tags.entry(e.cidr)
                 .or_default()
-                .push((entry_id, *slot, Tag::Include));
+                .push((entry_id, set as u32, Tag::Include));
             for x in &e.except {
                 if e.cidr.contains(x) {
                     tags.entry(*x)
                         .or_default()
-                        .push((entry_id, *slot, Tag::Exclude));
+                        .push((entry_id, set as u32, Tag::Exclude));
                 }
             }
             entry_id += 1;
         }
     }
     let lengths: BTreeSet<u8> = tags.keys().map(|p| p.len).collect();
-    let mut out = Vec::with_capacity(tags.len());
-    for p in tags.keys() {
-        // entry id -> (slot, included, excluded) over ancestors-or-self of p.
-        let mut state: BTreeMap<usize, (u8, bool, bool)> = BTreeMap::new();
+    let mut prefixes: Vec<AddrPrefix> = tags.keys().copied().collect();
+    prefixes.sort();
+    let mut out = PeerClasses::default();
+    let mut class_of: HashMap<Vec<u32>, u32> = HashMap::new();
+    out.entries.reserve(prefixes.len());
+    for p in prefixes {
+        // entry id -> (set, included, excluded) over ancestors-or-self of p.
+        let mut state: BTreeMap<usize, (u32, bool, bool)> = BTreeMap::new();
         for &l in lengths.range(..=p.len) {
             if let Some(ts) = tags.get(&p.truncate(l)) {
-                for &(id, slot, tag) in ts {
-                    let s = state.entry(id).or_insert((slot, false, false));
+                for &(id, set, tag) in ts {
+                    let s = state.entry(id).or_insert((set, false, false));
                     match tag {
                         Tag::Include => s.1 = true,
                         Tag::Exclude => s.2 = true,
@@ -137,13 +169,23 @@ pub(crate) fn peer_masks(slots: &[(u8, &[AddrEntry])]) -> Vec<(AddrPrefix, u64)>
                 }
             }
         }
-        let mask = state
+        let members: BTreeSet<u32> = state
             .values()
             .filter(|(_, inc, exc)| *inc && !*exc)
-            .fold(0u64, |m, (slot, _, _)| m | (1u64 << slot));
-        out.push((*p, mask));
+            .map(|(set, _, _)| *set)
+            .collect();
+        let class = if members.is_empty() {
+            NO_CLASS
+        } else {
+            let members: Vec<u32> = members.into_iter().collect();
+            let next = out.members.len() as u32 + 1;
+            *class_of.entry(members).or_insert_with_key(|m| {
+                out.members.push(m.clone());
+                next
+            })
+        };
+        out.entries.push((p, class));
     }
-    out.sort();
     out
 }
 
@@ -238,6 +280,25 @@ mod tests {
 
     fn ip(s: &str) -> AddrPrefix {
         AddrPrefix::host(s.parse().unwrap())
+    }
+
+    /// The slot masks the kernel finds for each entry, where slot `i`
+    /// names set `i` (the class, then the slots of its sets).
+    fn peer_masks(slots: &[(u8, &[AddrEntry])]) -> Vec<(AddrPrefix, u64)> {
+        let sets: Vec<&[AddrEntry]> = slots.iter().map(|(_, e)| *e).collect();
+        let c = peer_classes(&sets);
+        c.entries
+            .iter()
+            .map(|&(p, class)| {
+                let mask = match class {
+                    NO_CLASS => 0,
+                    c2 => c.members[c2 as usize - 1]
+                        .iter()
+                        .fold(0u64, |m, &set| m | (1 << slots[set as usize].0)),
+                };
+                (p, mask)
+            })
+            .collect()
     }
 
     /// What the kernel's LPM lookup would return for `a`.
@@ -388,5 +449,26 @@ mod tests {
         }
         assert_eq!(look(17, 53), 0b10);
         assert_eq!(look(17, 1500), 0);
+    }
+
+    /// Pods of two teams, chosen by two overlapping selectors: one entry
+    /// per pod address and one class per combination, however many rules
+    /// or endpoints use the sets.
+    #[test]
+    fn classes_grow_with_combinations_not_with_addresses() {
+        let host = |i: u32| {
+            entry(
+                &format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255),
+                &[],
+            )
+        };
+        let team_a: Vec<AddrEntry> = (0..500).map(host).collect();
+        let everyone: Vec<AddrEntry> = (0..1000).map(host).collect();
+        let c = peer_classes(&[&team_a, &everyone, &team_a]);
+        assert_eq!(c.entries.len(), 1000);
+        assert_eq!(c.members, vec![vec![0, 1, 2], vec![1]]);
+        assert_eq!(c.classes_of_sets(3), vec![vec![1], vec![1, 2], vec![1]]);
+        let again = peer_classes(&[&team_a, &everyone, &team_a]);
+        assert_eq!(c, again, "numbering is deterministic");
     }
 }
