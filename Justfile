@@ -132,6 +132,11 @@ bench: setup up
     cargo bench -p flowlens-operator --bench compile
     # Propagation against the local API server: 1,000 pods on 20 nodes.
     {{target}}/release/flowlens-bench propagation
+    # Issue 12's sizes (docs/benchmarks.md says what today's layout does there).
+    {{target}}/release/flowlens-bench scale --nodes 100 --pods 5000 --policies 50 --shape namespace-wide
+    {{target}}/release/flowlens-bench scale --nodes 100 --pods 5000 --policies 50 --shape app-scoped
+    {{target}}/release/flowlens-bench scale --nodes 1000 --pods 50000 --policies 500 --shape namespace-wide --dual-stack
+    {{target}}/release/flowlens-bench scale --nodes 1000 --pods 50000 --policies 500 --shape app-scoped --dual-stack
     # Datapath, side by side: nothing attached, a minimal TC program, nftables
     # per-flow counters, conntrack accounting, Flowlens, Flowlens + 10,000 rules.
     {{target}}/release/flowlens-bench datapath --rounds 7 --seconds 4

@@ -444,3 +444,50 @@ async fn an_invalid_edit_keeps_the_valid_spec_in_force_across_an_operator_restar
     drop(op);
     t.cleanup().await;
 }
+
+/// `flowlens-bench scale` at a reduced size (`just bench` runs the full
+/// size): it runs against the API server and a real operator, every config
+/// is written once, and what it prints holds together.
+#[test]
+fn the_scale_benchmark_runs_at_a_reduced_size() {
+    let out = std::process::Command::new(flowlens_e2e::process::workspace_bin("flowlens-bench"))
+        .args([
+            "scale",
+            "--nodes",
+            "10",
+            "--pods",
+            "400",
+            "--policies",
+            "10",
+            "--ip-changes",
+            "3",
+            "--dual-stack",
+            "--json",
+        ])
+        .output()
+        .expect("flowlens-bench (cargo build --workspace --bins)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(r["settled"], true, "{r}");
+    assert_eq!(r["failed_reconciles"], 0, "{r}");
+    assert!(num("max_object_bytes") > 1000.0, "{r}");
+    // The pod's own node's config carries the new IP at least.
+    assert!(num("configs_per_pod_ip_change") >= 1.0, "{r}");
+    assert!(
+        num("bytes_per_pod_ip_change") >= num("max_object_bytes") / 10.0,
+        "{r}"
+    );
+    assert!(num("bytes_per_policy_applied") > 0.0, "{r}");
+    assert!(
+        num("propagation_p99_ms") >= num("propagation_p50_ms"),
+        "{r}"
+    );
+    assert!(
+        num("operator_rss_mb") > 0.0 && num("full_compile_ms") >= 0.0,
+        "{r}"
+    );
+}
