@@ -461,6 +461,8 @@ fn the_scale_benchmark_runs_at_a_reduced_size() {
             "10",
             "--ip-changes",
             "3",
+            "--idle-seconds",
+            "5",
             "--dual-stack",
             "--json",
         ])

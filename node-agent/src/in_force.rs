@@ -20,8 +20,6 @@ use crate::{
     tables,
 };
 
-/// Endpoints named in problems, at most.
-const PODS_NAMED: usize = 5;
 /// Links listed in status, at most.
 pub(crate) const LINKS_LISTED: usize = 256;
 
@@ -150,7 +148,7 @@ pub(crate) fn policies_in_force(
                     "{} rule(s) left out of the kernel (more than {} rules on a pod): {}",
                     left_out.len(),
                     tables::MAX_SLOTS,
-                    named(&left_out)
+                    tables::named(&left_out)
                 ),
             ))
         } else if !unattached.is_empty() {
@@ -159,7 +157,7 @@ pub(crate) fn policies_in_force(
                 format!(
                     "the kernel does not show the programs attached for {} selected pod(s): {}",
                     unattached.len(),
-                    named(&unattached)
+                    tables::named(&unattached)
                 ),
             ))
         } else if !missing.is_empty() {
@@ -168,7 +166,7 @@ pub(crate) fn policies_in_force(
                 format!(
                     "no interface routes to {} selected pod(s) yet: {}",
                     missing.len(),
-                    named(&missing)
+                    tables::named(&missing)
                 ),
             ))
         } else {
@@ -184,19 +182,6 @@ pub(crate) fn policies_in_force(
         }
     }
     (in_force, not)
-}
-
-fn named(pods: &[&str]) -> String {
-    let mut s = pods
-        .iter()
-        .take(PODS_NAMED)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if pods.len() > PODS_NAMED {
-        s.push_str(", ...");
-    }
-    s
 }
 
 #[cfg(test)]

@@ -122,6 +122,9 @@ pub struct Context {
     >,
     pub policy_statuses:
         crate::status_apply::StatusMemory<flowlens_api::flow_policy::FlowPolicyStatus>,
+    /// When each policy's status was last written (rollout progress is
+    /// coalesced).
+    pub policy_progress: crate::policy_status::ProgressThrottle,
     pub recorder: Recorder,
     pub triggers: Triggers,
 }

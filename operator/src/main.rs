@@ -459,6 +459,7 @@ fn new_context(
             s.last_window.as_ref().map(|w| w.end.0.as_second())
         }),
         policy_statuses: StatusMemory::new(|s| s.counted_until.as_ref().map(|t| t.0.as_second())),
+        policy_progress: Default::default(),
         triggers,
     })
 }

@@ -5,9 +5,9 @@
 //! names the nodes and pods where enforcement is partial.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use flowlens_api::{
@@ -127,6 +127,61 @@ pub(crate) fn policy_status(
         nodes: format!("{}/{targeted}", nodes.enforcing.len()),
     });
     s
+}
+
+/// Rollout progress ("k of N nodes") is written at most this often per
+/// policy. Flips of a condition, new counts and the end of a rollout are
+/// written at once.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Policies remembered by [`ProgressThrottle`], at most (beyond, it
+/// forgets: a write comes a little early).
+const PROGRESS_REMEMBERED: usize = 100_000;
+
+/// Whether `after` differs from `before` only in rollout progress: how many
+/// nodes enforce, and the message of an Enforced condition whose status and
+/// reason stay the same.
+pub(crate) fn progress_only(before: &FlowPolicyStatus, after: &FlowPolicyStatus) -> bool {
+    let mut a = after.clone();
+    a.nodes = before.nodes.clone();
+    a.summary = before.summary.clone();
+    if let (Some(b), Some(c)) = (
+        conditions::get(&before.conditions, conditions::ENFORCED),
+        a.conditions
+            .iter_mut()
+            .find(|c| c.type_ == conditions::ENFORCED),
+    ) && b.status == c.status
+        && b.reason == c.reason
+    {
+        c.message = b.message.clone();
+    }
+    a == *before
+}
+
+/// When each policy's status was last written, to space out writes of
+/// rollout progress.
+#[derive(Default)]
+pub struct ProgressThrottle {
+    written: Mutex<HashMap<String, Instant>>,
+}
+
+impl ProgressThrottle {
+    /// How long a progress-only write of `uid` must wait, if at all.
+    pub(crate) fn wait(&self, uid: &str, now: Instant) -> Option<Duration> {
+        let m = self.written.lock().expect("progress throttle lock");
+        let last = *m.get(uid)?;
+        PROGRESS_INTERVAL
+            .checked_sub(now.saturating_duration_since(last))
+            .filter(|d| !d.is_zero())
+    }
+
+    pub(crate) fn wrote(&self, uid: &str, now: Instant) {
+        let mut m = self.written.lock().expect("progress throttle lock");
+        if m.len() >= PROGRESS_REMEMBERED && !m.contains_key(uid) {
+            m.clear();
+        }
+        m.insert(uid.to_owned(), now);
+    }
 }
 
 /// Ready: the spec is valid and compiled.
@@ -311,11 +366,20 @@ async fn reconcile(policy: Arc<FlowPolicy>, ctx: Arc<Context>) -> Result<Action>
     let counts = ctx.policy_results.pending(&key);
     write_policy_counts(&counts, &mut status);
     if status != current {
+        // During a rollout every node's acknowledgement changes "k of N":
+        // written at most every PROGRESS_INTERVAL, the rest coalesced.
+        if progress_only(&current, &status)
+            && let Some(wait) = ctx.policy_progress.wait(&uid, Instant::now())
+        {
+            ctx.metrics.reconciled(CONTROLLER, started);
+            return Ok(Action::requeue(wait));
+        }
         publish_transitions(&ctx, &policy, &current, &status).await;
         let api: Api<FlowPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         apply_status(&api, &name, &status, &ctx.metrics, "flowpolicies/status").await?;
         tracing::debug!(before = ?current, after = ?status, "wrote FlowPolicy status");
         ctx.policy_statuses.wrote(&uid, status);
+        ctx.policy_progress.wrote(&uid, Instant::now());
     }
     if let Some(last) = counts.last() {
         ctx.policy_results.committed(&key, last.end);
@@ -689,6 +753,52 @@ mod tests {
             d.message
         );
         assert_eq!(get(&q.conditions, "Enforced").unwrap().status, "False");
+    }
+
+    /// Three of four nodes acknowledge one by one, then the fourth: the
+    /// middle steps are progress only, the last flips Enforced.
+    #[test]
+    fn rollout_steps_are_progress_only_until_enforced_flips() {
+        let nodes = ["n1", "n2", "n3", "n4"];
+        let mut cfgs: Vec<Arc<NodeAgentConfig>> = nodes.iter().map(|n| nac(n, &[], None)).collect();
+        let mut current = FlowPolicyStatus::default();
+        let mut steps = Vec::new();
+        for i in 0..=nodes.len() {
+            if i > 0 {
+                cfgs[i - 1] = nac(nodes[i - 1], &[("shop", "p", "rev1")], None);
+            }
+            let next = policy_status(
+                "shop",
+                "p",
+                &view(&nodes),
+                &configs(cfgs.clone()),
+                &current,
+                Timestamp::now(),
+            );
+            steps.push(progress_only(&current, &next));
+            current = next;
+        }
+        assert_eq!(steps, vec![false, true, true, true, false]);
+        assert_eq!(get(&current.conditions, "Enforced").unwrap().status, "True");
+
+        // New counts are never held back.
+        let mut counted = current.clone();
+        counted.blocked = Some(Default::default());
+        assert!(!progress_only(&current, &counted));
+    }
+
+    #[test]
+    fn progress_is_written_at_most_every_interval() {
+        let t = ProgressThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.wait("a", t0), None, "never written");
+        t.wrote("a", t0);
+        assert_eq!(
+            t.wait("a", t0 + Duration::from_millis(500)),
+            Some(PROGRESS_INTERVAL - Duration::from_millis(500))
+        );
+        assert_eq!(t.wait("a", t0 + PROGRESS_INTERVAL), None);
+        assert_eq!(t.wait("b", t0), None, "per policy");
     }
 
     #[test]

@@ -132,18 +132,19 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// Policies named in a problem, at most.
-const POLICIES_NAMED: usize = 5;
+/// Pods or policies named in a problem, at most.
+const NAMED: usize = 5;
 
-fn named(items: &[String]) -> String {
+/// `a, b, c, d, e and 3 more`: a list for a problem's message.
+pub(crate) fn named<S: AsRef<str>>(items: &[S]) -> String {
     let mut s = items
         .iter()
-        .take(POLICIES_NAMED)
-        .cloned()
+        .take(NAMED)
+        .map(AsRef::as_ref)
         .collect::<Vec<_>>()
         .join(", ");
-    if items.len() > POLICIES_NAMED {
-        s.push_str(&format!(" and {} more", items.len() - POLICIES_NAMED));
+    if items.len() > NAMED {
+        s.push_str(&format!(" and {} more", items.len() - NAMED));
     }
     s
 }

@@ -18,7 +18,7 @@
 //!
 //! `flowlens-bench scale [--nodes 100] [--pods 5000] [--policies 50]
 //! [--shape namespace-wide|app-scoped] [--dual-stack] [--ip-changes 20]
-//! [--json]`: the largest NodeAgentConfig, the bytes written to the API
+//! [--idle-seconds 20] [--json]`: the largest NodeAgentConfig, the bytes written to the API
 //! server for a pod IP change, a policy and a namespace label change, the
 //! propagation to every affected config, the operator's memory, CPU and
 //! compile times (`scale.rs`).
@@ -70,6 +70,7 @@ fn scale(args: &[String]) {
         shape: arg(args, "--shape", scale::Shape::NamespaceWide),
         dual_stack: args.iter().any(|a| a == "--dual-stack"),
         ip_changes: arg(args, "--ip-changes", 20),
+        idle: std::time::Duration::from_secs(arg(args, "--idle-seconds", 20)),
         json: args.iter().any(|a| a == "--json"),
     };
     if a.nodes == 0 || a.pods == 0 || a.ip_changes == 0 {
@@ -94,7 +95,7 @@ fn main() {
         Some("scale") => scale(&args),
         _ => {
             eprintln!(
-                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 65536] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]\n       flowlens-bench dns [--queries 20000] [--rate 2000] [--rounds 3] [--seed N] [--json]\n       flowlens-bench scale [--nodes 100] [--pods 5000] [--policies 50] [--shape namespace-wide|app-scoped] [--dual-stack] [--ip-changes 20] [--json]"
+                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 65536] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]\n       flowlens-bench dns [--queries 20000] [--rate 2000] [--rounds 3] [--seed N] [--json]\n       flowlens-bench scale [--nodes 100] [--pods 5000] [--policies 50] [--shape namespace-wide|app-scoped] [--dual-stack] [--ip-changes 20] [--idle-seconds 20] [--json]"
             );
             std::process::exit(2);
         }

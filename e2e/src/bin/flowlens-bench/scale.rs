@@ -19,6 +19,12 @@
 //! the change to the last of them. Settled means no config written for
 //! [`QUIET`].
 //!
+//! The watch also acknowledges each new revision as its node's agent
+//! would (status: applied revision, policies in force), so policies roll
+//! out and their status is written. Operator writes are counted from its
+//! `flowlens_operator_api_writes_total`: at rest over `--idle-seconds`, and the
+//! FlowPolicy status writes of the policy applied.
+//!
 //! One cluster-wide watch stands in for the agents' per-node watches; the
 //! API server's fan-out to 1,000 watchers is not measured.
 
@@ -51,7 +57,18 @@ const TEAM_PODS: usize = 5000;
 const CREATE_CONCURRENCY: usize = 16;
 
 /// No config written for this long: the change has reached every config.
-const QUIET: Duration = Duration::from_millis(1500);
+const QUIET: Duration = Duration::from_secs(3);
+
+/// What the operator writes, by its `resource` label.
+const WRITTEN: [&str; 4] = [
+    "nodeagentconfigs",
+    "flowpolicies/status",
+    "networkobservations/status",
+    "events",
+];
+
+/// Agent acknowledgements written at once.
+const ACK_CONCURRENCY: usize = 32;
 
 /// How long one change may take to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -89,6 +106,8 @@ pub struct Args {
     pub shape: Shape,
     pub dual_stack: bool,
     pub ip_changes: usize,
+    /// How long the operator's writes at rest are counted.
+    pub idle: Duration,
     pub json: bool,
 }
 
@@ -97,6 +116,8 @@ pub struct Args {
 struct Writes {
     seen: Vec<(Instant, usize)>,
     max_bytes: usize,
+    /// Node -> the last revision seen (a status write repeats it).
+    revisions: std::collections::HashMap<String, String>,
 }
 
 /// What one change cost.
@@ -158,12 +179,60 @@ pub async fn run(args: Args) {
         started.elapsed().as_secs_f64()
     );
 
+    // At rest: what the operator writes with nothing changing.
+    let by_resource = |op: &Operator| -> Vec<f64> {
+        WRITTEN
+            .iter()
+            .map(|r| {
+                op.metric_sum(
+                    "flowlens_operator_api_writes_total",
+                    &format!("resource=\"{r}\""),
+                )
+            })
+            .collect()
+    };
+    // The policies' first rollout can go on after the last config write
+    // (their status follows the acknowledgements): at rest is after it.
+    wait_until_writes_stop(&op).await;
+    let rollout_status_writes = op.metric_sum(
+        "flowlens_operator_api_writes_total",
+        "resource=\"flowpolicies/status\"",
+    );
+    let writes_at_rest = op.writes();
+    let before = by_resource(&op);
+    tokio::time::sleep(bench.args.idle).await;
+    let per_minute = 60.0 / bench.args.idle.as_secs_f64().max(1.0);
+    let writes_per_minute_at_rest = (op.writes() - writes_at_rest) * per_minute;
+    let at_rest_by_resource: serde_json::Map<String, serde_json::Value> = WRITTEN
+        .iter()
+        .zip(by_resource(&op).iter().zip(&before))
+        .map(|(r, (after, before))| (r.to_string(), json!((after - before) * per_minute)))
+        .collect();
+
     let mut ip = Vec::new();
     for j in 0..bench.args.ip_changes {
         let pod = j * bench.args.pods / bench.args.ip_changes.max(1);
-        ip.push(bench.change_pod_ip(pod, j).await);
+        let c = bench.change_pod_ip(pod, j).await;
+        eprintln!(
+            "pod p{pod} new IP: {} configs, {:.1} KiB, {:.0} ms",
+            c.configs,
+            c.bytes as f64 / 1024.0,
+            c.propagation_ms
+        );
+        ip.push(c);
     }
+    let policy_status = |op: &Operator| {
+        op.metric_sum(
+            "flowlens_operator_api_writes_total",
+            "resource=\"flowpolicies/status\"",
+        )
+    };
+    let before = policy_status(&op);
     let policy = bench.apply_policy(bench.args.policies).await;
+    // Its status follows the acknowledgements (the policy is the only one
+    // changing now).
+    tokio::time::sleep(QUIET).await;
+    let policy_status_writes = policy_status(&op) - before;
     let label = bench.relabel_team().await;
     let incremental_s =
         op.metric_sum("flowlens_operator_compile_duration_seconds_sum", "") - full_compile_s;
@@ -192,6 +261,10 @@ pub async fn run(args: Args) {
         full_compile_ms: full_compile_s * 1000.0,
         incremental_compile_ms: incremental_s * 1000.0 / incremental_n.max(1.0),
         failed_reconciles: op.metric_sum("flowlens_operator_reconcile_errors_total", "") as u64,
+        writes_per_minute_at_rest,
+        at_rest_by_resource,
+        rollout_status_writes,
+        policy_status_writes,
         settled,
     };
     report.print(&bench.args);
@@ -213,6 +286,14 @@ struct Report {
     full_compile_ms: f64,
     incremental_compile_ms: f64,
     failed_reconciles: u64,
+    /// Operator writes per minute with nothing changing.
+    writes_per_minute_at_rest: f64,
+    at_rest_by_resource: serde_json::Map<String, serde_json::Value>,
+    /// FlowPolicy status writes from the operator's start to rest, while
+    /// every policy rolls out once.
+    rollout_status_writes: f64,
+    /// FlowPolicy status writes for one policy rolled out.
+    policy_status_writes: f64,
     /// The configs were all written at the start.
     settled: bool,
 }
@@ -268,6 +349,19 @@ impl Report {
                 self.full_compile_ms, self.incremental_compile_ms
             );
             println!(
+                "| operator writes per minute at rest | {:.0} ({}) | 0 |",
+                self.writes_per_minute_at_rest,
+                serde_json::Value::Object(self.at_rest_by_resource.clone())
+            );
+            println!(
+                "| FlowPolicy status writes while {} policies roll out at the start | {:.0} | bounded |",
+                a.policies, self.rollout_status_writes
+            );
+            println!(
+                "| FlowPolicy status writes for one policy rolled out to {} nodes | {:.0} | bounded |",
+                self.policy.configs, self.policy_status_writes
+            );
+            println!(
                 "| failed reconciles; settled at start | {}; {} | 0; true |",
                 self.failed_reconciles, self.settled
             );
@@ -294,10 +388,75 @@ impl Report {
                 "full_compile_ms": self.full_compile_ms.round(),
                 "incremental_compile_ms": (self.incremental_compile_ms * 10.0).round() / 10.0,
                 "failed_reconciles": self.failed_reconciles,
+                "writes_per_minute_at_rest": self.writes_per_minute_at_rest,
+                "writes_per_minute_at_rest_by_resource": self.at_rest_by_resource,
+                "policy_status_writes_per_rollout": self.policy_status_writes,
+                "status_writes_in_first_rollout": self.rollout_status_writes,
                 "settled": self.settled,
             })
         );
     }
+}
+
+/// Waits until the operator wrote nothing for [`QUIET`] (at most
+/// [`SETTLE_TIMEOUT`]).
+async fn wait_until_writes_stop(op: &Operator) {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut last = op.writes();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = op.writes();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= QUIET {
+            return;
+        }
+    }
+    eprintln!("the operator was still writing after {SETTLE_TIMEOUT:?}");
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes each config's status as its agent would once it applied the
+/// revision: every policy of the spec in force.
+async fn acknowledge(
+    api: Api<NodeAgentConfig>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<NodeAgentConfig>,
+) {
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+        .for_each_concurrent(ACK_CONCURRENCY, |nac| {
+            let api = api.clone();
+            async move {
+                let patch = json!({
+                    "apiVersion": "flowlens.dev/v1alpha1",
+                    "kind": "NodeAgentConfig",
+                    "status": {
+                        "appliedRevision": nac.spec.revision,
+                        "policies": nac.spec.policies,
+                        "conditions": [{
+                            "type": "Applied", "status": "True", "reason": "Applied",
+                            "message": "simulated agent",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z",
+                        }],
+                    },
+                });
+                let _ = api
+                    .patch_status(
+                        &nac.spec.node_name,
+                        &PatchParams::apply("flowlens-agent").force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await;
+            }
+        })
+        .await;
 }
 
 impl Bench {
@@ -312,10 +471,11 @@ impl Bench {
     /// The addresses of pod `i` (generation `g` of its IPs).
     fn ips(&self, i: usize, g: usize) -> Vec<String> {
         let mut v = vec![format!(
-            "10.{}.{}.{}",
-            (g * 64 + i / 65536) % 256,
-            (i / 256) % 256,
-            i % 256
+            "{}.{}.{}.{}",
+            10 + g % 200,
+            (i >> 16) & 255,
+            (i >> 8) & 255,
+            i & 255
         )];
         if self.args.dual_stack {
             v.push(format!("fd00:{g:x}::{:x}:{:x}", i / 65536, i % 65536));
@@ -391,32 +551,51 @@ impl Bench {
             .unwrap();
     }
 
-    /// Records every config write the API server sends to a watcher.
+    /// Records every config write the API server sends to a watcher, and
+    /// acknowledges each new revision as the node's agent would.
     fn spawn_config_watch(&self) -> tokio::task::JoinHandle<()> {
         let writes = self.writes.clone();
         let api = Api::<NodeAgentConfig>::all(self.client.clone());
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel::<NodeAgentConfig>();
+        let acks = tokio::spawn(acknowledge(api.clone(), ack_rx));
         tokio::spawn(async move {
+            let _acks = AbortOnDrop(acks);
             let mut s = watcher(api, watcher::Config::default())
                 .applied_objects()
                 .boxed();
             while let Ok(Some(nac)) = s.try_next().await {
-                let bytes = serde_json::to_vec(&nac).map_or(0, |b| b.len());
-                let mut w = writes.lock().unwrap();
-                w.seen.push((Instant::now(), bytes));
-                w.max_bytes = w.max_bytes.max(bytes);
+                let node = nac.spec.node_name.clone();
+                let new = {
+                    let mut w = writes.lock().unwrap();
+                    let new = w.revisions.get(&node) != Some(&nac.spec.revision);
+                    if new {
+                        let bytes = serde_json::to_vec(&nac).map_or(0, |b| b.len());
+                        w.seen.push((Instant::now(), bytes));
+                        w.max_bytes = w.max_bytes.max(bytes);
+                        w.revisions.insert(node, nac.spec.revision.clone());
+                    }
+                    new
+                };
+                if new {
+                    let _ = ack_tx.send(nac);
+                }
             }
         })
     }
 
-    /// Waits until configs were written and then none for [`QUIET`];
+    /// Waits until every node's config was written and then none for
+    /// [`QUIET`];
     /// false when that did not happen within [`SETTLE_TIMEOUT`] (configs
     /// the API server refuses are retried for ever).
     async fn settle(&self) -> bool {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let last = self.writes.lock().unwrap().seen.last().map(|w| w.0);
-            if last.is_some_and(|t| t.elapsed() >= QUIET) {
+            let (last, nodes) = {
+                let w = self.writes.lock().unwrap();
+                (w.seen.last().map(|w| w.0), w.revisions.len())
+            };
+            if nodes >= self.args.nodes && last.is_some_and(|t| t.elapsed() >= QUIET) {
                 return true;
             }
             if Instant::now() > deadline {
