@@ -160,8 +160,8 @@ pub(crate) struct Capacity {
 }
 
 impl Capacity {
-    /// No limit (tests, the fuzzer).
-    #[cfg(any(test, fuzzing))]
+    /// No limit (tests).
+    #[cfg(test)]
     pub(crate) const UNLIMITED: Capacity = Capacity {
         peer_classes: usize::MAX,
         class_rules: usize::MAX,
