@@ -306,17 +306,10 @@ impl ControlLoop {
         };
         self.retry = None;
         let started = Instant::now();
-        let capacity = match self.datapath.policy_capacity() {
-            Ok(c) => c,
-            Err(e) => {
-                error!(error = %e, "cannot read the policy tables' size");
-                return;
-            }
-        };
         let tables = Arc::new(tables::compile(
             &spec,
             &crate::interfaces::host_addresses(),
-            capacity,
+            self.datapath.policy_capacity(),
         ));
         // A restarted agent finds the kernel enforcing some revision: when it
         // is this one, the tables it compiles are those in force (compilation

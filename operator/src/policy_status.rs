@@ -608,6 +608,30 @@ mod tests {
         Arc::new(n)
     }
 
+    /// `n` with `name` of shop (revision rev1) not in force, for `reason`.
+    fn not_in_force(
+        mut n: Arc<NodeAgentConfig>,
+        name: &str,
+        reason: &str,
+        message: &str,
+    ) -> Arc<NodeAgentConfig> {
+        Arc::make_mut(&mut n)
+            .status
+            .as_mut()
+            .unwrap()
+            .policies_not_in_force
+            .push(flowlens_api::node_agent_config::PolicyNotInForce {
+                policy: PolicyRef {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                    revision: "rev1".into(),
+                },
+                reason: reason.into(),
+                message: message.into(),
+            });
+        n
+    }
+
     fn view(nodes: &[&str]) -> PolicyView {
         PolicyView {
             revision: Some("rev1".into()),
@@ -671,21 +695,12 @@ mod tests {
 
     #[test]
     fn a_node_that_cannot_verify_its_attachments_is_not_counted_as_enforcing() {
-        let mut n2 = nac("n2", &[], None);
-        Arc::make_mut(&mut n2)
-            .status
-            .as_mut()
-            .unwrap()
-            .policies_not_in_force
-            .push(flowlens_api::node_agent_config::PolicyNotInForce {
-                policy: PolicyRef {
-                    namespace: "shop".into(),
-                    name: "p".into(),
-                    revision: "rev1".into(),
-                },
-                reason: "Unattached".into(),
-                message: "the kernel does not show the programs attached for 1 selected pod(s): shop/db-0".into(),
-            });
+        let n2 = not_in_force(
+            nac("n2", &[], None),
+            "p",
+            "Unattached",
+            "the kernel does not show the programs attached for 1 selected pod(s): shop/db-0",
+        );
         let cfgs = configs(vec![nac("n1", &[("shop", "p", "rev1")], None), n2]);
         let s = policy_status(
             "shop",
@@ -711,25 +726,16 @@ mod tests {
     #[test]
     fn a_full_policy_table_degrades_only_the_policies_left_out() {
         let msg = "the kernel's peer class table holds 32 entries per generation and the config needs 42; left out on this node: shop/q";
-        let mut n1 = nac(
-            "n1",
-            &[("shop", "p", "rev1")],
-            Some(("PolicyTableFull", msg)),
+        let n1 = not_in_force(
+            nac(
+                "n1",
+                &[("shop", "p", "rev1")],
+                Some(("PolicyTableFull", msg)),
+            ),
+            "q",
+            "PolicyTableFull",
+            msg,
         );
-        Arc::make_mut(&mut n1)
-            .status
-            .as_mut()
-            .unwrap()
-            .policies_not_in_force
-            .push(flowlens_api::node_agent_config::PolicyNotInForce {
-                policy: PolicyRef {
-                    namespace: "shop".into(),
-                    name: "q".into(),
-                    revision: "rev1".into(),
-                },
-                reason: "PolicyTableFull".into(),
-                message: msg.into(),
-            });
         let cfgs = configs(vec![n1]);
         let status = |name: &str| {
             policy_status(

@@ -76,7 +76,8 @@ const PINNED_MAPS: &[&str] = &[
     "FL_DNS_BUDGET",
 ];
 
-/// The policy tables, sized by `--policy-table-size`.
+/// The policy tables, sized by `--policy-table-size`: peer classes, class
+/// rules, ports (the order of [`Capacity::per_generation`]).
 const POLICY_TABLES: [&str; 3] = ["FL_PEER_CLASSES", "FL_CLASS_RULES", "FL_PORTS"];
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
@@ -182,6 +183,9 @@ pub struct Datapath {
     /// Drop reason names of the running kernel, by value.
     drop_reason_names: BTreeMap<u32, String>,
     pub(crate) fill: TableFill,
+    /// What one generation of the policy tables holds (read from the maps
+    /// as the kernel made them: a pinned map keeps its size).
+    policy_capacity: Capacity,
     /// The DNS copies (None: the ring buffer could not be opened).
     dns_ring: Option<aya::maps::RingBuf<MapData>>,
 }
@@ -239,6 +243,8 @@ impl Datapath {
 
         let config = read_config(&mut ebpf)?;
         let dns_ring = open_dns_ring(&mut ebpf);
+        let [peer_classes, class_rules, ports] = POLICY_TABLES.map(|name| max_entries(&ebpf, name));
+        let policy_capacity = Capacity::per_generation(peer_classes?, class_rules?, ports?);
         let mut dp = Datapath {
             ebpf,
             layout,
@@ -257,6 +263,7 @@ impl Datapath {
             leftovers: None,
             drop_reason_names: BTreeMap::new(),
             fill: TableFill::default(),
+            policy_capacity,
             dns_ring,
         };
         // Spare tables a predecessor's spool vouches for are emptied by the
@@ -526,12 +533,8 @@ impl Datapath {
     }
 
     /// What one generation of the policy tables can hold.
-    pub(crate) fn policy_capacity(&self) -> Result<Capacity> {
-        Ok(Capacity::per_generation(
-            max_entries(&self.ebpf, "FL_PEER_CLASSES")?,
-            max_entries(&self.ebpf, "FL_CLASS_RULES")?,
-            max_entries(&self.ebpf, "FL_PORTS")?,
-        ))
+    pub(crate) fn policy_capacity(&self) -> Capacity {
+        self.policy_capacity
     }
 
     pub(crate) fn generation(&self) -> u32 {

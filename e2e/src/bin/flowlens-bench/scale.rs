@@ -168,7 +168,9 @@ pub async fn run(args: Args) {
     let op = Operator::start(&bench.run, &[]);
     let watch = bench.spawn_config_watch();
     let started = Instant::now();
-    let settled = bench.settle().await;
+    let settled = bench
+        .settle(bench.args.nodes, Instant::now() + SETTLE_TIMEOUT)
+        .await;
     let initial = bench.take_writes();
     let full_compile_s = op.metric_sum("flowlens_operator_compile_duration_seconds_sum", "");
     let compiles_before = op.metric_sum("flowlens_operator_compile_duration_seconds_count", "");
@@ -583,25 +585,25 @@ impl Bench {
         })
     }
 
-    /// Waits until every node's config was written and then none for
-    /// [`QUIET`];
-    /// false when that did not happen within [`SETTLE_TIMEOUT`] (configs
-    /// the API server refuses are retried for ever).
-    async fn settle(&self) -> bool {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
+    /// Waits until the configs of `nodes` nodes were written and then none
+    /// for [`QUIET`] (with `nodes` 0, also when none was written); false
+    /// when that did not happen by `deadline` (configs the API server
+    /// refuses are retried for ever).
+    async fn settle(&self, nodes: usize, deadline: Instant) -> bool {
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let (last, nodes) = {
+            let (last, written) = {
                 let w = self.writes.lock().unwrap();
                 (w.seen.last().map(|w| w.0), w.revisions.len())
             };
-            if nodes >= self.args.nodes && last.is_some_and(|t| t.elapsed() >= QUIET) {
+            let quiet = last.map_or(nodes == 0, |t| t.elapsed() >= QUIET);
+            if written >= nodes && quiet {
                 return true;
             }
             if Instant::now() > deadline {
                 eprintln!("configs still being written after {SETTLE_TIMEOUT:?}");
                 return false;
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -629,23 +631,8 @@ impl Bench {
         change.await;
         // At least one config carries the change (or nothing did).
         tokio::time::sleep(QUIET).await;
-        self.settle_after(at).await;
+        self.settle(0, at + SETTLE_TIMEOUT).await;
         self.cost_since(Some(at))
-    }
-
-    async fn settle_after(&self, at: Instant) {
-        let deadline = at + SETTLE_TIMEOUT;
-        loop {
-            let last = self.writes.lock().unwrap().seen.last().map(|w| w.0);
-            if last.is_none_or(|t| t.elapsed() >= QUIET) {
-                return;
-            }
-            if Instant::now() > deadline {
-                eprintln!("configs still being written after {SETTLE_TIMEOUT:?}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     async fn change_pod_ip(&self, pod: usize, j: usize) -> Cost {
