@@ -193,7 +193,8 @@ install_crds() {
   # a server drops them and enforces the rest of the schema.
   kubectl --kubeconfig "$kc" apply --validate=false -f "$repo/crds/" >&2
   kubectl --kubeconfig "$kc" wait --for condition=Established --timeout=30s \
-    crd/networkobservations.flowlens.dev crd/flowpolicies.flowlens.dev crd/nodeagentconfigs.flowlens.dev >/dev/null
+    crd/networkobservations.flowlens.dev crd/flowpolicies.flowlens.dev crd/nodeagentconfigs.flowlens.dev \
+    crd/addresssetslices.flowlens.dev >/dev/null
 }
 
 # The real cluster (hack/cluster.sh) shares .flowlens/kubeconfig.

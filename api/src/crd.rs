@@ -3,7 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{FlowPolicy, NetworkObservation, NodeAgentConfig};
+use crate::{AddressSetSlice, FlowPolicy, NetworkObservation, NodeAgentConfig};
 
 /// Every Flowlens CRD with the file name it is written to under `crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
@@ -14,6 +14,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ),
         ("flowpolicies.flowlens.dev.yaml", FlowPolicy::crd()),
         ("nodeagentconfigs.flowlens.dev.yaml", NodeAgentConfig::crd()),
+        ("addresssetslices.flowlens.dev.yaml", AddressSetSlice::crd()),
     ]
 }
 

@@ -5,6 +5,9 @@
 //! - [`FlowPolicy`] (namespaced): connections to block (or audit) in the kernel.
 //! - [`NodeAgentConfig`] (cluster-scoped, one per node): everything a node agent
 //!   needs, fully resolved by the operator. Its status is written by the agent.
+//! - [`AddressSetSlice`] (cluster-scoped): a slice of an address set that
+//!   block rules name, written by the operator, watched by the agents whose
+//!   configs name the set.
 //!
 //! The types carry their OpenAPI validation (patterns, enums, ranges, list limits)
 //! so that malformed objects are rejected at apply time, and [`validate`] repeats
@@ -12,6 +15,7 @@
 //! operator can report a precise `InvalidSpec` reason on any cluster version.
 #![forbid(unsafe_code)]
 
+pub mod address_set_slice;
 pub mod conditions;
 pub mod crd;
 pub mod dns;
@@ -29,6 +33,7 @@ pub mod patterns;
 pub mod report;
 pub mod validate;
 
+pub use address_set_slice::{AddressSetSlice, AddressSetSliceSpec};
 pub use flow_policy::{FlowPolicy, FlowPolicySpec, FlowPolicyStatus};
 pub use group_by::GroupBy;
 pub use label_selector::{LabelSelector, LabelSelectorOperator, LabelSelectorRequirement};

@@ -70,7 +70,11 @@ pub struct NodeAgentConfigSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub observations: Vec<ObservationConfig>,
 
-    /// Address sets referenced by rules, by name.
+    /// Address sets given inline, for configs written by hand (standalone
+    /// agents). The operator leaves this empty: a set a rule names and that
+    /// is not here is read from the `AddressSetSlice` objects labelled
+    /// `flowlens.dev/address-set=<name>`, and the config is applied only
+    /// once all of them are read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub address_sets: Vec<AddressSet>,
 
@@ -238,8 +242,10 @@ pub struct BlockRule {
     pub endpoints: Vec<String>,
     /// The rule matches every peer (no `to`/`from` in the policy).
     pub any_peer: bool,
-    /// With `anyPeer: false`, the address set holding the peers. A rule whose
-    /// peers resolved to no address has an empty set and blocks nothing.
+    /// With `anyPeer: false`, the address set holding the peers: inline in
+    /// `addressSets`, or the `AddressSetSlice` objects of that name. A rule
+    /// whose peers resolved to no address has an empty set and blocks
+    /// nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_set: Option<String>,
     /// Ports; every port and protocol when empty.

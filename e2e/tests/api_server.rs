@@ -477,12 +477,15 @@ fn the_scale_benchmark_runs_at_a_reduced_size() {
     assert_eq!(r["settled"], true, "{r}");
     assert_eq!(r["failed_reconciles"], 0, "{r}");
     assert!(num("max_object_bytes") > 1000.0, "{r}");
-    // The pod's own node's config carries the new IP at least.
-    assert!(num("configs_per_pod_ip_change") >= 1.0, "{r}");
+    // Only the pod's own node's config carries its IP (the observation
+    // traces it); the nodes whose rules name it as a peer get the slice of
+    // the set that holds it, not a new config.
+    assert_eq!(num("configs_per_pod_ip_change"), 1.0, "{r}");
     assert!(
-        num("bytes_per_pod_ip_change") >= num("max_object_bytes") / 10.0,
+        (1.0..=4.0).contains(&num("slices_per_pod_ip_change")),
         "{r}"
     );
+    assert!(num("bytes_per_pod_ip_change") > 0.0, "{r}");
     assert!(num("bytes_per_policy_applied") > 0.0, "{r}");
     assert!(
         num("propagation_p99_ms") >= num("propagation_p50_ms"),

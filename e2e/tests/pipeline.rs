@@ -11,7 +11,8 @@ use std::{
 };
 
 use flowlens_api::{
-    FlowPolicy, NetworkObservation, NodeAgentConfig,
+    AddressSetSlice, FlowPolicy, NetworkObservation, NodeAgentConfig,
+    address_set_slice::SET_LABEL,
     network_observation::{NetworkObservationStatus, TopFlow},
 };
 use flowlens_e2e::{
@@ -26,7 +27,10 @@ use flowlens_e2e::{
     sim::{SimCluster, poll},
     traffic::{echo_server, iperf3, spawn_iperf3_timed, spawn_traffic},
 };
-use kube::{Api, api::DeleteParams};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams},
+};
 use serde_json::json;
 
 fn now_s() -> i64 {
@@ -677,6 +681,71 @@ async fn policies_block_audit_and_count_in_status() {
 /// does not fit is left out there and reported (node Degraded, the policy
 /// Degraded naming the node), every other policy applies, and a pod created
 /// afterwards on that node is enforced.
+/// A pod that becomes a peer reaches the kernel through its rule's address
+/// set: the set's AddressSetSlice is rewritten, the config of the node
+/// enforcing the rule is not, and its agent blocks the new peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_peer_is_blocked_through_its_address_set_without_a_new_config() {
+    let TwoNodes {
+        mut sim,
+        a1,
+        shop,
+        web,
+        ..
+    } = two_nodes("e2e-set").await;
+    deny_web_to_db(&sim, &shop).await;
+    sim.start_operator(&[]);
+    sim.start_agents().await.unwrap();
+    wait_enforced(&sim, &shop, "deny-db").await;
+    let configs = Api::<NodeAgentConfig>::all(sim.client.clone());
+    let before = configs.get(&a1).await.unwrap().spec;
+    assert!(before.address_sets.is_empty(), "configs name their sets");
+    let set = before.rules[0].address_set.clone().unwrap();
+
+    let db2 = sim
+        .add_pod(1, &shop, "db-2", &[("app", "db")], Some("db"))
+        .await
+        .unwrap();
+    let db2_ip = sim.topo.pods[db2].ip4.to_string();
+    let slices = Api::<AddressSetSlice>::all(sim.client.clone());
+    let of_set = ListParams::default().labels(&format!("{SET_LABEL}={set}"));
+    poll(
+        Duration::from_secs(30),
+        "db-2 in the set's slice",
+        || async {
+            let l = slices.list(&of_set).await.ok()?;
+            l.items
+                .iter()
+                .any(|s| s.spec.addresses.contains(&db2_ip))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let _db = echo_server(&sim.topo, db2, 5432);
+    let addr = format!("{db2_ip}:5432");
+    let refused = poll(Duration::from_secs(30), "web -> db-2 refused", || async {
+        let r = spawn_traffic(
+            &sim.topo,
+            web,
+            "connect-loop",
+            &addr,
+            &["--duration-ms", "500", "--interval-ms", "20"],
+        )
+        .join()
+        .unwrap();
+        (r["successes"] == 0 && r["denied"].as_u64()? > 5).then_some(r)
+    })
+    .await
+    .unwrap();
+    println!("web -> db-2 ({set}): {refused}");
+    assert_eq!(
+        configs.get(&a1).await.unwrap().spec,
+        before,
+        "web's config is unchanged"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_policy_table_leaves_one_policy_out_and_still_enforces_a_new_pod() {
     let TwoNodes {

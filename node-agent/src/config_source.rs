@@ -1,22 +1,27 @@
 //! Where the agent's config comes from: its own `NodeAgentConfig` on the API
-//! server, or a YAML file (standalone mode). A bad or missing config never
+//! server with the `AddressSetSlice`s of the sets it names, or a YAML file
+//! (standalone mode, sets inline). A bad or missing config never
 //! stops the agent: the last good one stays in force.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, mpsc},
     time::{Duration, SystemTime},
 };
 
-use flowlens_api::node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec};
-use futures::StreamExt;
+use flowlens_api::{
+    AddressSetSlice, AddressSetSliceSpec,
+    node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec},
+};
+use futures::{StreamExt, stream::BoxStream};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     runtime::{WatchStreamExt, watcher},
 };
 use tracing::{info, warn};
 
-use crate::control::Event;
+use crate::{address_sets, control::Event};
 
 /// Parses a config file: a whole `NodeAgentConfig` object (as written by the
 /// operator, or `kubectl get -o yaml`) or just its spec. Errors name the
@@ -74,38 +79,147 @@ fn read_file(path: &Path) -> Result<NodeAgentConfigSpec, String> {
     Ok(spec)
 }
 
-/// Watches the node's `NodeAgentConfig` (shared reflector-free watch: one
-/// object, selected by name) and sends each version.
+/// Watches the node's `NodeAgentConfig` (one object, selected by name) and
+/// the `AddressSetSlice`s of the sets it names (one watch, selected by
+/// label, started again when the names change), and sends the config with
+/// its sets joined in, whenever either changes and every set is read.
 pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
-    let api: Api<NodeAgentConfig> = Api::all(client);
+    let api: Api<NodeAgentConfig> = Api::all(client.clone());
     let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-    let mut stream = watcher(api, cfg).default_backoff().boxed();
-    while let Some(event) = stream.next().await {
-        // Fail-static: a deleted or unreadable config changes nothing in
-        // the kernel (removing Flowlens from a node is `flowlens-agent
-        // cleanup`'s job); it is reported until a config arrives.
-        let event = match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let uid = o.metadata.uid.clone().unwrap_or_default();
-                if tx.send(Event::ConfigUnavailable(None)).is_err()
-                    || tx.send(Event::ConfigObject(uid)).is_err()
-                {
-                    return;
+    let mut configs = watcher(api, cfg).default_backoff().boxed();
+    let mut sets = SetWatch::default();
+    let mut config: Option<NodeAgentConfigSpec> = None;
+    let mut sent: Option<Arc<NodeAgentConfigSpec>> = None;
+    // A problem is reported (and is cleared by the next good config).
+    let mut reported = false;
+    loop {
+        let event = tokio::select! {
+            event = configs.next() => match event {
+                // Fail-static: a deleted or unreadable config changes nothing
+                // in the kernel (removing Flowlens from a node is
+                // `flowlens-agent cleanup`'s job); it is reported until a
+                // config arrives.
+                Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => {
+                    let uid = o.metadata.uid.clone().unwrap_or_default();
+                    if tx.send(Event::ConfigObject(uid)).is_err() {
+                        return;
+                    }
+                    sets.name(&client, address_sets::named_sets(&o.spec));
+                    config = Some(o.spec);
+                    None
                 }
-                Event::Config(Arc::new(o.spec))
-            }
-            Ok(watcher::Event::Delete(_)) => Event::ConfigUnavailable(Some(format!(
-                "NodeAgentConfig {node} was deleted (the operator recreates it; to remove Flowlens from the node, run `flowlens-agent cleanup`)"
-            ))),
-            Ok(_) => continue,
-            Err(e) => {
-                warn!(error = %e, "watching NodeAgentConfig (retrying with backoff)");
-                Event::ConfigUnavailable(Some(format!("cannot watch NodeAgentConfig {node}: {e}")))
-            }
+                Some(Ok(watcher::Event::Delete(_))) => Some(format!(
+                    "NodeAgentConfig {node} was deleted (the operator recreates it; to remove Flowlens from the node, run `flowlens-agent cleanup`)"
+                )),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watching NodeAgentConfig (retrying with backoff)");
+                    Some(format!("cannot watch NodeAgentConfig {node}: {e}"))
+                }
+                None => return,
+            },
+            problem = sets.next() => problem,
         };
+        let event = match (event, &config) {
+            (Some(problem), _) => Event::ConfigUnavailable(Some(problem)),
+            (None, None) => continue,
+            (None, Some(_)) if !sets.synced() => continue,
+            (None, Some(spec)) => match address_sets::join(spec, sets.slices.values()) {
+                Ok(joined) if sent.as_deref() == Some(&joined) => {
+                    if !std::mem::take(&mut reported) {
+                        continue;
+                    }
+                    Event::ConfigUnavailable(None)
+                }
+                Ok(joined) => {
+                    reported = false;
+                    if tx.send(Event::ConfigUnavailable(None)).is_err() {
+                        return;
+                    }
+                    let joined = Arc::new(joined);
+                    sent = Some(joined.clone());
+                    Event::Config(joined)
+                }
+                Err(missing) => Event::ConfigUnavailable(Some(format!(
+                    "revision {} names address sets without AddressSetSlices: {} (the operator writes them before the config; waiting for them)",
+                    spec.revision,
+                    missing.join(", ")
+                ))),
+            },
+        };
+        reported |= matches!(event, Event::ConfigUnavailable(Some(_)));
         if tx.send(event).is_err() {
             return;
         }
+    }
+}
+
+/// The watch of the slices of the sets the config names.
+#[derive(Default)]
+struct SetWatch {
+    /// The sets watched.
+    named: BTreeSet<String>,
+    stream: Option<BoxStream<'static, watcher::Result<watcher::Event<AddressSetSlice>>>>,
+    /// Slices by object name, as of the last complete list.
+    slices: BTreeMap<String, AddressSetSliceSpec>,
+    /// A list in progress (the watch's first, or a relist).
+    listing: Option<BTreeMap<String, AddressSetSliceSpec>>,
+    listed: bool,
+}
+
+impl SetWatch {
+    /// Watches the slices of `named`, starting over when they changed.
+    fn name(&mut self, client: &Client, named: BTreeSet<String>) {
+        if named == self.named && (self.stream.is_some() || self.listed) {
+            return;
+        }
+        self.slices.clear();
+        self.listing = None;
+        self.listed = named.is_empty();
+        self.stream = (!named.is_empty()).then(|| {
+            let cfg = watcher::Config::default().labels(&address_sets::selector(&named));
+            watcher(Api::<AddressSetSlice>::all(client.clone()), cfg)
+                .default_backoff()
+                .boxed()
+        });
+        self.named = named;
+    }
+
+    /// Every named set's slices have been listed once.
+    fn synced(&self) -> bool {
+        self.listed
+    }
+
+    /// Takes in the next event of the watch: `None` when the slices changed
+    /// (or nothing needs saying), else a problem to report.
+    async fn next(&mut self) -> Option<String> {
+        let Some(stream) = &mut self.stream else {
+            return std::future::pending().await;
+        };
+        match stream.next().await {
+            Some(Ok(watcher::Event::Init)) => self.listing = Some(BTreeMap::new()),
+            Some(Ok(watcher::Event::InitApply(s))) => {
+                if let Some(l) = &mut self.listing {
+                    l.insert(s.name_any(), s.spec);
+                }
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                self.slices = self.listing.take().unwrap_or_default();
+                self.listed = true;
+            }
+            Some(Ok(watcher::Event::Apply(s))) => {
+                self.slices.insert(s.name_any(), s.spec);
+            }
+            Some(Ok(watcher::Event::Delete(s))) => {
+                self.slices.remove(&s.name_any());
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "watching AddressSetSlices (retrying with backoff)");
+                return Some(format!("cannot watch AddressSetSlices: {e}"));
+            }
+            None => self.stream = None,
+        }
+        None
     }
 }
 

@@ -291,12 +291,8 @@ impl ControlLoop {
     }
 
     fn apply(&mut self, spec: Arc<NodeAgentConfigSpec>) {
-        if self
-            .spec
-            .as_ref()
-            .is_some_and(|s| s.revision == spec.revision)
-            && self.tables.is_some()
-        {
+        // The whole spec: a set it names can change under the same revision.
+        if self.spec.as_deref().is_some_and(|s| *s == *spec) && self.tables.is_some() {
             return;
         }
         // The backoff grows only while the same revision keeps failing.

@@ -7,6 +7,7 @@
 //! `fuzz` (only under `cfg(fuzzing)` and in tests) drives `tables` as the
 //! fuzz target does (`fuzz/`).
 
+pub mod address_sets;
 mod aggregate;
 pub mod allocator;
 pub mod cgroups;

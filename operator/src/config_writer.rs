@@ -1,5 +1,7 @@
 //! Writes each node's `NodeAgentConfig` (server-side apply) when, and only
 //! when, its content changed; deletes the configs of nodes that are gone.
+//! The address sets the configs name are written first, and the ones no
+//! config names are deleted last (`address_set_writer`).
 //!
 //! Nothing is written before every watched kind has been listed once: a
 //! half-synced view would drop rules for pods not seen yet.
@@ -18,7 +20,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{context::Context, error::Result};
+use crate::{address_set_writer::SliceWriter, compile::BuiltSet, context::Context, error::Result};
 
 /// The field manager of everything the operator writes.
 pub(crate) const FIELD_MANAGER: &str = "flowlens-operator";
@@ -59,22 +61,47 @@ type NodeUids = BTreeMap<String, String>;
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<NodeAgentConfig> = Api::all(ctx.client.clone());
     wait_for_sync(&ctx).await;
+    let slices = load_slices(&ctx).await;
+    tokio::spawn(slices.watch_foreign(ctx.clone()));
     loop {
         let started = Instant::now();
-        let (work, node_uids) = compile_dirty(&ctx);
+        let (work, node_uids, sets) = compile_dirty(&ctx);
         ctx.metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
+        // Sets first: a config is written only once the sets it names are.
+        if !slices.write_changed(&ctx, &sets).await {
+            retry_later(&ctx, work.into_iter().map(|(n, _)| n).collect());
+            ctx.changed.notified().await;
+            continue;
+        }
         // Decide what to write, then write up to WRITE_CONCURRENCY configs
         // at once (a policy change touches many nodes).
         let todo = changed_configs(&ctx, work);
         let failed = write_all(&ctx, &api, todo, &node_uids).await;
+        // Sets no config names any more, once no config names them.
+        if failed.is_empty() && !slices.delete_unnamed(&ctx, &sets).await {
+            retry_later(&ctx, BTreeSet::new());
+        }
         ctx.metrics.reconciled(CONTROLLER, started);
         if !failed.is_empty() {
             retry_later(&ctx, failed);
         }
         ctx.changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+/// The slices written so far, retrying until they can be listed.
+async fn load_slices(ctx: &Context) -> SliceWriter {
+    loop {
+        match SliceWriter::load(ctx).await {
+            Ok(w) => return w,
+            Err(e) => {
+                warn!(error = %e, "cannot list AddressSetSlices; retrying");
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+        }
     }
 }
 
@@ -91,8 +118,9 @@ async fn wait_for_sync(ctx: &Context) {
 }
 
 /// Compiles the config of every dirty node and of every node that is gone
-/// but still has a config; with the UIDs of the nodes that exist.
-fn compile_dirty(ctx: &Context) -> (Vec<NodeWork>, NodeUids) {
+/// but still has a config; with the UIDs of the nodes that exist and every
+/// address set the configs name.
+fn compile_dirty(ctx: &Context) -> (Vec<NodeWork>, NodeUids, BTreeMap<String, Arc<BuiltSet>>) {
     ctx.with_compiler(|c| {
         let mut dirty = c.take_dirty_nodes();
         // Configs whose node is gone.
@@ -112,7 +140,7 @@ fn compile_dirty(ctx: &Context) -> (Vec<NodeWork>, NodeUids) {
             .iter()
             .filter_map(|(n, _)| c.node(n).map(|i| (n.clone(), i.uid.clone())))
             .collect();
-        (work, uids)
+        (work, uids, c.address_sets())
     })
 }
 

@@ -43,9 +43,13 @@ use crate::{
 trait Feed: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
     const KIND: Kind;
     const NAME: &'static str;
+    /// What the compiler takes of an object (converted at the edge: a
+    /// relist holds these, not the whole objects, until it ends).
+    type Info;
     /// The compiler's key of an object.
     fn key(&self) -> String;
-    fn apply(&self, c: &mut Compiler);
+    fn info(&self) -> Self::Info;
+    fn apply(info: Self::Info, c: &mut Compiler);
     fn delete(key: &str, c: &mut Compiler);
     /// Keys of this kind currently in the compiler.
     fn keys(c: &Compiler) -> BTreeSet<String>;
@@ -54,11 +58,15 @@ trait Feed: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static 
 impl Feed for Node {
     const KIND: Kind = Kind::Node;
     const NAME: &'static str = "Node";
+    type Info = model::NodeInfo;
     fn key(&self) -> String {
         self.name_any()
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_node(model::node_info(self));
+    fn info(&self) -> Self::Info {
+        model::node_info(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_node(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_node(key);
@@ -71,11 +79,15 @@ impl Feed for Node {
 impl Feed for Namespace {
     const KIND: Kind = Kind::Namespace;
     const NAME: &'static str = "Namespace";
+    type Info = model::NamespaceInfo;
     fn key(&self) -> String {
         self.name_any()
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_namespace(model::namespace_info(self));
+    fn info(&self) -> Self::Info {
+        model::namespace_info(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_namespace(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_namespace(key);
@@ -88,6 +100,7 @@ impl Feed for Namespace {
 impl Feed for Pod {
     const KIND: Kind = Kind::Pod;
     const NAME: &'static str = "Pod";
+    type Info = model::PodInfo;
     fn key(&self) -> String {
         format!(
             "{}/{}",
@@ -95,8 +108,11 @@ impl Feed for Pod {
             self.name_any()
         )
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_pod(model::pod_info(self));
+    fn info(&self) -> Self::Info {
+        model::pod_info(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_pod(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_pod(key);
@@ -109,6 +125,7 @@ impl Feed for Pod {
 impl Feed for Service {
     const KIND: Kind = Kind::Service;
     const NAME: &'static str = "Service";
+    type Info = model::ServiceInfo;
     fn key(&self) -> String {
         format!(
             "{}/{}",
@@ -116,8 +133,11 @@ impl Feed for Service {
             self.name_any()
         )
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_service(model::service_info(self));
+    fn info(&self) -> Self::Info {
+        model::service_info(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_service(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_service(key);
@@ -131,6 +151,7 @@ impl Feed for Service {
 impl Feed for DynamicObject {
     const KIND: Kind = Kind::EndpointSlice;
     const NAME: &'static str = "EndpointSlice";
+    type Info = model::EndpointSliceInfo;
     fn key(&self) -> String {
         format!(
             "{}/{}",
@@ -138,8 +159,11 @@ impl Feed for DynamicObject {
             self.name_any()
         )
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_endpoint_slice(model::endpoint_slice_info(self));
+    fn info(&self) -> Self::Info {
+        model::endpoint_slice_info(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_endpoint_slice(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_endpoint_slice(key);
@@ -152,18 +176,23 @@ impl Feed for DynamicObject {
 impl Feed for NetworkObservation {
     const KIND: Kind = Kind::Observation;
     const NAME: &'static str = "NetworkObservation";
+    /// The object itself: there are few.
+    type Info = NetworkObservation;
     fn key(&self) -> String {
         self.name_any()
     }
-    fn apply(&self, c: &mut Compiler) {
+    fn info(&self) -> Self::Info {
+        self.clone()
+    }
+    fn apply(o: Self::Info, c: &mut Compiler) {
         c.upsert_observation(
-            &self.name_any(),
-            &self.uid().unwrap_or_default(),
-            self.metadata.generation.unwrap_or(0),
-            self.spec.clone(),
+            &o.name_any(),
+            &o.uid().unwrap_or_default(),
+            o.metadata.generation.unwrap_or(0),
+            o.spec.clone(),
         );
-        let shown = self.status.as_ref().and_then(|s| s.last_window.as_ref());
-        c.set_counted_through(&self.name_any(), shown.map(|w| w.end.0.as_second()));
+        let shown = o.status.as_ref().and_then(|s| s.last_window.as_ref());
+        c.set_counted_through(&o.name_any(), shown.map(|w| w.end.0.as_second()));
     }
     fn delete(key: &str, c: &mut Compiler) {
         c.delete_observation(key);
@@ -176,6 +205,7 @@ impl Feed for NetworkObservation {
 impl Feed for FlowPolicy {
     const KIND: Kind = Kind::Policy;
     const NAME: &'static str = "FlowPolicy";
+    type Info = PolicyObject;
     fn key(&self) -> String {
         format!(
             "{}/{}",
@@ -183,8 +213,11 @@ impl Feed for FlowPolicy {
             self.name_any()
         )
     }
-    fn apply(&self, c: &mut Compiler) {
-        c.upsert_policy(policy_object(self));
+    fn info(&self) -> Self::Info {
+        policy_object(self)
+    }
+    fn apply(info: Self::Info, c: &mut Compiler) {
+        c.upsert_policy(info);
     }
     fn delete(key: &str, c: &mut Compiler) {
         if let Some((ns, name)) = key.split_once('/') {
@@ -239,7 +272,8 @@ async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
     let mut stream = watcher(api, watcher::Config::default().any_semantic())
         .backoff(watch_backoff())
         .boxed();
-    let mut relist: Option<Vec<K>> = None;
+    // A relist in progress: each object's key and what the compiler takes.
+    let mut relist: Option<Vec<(String, K::Info)>> = None;
     let label = KindLabels { kind: K::NAME };
     let stale = ctx.metrics.watch_stale.get_or_create(&label).clone();
     while let Some(event) = stream.next().await {
@@ -258,17 +292,19 @@ async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
         ctx.metrics.watch_events.get_or_create(&label).inc();
         match event {
             watcher::Event::Init => relist = Some(Vec::new()),
-            watcher::Event::InitApply(o) => relist.get_or_insert_with(Vec::new).push(o),
+            watcher::Event::InitApply(o) => relist
+                .get_or_insert_with(Vec::new)
+                .push((o.key(), o.info())),
             watcher::Event::InitDone => {
                 let objects = relist.take().unwrap_or_default();
                 let n = objects.len();
                 ctx.with_compiler(|c| {
-                    let present: BTreeSet<String> = objects.iter().map(Feed::key).collect();
-                    for gone in K::keys(c).difference(&present) {
+                    let present: BTreeSet<&String> = objects.iter().map(|(k, _)| k).collect();
+                    for gone in K::keys(c).iter().filter(|k| !present.contains(k)) {
                         K::delete(gone, c);
                     }
-                    for o in &objects {
-                        o.apply(c);
+                    for (_, info) in objects {
+                        K::apply(info, c);
                     }
                 });
                 mark_synced(&ctx, K::KIND);
@@ -283,7 +319,10 @@ async fn run<K: Feed>(ctx: Arc<Context>, api: Api<K>) {
                     info!(kind = K::NAME, objects = n, "listed");
                 }
             }
-            watcher::Event::Apply(o) => ctx.with_compiler(|c| o.apply(c)),
+            watcher::Event::Apply(o) => {
+                let info = o.info();
+                ctx.with_compiler(|c| K::apply(info, c));
+            }
             watcher::Event::Delete(o) => ctx.with_compiler(|c| K::delete(&o.key(), c)),
         }
     }

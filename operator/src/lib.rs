@@ -14,6 +14,7 @@
 //! - `fuzz` (only under `cfg(fuzzing)` and in tests): the report path as
 //!   the fuzz target drives it (`fuzz/`).
 
+pub mod address_set_writer;
 pub mod auth;
 pub mod collect;
 pub mod collector;

@@ -259,9 +259,20 @@ fn init_logs(format: LogFormat) {
 
 /// Exits with the install command when the CRDs are missing.
 async fn check_crds(client: &Client) -> Result<(), Error> {
-    let api: Api<NetworkObservation> = Api::all(client.clone());
-    match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
+    let params = ListParams::default().limit(1);
+    let listed = match Api::<NetworkObservation>::all(client.clone())
+        .list(&params)
+        .await
+    {
+        // The newest kind: CRDs of an older release lack it.
+        Ok(_) => Api::<flowlens_api::AddressSetSlice>::all(client.clone())
+            .list(&params)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(()) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Err(Error::CrdsMissing),
         Err(e) => Err(e.into()),
     }

@@ -14,7 +14,7 @@ use flowlens_e2e::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -29,13 +29,26 @@ async fn config(c: &Client, node: &str) -> Option<NodeAgentConfigSpec> {
         .map(|n| n.spec)
 }
 
-fn set_cidrs(spec: &NodeAgentConfigSpec) -> Vec<String> {
-    let mut v: Vec<String> = spec
-        .address_sets
+/// The addresses of the sets `spec`'s rules name, from their
+/// AddressSetSlices (configs carry only the names).
+async fn set_cidrs(c: &Client, spec: &NodeAgentConfigSpec) -> Vec<String> {
+    let named: std::collections::BTreeSet<&str> = spec
+        .rules
         .iter()
-        .flat_map(|s| s.entries.iter().map(|e| e.cidr.clone()))
+        .filter_map(|r| r.address_set.as_deref())
+        .collect();
+    let slices = Api::<flowlens_api::AddressSetSlice>::all(c.clone())
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let mut v: Vec<String> = slices
+        .items
+        .iter()
+        .filter(|s| named.contains(s.spec.address_set.as_str()))
+        .flat_map(|s| s.spec.entries().map(|e| e.cidr))
         .collect();
     v.sort();
+    v.dedup();
     v
 }
 
@@ -191,7 +204,9 @@ async fn configs_track_pods_policies_and_observations() {
     assert_eq!(rule.id, format!("{}/web-no-db/egress/0", s.shop));
     assert_eq!(rule.endpoints, vec![format!("{}/web-1", s.shop)]);
     assert_eq!((rule.ports[0].first, rule.ports[0].last), (5432, 5432));
-    assert_eq!(set_cidrs(&n1), vec!["10.201.2.1/32"]);
+    assert!(n1.address_sets.is_empty(), "sets are AddressSetSlices");
+    let set = rule.address_set.clone().expect("a set of peers");
+    assert_eq!(set_cidrs(&c, &n1).await, vec!["10.201.2.1/32"]);
     // Node 2: only its own pod, no rule.
     let n2 = eventually(WAIT, "node 2 config", || async { config(&c, &s.n2).await }).await;
 
@@ -210,9 +225,11 @@ async fn configs_track_pods_policies_and_observations() {
     .await
     .unwrap();
     eventually(WAIT, "db-2 in the address set", || async {
-        config(&c, &s.n1)
+        let x = config(&c, &s.n1).await?;
+        set_cidrs(&c, &x)
             .await
-            .filter(|x| set_cidrs(x).contains(&"10.201.1.9/32".to_string()))
+            .contains(&"10.201.1.9/32".to_string())
+            .then_some(x)
     })
     .await;
     // Without a kubelet, a bound pod only goes when deleted with no grace period.
@@ -228,9 +245,8 @@ async fn configs_track_pods_policies_and_observations() {
         .unwrap();
 
     let n1 = eventually(WAIT, "db-1 gone from the address set", || async {
-        config(&c, &s.n1)
-            .await
-            .filter(|x| set_cidrs(x) == vec!["10.201.1.9/32"])
+        let x = config(&c, &s.n1).await?;
+        (set_cidrs(&c, &x).await == vec!["10.201.1.9/32"]).then_some(x)
     })
     .await;
     assert!(endpoint_keys(&n1).contains(&format!("{}/db-2", s.data)));
@@ -264,6 +280,20 @@ async fn configs_track_pods_policies_and_observations() {
         config(&c, &s.n1)
             .await
             .filter(|x| x.rules.is_empty() && x.address_sets.is_empty())
+    })
+    .await;
+    // ... and, once no config names its set, the set's slices.
+    let slices = Api::<flowlens_api::AddressSetSlice>::all(c.clone());
+    let of_set = ListParams::default().labels(&format!(
+        "{}={set}",
+        flowlens_api::address_set_slice::SET_LABEL
+    ));
+    eventually(WAIT, "the set's slices deleted", || async {
+        slices
+            .list(&of_set)
+            .await
+            .ok()
+            .filter(|l| l.items.is_empty())
     })
     .await;
 

@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use flowlens_api::{
     flow_policy::PolicyMode,
     node_agent_config::{
-        AddressSet, BlockRule, Direction, LocalEndpoint, NodeAgentConfigSpec, ObservationConfig,
-        PolicyRef,
+        BlockRule, Direction, LocalEndpoint, NodeAgentConfigSpec, ObservationConfig, PolicyRef,
     },
 };
 
@@ -23,8 +22,6 @@ type KeptLabels = BTreeMap<PodKey, BTreeSet<String>>;
 struct Blocking {
     /// Sorted by id, each with its rank in [`RuleOrder`] as `priority`.
     rules: Vec<BlockRule>,
-    /// The address sets the rules refer to, by name.
-    sets: BTreeMap<String, AddressSet>,
     policies: BTreeSet<PolicyRef>,
 }
 
@@ -50,7 +47,8 @@ pub(crate) fn node_config(c: &mut Compiler, node: &NodeInfo) -> NodeAgentConfigS
         collector: c.collector.clone(),
         endpoints,
         observations,
-        address_sets: blocking.sets.into_values().collect(),
+        // Written as AddressSetSlices, which agents read by name.
+        address_sets: Vec::new(),
         rules: blocking.rules,
         policies: blocking.policies.into_iter().collect(),
         services,
@@ -97,10 +95,10 @@ fn observation_configs(
 
 /// The rules of the policies targeting pods on `node`, with their address
 /// sets; adds those pods to `keep`.
-fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blocking {
+fn blocking(c: &Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blocking {
     let mut out = Blocking::default();
     let mut ordered = Vec::new();
-    for pol in c.policies.values_mut() {
+    for pol in c.policies.values() {
         let (Some(spec), Some(revision), Some(local)) =
             (&pol.spec, &pol.revision, pol.by_node.get(&node.name))
         else {
@@ -119,7 +117,7 @@ fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blockin
             keep.entry(k.clone()).or_default();
         }
         let mode: PolicyMode = spec.mode;
-        for rule in &mut pol.rules {
+        for rule in &pol.rules {
             let order = RuleOrder {
                 mode,
                 created: pol.created,
@@ -129,7 +127,7 @@ fn blocking(c: &mut Compiler, node: &NodeInfo, keep: &mut KeptLabels) -> Blockin
                 direction: rule.direction,
                 index: rule.index,
             };
-            let block = block_rule(rule, &policy, mode, local, &mut out.sets);
+            let block = block_rule(rule, &policy, mode, local);
             ordered.push((order, block));
         }
     }
@@ -164,29 +162,19 @@ fn prioritized(mut ordered: Vec<(RuleOrder, BlockRule)>) -> Vec<BlockRule> {
         .collect()
 }
 
-/// One rule of `policy` for the pods `local`; adds its address set (unless
-/// it matches any peer) to `sets`.
+/// One rule of `policy` for the pods `local`, naming its address set
+/// (unless it matches any peer).
 fn block_rule(
-    rule: &mut Rule,
+    rule: &Rule,
     policy: &PolicyRef,
     mode: PolicyMode,
     local: &BTreeSet<PodKey>,
-    sets: &mut BTreeMap<String, AddressSet>,
 ) -> BlockRule {
     let dir = match rule.direction {
         Direction::Egress => "egress",
         Direction::Ingress => "ingress",
     };
-    let address_set = if rule.any_peer {
-        None
-    } else {
-        let s = Compiler::rule_set(rule);
-        sets.entry(s.name.clone()).or_insert_with(|| AddressSet {
-            name: s.name.clone(),
-            entries: s.entries.clone(),
-        });
-        Some(s.name.clone())
-    };
+    let address_set = (!rule.any_peer).then(|| rule.set_name.clone());
     BlockRule {
         id: format!("{}/{}/{dir}/{}", policy.namespace, policy.name, rule.index),
         policy: policy.clone(),

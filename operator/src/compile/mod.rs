@@ -12,23 +12,25 @@
 //!   never dropped by a bad edit) and is reported, never acted on.
 
 pub(crate) mod assemble;
+pub(crate) mod peer_sets;
 pub(crate) mod selector;
 pub(crate) mod services;
+pub(crate) mod slices;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::Arc,
 };
 
 use flowlens_api::{
     flow_policy::{FlowPolicySpec, Peer, PolicyInForce},
     network_observation::NetworkObservationSpec,
-    node_agent_config::{CidrEntry, CollectorEndpoint, Direction, NodeAgentConfigSpec},
+    node_agent_config::{CollectorEndpoint, Direction, NodeAgentConfigSpec},
     validate::{self, FieldErrors},
 };
 use sha2::{Digest, Sha256};
 
+use self::peer_sets::set_name;
 use crate::model::{
     EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, PodKey, ServiceInfo, ServiceKey, SliceKey,
 };
@@ -69,18 +71,33 @@ pub(crate) struct Rule {
     pub index: usize,
     pub any_peer: bool,
     pub peers: Vec<Peer>,
-    /// Pods matched by the rule's selector peers, with their addresses.
-    pub peer_pods: BTreeMap<PodKey, Vec<IpAddr>>,
     pub ports: Vec<flowlens_api::node_agent_config::PortRange>,
-    /// The address set, built on demand and kept until the peers change.
-    pub address_set: Option<Arc<BuiltSet>>,
+    /// The name of the rule's address set: what selects the peers, not who
+    /// they are (see [`set_name`]), so it stays when pods come and go. The
+    /// set itself is in [`Compiler::peer_sets`], shared by every rule that
+    /// names it.
+    pub set_name: String,
 }
 
-/// A named, canonical address set.
+/// A named address set, cut into the slices written for agents.
 #[derive(Debug)]
-pub(crate) struct BuiltSet {
-    pub name: String,
-    pub entries: Vec<CidrEntry>,
+pub struct BuiltSet {
+    pub(crate) slices: Vec<slices::Slice>,
+}
+
+impl BuiltSet {
+    /// How many AddressSetSlices the set is written as.
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Every entry of the set.
+    #[cfg(test)]
+    pub fn entries(&self) -> Vec<flowlens_api::node_agent_config::CidrEntry> {
+        let mut all: Vec<_> = self.slices.iter().flat_map(|s| s.spec.entries()).collect();
+        all.sort();
+        all
+    }
 }
 
 /// A FlowPolicy as the compiler takes it in.
@@ -165,6 +182,8 @@ pub struct Compiler {
     no_endpoint_slices: bool,
     observations: BTreeMap<String, Observation>,
     policies: BTreeMap<PolicyKey, Policy>,
+    /// Address sets by name (see `peer_sets`).
+    peer_sets: peer_sets::PeerSets,
     collector: Option<CollectorEndpoint>,
     dirty: BTreeSet<String>,
     dirty_policies: BTreeSet<PolicyKey>,
@@ -446,19 +465,7 @@ impl Compiler {
         for n in obs {
             self.resolve_observation(&n);
         }
-        let pols: Vec<PolicyKey> = self
-            .policies
-            .iter()
-            .filter(|(_, p)| {
-                p.rules
-                    .iter()
-                    .any(|r| r.peers.iter().any(|x| x.namespace_selector.is_some()))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in pols {
-            self.resolve_policy(&k);
-        }
+        self.peer_sets_namespaces_changed();
     }
 
     fn ns_labels(&self, ns: &str) -> &BTreeMap<String, String> {
@@ -579,7 +586,9 @@ impl Compiler {
         let new_ns_labels = new.map(|p| self.ns_labels(&p.namespace).clone());
         let ns_labels = new_ns_labels.as_ref();
         let traced = self.observations_pod_changed(key, old, new, ns_labels);
-        let targeted = self.policies_pod_changed(key, old, new, ns_labels);
+        let targeted = self.policies_pod_changed(key, old, new);
+        // Configs name the sets, so only the sets change.
+        self.peer_sets_pod_changed(key, new, ns_labels);
         if traced || targeted {
             for p in [old, new].into_iter().flatten() {
                 if let Some(n) = &p.node {
@@ -629,15 +638,13 @@ impl Compiler {
         touch
     }
 
-    /// Updates the policies that target the pod (true when it is or was a
-    /// target) and the rules that select it as a peer (their nodes' configs
-    /// change).
+    /// Updates the policies that target the pod; true when it is or was a
+    /// target (its node's config changes).
     fn policies_pod_changed(
         &mut self,
         key: &str,
         old: Option<&PodInfo>,
         new: Option<&PodInfo>,
-        new_ns_labels: Option<&BTreeMap<String, String>>,
     ) -> bool {
         let mut touch = false;
         for (pkey, pol) in self.policies.iter_mut() {
@@ -669,50 +676,8 @@ impl Compiler {
                 }
                 self.dirty_policies.insert(pkey.clone());
             }
-            // Peers: pods anywhere.
-            if Self::peers_pod_changed(&mut pol.rules, &pol.namespace, key, new, new_ns_labels) {
-                self.dirty.extend(pol.by_node.keys().cloned());
-            }
         }
         touch
-    }
-
-    /// Updates the peer pods of one policy's rules; true when one changed.
-    fn peers_pod_changed(
-        rules: &mut [Rule],
-        namespace: &str,
-        key: &str,
-        new: Option<&PodInfo>,
-        new_ns_labels: Option<&BTreeMap<String, String>>,
-    ) -> bool {
-        let mut changed = false;
-        for rule in rules {
-            if rule.any_peer {
-                continue;
-            }
-            let was = rule.peer_pods.get(key).cloned();
-            let now = match (new, new_ns_labels) {
-                (Some(p), Some(l))
-                    if Self::peer_eligible(p)
-                        && rule
-                            .peers
-                            .iter()
-                            .any(|x| Self::peer_selects(x, namespace, p, l)) =>
-                {
-                    Some(p.ips.clone())
-                }
-                _ => None,
-            };
-            if was != now {
-                match now {
-                    Some(ips) => rule.peer_pods.insert(key.to_owned(), ips),
-                    None => rule.peer_pods.remove(key),
-                };
-                rule.address_set = None;
-                changed = true;
-            }
-        }
-        changed
     }
 
     /// Pods of namespace `ns` that may match `sel` (an index lookup when the
@@ -904,6 +869,9 @@ impl Compiler {
     pub(crate) fn delete_policy(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(p) = self.policies.remove(&key) {
+            for r in p.rules.iter().filter(|r| !r.any_peer) {
+                self.release_set(&r.set_name);
+            }
             self.dirty.extend(p.by_node.into_keys());
             self.dirty_policies.insert(key);
         }
@@ -936,38 +904,23 @@ impl Compiler {
         let mut counters = [0usize; 2];
         for (direction, peers, ports) in specs {
             let index = &mut counters[direction as usize];
-            let mut peer_pods = BTreeMap::new();
-            for peer in peers.iter().filter(|p| p.ip_block.is_none()) {
-                let namespaces: Vec<String> = match &peer.namespace_selector {
-                    Some(sel) => self
-                        .namespaces
-                        .values()
-                        .filter(|n| selector::matches(sel, &n.labels))
-                        .map(|n| n.name.clone())
-                        .collect(),
-                    None => vec![ns.clone()],
-                };
-                for n in &namespaces {
-                    for p in self.candidates(n, peer.pod_selector.as_ref()) {
-                        if Self::peer_eligible(p) {
-                            peer_pods.insert(p.key(), p.ips.clone());
-                        }
-                    }
-                }
-            }
             rules.push(Rule {
                 direction,
                 index: *index,
+                set_name: set_name(&ns, peers),
                 any_peer: peers.is_empty(),
                 peers: peers.clone(),
-                peer_pods,
                 ports: ports.iter().map(port_range).collect(),
-                address_set: None,
             });
             *index += 1;
         }
 
+        // The new rules' sets first: a set both name stays.
+        for r in rules.iter().filter(|r| !r.any_peer) {
+            self.acquire_set(&r.set_name, &ns, &r.peers);
+        }
         let pol = self.policies.get_mut(key).unwrap();
+        let old_rules = std::mem::take(&mut pol.rules);
         let old_nodes: Vec<String> = pol.by_node.keys().cloned().collect();
         self.dirty.extend(old_nodes);
         self.dirty.extend(by_node.keys().cloned());
@@ -976,6 +929,9 @@ impl Compiler {
         pol.by_node = by_node;
         pol.rules = rules;
         self.dirty_policies.insert(key.clone());
+        for r in old_rules.iter().filter(|r| !r.any_peer) {
+            self.release_set(&r.set_name);
+        }
     }
 
     pub(crate) fn policy_view(&self, key: &PolicyKey) -> Option<PolicyView> {
@@ -1004,39 +960,6 @@ impl Compiler {
     pub fn node_config(&mut self, node: &str) -> Option<NodeAgentConfigSpec> {
         let info = self.nodes.get(node)?.clone();
         Some(assemble::node_config(self, &info))
-    }
-
-    /// Builds (or returns the cached) address set of a rule.
-    fn rule_set(rule: &mut Rule) -> Arc<BuiltSet> {
-        if let Some(s) = &rule.address_set {
-            return s.clone();
-        }
-        let mut entries: BTreeSet<CidrEntry> = BTreeSet::new();
-        for ips in rule.peer_pods.values() {
-            for ip in ips {
-                let len = if ip.is_ipv4() { 32 } else { 128 };
-                entries.insert(CidrEntry {
-                    cidr: format!("{ip}/{len}"),
-                    except: Vec::new(),
-                });
-            }
-        }
-        for peer in &rule.peers {
-            if let Some(b) = &peer.ip_block {
-                entries.insert(CidrEntry {
-                    cidr: b.cidr.clone(),
-                    except: b.except.clone(),
-                });
-            }
-        }
-        let entries: Vec<CidrEntry> = entries.into_iter().collect();
-        let name = format!(
-            "as-{}",
-            content_hash(&serde_json::to_vec(&entries).expect("entries serialize"))
-        );
-        let s = Arc::new(BuiltSet { name, entries });
-        rule.address_set = Some(s.clone());
-        s
     }
 }
 

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use flowlens_api::{
     flow_policy::{FlowPolicySpec, PolicyMode, Protocol},
     network_observation::NetworkObservationSpec,
-    node_agent_config::{Direction, NodeAgentConfigSpec, PortRange, WorkloadRef},
+    node_agent_config::{CidrEntry, Direction, NodeAgentConfigSpec, PortRange, WorkloadRef},
 };
 
 use super::*;
@@ -209,11 +209,8 @@ fn host_network_pods_are_reported_never_pretended() {
     assert!(n1.endpoints.iter().all(|e| e.pod != "ds-1"));
     // Not a peer either: its address is the node's.
     let n2 = cfg(&mut c, "n2");
-    let set = &n2.address_sets[0];
-    assert!(
-        set.entries.iter().all(|e| e.cidr != "192.168.0.1/32"),
-        "{set:?}"
-    );
+    let set = set_entries(&mut c, n2.rules[0].address_set.as_ref().unwrap());
+    assert!(set.iter().all(|e| e.cidr != "192.168.0.1/32"), "{set:?}");
 }
 
 #[test]
@@ -255,14 +252,11 @@ fn policies_compile_to_local_targets_and_remote_address_sets() {
             }
         ]
     );
-    let set = n1
-        .address_sets
-        .iter()
-        .find(|s| Some(&s.name) == r.address_set.as_ref())
-        .unwrap();
-    let cidrs: Vec<&str> = set.entries.iter().map(|e| e.cidr.as_str()).collect();
+    assert!(n1.address_sets.is_empty(), "sets are written as slices");
+    let set = set_entries(&mut c, r.address_set.as_ref().unwrap());
+    let cidrs: Vec<&str> = set.iter().map(|e| e.cidr.as_str()).collect();
     assert_eq!(cidrs, vec!["10.0.2.1/32", "172.16.0.0/12"]);
-    assert_eq!(set.entries[1].except, vec!["172.16.1.0/24"]);
+    assert_eq!(set[1].except, vec!["172.16.1.0/24"]);
     assert_eq!(n1.policies[0].name, "web-no-db");
     assert!(
         cfg(&mut c, "n2").rules.is_empty(),
@@ -281,24 +275,27 @@ fn policies_compile_to_local_targets_and_remote_address_sets() {
 }
 
 #[test]
-fn peer_changes_reach_every_node_that_carries_the_rule_and_only_those() {
+fn peer_changes_change_the_address_set_and_no_config() {
     let mut c = shop();
     c.upsert_policy(policy("shop", "p", "pu", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]}]")));
     c.take_dirty_nodes();
-    // A new db pod on n2 changes n1's address set.
-    c.upsert_pod(pod("data", "db-2", "n2", "10.0.2.2", &[("app", "db")]));
-    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n1".to_string()]));
+    let before = cfg(&mut c, "n1");
+    let name = before.rules[0].address_set.clone().unwrap();
     let entries = |c: &mut Compiler| {
-        cfg(c, "n1").address_sets[0]
-            .entries
-            .iter()
-            .map(|e| e.cidr.clone())
+        set_entries(c, &name)
+            .into_iter()
+            .map(|e| e.cidr)
             .collect::<Vec<_>>()
     };
+    assert_eq!(entries(&mut c), vec!["10.0.2.1/32"]);
+    // A new db pod on n2 changes the set n1's config names, not the config.
+    c.upsert_pod(pod("data", "db-2", "n2", "10.0.2.2", &[("app", "db")]));
+    assert!(c.take_dirty_nodes().is_empty());
     assert_eq!(entries(&mut c), vec!["10.0.2.1/32", "10.0.2.2/32"]);
-    // Deleting a pod removes its address everywhere.
+    assert_eq!(cfg(&mut c, "n1"), before, "the config is unchanged");
+    // Deleting a pod removes its address.
     c.delete_pod("data/db-1");
-    assert_eq!(c.take_dirty_nodes(), BTreeSet::from(["n1".to_string()]));
+    assert!(c.take_dirty_nodes().is_empty());
     assert_eq!(entries(&mut c), vec!["10.0.2.2/32"]);
     // An unrelated pod touches nothing.
     c.upsert_pod(pod(
@@ -331,12 +328,8 @@ fn a_selector_matching_nothing_blocks_nothing_and_every_peer_is_explicit() {
     let n1 = cfg(&mut c, "n1");
     let none = n1.rules.iter().find(|r| r.policy.name == "none").unwrap();
     assert!(!none.any_peer);
-    let set = n1
-        .address_sets
-        .iter()
-        .find(|s| Some(&s.name) == none.address_set.as_ref())
-        .unwrap();
-    assert!(set.entries.is_empty(), "an empty set: blocks nothing");
+    let set = set_entries(&mut c, none.address_set.as_ref().unwrap());
+    assert!(set.is_empty(), "an empty set: blocks nothing");
     let all: Vec<_> = n1.rules.iter().filter(|r| r.policy.name == "all").collect();
     assert_eq!(all.len(), 2);
     assert!(
@@ -703,6 +696,9 @@ fn incremental_equals_bulk() {
                 let spec = inc.node_config(&n);
                 written.insert(n, spec);
             }
+            // As the writer does after each compile: sets are built (and
+            // cached) as they are, so a stale cache would show below.
+            inc.address_sets();
             match rng.next(14) {
                 0..=5 => {
                     let n = nss[rng.next(3) as usize];
@@ -793,6 +789,17 @@ fn incremental_equals_bulk() {
             assert_eq!(written[n], want, "seed {seed}, node {n}: as written");
             frontends += want.map_or(0, |w| w.services.len());
         }
+        let slices = |c: &mut Compiler| -> BTreeMap<String, Vec<slices::Slice>> {
+            c.address_sets()
+                .into_iter()
+                .map(|(name, set)| (name, set.slices.clone()))
+                .collect()
+        };
+        assert_eq!(
+            slices(&mut inc),
+            slices(&mut bulk),
+            "seed {seed}: address sets"
+        );
     }
     assert!(frontends > 0, "the events reach Services");
 }
@@ -822,4 +829,71 @@ fn node_addresses_and_host_network_pods_resolve_to_their_node() {
     assert_eq!(name(&c, "192.0.2.1"), None);
     c.upsert_node(node("n2", "b"));
     assert_eq!(name(&c, "192.0.2.2"), None, "the address is gone");
+}
+
+/// The entries of the address set `name`, as written for agents.
+fn set_entries(c: &mut Compiler, name: &str) -> Vec<CidrEntry> {
+    c.address_sets()
+        .get(name)
+        .unwrap_or_else(|| panic!("no address set {name}"))
+        .entries()
+}
+
+#[test]
+fn rules_with_the_same_peers_share_one_set_and_its_name_does_not_follow_content() {
+    let mut c = shop();
+    let to_db = "egress: [{to: [{namespaceSelector: {matchLabels: {team: data}}}]}]";
+    c.upsert_policy(policy(
+        "shop",
+        "a",
+        "ua",
+        1,
+        pol(&format!(
+            "podSelector: {{matchLabels: {{app: web}}}}\n{to_db}"
+        )),
+    ));
+    c.upsert_policy(policy(
+        "data",
+        "b",
+        "ub",
+        1,
+        pol(&format!("podSelector: {{}}\n{to_db}")),
+    ));
+    c.upsert_policy(policy("shop", "own", "uc", 1, pol("podSelector: {matchLabels: {app: web}}\negress: [{to: [{podSelector: {matchLabels: {app: api}}}]}]")));
+    let sets = c.address_sets();
+    let n1 = cfg(&mut c, "n1");
+    let named: BTreeSet<&String> = n1
+        .rules
+        .iter()
+        .filter_map(|r| r.address_set.as_ref())
+        .collect();
+    assert_eq!(named.len(), 2, "{named:?}");
+    let shared = &n1
+        .rules
+        .iter()
+        .find(|r| r.policy.name == "a")
+        .unwrap()
+        .address_set;
+    assert!(sets.contains_key(shared.as_ref().unwrap()));
+    let n2 = cfg(&mut c, "n2");
+    let b = n2.rules.iter().find(|r| r.policy.name == "b").unwrap();
+    assert_eq!(
+        &b.address_set, shared,
+        "policy b in another namespace shares it"
+    );
+    // The same selector in another namespace selects other pods: another set.
+    assert_ne!(
+        set_name("shop", &[serde_yaml::from_str("podSelector: {}").unwrap()]),
+        set_name("data", &[serde_yaml::from_str("podSelector: {}").unwrap()])
+    );
+    assert_eq!(
+        set_name(
+            "shop",
+            &[serde_yaml::from_str("namespaceSelector: {}").unwrap()]
+        ),
+        set_name(
+            "data",
+            &[serde_yaml::from_str("namespaceSelector: {}").unwrap()]
+        )
+    );
 }

@@ -13,11 +13,11 @@
 //!
 //! Then, one at a time, each settled before the next: `--ip-changes` pods get
 //! a new IP, one more policy is applied, one team namespace is relabelled
-//! out of the policies' selectors. A watch on every NodeAgentConfig sees
-//! each write (what every agent's watch would get); an event's bytes are
-//! the sizes of the configs written for it, its propagation the time from
-//! the change to the last of them. Settled means no config written for
-//! [`QUIET`].
+//! out of the policies' selectors. Watches on every NodeAgentConfig and
+//! every AddressSetSlice see each write (what the agents' watches would
+//! get); an event's bytes are the sizes of the objects written for it, its
+//! propagation the time from the change to the last of them. Settled means
+//! nothing written for [`QUIET`].
 //!
 //! The watch also acknowledges each new revision as its node's agent
 //! would (status: applied revision, policies in force), so policies roll
@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlens_api::NodeAgentConfig;
+use flowlens_api::{AddressSetSlice, NodeAgentConfig};
 use flowlens_e2e::{
     cluster::{client, unique_name},
     objects::TestObjects,
@@ -60,8 +60,9 @@ const CREATE_CONCURRENCY: usize = 16;
 const QUIET: Duration = Duration::from_secs(3);
 
 /// What the operator writes, by its `resource` label.
-const WRITTEN: [&str; 4] = [
+const WRITTEN: [&str; 5] = [
     "nodeagentconfigs",
+    "addresssetslices",
     "flowpolicies/status",
     "networkobservations/status",
     "events",
@@ -111,19 +112,29 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Config writes seen by the watch: (when, bytes of the object).
+/// What the watches saw written.
 #[derive(Default)]
 struct Writes {
-    seen: Vec<(Instant, usize)>,
+    seen: Vec<Write>,
     max_bytes: usize,
     /// Node -> the last revision seen (a status write repeats it).
     revisions: std::collections::HashMap<String, String>,
+}
+
+/// One object written, as a watch saw it.
+struct Write {
+    at: Instant,
+    /// The object's size (0 for a delete).
+    bytes: usize,
+    slice: bool,
 }
 
 /// What one change cost.
 #[derive(Clone, Copy, Debug, Default)]
 struct Cost {
     configs: usize,
+    /// AddressSetSlices written or deleted.
+    slices: usize,
     bytes: usize,
     propagation_ms: f64,
 }
@@ -167,6 +178,7 @@ pub async fn run(args: Args) {
 
     let op = Operator::start(&bench.run, &[]);
     let watch = bench.spawn_config_watch();
+    let slice_watch = bench.spawn_slice_watch();
     let started = Instant::now();
     let settled = bench
         .settle(bench.args.nodes, Instant::now() + SETTLE_TIMEOUT)
@@ -216,8 +228,9 @@ pub async fn run(args: Args) {
         let pod = j * bench.args.pods / bench.args.ip_changes.max(1);
         let c = bench.change_pod_ip(pod, j).await;
         eprintln!(
-            "pod p{pod} new IP: {} configs, {:.1} KiB, {:.0} ms",
+            "pod p{pod} new IP: {} configs, {} slices, {:.1} KiB, {:.0} ms",
             c.configs,
+            c.slices,
             c.bytes as f64 / 1024.0,
             c.propagation_ms
         );
@@ -241,6 +254,7 @@ pub async fn run(args: Args) {
     let incremental_n =
         op.metric_sum("flowlens_operator_compile_duration_seconds_count", "") - compiles_before;
     watch.abort();
+    slice_watch.abort();
 
     let mut latencies: Vec<f64> = ip.iter().map(|c| c.propagation_ms).collect();
     latencies.push(policy.propagation_ms);
@@ -254,6 +268,7 @@ pub async fn run(args: Args) {
         initial,
         bytes_per_pod_ip_change: mean(&ip, |c| c.bytes),
         configs_per_pod_ip_change: mean(&ip, |c| c.configs),
+        slices_per_pod_ip_change: mean(&ip, |c| c.slices),
         policy,
         label,
         propagation_p50_ms: percentile(&latencies, 0.5),
@@ -279,6 +294,7 @@ struct Report {
     initial: Cost,
     bytes_per_pod_ip_change: f64,
     configs_per_pod_ip_change: f64,
+    slices_per_pod_ip_change: f64,
     policy: Cost,
     label: Cost,
     propagation_p50_ms: f64,
@@ -314,29 +330,33 @@ impl Report {
             );
             println!("|---|---|---|");
             println!(
-                "| largest NodeAgentConfig | {:.1} KiB | < 256 KiB |",
+                "| largest object written (config or slice) | {:.1} KiB | < 256 KiB |",
                 kib(self.max_object_bytes as f64)
             );
             println!(
-                "| written for one pod IP change ({} changes) | {:.1} KiB in {:.1} configs | < 64 KiB |",
+                "| written for one pod IP change ({} changes) | {:.1} KiB in {:.1} configs, {:.1} slices | < 64 KiB |",
                 a.ip_changes,
                 kib(self.bytes_per_pod_ip_change),
-                self.configs_per_pod_ip_change
+                self.configs_per_pod_ip_change,
+                self.slices_per_pod_ip_change
             );
             println!(
-                "| written for one policy applied | {:.1} KiB in {} configs | - |",
+                "| written for one policy applied | {:.1} KiB in {} configs, {} slices | - |",
                 kib(self.policy.bytes as f64),
-                self.policy.configs
+                self.policy.configs,
+                self.policy.slices
             );
             println!(
-                "| written for one namespace label change | {:.1} KiB in {} configs | - |",
+                "| written for one namespace label change | {:.1} KiB in {} configs, {} slices | - |",
                 kib(self.label.bytes as f64),
-                self.label.configs
+                self.label.configs,
+                self.label.slices
             );
             println!(
-                "| written at start | {:.1} MiB in {} configs | - |",
+                "| written at start | {:.1} MiB in {} configs, {} slices | - |",
                 kib(kib(self.initial.bytes as f64)),
-                self.initial.configs
+                self.initial.configs,
+                self.initial.slices
             );
             println!(
                 "| propagation to every affected config, p50 / p99 | {:.0} / {:.0} ms | p99 < 1 s |",
@@ -380,6 +400,7 @@ impl Report {
                 "max_object_bytes": self.max_object_bytes,
                 "bytes_per_pod_ip_change": self.bytes_per_pod_ip_change.round(),
                 "configs_per_pod_ip_change": self.configs_per_pod_ip_change,
+                "slices_per_pod_ip_change": self.slices_per_pod_ip_change,
                 "bytes_per_policy_applied": self.policy.bytes,
                 "bytes_per_namespace_label_change": self.label.bytes,
                 "initial_bytes": self.initial.bytes,
@@ -572,7 +593,11 @@ impl Bench {
                     let new = w.revisions.get(&node) != Some(&nac.spec.revision);
                     if new {
                         let bytes = serde_json::to_vec(&nac).map_or(0, |b| b.len());
-                        w.seen.push((Instant::now(), bytes));
+                        w.seen.push(Write {
+                            at: Instant::now(),
+                            bytes,
+                            slice: false,
+                        });
                         w.max_bytes = w.max_bytes.max(bytes);
                         w.revisions.insert(node, nac.spec.revision.clone());
                     }
@@ -585,6 +610,29 @@ impl Bench {
         })
     }
 
+    /// Records every AddressSetSlice written or deleted.
+    fn spawn_slice_watch(&self) -> tokio::task::JoinHandle<()> {
+        let writes = self.writes.clone();
+        let api = Api::<AddressSetSlice>::all(self.client.clone());
+        tokio::spawn(async move {
+            let mut s = watcher(api, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = s.try_next().await {
+                let bytes = match event {
+                    watcher::Event::Apply(o) => serde_json::to_vec(&o).map_or(0, |b| b.len()),
+                    watcher::Event::Delete(_) => 0,
+                    _ => continue,
+                };
+                let mut w = writes.lock().unwrap();
+                w.seen.push(Write {
+                    at: Instant::now(),
+                    bytes,
+                    slice: true,
+                });
+                w.max_bytes = w.max_bytes.max(bytes);
+            }
+        })
+    }
+
     /// Waits until the configs of `nodes` nodes were written and then none
     /// for [`QUIET`] (with `nodes` 0, also when none was written); false
     /// when that did not happen by `deadline` (configs the API server
@@ -593,7 +641,7 @@ impl Bench {
         loop {
             let (last, written) = {
                 let w = self.writes.lock().unwrap();
-                (w.seen.last().map(|w| w.0), w.revisions.len())
+                (w.seen.last().map(|w| w.at), w.revisions.len())
             };
             let quiet = last.map_or(nodes == 0, |t| t.elapsed() >= QUIET);
             if written >= nodes && quiet {
@@ -615,10 +663,11 @@ impl Bench {
     fn cost_since(&self, at: Option<Instant>) -> Cost {
         let seen = std::mem::take(&mut self.writes.lock().unwrap().seen);
         Cost {
-            configs: seen.len(),
-            bytes: seen.iter().map(|w| w.1).sum(),
+            configs: seen.iter().filter(|w| !w.slice).count(),
+            slices: seen.iter().filter(|w| w.slice).count(),
+            bytes: seen.iter().map(|w| w.bytes).sum(),
             propagation_ms: match (at, seen.last()) {
-                (Some(at), Some(last)) => (last.0 - at).as_secs_f64() * 1000.0,
+                (Some(at), Some(last)) => (last.at - at).as_secs_f64() * 1000.0,
                 _ => 0.0,
             },
         }

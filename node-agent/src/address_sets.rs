@@ -1,0 +1,147 @@
+//! Joins a `NodeAgentConfig` with the `AddressSetSlice`s of the address sets
+//! its rules name. Pure; `config_source` watches the objects.
+//!
+//! Fail-closed for changes, fail-static for the kernel: a config is handed
+//! on only once every set it names has been read, so a new config never
+//! applies with a set missing (its rules would block nothing); until then,
+//! the config in force stays.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flowlens_api::{
+    address_set_slice::AddressSetSliceSpec,
+    node_agent_config::{AddressSet, NodeAgentConfigSpec},
+};
+
+/// The sets `spec`'s rules name that it does not carry inline: the ones to
+/// read from `AddressSetSlice`s.
+pub fn named_sets(spec: &NodeAgentConfigSpec) -> BTreeSet<String> {
+    let inline: BTreeSet<&str> = spec.address_sets.iter().map(|s| s.name.as_str()).collect();
+    spec.rules
+        .iter()
+        .filter_map(|r| r.address_set.as_deref())
+        .filter(|n| !inline.contains(n))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `spec` with every set it names inline, each the union of its slices'
+/// entries (sorted, without duplicates); or the names of the sets that have
+/// no slice (not read yet, or deleted).
+pub fn join<'a>(
+    spec: &NodeAgentConfigSpec,
+    slices: impl IntoIterator<Item = &'a AddressSetSliceSpec>,
+) -> Result<NodeAgentConfigSpec, Vec<String>> {
+    let named = named_sets(spec);
+    let mut entries: BTreeMap<&str, BTreeSet<_>> = BTreeMap::new();
+    for s in slices {
+        if named.contains(&s.address_set) {
+            entries
+                .entry(s.address_set.as_str())
+                .or_default()
+                .extend(s.entries());
+        }
+    }
+    let missing: Vec<String> = named
+        .iter()
+        .filter(|n| !entries.contains_key(n.as_str()))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    let mut joined = spec.clone();
+    joined
+        .address_sets
+        .extend(entries.into_iter().map(|(name, e)| AddressSet {
+            name: name.to_owned(),
+            entries: e.into_iter().collect(),
+        }));
+    Ok(joined)
+}
+
+/// The label selector of the slices of `sets`.
+pub fn selector(sets: &BTreeSet<String>) -> String {
+    let names: Vec<&str> = sets.iter().map(String::as_str).collect();
+    format!(
+        "{} in ({})",
+        flowlens_api::address_set_slice::SET_LABEL,
+        names.join(",")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use flowlens_api::node_agent_config::{BlockRule, CidrEntry};
+
+    use super::*;
+
+    fn config(sets: &[&str]) -> NodeAgentConfigSpec {
+        NodeAgentConfigSpec {
+            rules: sets
+                .iter()
+                .map(|s| BlockRule {
+                    id: format!("ns/p/egress/{s}"),
+                    address_set: Some((*s).into()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn slice(set: &str, addresses: &[&str]) -> AddressSetSliceSpec {
+        AddressSetSliceSpec {
+            address_set: set.into(),
+            addresses: addresses.iter().map(|a| (*a).into()).collect(),
+            blocks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_config_is_joined_with_the_union_of_its_sets_slices() {
+        let spec = config(&["as-a", "as-b"]);
+        let slices = [
+            slice("as-a", &["10.0.0.2", "10.0.0.1"]),
+            slice("as-a", &["10.0.0.3", "10.0.0.1"]),
+            slice("as-b", &[]),
+            slice("as-other", &["10.9.9.9"]),
+        ];
+        let joined = join(&spec, &slices).unwrap();
+        let a = &joined.address_sets[0];
+        assert_eq!(a.name, "as-a");
+        let cidrs: Vec<&str> = a.entries.iter().map(|e| e.cidr.as_str()).collect();
+        assert_eq!(cidrs, ["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"]);
+        assert_eq!(joined.address_sets[1].name, "as-b");
+        assert!(joined.address_sets[1].entries.is_empty(), "empty, but read");
+        assert_eq!(joined.address_sets.len(), 2, "only the sets it names");
+    }
+
+    #[test]
+    fn a_config_naming_a_set_not_read_is_held_back() {
+        let spec = config(&["as-a", "as-b"]);
+        assert_eq!(
+            join(&spec, &[slice("as-a", &["10.0.0.1"])]).unwrap_err(),
+            ["as-b"]
+        );
+    }
+
+    #[test]
+    fn inline_sets_are_not_read_from_slices() {
+        let mut spec = config(&["inline", "as-a"]);
+        spec.address_sets.push(AddressSet {
+            name: "inline".into(),
+            entries: vec![CidrEntry {
+                cidr: "10.1.0.0/16".into(),
+                except: Vec::new(),
+            }],
+        });
+        assert_eq!(named_sets(&spec), BTreeSet::from(["as-a".to_owned()]));
+        assert_eq!(
+            selector(&named_sets(&config(&["as-b", "as-a"]))),
+            "flowlens.dev/address-set in (as-a,as-b)"
+        );
+        let joined = join(&spec, &[slice("as-a", &[])]).unwrap();
+        assert_eq!(joined.address_sets.len(), 2);
+    }
+}

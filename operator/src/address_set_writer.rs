@@ -1,0 +1,202 @@
+//! Writes the `AddressSetSlice`s of the address sets that configs name
+//! (server-side apply) when their content changed, and deletes the slices
+//! no config names any more.
+//!
+//! Order, for agents that read a config and then its sets: slices are
+//! written before the configs that name them, and deleted only after the
+//! configs no longer do. A set cut differently (a slice split in two) has
+//! its new slices written before the old one is deleted, so an agent sees
+//! every address at every moment.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use flowlens_api::{
+    AddressSetSlice,
+    address_set_slice::{AddressSetSliceSpec, SET_LABEL},
+};
+use futures::StreamExt;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    compile::{BuiltSet, content_hash, slices::Slice},
+    config_writer::{FIELD_MANAGER, WRITE_CONCURRENCY},
+    context::Context,
+    error::Result,
+};
+
+const CONTROLLER: &str = "address-set-slice";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by=flowlens-operator";
+
+/// Slice name -> content hash, as written.
+type Written = Arc<Mutex<HashMap<String, String>>>;
+
+/// The slices as written.
+pub(crate) struct SliceWriter {
+    api: Api<AddressSetSlice>,
+    written: Written,
+}
+
+impl SliceWriter {
+    /// Lists the slices already written (by an earlier operator), so that
+    /// only what changed since is written again.
+    pub(crate) async fn load(ctx: &Context) -> Result<Self> {
+        let api: Api<AddressSetSlice> = Api::all(ctx.client.clone());
+        let listed = api.list(&ListParams::default().labels(MANAGED_BY)).await?;
+        let written: Written = Arc::new(Mutex::new(
+            listed
+                .items
+                .iter()
+                .map(|s| (s.name_any(), hash(&s.spec)))
+                .collect(),
+        ));
+        Ok(Self { api, written })
+    }
+
+    /// Forgets the slices someone else changed or deleted, so that the next
+    /// pass writes them again (agents would miss their addresses). Runs
+    /// until the process ends.
+    pub(crate) fn watch_foreign(&self, ctx: Arc<Context>) -> impl Future<Output = ()> + use<> {
+        let written = self.written.clone();
+        let cfg = watcher::Config::default().labels(MANAGED_BY);
+        watcher(self.api.clone(), cfg)
+            .backoff(crate::feed::watch_backoff())
+            .for_each(move |ev| {
+                let foreign = match ev {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        let mut w = written.lock().expect("written lock");
+                        let h = hash(&s.spec);
+                        w.get(&s.name_any()).is_some_and(|x| *x != h)
+                            && w.remove(&s.name_any()).is_some()
+                    }
+                    Ok(watcher::Event::Delete(s)) => written
+                        .lock()
+                        .expect("written lock")
+                        .remove(&s.name_any())
+                        .is_some(),
+                    _ => false,
+                };
+                if foreign {
+                    ctx.changed.notify_one();
+                }
+                futures::future::ready(())
+            })
+    }
+
+    /// Writes the slices of `sets` that are not written as they are; true
+    /// when every write succeeded.
+    pub(crate) async fn write_changed(
+        &self,
+        ctx: &Context,
+        sets: &BTreeMap<String, Arc<BuiltSet>>,
+    ) -> bool {
+        let todo: Vec<&Slice> = {
+            let written = self.written.lock().expect("written lock");
+            sets.values()
+                .flat_map(|s| s.slices.iter())
+                .filter(|s| written.get(&s.name) != Some(&s.hash))
+                .collect()
+        };
+        let api = &self.api;
+        let done: Vec<(&Slice, bool)> = futures::stream::iter(todo)
+            .map(|s| async move {
+                let ok = match write(api, s).await {
+                    Ok(()) => {
+                        ctx.metrics.wrote("addresssetslices", "apply");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(slice = %s.name, error = %e, "cannot write AddressSetSlice; will retry");
+                        ctx.metrics.failed(CONTROLLER, e.metric_label());
+                        false
+                    }
+                };
+                ctx.metrics.reconciling(CONTROLLER);
+                (s, ok)
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut written = self.written.lock().expect("written lock");
+        let mut all_ok = true;
+        for (s, ok) in done {
+            if ok {
+                written.insert(s.name.clone(), s.hash.clone());
+            }
+            all_ok &= ok;
+        }
+        all_ok
+    }
+
+    /// Deletes the written slices that are not slices of `sets`; true when
+    /// every delete succeeded.
+    pub(crate) async fn delete_unnamed(
+        &self,
+        ctx: &Context,
+        sets: &BTreeMap<String, Arc<BuiltSet>>,
+    ) -> bool {
+        let wanted: std::collections::HashSet<&str> = sets
+            .values()
+            .flat_map(|s| s.slices.iter().map(|x| x.name.as_str()))
+            .collect();
+        let stale: Vec<String> = self
+            .written
+            .lock()
+            .expect("written lock")
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
+        let mut all_ok = true;
+        for name in stale {
+            match self.api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => ctx.metrics.wrote("addresssetslices", "delete"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    warn!(slice = %name, error = %e, "cannot delete AddressSetSlice; will retry");
+                    ctx.metrics
+                        .failed(CONTROLLER, crate::error::Error::from(e).metric_label());
+                    all_ok = false;
+                    continue;
+                }
+            }
+            debug!(slice = %name, "deleted AddressSetSlice no config names");
+            self.written.lock().expect("written lock").remove(&name);
+        }
+        all_ok
+    }
+}
+
+/// The content hash the compiler gives a slice (see `compile::slices`).
+fn hash(spec: &AddressSetSliceSpec) -> String {
+    content_hash(&serde_json::to_vec(spec).expect("a slice serializes"))
+}
+
+async fn write(api: &Api<AddressSetSlice>, s: &Slice) -> Result<()> {
+    let obj = serde_json::json!({
+        "apiVersion": "flowlens.dev/v1alpha1",
+        "kind": "AddressSetSlice",
+        "metadata": {
+            "name": s.name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "flowlens-operator",
+                SET_LABEL: s.spec.address_set,
+            },
+        },
+        "spec": s.spec,
+    });
+    api.patch(
+        &s.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await?;
+    Ok(())
+}
