@@ -12,8 +12,7 @@
 // kube's `printcolumn(...)` attributes repeat keys by design.
 #![allow(clippy::duplicated_attributes)]
 
-use kube::CustomResource;
-use schemars::JsonSchema;
+use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::node_agent_config::CidrEntry;
@@ -27,7 +26,7 @@ pub const MAX_SLICE_ENTRIES: usize = 1000;
 
 /// One slice of an address set. Cluster-scoped, written by the operator
 /// only; labelled [`SET_LABEL`]`=<set>`.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "flowlens.dev",
     version = "v1alpha1",
@@ -44,6 +43,7 @@ pub const MAX_SLICE_ENTRIES: usize = 1000;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.addresses) ? size(self.addresses) : 0) + (has(self.blocks) ? size(self.blocks) : 0) <= 1000").message("a slice holds at most 1000 entries, addresses and blocks together"))]
 pub struct AddressSetSliceSpec {
     /// The address set this slice belongs to (also its label).
     pub address_set: String,
@@ -58,9 +58,34 @@ pub struct AddressSetSliceSpec {
 }
 
 impl AddressSetSliceSpec {
+    /// Whether the slice can be used as it is: at most
+    /// [`MAX_SLICE_ENTRIES`] entries, bare addresses, CIDRs (and their
+    /// exceptions) that parse. The error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let n = self.addresses.len() + self.blocks.len();
+        if n > MAX_SLICE_ENTRIES {
+            return Err(format!(
+                "{n} entries (addresses and blocks), more than {MAX_SLICE_ENTRIES}"
+            ));
+        }
+        for (i, a) in self.addresses.iter().enumerate() {
+            if a.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!("addresses[{i}]: {a:?} is not an IP address"));
+            }
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            crate::validate::parse_cidr(&b.cidr).map_err(|e| format!("blocks[{i}].cidr: {e}"))?;
+            for (j, x) in b.except.iter().enumerate() {
+                crate::validate::parse_cidr(x)
+                    .map_err(|e| format!("blocks[{i}].except[{j}]: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The slice's entries as CIDRs (`/32` or `/128` for single addresses).
-    /// An address that does not parse is passed on as it is, for the
-    /// agent's compiler to report.
+    /// An address that does not parse is passed on as it is (see
+    /// [`Self::check`]).
     pub fn entries(&self) -> impl Iterator<Item = CidrEntry> + '_ {
         self.addresses
             .iter()
@@ -98,5 +123,30 @@ mod tests {
             cidrs,
             ["10.0.0.1/32", "fd00::1/128", "bogus", "192.168.0.0/16"]
         );
+    }
+
+    #[test]
+    fn check_names_the_field_that_cannot_be_used() {
+        let good = AddressSetSliceSpec {
+            address_set: "as-1".into(),
+            addresses: vec!["10.0.0.1".into(), "fd00::1".into()],
+            blocks: vec![CidrEntry {
+                cidr: "192.168.0.0/16".into(),
+                except: vec!["192.168.1.0/24".into()],
+            }],
+        };
+        assert_eq!(good.check(), Ok(()));
+        let mut s = good.clone();
+        s.addresses[1] = "10.0.0.0/8".into();
+        assert!(s.check().unwrap_err().starts_with("addresses[1]: "));
+        let mut s = good.clone();
+        s.blocks[0].except[0] = "nope".into();
+        assert!(s.check().unwrap_err().starts_with("blocks[0].except[0]: "));
+        let mut s = good.clone();
+        s.blocks[0].cidr = "192.168.1.1/16".into();
+        assert!(s.check().unwrap_err().starts_with("blocks[0].cidr: "));
+        let mut s = good;
+        s.addresses = vec!["10.0.0.1".into(); MAX_SLICE_ENTRIES];
+        assert!(s.check().unwrap_err().contains("more than 1000"));
     }
 }

@@ -95,6 +95,20 @@ pub struct NodeAgentConfigSpec {
     pub services: Vec<ServiceFrontend>,
 }
 
+impl NodeAgentConfigSpec {
+    /// The address sets the rules name that are not given inline: the ones
+    /// read from `AddressSetSlice`s.
+    pub fn sets_in_slices(&self) -> std::collections::BTreeSet<&str> {
+        let inline: std::collections::BTreeSet<&str> =
+            self.address_sets.iter().map(|s| s.name.as_str()).collect();
+        self.rules
+            .iter()
+            .filter_map(|r| r.address_set.as_deref())
+            .filter(|n| !inline.contains(n))
+            .collect()
+    }
+}
+
 /// One address and port of a Service: a ClusterIP, an externalIP, a
 /// LoadBalancer ingress IP, or one of this node's addresses with a NodePort.
 #[derive(

@@ -9,38 +9,71 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flowlens_api::{
-    address_set_slice::AddressSetSliceSpec,
+    address_set_slice::{AddressSetSliceSpec, SET_LABEL},
     node_agent_config::{AddressSet, NodeAgentConfigSpec},
 };
 
 /// The sets `spec`'s rules name that it does not carry inline: the ones to
 /// read from `AddressSetSlice`s.
 pub fn named_sets(spec: &NodeAgentConfigSpec) -> BTreeSet<String> {
-    let inline: BTreeSet<&str> = spec.address_sets.iter().map(|s| s.name.as_str()).collect();
-    spec.rules
-        .iter()
-        .filter_map(|r| r.address_set.as_deref())
-        .filter(|n| !inline.contains(n))
+    spec.sets_in_slices()
+        .into_iter()
         .map(str::to_owned)
         .collect()
 }
 
+/// A slice as the agent read it: its spec, or why it cannot be used.
+pub type ReadSlice = Result<AddressSetSliceSpec, String>;
+
+/// Reads the slice `name` labelled `label` (the set the watch selected it
+/// by): a slice whose spec names another set, or that [`AddressSetSliceSpec::check`]
+/// rejects, cannot be used, and the message says why.
+pub fn read_slice(name: &str, label: Option<&str>, spec: AddressSetSliceSpec) -> ReadSlice {
+    if label != Some(spec.address_set.as_str()) {
+        return Err(format!(
+            "AddressSetSlice {name}: spec.addressSet {:?} is not its label {SET_LABEL}={:?}",
+            spec.address_set,
+            label.unwrap_or_default()
+        ));
+    }
+    spec.check()
+        .map_err(|e| format!("AddressSetSlice {name}: spec.{e}"))?;
+    Ok(spec)
+}
+
+/// Why a config cannot be joined with its sets yet.
+#[derive(Debug, PartialEq)]
+pub enum Unjoined {
+    /// Sets with no slice (not read yet, or deleted).
+    Missing(Vec<String>),
+    /// Slices that cannot be used (see [`read_slice`]): a set would be
+    /// applied with part of its addresses.
+    Bad(Vec<String>),
+}
+
 /// `spec` with every set it names inline, each the union of its slices'
-/// entries (sorted, without duplicates); or the names of the sets that have
-/// no slice (not read yet, or deleted).
+/// entries (sorted, without duplicates); or why it cannot be, yet.
 pub fn join<'a>(
     spec: &NodeAgentConfigSpec,
-    slices: impl IntoIterator<Item = &'a AddressSetSliceSpec>,
-) -> Result<NodeAgentConfigSpec, Vec<String>> {
+    slices: impl IntoIterator<Item = &'a ReadSlice>,
+) -> Result<NodeAgentConfigSpec, Unjoined> {
     let named = named_sets(spec);
     let mut entries: BTreeMap<&str, BTreeSet<_>> = BTreeMap::new();
+    let mut bad = Vec::new();
     for s in slices {
-        if named.contains(&s.address_set) {
-            entries
-                .entry(s.address_set.as_str())
-                .or_default()
-                .extend(s.entries());
+        match s {
+            Ok(s) if named.contains(&s.address_set) => {
+                entries
+                    .entry(s.address_set.as_str())
+                    .or_default()
+                    .extend(s.entries());
+            }
+            Ok(_) => {}
+            Err(why) => bad.push(why.clone()),
         }
+    }
+    if !bad.is_empty() {
+        return Err(Unjoined::Bad(bad));
     }
     let missing: Vec<String> = named
         .iter()
@@ -48,7 +81,7 @@ pub fn join<'a>(
         .cloned()
         .collect();
     if !missing.is_empty() {
-        return Err(missing);
+        return Err(Unjoined::Missing(missing));
     }
     let mut joined = spec.clone();
     joined
@@ -63,11 +96,7 @@ pub fn join<'a>(
 /// The label selector of the slices of `sets`.
 pub fn selector(sets: &BTreeSet<String>) -> String {
     let names: Vec<&str> = sets.iter().map(String::as_str).collect();
-    format!(
-        "{} in ({})",
-        flowlens_api::address_set_slice::SET_LABEL,
-        names.join(",")
-    )
+    format!("{SET_LABEL} in ({})", names.join(","))
 }
 
 #[cfg(test)]
@@ -90,12 +119,16 @@ mod tests {
         }
     }
 
-    fn slice(set: &str, addresses: &[&str]) -> AddressSetSliceSpec {
+    fn spec(set: &str, addresses: &[&str]) -> AddressSetSliceSpec {
         AddressSetSliceSpec {
             address_set: set.into(),
             addresses: addresses.iter().map(|a| (*a).into()).collect(),
             blocks: Vec::new(),
         }
+    }
+
+    fn slice(set: &str, addresses: &[&str]) -> ReadSlice {
+        read_slice(&format!("{set}-0-0"), Some(set), spec(set, addresses))
     }
 
     #[test]
@@ -122,8 +155,28 @@ mod tests {
         let spec = config(&["as-a", "as-b"]);
         assert_eq!(
             join(&spec, &[slice("as-a", &["10.0.0.1"])]).unwrap_err(),
-            ["as-b"]
+            Unjoined::Missing(vec!["as-b".into()])
         );
+    }
+
+    #[test]
+    fn a_slice_that_cannot_be_used_holds_the_config_back_and_is_named() {
+        let spec = config(&["as-a"]);
+        let relabelled = read_slice("as-a-0-0", Some("as-a"), self::spec("as-b", &["10.0.0.9"]));
+        assert_eq!(
+            relabelled.clone().unwrap_err(),
+            "AddressSetSlice as-a-0-0: spec.addressSet \"as-b\" is not its label flowlens.dev/address-set=\"as-a\""
+        );
+        let cidr_as_address = slice("as-a", &["10.0.0.0/8"]);
+        assert_eq!(
+            cidr_as_address.clone().unwrap_err(),
+            "AddressSetSlice as-a-0-0: spec.addresses[0]: \"10.0.0.0/8\" is not an IP address"
+        );
+        let good = slice("as-a", &["10.0.0.1"]);
+        let Err(Unjoined::Bad(why)) = join(&spec, [&good, &relabelled, &cidr_as_address]) else {
+            panic!("joined with a slice that cannot be used");
+        };
+        assert_eq!(why.len(), 2);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::{
 };
 
 use flowlens_api::{
-    AddressSetSlice, AddressSetSliceSpec,
+    AddressSetSlice,
+    address_set_slice::SET_LABEL,
     node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec},
 };
 use futures::{StreamExt, stream::BoxStream};
@@ -140,11 +141,21 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
                     sent = Some(joined.clone());
                     Event::Config(joined)
                 }
-                Err(missing) => Event::ConfigUnavailable(Some(format!(
-                    "revision {} names address sets without AddressSetSlices: {} (the operator writes them before the config; waiting for them)",
-                    spec.revision,
-                    missing.join(", ")
-                ))),
+                Err(address_sets::Unjoined::Missing(missing)) => {
+                    Event::ConfigUnavailable(Some(format!(
+                        "revision {} names address sets without AddressSetSlices: {} (the operator writes them before the config; waiting for them)",
+                        spec.revision,
+                        missing.join(", ")
+                    )))
+                }
+                Err(address_sets::Unjoined::Bad(bad)) => {
+                    warn!(revision = %spec.revision, slices = %bad.join("; "), "AddressSetSlices cannot be used; the config in force stays");
+                    Event::ConfigUnavailable(Some(format!(
+                        "revision {} is held: {} (only the operator writes AddressSetSlices; it rewrites a slice changed by hand)",
+                        spec.revision,
+                        bad.join("; ")
+                    )))
+                }
             },
         };
         reported |= matches!(event, Event::ConfigUnavailable(Some(_)));
@@ -161,9 +172,9 @@ struct SetWatch {
     named: BTreeSet<String>,
     stream: Option<BoxStream<'static, watcher::Result<watcher::Event<AddressSetSlice>>>>,
     /// Slices by object name, as of the last complete list.
-    slices: BTreeMap<String, AddressSetSliceSpec>,
+    slices: BTreeMap<String, address_sets::ReadSlice>,
     /// A list in progress (the watch's first, or a relist).
-    listing: Option<BTreeMap<String, AddressSetSliceSpec>>,
+    listing: Option<BTreeMap<String, address_sets::ReadSlice>>,
     listed: bool,
 }
 
@@ -200,7 +211,7 @@ impl SetWatch {
             Some(Ok(watcher::Event::Init)) => self.listing = Some(BTreeMap::new()),
             Some(Ok(watcher::Event::InitApply(s))) => {
                 if let Some(l) = &mut self.listing {
-                    l.insert(s.name_any(), s.spec);
+                    l.insert(s.name_any(), read(s));
                 }
             }
             Some(Ok(watcher::Event::InitDone)) => {
@@ -208,7 +219,7 @@ impl SetWatch {
                 self.listed = true;
             }
             Some(Ok(watcher::Event::Apply(s))) => {
-                self.slices.insert(s.name_any(), s.spec);
+                self.slices.insert(s.name_any(), read(s));
             }
             Some(Ok(watcher::Event::Delete(s))) => {
                 self.slices.remove(&s.name_any());
@@ -221,6 +232,13 @@ impl SetWatch {
         }
         None
     }
+}
+
+/// A slice as read, checked against the label that selected it.
+fn read(s: AddressSetSlice) -> address_sets::ReadSlice {
+    let name = s.name_any();
+    let label = s.labels().get(SET_LABEL).cloned();
+    address_sets::read_slice(&name, label.as_deref(), s.spec)
 }
 
 #[cfg(test)]

@@ -9,14 +9,11 @@
 //! every address at every moment.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
 };
 
-use flowlens_api::{
-    AddressSetSlice,
-    address_set_slice::{AddressSetSliceSpec, SET_LABEL},
-};
+use flowlens_api::{AddressSetSlice, address_set_slice::SET_LABEL};
 use futures::StreamExt;
 use kube::{
     Api, ResourceExt,
@@ -35,8 +32,18 @@ use crate::{
 const CONTROLLER: &str = "address-set-slice";
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by=flowlens-operator";
 
-/// Slice name -> content hash, as written.
-type Written = Arc<Mutex<HashMap<String, String>>>;
+/// A slice as written: its set and content hash.
+#[derive(Clone, PartialEq)]
+struct WrittenSlice {
+    set: String,
+    hash: String,
+}
+
+/// Slice name -> the slice as written.
+type Written = Arc<Mutex<HashMap<String, WrittenSlice>>>;
+
+/// Node name -> the address sets its config on the API server names.
+pub(crate) type NamedOnServer = BTreeMap<String, BTreeSet<String>>;
 
 /// The slices as written.
 pub(crate) struct SliceWriter {
@@ -54,15 +61,15 @@ impl SliceWriter {
             listed
                 .items
                 .iter()
-                .map(|s| (s.name_any(), hash(&s.spec)))
+                .map(|s| (s.name_any(), as_written(s)))
                 .collect(),
         ));
         Ok(Self { api, written })
     }
 
-    /// Forgets the slices someone else changed or deleted, so that the next
-    /// pass writes them again (agents would miss their addresses). Runs
-    /// until the process ends.
+    /// Forgets the slices someone else changed, relabelled or deleted, so
+    /// that the next pass writes them again (agents would miss their
+    /// addresses). Runs until the process ends.
     pub(crate) fn watch_foreign(&self, ctx: Arc<Context>) -> impl Future<Output = ()> + use<> {
         let written = self.written.clone();
         let cfg = watcher::Config::default().labels(MANAGED_BY);
@@ -72,9 +79,11 @@ impl SliceWriter {
                 let foreign = match ev {
                     Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
                         let mut w = written.lock().expect("written lock");
-                        let h = hash(&s.spec);
-                        w.get(&s.name_any()).is_some_and(|x| *x != h)
-                            && w.remove(&s.name_any()).is_some()
+                        let name = s.name_any();
+                        let labelled = s.labels().get(SET_LABEL) == Some(&s.spec.address_set);
+                        let seen = as_written(&s);
+                        w.get(&name).is_some_and(|x| *x != seen || !labelled)
+                            && w.remove(&name).is_some()
                     }
                     Ok(watcher::Event::Delete(s)) => written
                         .lock()
@@ -101,7 +110,7 @@ impl SliceWriter {
             let written = self.written.lock().expect("written lock");
             sets.values()
                 .flat_map(|s| s.slices.iter())
-                .filter(|s| written.get(&s.name) != Some(&s.hash))
+                .filter(|s| written.get(&s.name).is_none_or(|w| w.hash != s.hash))
                 .collect()
         };
         let api = &self.api;
@@ -128,32 +137,48 @@ impl SliceWriter {
         let mut all_ok = true;
         for (s, ok) in done {
             if ok {
-                written.insert(s.name.clone(), s.hash.clone());
+                written.insert(
+                    s.name.clone(),
+                    WrittenSlice {
+                        set: s.spec.address_set.clone(),
+                        hash: s.hash.clone(),
+                    },
+                );
             }
             all_ok &= ok;
         }
         all_ok
     }
 
-    /// Deletes the written slices that are not slices of `sets`; true when
-    /// every delete succeeded.
+    /// Deletes the written slices that are not slices of `sets` and whose
+    /// set no config on the API server names (`on_server`: a config whose
+    /// rewrite failed still names its old sets, and its agent still reads
+    /// them); true when every delete succeeded.
     pub(crate) async fn delete_unnamed(
         &self,
         ctx: &Context,
         sets: &BTreeMap<String, Arc<BuiltSet>>,
+        on_server: &NamedOnServer,
     ) -> bool {
         let wanted: std::collections::HashSet<&str> = sets
             .values()
             .flat_map(|s| s.slices.iter().map(|x| x.name.as_str()))
             .collect();
-        let stale: Vec<String> = self
+        let mut stale: Vec<(String, String)> = self
             .written
             .lock()
             .expect("written lock")
-            .keys()
-            .filter(|n| !wanted.contains(n.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(n, _)| !wanted.contains(n.as_str()))
+            .map(|(n, w)| (n.clone(), w.set.clone()))
             .collect();
+        if stale.is_empty() {
+            return true;
+        }
+        let still_named: BTreeSet<&str> =
+            on_server.values().flatten().map(String::as_str).collect();
+        stale.retain(|(_, set)| !still_named.contains(set.as_str()));
+        let stale = stale.into_iter().map(|(n, _)| n);
         let mut all_ok = true;
         for name in stale {
             match self.api.delete(&name, &DeleteParams::default()).await {
@@ -174,9 +199,13 @@ impl SliceWriter {
     }
 }
 
-/// The content hash the compiler gives a slice (see `compile::slices`).
-fn hash(spec: &AddressSetSliceSpec) -> String {
-    content_hash(&serde_json::to_vec(spec).expect("a slice serializes"))
+/// A slice read from the API server, as if written (its set, its content
+/// hash as the compiler gives it; see `compile::slices`).
+fn as_written(s: &AddressSetSlice) -> WrittenSlice {
+    WrittenSlice {
+        set: s.spec.address_set.clone(),
+        hash: content_hash(&serde_json::to_vec(&s.spec).expect("a slice serializes")),
+    }
 }
 
 async fn write(api: &Api<AddressSetSlice>, s: &Slice) -> Result<()> {

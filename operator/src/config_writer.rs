@@ -20,7 +20,12 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{address_set_writer::SliceWriter, compile::BuiltSet, context::Context, error::Result};
+use crate::{
+    address_set_writer::{NamedOnServer, SliceWriter},
+    compile::BuiltSet,
+    context::Context,
+    error::Result,
+};
 
 /// The field manager of everything the operator writes.
 pub(crate) const FIELD_MANAGER: &str = "flowlens-operator";
@@ -61,6 +66,12 @@ type NodeUids = BTreeMap<String, String>;
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<NodeAgentConfig> = Api::all(ctx.client.clone());
     wait_for_sync(&ctx).await;
+    let mut on_server: NamedOnServer = ctx
+        .configs
+        .state()
+        .iter()
+        .map(|c| (c.name_any(), set_names(&c.spec)))
+        .collect();
     let slices = load_slices(&ctx).await;
     tokio::spawn(slices.watch_foreign(ctx.clone()));
     loop {
@@ -78,9 +89,22 @@ pub async fn run(ctx: Arc<Context>) {
         // Decide what to write, then write up to WRITE_CONCURRENCY configs
         // at once (a policy change touches many nodes).
         let todo = changed_configs(&ctx, work);
+        let planned: Vec<(String, Option<BTreeSet<String>>)> = todo
+            .iter()
+            .map(|(n, spec)| (n.clone(), spec.as_ref().map(set_names)))
+            .collect();
         let failed = write_all(&ctx, &api, todo, &node_uids).await;
-        // Sets no config names any more, once no config names them.
-        if failed.is_empty() && !slices.delete_unnamed(&ctx, &sets).await {
+        for (node, names) in planned {
+            if failed.contains(&node) {
+                continue;
+            }
+            match names {
+                Some(names) => on_server.insert(node, names),
+                None => on_server.remove(&node),
+            };
+        }
+        // Sets no config names any more, once no config on the server names them.
+        if !slices.delete_unnamed(&ctx, &sets, &on_server).await {
             retry_later(&ctx, BTreeSet::new());
         }
         ctx.metrics.reconciled(CONTROLLER, started);
@@ -90,6 +114,14 @@ pub async fn run(ctx: Arc<Context>) {
         ctx.changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
     }
+}
+
+/// The address sets a config names.
+fn set_names(spec: &NodeAgentConfigSpec) -> BTreeSet<String> {
+    spec.sets_in_slices()
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The slices written so far, retrying until they can be listed.

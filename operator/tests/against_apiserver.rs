@@ -13,7 +13,7 @@ use flowlens_e2e::{
     operator::Operator,
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
@@ -207,6 +207,36 @@ async fn configs_track_pods_policies_and_observations() {
     assert!(n1.address_sets.is_empty(), "sets are AddressSetSlices");
     let set = rule.address_set.clone().expect("a set of peers");
     assert_eq!(set_cidrs(&c, &n1).await, vec!["10.201.2.1/32"]);
+    // A slice relabelled by hand (its content left as it is) is written
+    // back: the agents selecting its set by label would miss its addresses.
+    let slices = Api::<flowlens_api::AddressSetSlice>::all(c.clone());
+    let slice = slices
+        .list(&ListParams::default().labels(&format!(
+            "{}={set}",
+            flowlens_api::address_set_slice::SET_LABEL
+        )))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let edit = serde_json::json!({
+        "metadata": {"labels": {flowlens_api::address_set_slice::SET_LABEL: "as-other"}},
+    });
+    slices
+        .patch(
+            &slice.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "the edited slice written back", || async {
+        let s = slices.get(&slice.name_any()).await.ok()?;
+        (s.labels().get(flowlens_api::address_set_slice::SET_LABEL) == Some(&set)
+            && s.spec == slice.spec)
+            .then_some(())
+    })
+    .await;
     // Node 2: only its own pod, no rule.
     let n2 = eventually(WAIT, "node 2 config", || async { config(&c, &s.n2).await }).await;
 
