@@ -150,35 +150,21 @@ impl SliceWriter {
         all_ok
     }
 
-    /// Deletes the written slices that are not slices of `sets` and whose
-    /// set no config on the API server names (`on_server`: a config whose
-    /// rewrite failed still names its old sets, and its agent still reads
-    /// them); true when every delete succeeded.
+    /// Deletes the written slices that are not slices of `sets`: those of a
+    /// set of `sets` (cut anew), and those of other sets once no config on
+    /// the API server names them (`on_server`: a config whose rewrite
+    /// failed still names its old sets, and its agent still reads them);
+    /// true when every delete succeeded.
     pub(crate) async fn delete_unnamed(
         &self,
         ctx: &Context,
         sets: &BTreeMap<String, Arc<BuiltSet>>,
         on_server: &NamedOnServer,
     ) -> bool {
-        let wanted: std::collections::HashSet<&str> = sets
-            .values()
-            .flat_map(|s| s.slices.iter().map(|x| x.name.as_str()))
-            .collect();
-        let mut stale: Vec<(String, String)> = self
-            .written
-            .lock()
-            .expect("written lock")
-            .iter()
-            .filter(|(n, _)| !wanted.contains(n.as_str()))
-            .map(|(n, w)| (n.clone(), w.set.clone()))
-            .collect();
-        if stale.is_empty() {
-            return true;
-        }
-        let still_named: BTreeSet<&str> =
-            on_server.values().flatten().map(String::as_str).collect();
-        stale.retain(|(_, set)| !still_named.contains(set.as_str()));
-        let stale = stale.into_iter().map(|(n, _)| n);
+        let stale = {
+            let written = self.written.lock().expect("written lock");
+            deletable(&written, sets, on_server)
+        };
         let mut all_ok = true;
         for name in stale {
             match self.api.delete(&name, &DeleteParams::default()).await {
@@ -197,6 +183,32 @@ impl SliceWriter {
         }
         all_ok
     }
+}
+
+/// The written slices to delete: not slices of `sets`, and either of a set
+/// of `sets` (cut anew: its new slices are written) or of a set no config
+/// on the server names any more.
+fn deletable(
+    written: &HashMap<String, WrittenSlice>,
+    sets: &BTreeMap<String, Arc<BuiltSet>>,
+    on_server: &NamedOnServer,
+) -> Vec<String> {
+    let wanted: std::collections::HashSet<&str> = sets
+        .values()
+        .flat_map(|s| s.slices.iter().map(|x| x.name.as_str()))
+        .collect();
+    let mut stale = written
+        .iter()
+        .filter(|(n, _)| !wanted.contains(n.as_str()))
+        .peekable();
+    if stale.peek().is_none() {
+        return Vec::new();
+    }
+    let still_named: BTreeSet<&str> = on_server.values().flatten().map(String::as_str).collect();
+    stale
+        .filter(|(_, w)| sets.contains_key(&w.set) || !still_named.contains(w.set.as_str()))
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 /// A slice read from the API server, as if written (its set, its content
@@ -228,4 +240,87 @@ async fn write(api: &Api<AddressSetSlice>, s: &Slice) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::slices::slices;
+
+    fn set(name: &str, n: usize) -> Arc<BuiltSet> {
+        let entries: Vec<(String, flowlens_api::node_agent_config::CidrEntry)> = (0..n)
+            .map(|i| {
+                (
+                    format!("ns/pod-{i}"),
+                    flowlens_api::node_agent_config::CidrEntry {
+                        cidr: format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255),
+                        except: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        Arc::new(BuiltSet {
+            slices: slices(name, entries.iter().map(|(o, e)| (o.as_str(), e))),
+        })
+    }
+
+    fn written(sets: &[&Arc<BuiltSet>]) -> HashMap<String, WrittenSlice> {
+        sets.iter()
+            .flat_map(|s| s.slices.iter())
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    WrittenSlice {
+                        set: s.spec.address_set.clone(),
+                        hash: s.hash.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn names(node: &str, sets: &[&str]) -> NamedOnServer {
+        BTreeMap::from([(
+            node.to_owned(),
+            sets.iter().map(|s| (*s).to_owned()).collect(),
+        )])
+    }
+
+    #[test]
+    fn a_set_cut_anew_loses_its_old_slices_even_while_configs_name_it() {
+        let big = set("as-a", 2500);
+        assert!(big.slice_count() > 1);
+        let small = set("as-a", 10);
+        let was = written(&[&big]);
+        let now = BTreeMap::from([("as-a".to_owned(), small.clone())]);
+        let mut gone = deletable(&was, &now, &names("n1", &["as-a"]));
+        gone.sort();
+        let mut expected: Vec<String> = big
+            .slices
+            .iter()
+            .map(|s| s.name.clone())
+            .filter(|n| !small.slices.iter().any(|s| s.name == *n))
+            .collect();
+        expected.sort();
+        assert_eq!(gone, expected);
+        assert!(!gone.is_empty());
+    }
+
+    #[test]
+    fn a_set_no_longer_compiled_stays_while_a_config_on_the_server_names_it() {
+        let old = set("as-old", 3);
+        let new = set("as-new", 3);
+        let was = written(&[&old, &new]);
+        let now = BTreeMap::from([("as-new".to_owned(), new)]);
+        // n1's rewrite to as-new failed: its agent still reads as-old.
+        assert!(deletable(&was, &now, &names("n1", &["as-old"])).is_empty());
+        // Once it is rewritten, as-old goes.
+        assert_eq!(
+            deletable(&was, &now, &names("n1", &["as-new"])),
+            old.slices
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+        );
+    }
 }
