@@ -93,6 +93,24 @@ pub fn join<'a>(
     Ok(joined)
 }
 
+/// What the kernel records as the config it enforces: the revision, and,
+/// since the sets' slices change under one revision, a hash of the sets
+/// joined in. A restarted agent compares it to tell whether the tables it
+/// compiles are the ones in force.
+pub fn enforced_identity(spec: &NodeAgentConfigSpec) -> String {
+    if spec.address_sets.is_empty() {
+        return spec.revision.clone();
+    }
+    let json = serde_json::to_vec(&spec.address_sets).expect("address sets serialize");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&json, &mut h);
+    format!(
+        "{}+sets-{:016x}",
+        spec.revision,
+        std::hash::Hasher::finish(&h)
+    )
+}
+
 /// The label selector of the slices of `sets`.
 pub fn selector(sets: &BTreeSet<String>) -> String {
     let names: Vec<&str> = sets.iter().map(String::as_str).collect();
@@ -177,6 +195,19 @@ mod tests {
             panic!("joined with a slice that cannot be used");
         };
         assert_eq!(why.len(), 2);
+    }
+
+    #[test]
+    fn the_identity_in_force_follows_the_sets_content_under_one_revision() {
+        let spec = config(&["as-a"]);
+        assert_eq!(enforced_identity(&spec), spec.revision);
+        let one = join(&spec, &[slice("as-a", &["10.0.0.1"])]).unwrap();
+        let two = join(&spec, &[slice("as-a", &["10.0.0.2"])]).unwrap();
+        assert_ne!(enforced_identity(&one), enforced_identity(&two));
+        assert_eq!(
+            enforced_identity(&one),
+            enforced_identity(&join(&spec, &[slice("as-a", &["10.0.0.1"])]).unwrap())
+        );
     }
 
     #[test]

@@ -308,17 +308,19 @@ impl ControlLoop {
             self.datapath.policy_capacity(),
         ));
         // A restarted agent finds the kernel enforcing some revision: when it
-        // is this one, the tables it compiles are those in force (compilation
-        // is deterministic), so counters of that generation stay attributable.
+        // is this one with the same sets, the tables it compiles are those
+        // in force (compilation is deterministic), so counters of that
+        // generation stay attributable.
+        let identity = crate::address_sets::enforced_identity(&spec);
         if let Ok(active) = self.datapath.active_revision_hash()
-            && active == revision_hash(&spec.revision)
+            && active == revision_hash(&identity)
         {
             self.agg
                 .set_generation_tables(self.datapath.generation(), tables.clone());
         }
         self.shared
             .update(|s| s.desired_revision = Some(spec.revision.clone()));
-        match self.datapath.apply(tables.clone(), &spec.revision) {
+        match self.datapath.apply(tables.clone(), &identity) {
             Ok(()) => {
                 self.metrics
                     .applies
