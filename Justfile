@@ -130,6 +130,8 @@ bench: setup up
     cargo build --release --workspace --exclude flowlens-agent-ebpf --bins
     # Compile: 100 nodes x 10,000 pods x 200 policies; one-pod changes.
     cargo bench -p flowlens-operator --bench compile
+    # A node's work per slice event: 100,000 peer addresses joined and compiled.
+    cargo bench -p flowlens-agent --bench join
     # Propagation against the local API server: 1,000 pods on 20 nodes.
     {{target}}/release/flowlens-bench propagation
     # Issue 12's sizes (docs/benchmarks.md says what today's layout does there).

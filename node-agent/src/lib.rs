@@ -5,11 +5,13 @@
 //! `aggregate` (kernel records -> windows); the kernel is touched only in
 //! [`datapath`]; the rest wires them to the API server, files and HTTP.
 //! `fuzz` (only under `cfg(fuzzing)` and in tests) drives `tables` as the
-//! fuzz target does (`fuzz/`).
+//! fuzz target does (`fuzz/`); `bench` drives `address_sets` and `tables`
+//! for `benches/join.rs`.
 
 pub mod address_sets;
 mod aggregate;
 pub mod allocator;
+pub mod bench;
 pub mod cgroups;
 pub mod config_source;
 pub mod control;
