@@ -21,9 +21,15 @@ pub fn limit_arenas() {
 /// After a drain of `entries` flow entries (its buffers freed): returns
 /// free memory to the kernel if the drain was large.
 pub fn release_after_drain(entries: usize) {
-    if entries < TRIM_AFTER_ENTRIES {
-        return;
+    if entries >= TRIM_AFTER_ENTRIES {
+        release();
     }
+}
+
+/// Returns free memory to the kernel: after a large drain, and once the
+/// datapath is loaded (parsing the kernel's BTF and the programs' object
+/// takes tens of megabytes for a moment).
+pub fn release() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory.
     unsafe {

@@ -246,6 +246,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|r| r.drained_maps.clone())
         .unwrap_or_default();
     let datapath = Datapath::open(&dp_opts, &spooled).context("opening the eBPF datapath")?;
+    flowlens_agent::allocator::release();
 
     let shared = Shared::default();
     let metrics = Arc::new(Metrics::new());

@@ -11,7 +11,7 @@ use flowlens_api::{
     report::{AttemptVerdict, Role},
 };
 
-use super::{Aggregator, Drained, attempt_of, connections, ip_from_bytes, role};
+use super::{Aggregator, Drained, attempt_of, for_each_connection, ip_from_bytes, role};
 use crate::tables::prefix::addr_bytes;
 
 impl Aggregator {
@@ -31,19 +31,19 @@ impl Aggregator {
             }
         }
         let mut out = Vec::new();
-        for (id, facts) in connections(d) {
+        for_each_connection(d, |id, facts| {
             let Some((namespace, pod)) = pods.get(&id.local) else {
-                continue;
+                return;
             };
-            let role = self.role_of(&id, &facts);
+            let role = self.role_of(&id, facts);
             if role == Role::Server && pods.contains_key(&id.remote) {
-                continue;
+                return;
             }
             let opened = match role {
                 Role::Client => facts.tx_flags & FLOW_FLAG_SYN != 0,
                 Role::Server => facts.rx_flags & FLOW_FLAG_SYN != 0,
             };
-            let service = self.service_of(role, &facts);
+            let service = self.service_of(role, facts);
             out.push(LiveFlow {
                 time: now_ms,
                 node: String::new(),
@@ -65,7 +65,7 @@ impl Aggregator {
                 packets: facts.tx.packets.saturating_add(facts.rx.packets),
                 bytes: facts.tx.bytes.saturating_add(facts.rx.bytes),
             });
-        }
+        });
         for (k, a) in &d.attempts {
             let Some(of) = attempt_of(&self.generation_tables, k) else {
                 continue;

@@ -833,3 +833,75 @@ fn dns_answers_name_the_connections_that_follow_and_fill_the_window() {
 fn dns_wait() -> i64 {
     crate::dns::tracker::ANSWER_WAIT_MS
 }
+
+#[test]
+fn connections_group_both_directions_sorted_or_not() {
+    let remote = v4_mapped([192, 168, 1, 1]);
+    let other = v4_mapped([192, 168, 1, 2]);
+    // Two connections, their directions interleaved (the kernel's bucket
+    // order), and an RTT sample of a third with no flow record.
+    let flows = vec![
+        flow(
+            1,
+            remote,
+            40000,
+            443,
+            DIRECTION_EGRESS,
+            2,
+            120,
+            FLOW_FLAG_SYN,
+        ),
+        flow(1, other, 40001, 443, DIRECTION_INGRESS, 5, 500, 0),
+        flow(
+            1,
+            remote,
+            40000,
+            443,
+            DIRECTION_INGRESS,
+            3,
+            300,
+            FLOW_FLAG_SYN_ACK,
+        ),
+        flow(1, other, 40001, 443, DIRECTION_EGRESS, 7, 700, 0),
+    ];
+    let rtt_only = RttKey {
+        local_addr: ip(1),
+        remote_addr: v4_mapped([192, 168, 1, 3]),
+        local_port: 40002,
+        remote_port: 443,
+        bucket: rtt_bucket(1_000),
+        _pad: 0,
+    };
+    let collect = |d: &Drained| {
+        let mut out = Vec::new();
+        for_each_connection(d, |id, f| {
+            out.push((
+                id.remote,
+                f.tx.packets,
+                f.rx.packets,
+                f.tx_flags,
+                f.rx_flags,
+                f.rtt.count(),
+            ))
+        });
+        out.sort();
+        out
+    };
+    let mut d = Drained {
+        flows,
+        rtt: vec![(rtt_only, 4)],
+        ..Default::default()
+    };
+    let unsorted = collect(&d);
+    d.sort_flows();
+    let sorted = collect(&d);
+    assert_eq!(unsorted, sorted);
+    assert_eq!(
+        sorted,
+        vec![
+            (remote, 2, 3, FLOW_FLAG_SYN, FLOW_FLAG_SYN_ACK, 0),
+            (other, 7, 5, 0, 0, 0),
+            (v4_mapped([192, 168, 1, 3]), 0, 0, 0, 0, 4),
+        ]
+    );
+}

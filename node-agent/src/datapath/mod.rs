@@ -270,7 +270,7 @@ impl Datapath {
         // first drain; any other spare table holds what a predecessor
         // drained but never committed: counted once, by the first drain.
         let counted = |id: Result<u32>| id.map(|id| spooled.contains(&id));
-        let leftovers = Drained {
+        let mut leftovers = Drained {
             flows: if counted(dp.flows.spare_id())? {
                 Vec::new()
             } else {
@@ -300,6 +300,7 @@ impl Datapath {
             // Before any config: Service names are not known yet.
             services: Vec::new(),
         };
+        leftovers.sort_flows();
         dp.leftovers = Some(leftovers);
         dp.attach_global_hooks(opts);
         Ok(dp)
@@ -780,7 +781,6 @@ impl Datapath {
             self.leftovers = Some(left);
             return Err(DatapathError::LeftoversNotTaken);
         }
-        let mut d = Drained::default();
         let flows = self.flows.swap_and_read(&mut self.ebpf)?;
         let overflow = self.overflow.swap_and_read(&mut self.ebpf)?;
         let rtt = self.rtt.swap_and_read(&mut self.ebpf)?;
@@ -800,15 +800,19 @@ impl Datapath {
             .chain(self.retired_services.iter())
             .map(|t| &t.services)
             .collect();
-        d.services
-            .extend(service_tables::services_of(&self.ebpf, &flows, &known)?);
+        let services = service_tables::services_of(&self.ebpf, &flows, &known)?;
         self.retired_services = None;
-        d.flows.extend(flows);
-        d.overflow.extend(overflow);
-        d.rtt.extend(rtt);
-        d.rules.extend(rules);
-        d.attempts.extend(attempts);
-        d.read_at_ns = monotonic_ns();
+        // Moved, not copied: a full flow table is megabytes.
+        let mut d = Drained {
+            flows,
+            overflow,
+            rtt,
+            rules,
+            attempts,
+            services,
+            read_at_ns: monotonic_ns(),
+        };
+        d.sort_flows();
         Ok(d)
     }
 

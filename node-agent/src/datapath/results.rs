@@ -117,14 +117,17 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
     /// Reads the spare map, leaving it as it is.
     pub(crate) fn read_spare(&self) -> Result<Vec<(K, V)>> {
         let spare = if self.a_active { &self.b } else { &self.a };
-        sys::lookup_all(spare.fd().as_fd(), BATCH)
+        sys::lookup_all(spare.fd().as_fd(), BATCH, self.capacity as usize)
             .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))
     }
 
-    /// Empties the spare map (its records are counted already).
+    /// Empties the spare map (its records are counted already). Measured
+    /// against replacing it with a new empty map under the same pin: no
+    /// cheaper at 64,000 entries, and dearer when nearly empty (a new
+    /// preallocated map is zeroed whole), so entry by entry it stays.
     pub(crate) fn clear_spare(&mut self) -> Result<()> {
         let spare = if self.a_active { &self.b } else { &self.a };
-        sys::lookup_and_delete_all::<K, V>(spare.fd().as_fd(), BATCH)
+        sys::delete_all::<K, V>(spare.fd().as_fd(), BATCH)
             .map(drop)
             .map_err(|e| DatapathError::io(format!("emptying the spare {}", self.outer), e))
     }
@@ -132,7 +135,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
     /// Reads the active map without draining it.
     pub(crate) fn peek(&self) -> Result<Vec<(K, V)>> {
         let active = if self.a_active { &self.a } else { &self.b };
-        sys::lookup_all(active.fd().as_fd(), BATCH)
+        sys::lookup_all(active.fd().as_fd(), BATCH, self.capacity as usize)
             .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
     }
 

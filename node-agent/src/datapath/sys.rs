@@ -1,5 +1,6 @@
-//! The two `bpf(2)` commands aya 0.14 does not wrap: batched
-//! lookup-and-delete (to drain a swapped-out table in a few syscalls) and
+//! The `bpf(2)` commands aya 0.14 does not wrap: batched lookup and
+//! lookup-and-delete (to read and empty a swapped-out table in a few
+//! syscalls) and
 //! link update (to replace a pinned link's program atomically on upgrade).
 
 use std::{
@@ -62,42 +63,52 @@ pub(crate) fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Reads and deletes every entry of a hash map, `chunk` entries per syscall.
-/// Meant for maps with no concurrent writer (swapped out of the datapath).
-pub(crate) fn lookup_and_delete_all<K: aya::Pod, V: aya::Pod>(
+/// Deletes every entry of a hash map, `chunk` entries per syscall, and
+/// returns how many there were. The entries are read into one reused
+/// buffer and discarded (the kernel has no "delete all"). Meant for maps
+/// with no concurrent writer (swapped out of the datapath).
+pub(crate) fn delete_all<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
-) -> io::Result<Vec<(K, V)>> {
-    batch_all(map, chunk, BPF_MAP_LOOKUP_AND_DELETE_BATCH)
+) -> io::Result<usize> {
+    let mut n = 0;
+    batch_each::<K, V>(map, chunk, BPF_MAP_LOOKUP_AND_DELETE_BATCH, |_, _| n += 1)?;
+    Ok(n)
 }
 
 /// Reads every entry of a hash map without changing it (a racy snapshot
-/// when programs write concurrently: good for a debug view).
+/// when programs write concurrently: good for a debug view). `expected`
+/// sizes the result up front (a drain reads tens of thousands of entries:
+/// growing the vector would copy them again).
 pub(crate) fn lookup_all<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
+    expected: usize,
 ) -> io::Result<Vec<(K, V)>> {
-    batch_all(map, chunk, BPF_MAP_LOOKUP_BATCH)
+    let mut out = Vec::with_capacity(expected);
+    batch_each(map, chunk, BPF_MAP_LOOKUP_BATCH, |k, v| out.push((k, v)))?;
+    Ok(out)
 }
 
-fn batch_all<K: aya::Pod, V: aya::Pod>(
+/// Runs batch command `cmd` over the whole map, handing each entry to
+/// `each`. One key and one value buffer of `chunk` entries serve every
+/// syscall.
+fn batch_each<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
     cmd: libc::c_long,
-) -> io::Result<Vec<(K, V)>> {
+    mut each: impl FnMut(K, V),
+) -> io::Result<()> {
     let mut chunk = chunk.max(16);
-    let mut out = Vec::new();
+    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
+    let mut values: Vec<MaybeUninit<V>> = Vec::new();
     let mut in_batch: u64 = 0;
     let mut out_batch: u64 = 0;
     let mut first = true;
     loop {
-        let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk);
-        let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk);
-        // SAFETY: MaybeUninit needs no initialisation.
-        unsafe {
-            keys.set_len(chunk);
-            values.set_len(chunk);
-        }
+        // MaybeUninit needs no initialisation: only the length changes.
+        keys.resize_with(chunk, MaybeUninit::uninit);
+        values.resize_with(chunk, MaybeUninit::uninit);
         let mut attr = Attr::zeroed();
         // struct { in_batch, out_batch, keys, values: u64; count, map_fd: u32; elem_flags, flags: u64 }
         attr.put_u64(
@@ -115,13 +126,13 @@ fn batch_all<K: aya::Pod, V: aya::Pod>(
         attr.put_u32(36, map.as_raw_fd() as u32);
         let res = bpf(cmd, &mut attr).map(|_| ());
         let n = (attr.get_u32(32) as usize).min(chunk);
-        for i in 0..n {
+        for (k, v) in keys[..n].iter().zip(&values[..n]) {
             // SAFETY: the kernel initialised the first `n` entries.
-            out.push(unsafe { (keys[i].assume_init(), values[i].assume_init()) });
+            each(unsafe { k.assume_init() }, unsafe { v.assume_init() });
         }
         match res {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             // A bucket holds more entries than fit: retry it with more room.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
                 chunk *= 2;

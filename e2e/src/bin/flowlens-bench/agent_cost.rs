@@ -84,12 +84,14 @@ pub fn run(args: &[String]) {
     let from = (Instant::now(), process_cpu_ns(pid));
     std::thread::sleep(Duration::from_secs(seconds));
     let busy_pct = 100.0 * (process_cpu_ns(pid) - from.1) / from.0.elapsed().as_nanos() as f64;
+    // Memory before the dump below: serialising every window it keeps
+    // takes the agent tens of megabytes for a moment.
+    let rss_mb = process_status_kb(pid, "VmRSS") as f64 / 1024.0;
+    let peak_mb = process_status_kb(pid, "VmHWM") as f64 / 1024.0;
     let last_entries = agent
         .dump()
         .and_then(|d| d.kernel["flowEntries"].as_u64())
         .unwrap_or(0);
-    let rss_mb = process_status_kb(pid, "VmRSS") as f64 / 1024.0;
-    let peak_mb = process_status_kb(pid, "VmHWM") as f64 / 1024.0;
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
     drop(agent);
