@@ -15,7 +15,7 @@ use flowlens_api::{
     address_set_slice::SET_LABEL,
     node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec},
 };
-use futures::{StreamExt, stream::BoxStream};
+use futures::{FutureExt, StreamExt, stream::BoxStream};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt, watcher},
@@ -119,7 +119,10 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
                 }
                 None => return,
             },
-            problem = sets.next() => problem,
+            problem = sets.next() => match problem {
+                None => sets.absorb_ready(),
+                problem => problem,
+            },
         };
         let event = match (event, &config) {
             (Some(problem), _) => Event::ConfigUnavailable(Some(problem)),
@@ -165,6 +168,9 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
     }
 }
 
+/// Slice events taken in before one join (see `SetWatch::absorb_ready`).
+const ABSORB_AT_ONCE: usize = 4096;
+
 /// The watch of the slices of the sets the config names.
 #[derive(Default)]
 struct SetWatch {
@@ -199,6 +205,20 @@ impl SetWatch {
     /// Every named set's slices have been listed once.
     fn synced(&self) -> bool {
         self.listed
+    }
+
+    /// Takes in the events the watch already holds, without waiting (at
+    /// most `ABSORB_AT_ONCE`): a rollout rewrites many slices at once, and
+    /// one join and one config serve them all. A problem stops it.
+    fn absorb_ready(&mut self) -> Option<String> {
+        for _ in 0..ABSORB_AT_ONCE {
+            match self.next().now_or_never() {
+                Some(None) => {}
+                Some(problem) => return problem,
+                None => break,
+            }
+        }
+        None
     }
 
     /// Takes in the next event of the watch: `None` when the slices changed
@@ -244,6 +264,76 @@ fn read(s: AddressSetSlice) -> address_sets::ReadSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slice(name: &str, address: &str) -> AddressSetSlice {
+        let mut s = AddressSetSlice::new(
+            name,
+            flowlens_api::address_set_slice::AddressSetSliceSpec {
+                address_set: "as-x".into(),
+                addresses: vec![address.into()],
+                ..Default::default()
+            },
+        );
+        s.metadata.labels = Some([(SET_LABEL.to_owned(), "as-x".to_owned())].into());
+        s
+    }
+
+    #[test]
+    fn the_slice_events_already_waiting_are_taken_in_at_once() {
+        use futures::stream;
+        let ready = vec![
+            Ok(watcher::Event::Apply(slice("as-x-0-0", "10.0.0.1"))),
+            Ok(watcher::Event::Apply(slice("as-x-0-0", "10.0.0.2"))),
+            Ok(watcher::Event::Apply(slice("as-x-0-1", "10.0.0.3"))),
+            Ok(watcher::Event::Delete(slice("as-x-0-1", "10.0.0.3"))),
+            Ok(watcher::Event::Apply(slice("as-x-0-2", "10.0.0.4"))),
+        ];
+        let mut w = SetWatch {
+            named: ["as-x".to_owned()].into(),
+            // Then nothing more for now: the watch stays open.
+            stream: Some(stream::iter(ready).chain(stream::pending()).boxed()),
+            listed: true,
+            ..Default::default()
+        };
+        assert_eq!(w.absorb_ready(), None);
+        let addresses: Vec<(&str, &str)> = w
+            .slices
+            .iter()
+            .map(|(name, s)| (name.as_str(), s.as_ref().unwrap().addresses[0].as_str()))
+            .collect();
+        assert_eq!(
+            addresses,
+            [("as-x-0-0", "10.0.0.2"), ("as-x-0-2", "10.0.0.4")],
+            "every waiting event taken in, in order"
+        );
+        assert!(w.stream.is_some(), "the watch stays open");
+
+        // A watch error stops taking in and is reported; what came before
+        // it is kept.
+        let mut w = SetWatch {
+            named: ["as-x".to_owned()].into(),
+            stream: Some(
+                stream::iter(vec![
+                    Ok(watcher::Event::Apply(slice("as-x-0-0", "10.0.0.5"))),
+                    Err(watcher::Error::NoResourceVersion),
+                    Ok(watcher::Event::Apply(slice("as-x-0-0", "10.0.0.6"))),
+                ])
+                .chain(stream::pending())
+                .boxed(),
+            ),
+            listed: true,
+            ..Default::default()
+        };
+        let problem = w.absorb_ready().expect("the error is reported");
+        assert!(
+            problem.contains("cannot watch AddressSetSlices"),
+            "{problem}"
+        );
+        assert_eq!(
+            w.slices["as-x-0-0"].as_ref().unwrap().addresses,
+            ["10.0.0.5"]
+        );
+    }
 
     #[test]
     fn accepts_objects_and_bare_specs() {
