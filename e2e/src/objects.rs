@@ -200,6 +200,9 @@ impl TestObjects {
         let _ = Api::<NetworkObservation>::all(self.client.clone())
             .delete_collection(&dp, &lp)
             .await;
+        let _ = Api::<flowlens_api::AddressSetSlice>::all(self.client.clone())
+            .delete_collection(&dp, &lp)
+            .await;
         if let Ok(list) = Api::<Namespace>::all(self.client.clone()).list(&lp).await {
             for n in list.items {
                 let _ = crate::cluster::delete_namespace(

@@ -91,7 +91,7 @@ impl Proc {
     }
 
     /// The log so far (for failure messages).
-    pub(crate) fn log_text(&self) -> String {
+    pub fn log_text(&self) -> String {
         self.log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())

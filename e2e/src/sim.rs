@@ -214,7 +214,7 @@ impl SimCluster {
     }
 
     /// Starts `node`'s agent: its Pod object, tokens, kubeconfig, process.
-    pub(crate) async fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
+    pub async fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
         let n = &self.topo.nodes[node];
         let pod_name = format!("flowlens-agent-{}", n.name);
         let api = Api::<Pod>::namespaced(self.client.clone(), &self.agent_namespace);

@@ -746,6 +746,145 @@ async fn a_new_peer_is_blocked_through_its_address_set_without_a_new_config() {
     );
 }
 
+/// A rollout rewrites many slices of a set at once. The agent joins and
+/// compiles the whole config per pass (~150 ms at 100,000 addresses), so it
+/// takes in every slice event already waiting before a pass, and applies
+/// only the newest config waiting: a burst costs a few passes, not one per
+/// slice, and the last write is in force. No operator: the test writes
+/// web's node config and the set's slices itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_slice_writes_is_applied_in_a_few_passes_ending_with_the_last() {
+    const SLICES: usize = 100;
+    let TwoNodes {
+        mut sim,
+        run,
+        a1,
+        web,
+        db,
+        ..
+    } = two_nodes("e2e-burst").await;
+    let mut spec = flowlens_e2e::config::SpecBuilder::new(&sim.topo, 0)
+        .rule(
+            "burst",
+            flowlens_api::node_agent_config::Direction::Egress,
+            flowlens_api::flow_policy::PolicyMode::Enforce,
+            &[web],
+            &["192.0.2.1/32"],
+            &[(flowlens_api::flow_policy::Protocol::Tcp, 5432, 5432)],
+        )
+        .build();
+    spec.address_sets.clear();
+    spec.revision = "burst-1".into();
+    let set = spec.rules[0].address_set.clone().unwrap();
+    let labels = |with_set: bool| {
+        let mut l = BTreeMap::from([(flowlens_e2e::objects::TEST_LABEL.to_owned(), run.clone())]);
+        if with_set {
+            l.insert(SET_LABEL.to_owned(), set.clone());
+        }
+        l
+    };
+    // 100 slices of 1,000 addresses each (none of them db's); `round`
+    // changes each slice's last address.
+    let slice = |i: usize, last: String| {
+        let mut addresses: Vec<String> = (0..999)
+            .map(|j| {
+                let n = i * 1000 + j;
+                format!("10.{}.{}.{}", 128 + n / 65536, (n / 256) % 256, n % 256)
+            })
+            .collect();
+        addresses.push(last);
+        let mut s = AddressSetSlice::new(
+            &format!("{set}-0-{i}"),
+            flowlens_api::address_set_slice::AddressSetSliceSpec {
+                address_set: set.clone(),
+                addresses,
+                ..Default::default()
+            },
+        );
+        s.metadata.labels = Some(labels(true));
+        s
+    };
+    let slices = Api::<AddressSetSlice>::all(sim.client.clone());
+    let pp = kube::api::PostParams::default();
+    for i in 0..SLICES {
+        slices
+            .create(&pp, &slice(i, format!("10.200.0.{i}")))
+            .await
+            .unwrap();
+    }
+    let mut nac = NodeAgentConfig::new(&a1, spec);
+    nac.metadata.labels = Some(labels(false));
+    Api::<NodeAgentConfig>::all(sim.client.clone())
+        .create(&pp, &nac)
+        .await
+        .unwrap();
+    sim.start_agent(0, &[]).await.unwrap();
+    sim.wait_applied(0, Duration::from_secs(60)).await.unwrap();
+    let agent = sim.agents[0].as_ref().unwrap();
+    let applies = || agent.metric_sum("flowlens_agent_config_applies_total", "");
+    let before = applies();
+
+    // The burst: every slice rewritten as fast as the API server takes it;
+    // the last one written now holds db's address.
+    let db_ip = sim.topo.pods[db].ip4.to_string();
+    let started = Instant::now();
+    for i in 0..SLICES {
+        let last = if i == SLICES - 1 {
+            db_ip.clone()
+        } else {
+            format!("10.201.0.{i}")
+        };
+        let mut s = slice(i, last);
+        s.metadata.resource_version = slices
+            .get(&s.metadata.name.clone().unwrap())
+            .await
+            .unwrap()
+            .metadata
+            .resource_version;
+        slices
+            .replace(&s.metadata.name.clone().unwrap(), &pp, &s)
+            .await
+            .unwrap();
+    }
+    let written = started.elapsed();
+    let _db = echo_server(&sim.topo, db, 5432);
+    let addr = format!("{db_ip}:5432");
+    let refused = poll(Duration::from_secs(60), "web -> db refused", || async {
+        let r = spawn_traffic(
+            &sim.topo,
+            web,
+            "connect-loop",
+            &addr,
+            &["--duration-ms", "300", "--interval-ms", "20"],
+        )
+        .join()
+        .unwrap();
+        (r["successes"] == 0 && r["denied"].as_u64()? > 3).then_some(())
+    })
+    .await;
+    let in_force = started.elapsed();
+    // Whatever was still waiting settles.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let passes = applies() - before;
+    println!(
+        "{SLICES} slice writes in {written:?}: {passes} config applies; the last write in force after {in_force:?}"
+    );
+    for line in agent
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("applied config") || l.contains("apply") || l.contains("newest"))
+    {
+        println!("agent: {line}");
+    }
+    refused.unwrap();
+    assert!(passes >= 1.0, "the burst was applied");
+    assert!(
+        passes <= (SLICES / 4) as f64,
+        "{passes} applies for {SLICES} slice writes: events were not coalesced"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_policy_table_leaves_one_policy_out_and_still_enforces_a_new_pod() {
     let TwoNodes {

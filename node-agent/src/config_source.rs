@@ -15,7 +15,7 @@ use flowlens_api::{
     address_set_slice::SET_LABEL,
     node_agent_config::{NodeAgentConfig, NodeAgentConfigSpec},
 };
-use futures::{FutureExt, StreamExt, stream::BoxStream};
+use futures::{StreamExt, stream::BoxStream};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt, watcher},
@@ -120,7 +120,7 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
                 None => return,
             },
             problem = sets.next() => match problem {
-                None => sets.absorb_ready(),
+                None => sets.absorb_burst().await,
                 problem => problem,
             },
         };
@@ -168,8 +168,11 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
     }
 }
 
-/// Slice events taken in before one join (see `SetWatch::absorb_ready`).
-const ABSORB_AT_ONCE: usize = 4096;
+/// A burst of slice events ends after this long without one (see
+/// `SetWatch::absorb_burst`)...
+const ABSORB_QUIET: Duration = Duration::from_millis(20);
+/// ...or after this long in all: a steady stream still joins twice a second.
+const ABSORB_FOR: Duration = Duration::from_millis(500);
 
 /// The watch of the slices of the sets the config names.
 #[derive(Default)]
@@ -207,18 +210,25 @@ impl SetWatch {
         self.listed
     }
 
-    /// Takes in the events the watch already holds, without waiting (at
-    /// most `ABSORB_AT_ONCE`): a rollout rewrites many slices at once, and
-    /// one join and one config serve them all. A problem stops it.
-    fn absorb_ready(&mut self) -> Option<String> {
-        for _ in 0..ABSORB_AT_ONCE {
-            match self.next().now_or_never() {
-                Some(None) => {}
-                Some(problem) => return problem,
-                None => break,
+    /// Takes in the events that follow within `ABSORB_QUIET` of each other
+    /// (for at most `ABSORB_FOR` in all): a rollout rewrites many slices at
+    /// once, and one join and one config serve them all. Not merely the
+    /// events already decoded: the watch's connection is read by another
+    /// task, which needs a moment to hand over what arrived during the last
+    /// join. A problem stops it.
+    async fn absorb_burst(&mut self) -> Option<String> {
+        let until = tokio::time::Instant::now() + ABSORB_FOR;
+        loop {
+            let quiet = ABSORB_QUIET.min(until - tokio::time::Instant::now());
+            if quiet.is_zero() {
+                return None;
+            }
+            match tokio::time::timeout(quiet, self.next()).await {
+                Ok(None) => {}
+                Ok(problem) => return problem,
+                Err(_) => return None,
             }
         }
-        None
     }
 
     /// Takes in the next event of the watch: `None` when the slices changed
@@ -278,8 +288,8 @@ mod tests {
         s
     }
 
-    #[test]
-    fn the_slice_events_already_waiting_are_taken_in_at_once() {
+    #[tokio::test]
+    async fn a_burst_of_slice_events_is_taken_in_at_once() {
         use futures::stream;
         let ready = vec![
             Ok(watcher::Event::Apply(slice("as-x-0-0", "10.0.0.1"))),
@@ -295,7 +305,7 @@ mod tests {
             listed: true,
             ..Default::default()
         };
-        assert_eq!(w.absorb_ready(), None);
+        assert_eq!(w.absorb_burst().await, None);
         let addresses: Vec<(&str, &str)> = w
             .slices
             .iter()
@@ -307,6 +317,32 @@ mod tests {
             "every waiting event taken in, in order"
         );
         assert!(w.stream.is_some(), "the watch stays open");
+
+        // Events still arriving a few milliseconds apart belong to the burst.
+        let trickle: Vec<_> = (0..5)
+            .map(|i| {
+                Ok(watcher::Event::Apply(slice(
+                    &format!("as-x-1-{i}"),
+                    "10.0.1.1",
+                )))
+            })
+            .collect();
+        let mut w = SetWatch {
+            named: ["as-x".to_owned()].into(),
+            stream: Some(
+                stream::iter(trickle)
+                    .then(|e| async {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        e
+                    })
+                    .chain(stream::pending())
+                    .boxed(),
+            ),
+            listed: true,
+            ..Default::default()
+        };
+        assert_eq!(w.absorb_burst().await, None);
+        assert_eq!(w.slices.len(), 5, "every event of the trickle taken in");
 
         // A watch error stops taking in and is reported; what came before
         // it is kept.
@@ -324,7 +360,7 @@ mod tests {
             listed: true,
             ..Default::default()
         };
-        let problem = w.absorb_ready().expect("the error is reported");
+        let problem = w.absorb_burst().await.expect("the error is reported");
         assert!(
             problem.contains("cannot watch AddressSetSlices"),
             "{problem}"
