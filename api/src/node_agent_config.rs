@@ -98,13 +98,14 @@ pub struct NodeAgentConfigSpec {
 impl NodeAgentConfigSpec {
     /// The address sets the rules name that are not given inline: the ones
     /// read from `AddressSetSlice`s.
-    pub fn sets_in_slices(&self) -> std::collections::BTreeSet<&str> {
+    pub fn sets_in_slices(&self) -> std::collections::BTreeSet<String> {
         let inline: std::collections::BTreeSet<&str> =
             self.address_sets.iter().map(|s| s.name.as_str()).collect();
         self.rules
             .iter()
             .filter_map(|r| r.address_set.as_deref())
             .filter(|n| !inline.contains(n))
+            .map(str::to_owned)
             .collect()
     }
 }

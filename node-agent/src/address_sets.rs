@@ -13,15 +13,6 @@ use flowlens_api::{
     node_agent_config::{AddressSet, NodeAgentConfigSpec},
 };
 
-/// The sets `spec`'s rules name that it does not carry inline: the ones to
-/// read from `AddressSetSlice`s.
-pub fn named_sets(spec: &NodeAgentConfigSpec) -> BTreeSet<String> {
-    spec.sets_in_slices()
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// A slice as the agent read it: its spec, or why it cannot be used.
 pub type ReadSlice = Result<AddressSetSliceSpec, String>;
 
@@ -57,7 +48,7 @@ pub fn join<'a>(
     spec: &NodeAgentConfigSpec,
     slices: impl IntoIterator<Item = &'a ReadSlice>,
 ) -> Result<NodeAgentConfigSpec, Unjoined> {
-    let named = named_sets(spec);
+    let named = spec.sets_in_slices();
     let mut entries: BTreeMap<&str, BTreeSet<_>> = BTreeMap::new();
     let mut bad = Vec::new();
     for s in slices {
@@ -220,9 +211,9 @@ mod tests {
                 except: Vec::new(),
             }],
         });
-        assert_eq!(named_sets(&spec), BTreeSet::from(["as-a".to_owned()]));
+        assert_eq!(spec.sets_in_slices(), BTreeSet::from(["as-a".to_owned()]));
         assert_eq!(
-            selector(&named_sets(&config(&["as-b", "as-a"]))),
+            selector(&config(&["as-b", "as-a"]).sets_in_slices()),
             "flowlens.dev/address-set in (as-a,as-b)"
         );
         let joined = join(&spec, &[slice("as-a", &[])]).unwrap();

@@ -105,7 +105,7 @@ pub async fn watch_api(client: Client, node: String, tx: mpsc::Sender<Event>) {
                     if tx.send(Event::ConfigObject(uid)).is_err() {
                         return;
                     }
-                    sets.name(&client, address_sets::named_sets(&o.spec));
+                    sets.name(&client, o.spec.sets_in_slices());
                     config = Some(o.spec);
                     None
                 }
@@ -219,7 +219,8 @@ impl SetWatch {
     async fn absorb_burst(&mut self) -> Option<String> {
         let until = tokio::time::Instant::now() + ABSORB_FOR;
         loop {
-            let quiet = ABSORB_QUIET.min(until - tokio::time::Instant::now());
+            let quiet =
+                ABSORB_QUIET.min(until.saturating_duration_since(tokio::time::Instant::now()));
             if quiet.is_zero() {
                 return None;
             }

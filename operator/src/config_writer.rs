@@ -70,7 +70,7 @@ pub async fn run(ctx: Arc<Context>) {
         .configs
         .state()
         .iter()
-        .map(|c| (c.name_any(), set_names(&c.spec)))
+        .map(|c| (c.name_any(), c.spec.sets_in_slices()))
         .collect();
     let slices = load_slices(&ctx).await;
     tokio::spawn(slices.watch_foreign(ctx.clone()));
@@ -91,7 +91,12 @@ pub async fn run(ctx: Arc<Context>) {
         let todo = changed_configs(&ctx, work);
         let planned: Vec<(String, Option<BTreeSet<String>>)> = todo
             .iter()
-            .map(|(n, spec)| (n.clone(), spec.as_ref().map(set_names)))
+            .map(|(n, spec)| {
+                (
+                    n.clone(),
+                    spec.as_ref().map(NodeAgentConfigSpec::sets_in_slices),
+                )
+            })
             .collect();
         let failed = write_all(&ctx, &api, todo, &node_uids).await;
         for (node, names) in planned {
@@ -114,14 +119,6 @@ pub async fn run(ctx: Arc<Context>) {
         ctx.changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
     }
-}
-
-/// The address sets a config names.
-fn set_names(spec: &NodeAgentConfigSpec) -> BTreeSet<String> {
-    spec.sets_in_slices()
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// The slices written so far, retrying until they can be listed.
