@@ -125,6 +125,34 @@ pub struct TwoNodes {
     pub db: usize,
 }
 
+/// Waits until every connection `pod` makes to `addr` for half a second is
+/// refused at `connect()` (none succeeds, more than 5 are denied); the
+/// connect loop's report.
+pub async fn wait_refused(
+    sim: &SimCluster,
+    pod: usize,
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    poll(
+        timeout,
+        &format!("connections to {addr} refused"),
+        || async {
+            let r = crate::traffic::spawn_traffic(
+                &sim.topo,
+                pod,
+                "connect-loop",
+                addr,
+                &["--duration-ms", "500", "--interval-ms", "20"],
+            )
+            .join()
+            .unwrap();
+            (r["successes"] == 0 && r["denied"].as_u64()? > 5).then_some(r)
+        },
+    )
+    .await
+}
+
 /// FlowPolicy `deny-db` in `shop`: web pods may not connect to db:5432.
 pub async fn deny_web_to_db(sim: &SimCluster, shop: &str) {
     sim.objects

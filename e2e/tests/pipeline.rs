@@ -19,7 +19,7 @@ use flowlens_e2e::{
     cluster::unique_name,
     fixtures::{
         TwoNodes, condition, deny_web_to_db, observation, policy, status_after, two_nodes,
-        wait_enforced, wait_ready,
+        wait_enforced, wait_ready, wait_refused,
     },
     kubectl::InterfaceCounters,
     operator::http_post,
@@ -724,20 +724,9 @@ async fn a_new_peer_is_blocked_through_its_address_set_without_a_new_config() {
     .unwrap();
     let _db = echo_server(&sim.topo, db2, 5432);
     let addr = format!("{db2_ip}:5432");
-    let refused = poll(Duration::from_secs(30), "web -> db-2 refused", || async {
-        let r = spawn_traffic(
-            &sim.topo,
-            web,
-            "connect-loop",
-            &addr,
-            &["--duration-ms", "500", "--interval-ms", "20"],
-        )
-        .join()
+    let refused = wait_refused(&sim, web, &addr, Duration::from_secs(30))
+        .await
         .unwrap();
-        (r["successes"] == 0 && r["denied"].as_u64()? > 5).then_some(r)
-    })
-    .await
-    .unwrap();
     println!("web -> db-2 ({set}): {refused}");
     assert_eq!(
         configs.get(&a1).await.unwrap().spec,
@@ -849,19 +838,7 @@ async fn a_burst_of_slice_writes_is_applied_in_a_few_passes_ending_with_the_last
     let written = started.elapsed();
     let _db = echo_server(&sim.topo, db, 5432);
     let addr = format!("{db_ip}:5432");
-    let refused = poll(Duration::from_secs(60), "web -> db refused", || async {
-        let r = spawn_traffic(
-            &sim.topo,
-            web,
-            "connect-loop",
-            &addr,
-            &["--duration-ms", "300", "--interval-ms", "20"],
-        )
-        .join()
-        .unwrap();
-        (r["successes"] == 0 && r["denied"].as_u64()? > 3).then_some(())
-    })
-    .await;
+    let refused = wait_refused(&sim, web, &addr, Duration::from_secs(60)).await;
     let in_force = started.elapsed();
     // Whatever was still waiting settles.
     tokio::time::sleep(Duration::from_secs(2)).await;

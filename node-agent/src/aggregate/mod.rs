@@ -409,17 +409,20 @@ fn for_each_connection(d: &Drained, mut each: impl FnMut(ConnId, &ConnFacts)) {
         .iter()
         .map(|c| ((c.client, c.backend, c.port, c.protocol), c.service_id))
         .collect();
+    let service = |id: &ConnId| {
+        if via.is_empty() {
+            return None;
+        }
+        via.get(&(id.local, id.remote, id.remote_port, id.protocol))
+            .copied()
+    };
     let mut finish = |id: ConnId, mut f: ConnFacts| {
         if !rtt.is_empty()
             && let Some(h) = rtt.remove(&id)
         {
             f.rtt = h;
         }
-        if !via.is_empty() {
-            f.service = via
-                .get(&(id.local, id.remote, id.remote_port, id.protocol))
-                .copied();
-        }
+        f.service = service(&id);
         each(id, &f);
     };
     let mut current: Option<(ConnId, ConnFacts)> = None;
@@ -454,13 +457,11 @@ fn for_each_connection(d: &Drained, mut each: impl FnMut(ConnId, &ConnFacts)) {
     }
     // RTT samples of connections with no flow record in this drain.
     for (id, h) in rtt.drain() {
-        let mut f = ConnFacts {
+        let f = ConnFacts {
             rtt: h,
+            service: service(&id),
             ..ConnFacts::default()
         };
-        f.service = via
-            .get(&(id.local, id.remote, id.remote_port, id.protocol))
-            .copied();
         each(id, &f);
     }
 }
