@@ -12,7 +12,11 @@
 //! - `conntrack`: connection tracking with `nf_conntrack_acct=1`;
 //! - `flowlens`: the agent, both pods traced;
 //! - `flowlens-10k`: the same plus 10,000 block rules (200 Enforce rules x
-//!   50 peer addresses, on both pods and directions, none matching).
+//!   50 peer addresses, on both pods and directions, none matching);
+//! - `enforce-only`: the 10,000 rules on pods no observation traces (the
+//!   packets are decided, not counted);
+//! - `audit`: both pods traced and an Audit rule that matches the
+//!   benchmark's traffic (every packet is counted against the rule).
 //!
 //! Per arm and round: a TCP stream (Gbit/s), 64-byte UDP at full rate
 //! (packets/s received) and at a fixed 70% of the `nothing` rate (CPU
@@ -51,15 +55,19 @@ enum Arm {
     Conntrack,
     Flowlens,
     FlowlensRules,
+    EnforceOnly,
+    Audit,
 }
 
-const ARMS: [Arm; 6] = [
+const ARMS: [Arm; 8] = [
     Arm::Nothing,
     Arm::TcFloor,
     Arm::Nftables,
     Arm::Conntrack,
     Arm::Flowlens,
     Arm::FlowlensRules,
+    Arm::EnforceOnly,
+    Arm::Audit,
 ];
 
 impl Arm {
@@ -71,6 +79,8 @@ impl Arm {
             Arm::Conntrack => "conntrack",
             Arm::Flowlens => "flowlens",
             Arm::FlowlensRules => "flowlens-10k",
+            Arm::EnforceOnly => "enforce-only",
+            Arm::Audit => "audit",
         }
     }
 
@@ -82,7 +92,22 @@ impl Arm {
             Arm::Conntrack => "conntrack with nf_conntrack_acct=1",
             Arm::Flowlens => "Flowlens observe",
             Arm::FlowlensRules => "Flowlens observe + 10,000 block rules",
+            Arm::EnforceOnly => "Flowlens 10,000 block rules, not observed",
+            Arm::Audit => "Flowlens observe + an Audit rule matching the traffic",
         }
+    }
+
+    /// Whether the arm runs the Flowlens agent.
+    fn is_agent(self) -> bool {
+        matches!(
+            self,
+            Arm::Flowlens | Arm::FlowlensRules | Arm::EnforceOnly | Arm::Audit
+        )
+    }
+
+    /// Whether the arm runs eBPF programs (profiled with `bpf_stats`).
+    fn is_ebpf(self) -> bool {
+        self == Arm::TcFloor || self.is_agent()
     }
 }
 
@@ -140,8 +165,7 @@ struct Bench<'a> {
     topo: &'a Topology,
     node: usize,
     ifaces: Vec<String>,
-    observe: NodeAgentConfigSpec,
-    rules: NodeAgentConfigSpec,
+    configs: Configs,
     agent: Option<Agent>,
     floor: Option<TcFloor>,
 }
@@ -194,11 +218,12 @@ impl Bench<'_> {
                 self.node_output("sysctl", &["-qw", "net.netfilter.nf_conntrack_acct=1"]);
                 let _ = self.topo.node_cmd(self.node, "conntrack", &["-F"]).output();
             }
-            Arm::Flowlens | Arm::FlowlensRules => {
-                let spec = if arm == Arm::Flowlens {
-                    &self.observe
-                } else {
-                    &self.rules
+            Arm::Flowlens | Arm::FlowlensRules | Arm::EnforceOnly | Arm::Audit => {
+                let spec = match arm {
+                    Arm::Flowlens => &self.configs.observe,
+                    Arm::FlowlensRules => &self.configs.observe_rules,
+                    Arm::EnforceOnly => &self.configs.rules,
+                    _ => &self.configs.audit,
                 };
                 let agent = Agent::standalone(self.topo, self.node, spec, &[]);
                 // Interfaces are reconciled every 2 s.
@@ -248,7 +273,7 @@ impl Bench<'_> {
                 self.node_output("sysctl", &["-qw", "net.netfilter.nf_conntrack_acct=0"]);
                 let _ = self.topo.node_cmd(self.node, "conntrack", &["-F"]).output();
             }
-            Arm::Flowlens | Arm::FlowlensRules => {
+            Arm::Flowlens | Arm::FlowlensRules | Arm::EnforceOnly | Arm::Audit => {
                 let agent = self.agent.take().unwrap();
                 let attached = agent.dump().map(|d| d.endpoints.attached).unwrap_or(0);
                 assert!(attached > 0, "the agent lost its interfaces");
@@ -386,18 +411,22 @@ fn iperf3(topo: &Topology, server: usize, client: usize, udp: Option<f64>, secon
     }
 }
 
-/// The agent configs: both pods traced; and the same with 10,000 block
-/// rules that no packet of the benchmark matches (one of them names the
-/// server itself, on another port, so the port tables are consulted too).
-fn configs(
-    topo: &Topology,
-    node: usize,
-    a: usize,
-    b: usize,
-) -> (NodeAgentConfigSpec, NodeAgentConfigSpec) {
-    let mut cfg = SpecBuilder::new(topo, node);
-    cfg.trace("obs", 5, &[a, b]);
-    let observe = cfg.build();
+/// The agent configs of the Flowlens arms.
+struct Configs {
+    /// Both pods traced.
+    observe: NodeAgentConfigSpec,
+    /// Both pods traced, with 10,000 block rules.
+    observe_rules: NodeAgentConfigSpec,
+    /// The 10,000 block rules alone.
+    rules: NodeAgentConfigSpec,
+    /// Both pods traced, an Audit rule matching the client's traffic.
+    audit: NodeAgentConfigSpec,
+}
+
+/// The 10,000 block rules no packet of the benchmark matches (one of them
+/// names the server itself, on another port, so the port tables are
+/// consulted too).
+fn add_block_rules(cfg: &mut SpecBuilder, topo: &Topology, a: usize, b: usize) {
     let server = format!("{}/32", topo.pods[b].ip4);
     cfg.rule(
         "unrelated",
@@ -438,8 +467,34 @@ fn configs(
             );
         }
     }
+}
+
+fn configs(topo: &Topology, node: usize, a: usize, b: usize) -> Configs {
+    let mut cfg = SpecBuilder::new(topo, node);
+    cfg.trace("obs", 5, &[a, b]);
+    let observe = cfg.build();
+    add_block_rules(&mut cfg, topo, a, b);
+    let observe_rules = cfg.build();
+    let mut cfg = SpecBuilder::new(topo, node);
+    add_block_rules(&mut cfg, topo, a, b);
     let rules = cfg.build();
-    (observe, rules)
+    let mut cfg = SpecBuilder::new(topo, node);
+    let server = format!("{}/32", topo.pods[b].ip4);
+    cfg.trace("obs", 5, &[a, b]).rule(
+        "audit-server",
+        Direction::Egress,
+        PolicyMode::Audit,
+        &[a],
+        &[&server],
+        &[],
+    );
+    let audit = cfg.build();
+    Configs {
+        observe,
+        observe_rules,
+        rules,
+        audit,
+    }
 }
 
 pub fn run(args: &[String]) {
@@ -460,17 +515,27 @@ pub fn run(args: &[String]) {
     let n = topo.add_node("bench", None);
     let a = topo.add_pod(n, "a");
     let b = topo.add_pod(n, "b");
-    let (observe, rules) = configs(&topo, n, a, b);
     let mut bench = Bench {
         topo: &topo,
         node: n,
         ifaces: vec![topo.pods[a].host_if.clone(), topo.pods[b].host_if.clone()],
-        observe,
-        rules,
+        configs: configs(&topo, n, a, b),
         agent: None,
         floor: None,
     };
     bench.assert_clean();
+    if args.iter().any(|a| a == "--profile-only") {
+        let profile = profile(&mut bench, &topo, a, b, seconds);
+        drop(bench);
+        let rows = print_profile(&profile);
+        if json {
+            println!(
+                "{{\"bench\":\"datapath\",\"seconds\":{seconds},\"programs\":[{}]}}",
+                rows.join(",")
+            );
+        }
+        return;
+    }
 
     // The fixed UDP rate: 70% of what the node forwards with nothing attached.
     let mut calib: Vec<f64> = (0..2)
@@ -585,7 +650,7 @@ fn profile(
     let was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let mut costs = Vec::new();
-    for arm in [Arm::TcFloor, Arm::Flowlens, Arm::FlowlensRules] {
+    for arm in ARMS.into_iter().filter(|a| a.is_ebpf()) {
         bench.enter(arm);
         let before = program_stats();
         iperf3(topo, b, a, None, seconds);
@@ -664,7 +729,7 @@ fn report(
             med(s, |s| s.udp_pps),
             med(s, |s| s.udp_fixed_drop),
         );
-        if matches!(arm, Arm::Flowlens | Arm::FlowlensRules) {
+        if arm.is_agent() {
             let cpu = med(s, |s| s.agent_cpu_pct);
             let rss = s.iter().map(|s| s.agent_rss_mb).fold(0.0, f64::max);
             println!(
@@ -676,6 +741,21 @@ fn report(
         arms_json.push(o);
     }
     println!();
+    let programs_json = print_profile(profile);
+    let line = format!(
+        "{{\"bench\":\"datapath\",\"rounds\":{rounds},\"seconds\":{seconds},\"seed\":{seed},\"fixed_udp_pps\":{fixed_pps:.0},\"arms\":{{{}}},\"programs\":[{}]}}",
+        arms_json.join(","),
+        programs_json.join(",")
+    );
+    if json {
+        println!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The `bpf_stats` table; returns its rows as JSON objects.
+fn print_profile(profile: &[ProgramCost]) -> Vec<String> {
     println!("| arm | program | runs (TCP + UDP run) | ns per run (bpf_stats) |");
     println!("|---|---|---|---|");
     let mut programs_json = Vec::new();
@@ -695,16 +775,7 @@ fn report(
             c.ns_per_run
         ));
     }
-    let line = format!(
-        "{{\"bench\":\"datapath\",\"rounds\":{rounds},\"seconds\":{seconds},\"seed\":{seed},\"fixed_udp_pps\":{fixed_pps:.0},\"arms\":{{{}}},\"programs\":[{}]}}",
-        arms_json.join(","),
-        programs_json.join(",")
-    );
-    if json {
-        println!("{line}");
-    } else {
-        eprintln!("{line}");
-    }
+    programs_json
 }
 
 #[cfg(test)]
