@@ -62,16 +62,68 @@ pub struct FlowStats {
     /// Packets of this flow the kernel dropped (freed with a drop reason),
     /// from the `skb:kfree_skb` tracepoint. A GSO packet counts once.
     pub drops: u32,
-    /// The config epoch in which every packet of this key is counted and
-    /// passes without rule evaluation (an endpoint without rules, or a
-    /// connection its rules allow); 0: evaluate. Set only by the TC programs.
-    pub pass_epoch: u32,
     /// The host-side interface whose program counted the key's packets
     /// (0: none yet). A packet leaving a pod takes the fast path only
     /// through that interface: the key's local address was checked to be
     /// that pod's when the entry was made, so the source check is implied.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// Whether, and how, every packet of this key passes without rule
+    /// evaluation in the current config epoch ([`pass_word`]): untouched
+    /// (an endpoint without rules, or a connection its rules allow), or
+    /// audited (counted against the rule that audits it); 0: evaluate. One
+    /// word, written and read whole. Set only by the TC programs.
+    pub pass: u64,
+}
+
+/// Bits of [`FlowStats::pass`]: slot (6), rule direction (1), endpoint id
+/// (30), the epoch's low 25 bits, passes (1), audited (1). An entry lives
+/// one drain period, far fewer config flips than 2^25, so the epoch's low
+/// bits tell a current word from a stale one.
+const PASS_EPOCH_SHIFT: u32 = 37;
+const PASS_EPOCH_MASK: u64 = (1 << 25) - 1;
+const PASS_PASSES: u64 = 1 << 62;
+const PASS_AUDITED: u64 = 1 << 63;
+
+/// [`FlowStats::pass`] for a key decided to pass in `epoch`: untouched
+/// (`audited` false; the other fields are then ignored), or counted
+/// against rule `slot` of `endpoint_id`'s `rule_direction` rules.
+#[inline(always)]
+pub const fn pass_word(
+    epoch: u32,
+    audited: bool,
+    endpoint_id: u32,
+    rule_direction: u8,
+    slot: u8,
+) -> u64 {
+    let word = PASS_PASSES | (((epoch as u64) & PASS_EPOCH_MASK) << PASS_EPOCH_SHIFT);
+    if !audited {
+        return word;
+    }
+    word | PASS_AUDITED
+        | (((endpoint_id & (MAX_ENDPOINT_ID - 1)) as u64) << 7)
+        | (((rule_direction & 1) as u64) << 6)
+        | ((slot & 63) as u64)
+}
+
+/// Whether `word` says the key's packets pass in `epoch` (one compare).
+#[inline(always)]
+pub const fn passes_in(word: u64, epoch: u32) -> bool {
+    word & (PASS_PASSES | (PASS_EPOCH_MASK << PASS_EPOCH_SHIFT))
+        == PASS_PASSES | (((epoch as u64) & PASS_EPOCH_MASK) << PASS_EPOCH_SHIFT)
+}
+
+/// The rule a passing `word` counts its packets against: `(endpoint id,
+/// rule direction, slot)`; `None` when they pass untouched.
+#[inline(always)]
+pub const fn audited_rule(word: u64) -> Option<(u32, u8, u8)> {
+    if word & PASS_AUDITED == 0 {
+        return None;
+    }
+    Some((
+        ((word >> 7) as u32) & (MAX_ENDPOINT_ID - 1),
+        ((word >> 6) & 1) as u8,
+        (word & 63) as u8,
+    ))
 }
 
 /// Traffic of a local endpoint that could not get its own [`FlowKey`] entry
@@ -279,8 +331,8 @@ pub const ROLE_CLIENT: u8 = 1;
 pub const ROLE_SERVER: u8 = 2;
 
 /// Connection-table value: who opened the connection, and the verdict
-/// computed for it under configuration `generation` (recomputed when the
-/// generation changes).
+/// computed for it under configuration `epoch` (recomputed when the
+/// epoch changes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
@@ -288,9 +340,15 @@ pub struct ConnState {
     pub verdict: u8,
     /// Slot that decided a DROP/AUDIT verdict.
     pub slot: u8,
-    pub _pad: u8,
+    /// 1 when the local endpoint was not traced (so has no flow entry to
+    /// carry the verdict): the verdict cache is its fast path.
+    pub untraced: u8,
     /// The config epoch the verdict was decided in.
     pub epoch: u32,
+    /// The interface of the packet that was decided (a pod's own: both of
+    /// its TC programs are on its host-side interface). A packet leaving a
+    /// pod takes the fast path only through it.
+    pub ifindex: u32,
 }
 
 /// A pod's addresses (IPv4-mapped and IPv6; all-zero when it has no such
@@ -620,7 +678,7 @@ assert_size!(RuleCounterKey, 8);
 assert_size!(RuleCounters, 16);
 assert_size!(AttemptKey, 28);
 assert_size!(AttemptStats, 24);
-assert_size!(ConnState, 8);
+assert_size!(ConnState, 12);
 assert_size!(PodAddrs, 32);
 assert_size!(DatapathConfig, 32);
 assert_size!(SkbLayout, 16);
@@ -673,6 +731,25 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_word_carries_its_rule_and_passes_only_in_its_epoch() {
+        for epoch in [1u32, 2, 77, (1 << 25) - 1, 1 << 25, u32::MAX] {
+            for (ep, dir, slot) in [(0, 0, 0), (MAX_ENDPOINT_ID - 1, 1, 63), (12345, 1, 7)] {
+                let w = pass_word(epoch, true, ep, dir, slot);
+                assert_eq!(audited_rule(w), Some((ep, dir, slot)));
+                assert!(passes_in(w, epoch));
+                assert!(!passes_in(w, epoch.wrapping_add(1)));
+                assert!(!passes_in(w, epoch.wrapping_sub(1)));
+            }
+            let plain = pass_word(epoch, false, 9, 1, 3);
+            assert_eq!(audited_rule(plain), None);
+            assert!(passes_in(plain, epoch));
+            assert!(!passes_in(plain, epoch.wrapping_add(2)));
+            // 0: evaluate, in any epoch.
+            assert!(!passes_in(0, epoch));
+        }
+    }
 
     #[test]
     fn buckets_are_monotonic_and_contain_their_values() {

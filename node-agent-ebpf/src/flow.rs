@@ -77,11 +77,11 @@ fn add_with_flags(stats: *mut FlowStats, p: &Packet, flags: u32) {
 
 /// Counts a packet of a traced endpoint. `key` is the flow as seen from the
 /// local endpoint, `existing` its entry if the caller found one (else null),
-/// `pass_epoch` the epoch in which the key's packets pass untouched (0: not
-/// known to) and `ifindex` the interface of the program, both recorded for
-/// the fast path.
+/// `pass` whether and how the key's packets pass in this epoch
+/// (`FlowStats::pass`, 0: not known to) and `ifindex` the interface of the
+/// program, both recorded for the fast path.
 #[inline(never)]
-pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: u32, ifindex: u32) {
+pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass: u64, ifindex: u32) {
     let Some(flows) = FL_FLOWS.get(0) else {
         return;
     };
@@ -89,16 +89,16 @@ pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: 
     if !existing.is_null() {
         let stats = existing;
         add_with_flags(stats, p, flags);
-        // Plain stores: racing writers store the current epoch or 0 (a
-        // stale epoch never matches the current one), and the one interface
-        // whose program sees the key's packets.
+        // Plain stores: racing writers store a word of the current epoch
+        // or 0 (a word of another epoch never passes), and the one
+        // interface whose program sees the key's packets.
         unsafe {
-            (*stats).pass_epoch = pass_epoch;
+            core::ptr::write_volatile(&raw mut (*stats).pass, pass);
             (*stats).ifindex = ifindex;
         }
         return;
     }
-    let Some(fresh) = new_entry(p, flags, pass_epoch, ifindex) else {
+    let Some(fresh) = new_entry(p, flags, pass, ifindex) else {
         return;
     };
     match flows.insert(key, fresh, BPF_NOEXIST as u64) {
@@ -122,7 +122,7 @@ pub fn account(key: &FlowKey, p: &Packet, existing: *mut FlowStats, pass_epoch: 
 /// 512 bytes. Only the TC programs use the slot, and they do not nest on a
 /// CPU.
 #[inline(always)]
-fn new_entry(p: &Packet, flags: u32, pass_epoch: u32, ifindex: u32) -> Option<&'static FlowStats> {
+fn new_entry(p: &Packet, flags: u32, pass: u64, ifindex: u32) -> Option<&'static FlowStats> {
     let e = FL_FLOW_SCRATCH.get_ptr_mut(0)?;
     // Field by field: a struct literal would be built on the stack first.
     unsafe {
@@ -132,9 +132,8 @@ fn new_entry(p: &Packet, flags: u32, pass_epoch: u32, ifindex: u32) -> Option<&'
         (*e).flags = flags;
         (*e).retransmits = 0;
         (*e).drops = 0;
-        (*e).pass_epoch = pass_epoch;
         (*e).ifindex = ifindex;
-        (*e)._pad = 0;
+        (*e).pass = pass;
         Some(&*e)
     }
 }
@@ -183,9 +182,8 @@ pub fn account_retransmit(key: &FlowKey) {
         flags: 0,
         retransmits: 1,
         drops: 0,
-        pass_epoch: 0,
         ifindex: 0,
-        _pad: 0,
+        pass: 0,
     };
     let _ = flows.insert(key, &fresh, BPF_NOEXIST as u64);
 }

@@ -50,7 +50,8 @@ use flowlens_agent_common::{
     COUNTER_CONNECT_DENIED, COUNTER_SERVICE_TRANSLATED, DIRECTION_EGRESS, DIRECTION_INGRESS,
     DNS_PORT, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS, ENDPOINT_TRACE, EndpointInfo,
     EndpointKey, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CLIENT, ROLE_SERVER,
-    SUSPECT_SPOOFED, ServiceConnKey, ServiceSocket, VERDICT_DROP, VERDICT_PASS, v4_mapped,
+    SUSPECT_SPOOFED, ServiceConnKey, ServiceSocket, VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS,
+    audited_rule, pass_word, passes_in, v4_mapped,
 };
 
 use crate::{
@@ -111,22 +112,54 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
     }
 
     // Fast path: a flow already known, in this epoch, to be traced and to
-    // pass untouched is counted with one lookup. Leaving a pod, only through
-    // the interface whose packets made the entry (whose source address was
-    // checked then): a pod forging another's address never takes it.
+    // pass (untouched, or audited: counted against its rule) is counted
+    // with one lookup. Leaving a pod, only through the interface whose
+    // packets made the entry (whose source address was checked then): a
+    // pod forging another's address never takes it.
     // Not for a SYN: it opens a new connection on the 5-tuple, to be decided
     // afresh (a bare ACK sent first must not pave its way).
     let existing = flow::lookup(&key);
     let syn = p.protocol == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
-    if !syn
+    if !syn && p.opaque == 0 && !existing.is_null() && epoch != 0 {
+        let pass = unsafe { core::ptr::read_volatile(&raw const (*existing).pass) };
+        if passes_in(pass, epoch) && (!egress || unsafe { (*existing).ifindex } == skb_ifindex(ctx))
+        {
+            if let Some((endpoint_id, rule_direction, slot)) = audited_rule(pass) {
+                let d = policy::Decision {
+                    verdict: VERDICT_AUDIT,
+                    slot,
+                    rule_direction,
+                };
+                let peer = policy::Peer {
+                    addr: key.remote_addr,
+                    remote_port: key.remote_port,
+                    local_port: key.local_port,
+                    protocol: p.protocol,
+                    attempt: 0,
+                };
+                policy::count(generation, endpoint_id, &d, p.packets, &peer);
+            }
+            flow::add(existing, &p);
+            return TC_ACT_UNSPEC;
+        }
+    }
+    // The same for an endpoint with rules that is not traced (no flow
+    // entry): a connection its rules passed in this epoch passes with one
+    // lookup of the verdict cache. ICMP is decided per packet (below).
+    if existing.is_null()
+        && !syn
         && p.opaque == 0
-        && !existing.is_null()
         && epoch != 0
-        && unsafe { (*existing).pass_epoch } == epoch
-        && (!egress || unsafe { (*existing).ifindex } == skb_ifindex(ctx))
+        && p.protocol != PROTO_ICMP
+        && p.protocol != PROTO_ICMPV6
     {
-        flow::add(existing, &p);
-        return TC_ACT_UNSPEC;
+        key.direction = 0;
+        let passed =
+            policy::passed_untraced(&key, epoch, if egress { skb_ifindex(ctx) } else { 0 });
+        key.direction = direction;
+        if passed {
+            return TC_ACT_UNSPEC;
+        }
     }
 
     // A packet leaving a pod must come from an address the pod owns: one
@@ -150,7 +183,8 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         None => return TC_ACT_UNSPEC,
     };
 
-    let mut passes = true;
+    // How the flow's later packets pass (`FlowStats::pass`), if they do.
+    let mut pass = pass_word(epoch, false, 0, 0, 0);
     // A packet to a Service frontend did not go through our connect()
     // translation: kube-proxy will pick its backend, so it may not pass if
     // the rules block one.
@@ -185,7 +219,7 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
             epoch,
             ep,
             &p,
-            direction as u32,
+            direction as u64 | (skb_ifindex(ctx) as u64) << 32,
             &key,
         ));
         key.direction = direction;
@@ -201,18 +235,19 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
             if d.verdict == VERDICT_DROP {
                 return TC_ACT_SHOT;
             }
-            passes = false;
+            // Audited: passes, and the flow entry remembers the rule so
+            // that later packets are counted against it on the fast path.
+            pass = pass_word(epoch, true, ep.id, d.rule_direction, d.slot);
         }
         // ICMP shares one key per peer across message types, and neighbour
         // discovery passes whatever the rules say: always evaluated.
         if p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6 {
-            passes = false;
+            pass = 0;
         }
     }
 
     if ep.flags & ENDPOINT_TRACE != 0 {
-        let pass_epoch = if passes { epoch } else { 0 };
-        flow::account(&key, &p, existing, pass_epoch, skb_ifindex(ctx));
+        flow::account(&key, &p, existing, pass, skb_ifindex(ctx));
     }
     TC_ACT_UNSPEC
 }

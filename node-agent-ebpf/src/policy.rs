@@ -17,9 +17,9 @@ use aya_ebpf::{
 use flowlens_agent_common::{
     AttemptKey, AttemptStats, COUNTER_CONN_TABLE_FULL, ClassRuleKey, ConnKey, ConnState,
     DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_POLICY_EGRESS, ENDPOINT_POLICY_INGRESS,
-    EndpointInfo, NO_CLASS, PEER_GENERATION_BITS, PORT_SCOPE_BITS, PROTO_ICMPV6, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PeerKey, PortKey, ROLE_CLIENT, ROLE_SERVER, RuleCounterKey, RuleCounters,
-    VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS, peer_generation, rule_scope,
+    ENDPOINT_TRACE, EndpointInfo, NO_CLASS, PEER_GENERATION_BITS, PORT_SCOPE_BITS, PROTO_ICMPV6,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerKey, PortKey, ROLE_CLIENT, ROLE_SERVER, RuleCounterKey,
+    RuleCounters, VERDICT_AUDIT, VERDICT_DROP, VERDICT_PASS, peer_generation, rule_scope,
 };
 
 use crate::{
@@ -242,16 +242,37 @@ pub fn unpack(v: u32) -> Decision {
     }
 }
 
+/// Whether the rules of an endpoint that is not traced passed connection
+/// `conn` (a flow key with direction 0) in this epoch: the fast path of
+/// such an endpoint's packets, one lookup. `ifindex` is the interface a
+/// packet leaving the pod came through (the one the decided packet came
+/// through, whose source was checked then), 0 for a packet entering it.
+#[inline(always)]
+pub fn passed_untraced(conn: &ConnKey, epoch: u32, ifindex: u32) -> bool {
+    match unsafe { FL_CONNS.get(conn) } {
+        Some(st) => {
+            st.epoch == epoch
+                && st.verdict == VERDICT_PASS
+                && st.untraced != 0
+                && (ifindex == 0 || st.ifindex == ifindex)
+        }
+        None => false,
+    }
+}
+
 /// The verdict (packed) for a packet of a local endpoint with rules. `conn`
-/// is the packet's flow key with `direction` 0 (the connection key).
+/// is the packet's flow key with `direction` 0 (the connection key);
+/// `direction_ifindex` the packet's direction in the low 32 bits and its
+/// interface in the high ones (packed: a BPF call takes five arguments).
 #[inline(never)]
 pub fn packet_decision(
     epoch: u32,
     ep: &EndpointInfo,
     p: &Packet,
-    direction: u32,
+    direction_ifindex: u64,
     conn: &ConnKey,
 ) -> u32 {
+    let direction = direction_ifindex as u32;
     // Neighbour discovery keeps IPv6 working whatever the rules say, on
     // the link it belongs to: to or from link-local, multicast or
     // unspecified addresses. Addressed to any other peer it meets the rules
@@ -299,8 +320,9 @@ pub fn packet_decision(
         role,
         verdict: d.verdict,
         slot: d.slot,
-        _pad: 0,
+        untraced: (ep.flags & ENDPOINT_TRACE == 0) as u8,
         epoch,
+        ifindex: (direction_ifindex >> 32) as u32,
     };
     if FL_CONNS.insert(conn, &state, BPF_ANY as u64).is_err() {
         bump(COUNTER_CONN_TABLE_FULL);

@@ -3,7 +3,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flowlens_api::report::{ObservationWindow, Role, Series};
+use flowlens_api::{
+    flow_policy::PolicyMode,
+    node_agent_config::Direction,
+    report::{ObservationWindow, Role, Series},
+};
 use flowlens_e2e::{
     agent::Agent,
     config::SpecBuilder,
@@ -213,4 +217,62 @@ fn datagrams_to_a_closed_port_count_as_kernel_drops() {
     assert!(no_socket >= DATAGRAMS, "{:#}", dump.kernel);
     let n = agent.metric_sum("flowlens_agent_kernel_drops_total", "reason=\"NO_SOCKET\"");
     assert!(n >= DATAGRAMS as f64, "NO_SOCKET drop metric {n}");
+}
+
+/// Audited connections take the fast path after their first packet (the
+/// flow entry remembers the rule and counts against it): every packet is
+/// still counted against the rule exactly once, so the rule's packets equal
+/// the connection's, both directions, as the flow table counted them.
+#[test]
+fn every_audited_packet_is_counted_once_against_its_rule() {
+    let mut topo = Topology::new();
+    let node = topo.add_node("n1", None);
+    let a = topo.add_pod(node, "a");
+    let b = topo.add_pod(node, "b");
+    let b4 = topo.pods[b].ip4.to_string();
+    // Only the client traced: its series carry both directions.
+    let spec = SpecBuilder::new(&topo, node)
+        .trace("obs", 5, &[a])
+        .rule(
+            "audit-b",
+            Direction::Egress,
+            PolicyMode::Audit,
+            &[a],
+            &[&format!("{b4}/32")],
+            &[],
+        )
+        .build();
+    let agent = Agent::standalone(&topo, node, &spec, &[]);
+
+    let from = now_s() - now_s() % 5;
+    let sent = iperf3(&topo, b, a, &b4, "40M");
+    let until = now_s() + 1;
+    let windows = agent.windows("obs", from, until, Duration::from_secs(20));
+    let to_b: Vec<&Series> =
+        series(&windows, |s| s.remote.as_deref() == Some(b4.as_str())).collect();
+    let flow_packets: u64 = to_b.iter().map(|s| s.tx.packets + s.rx.packets).sum();
+    // Policy matches are published per completed 10 s policy window.
+    let published = until - until % 10 + 10;
+    while now_s() < published + 2 {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let audited = agent.metric_sum(
+        "flowlens_agent_policy_packets_total",
+        "policy=\"audit-b\",verdict=\"audited\"",
+    ) as u64;
+    let blocked = agent.metric_sum("flowlens_agent_policy_packets_total", "verdict=\"blocked\"");
+    println!(
+        "iperf3 sent {} bytes; a <-> b: {flow_packets} packets in the flow table, {audited} audited",
+        sent.bytes
+    );
+    assert!(
+        flow_packets as f64 >= sent.wire_payload() as f64 / 1448.0,
+        "the transfer was counted: {flow_packets} packets for {} bytes",
+        sent.wire_payload()
+    );
+    assert_eq!(
+        audited, flow_packets,
+        "every packet of the audited connections is counted against the rule once"
+    );
+    assert_eq!(blocked, 0.0);
 }

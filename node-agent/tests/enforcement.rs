@@ -486,13 +486,28 @@ fn config_swaps_never_let_a_blocked_connection_through() {
 /// one-bit table generation.
 #[test]
 fn an_idle_connection_decided_before_a_block_is_blocked_after_later_changes() {
+    idle_connection_across_a_block(true);
+}
+
+/// The same for pods no observation traces: their established connections
+/// pass by the cached verdict alone (no flow entry), which a new config
+/// must invalidate just the same.
+#[test]
+fn an_idle_connection_of_a_pod_not_traced_is_blocked_after_later_changes() {
+    idle_connection_across_a_block(false);
+}
+
+fn idle_connection_across_a_block(traced: bool) {
     let s = setup();
     let (topo, a, b, c) = (&s.topo, s.a, s.b, s.c);
     let peers = b_ips(&s);
     let mut cfg = SpecBuilder::new(topo, 0);
+    if traced {
+        cfg.trace("obs", 5, &[a, b, c]);
+    }
     // `a` has rules from the start, so the connection's verdict (pass) is
     // decided and cached when it opens.
-    cfg.trace("obs", 5, &[a, b, c]).rule(
+    cfg.rule(
         "other-port",
         Direction::Egress,
         PolicyMode::Enforce,

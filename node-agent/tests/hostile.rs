@@ -232,6 +232,18 @@ fn crafted_arrivals(
 /// any address, a pod's source address was not checked).
 #[test]
 fn crafted_packets_do_not_get_past_the_rules() {
+    crafted_packets_against_rules(true);
+}
+
+/// The same with no pod traced: established connections then pass by the
+/// verdict cache (`FL_CONNS`), not the flow table, and a forged packet must
+/// not take that path either.
+#[test]
+fn crafted_packets_do_not_get_past_the_rules_of_pods_not_traced() {
+    crafted_packets_against_rules(false);
+}
+
+fn crafted_packets_against_rules(traced: bool) {
     let mut topo = Topology::new();
     let n = topo.add_node("n1", None);
     let a = topo.add_pod(n, "a");
@@ -241,23 +253,25 @@ fn crafted_packets_do_not_get_past_the_rules() {
     let (b4_net, b6_net) = (format!("{b4}/32"), format!("{b6}/128"));
     let mut cfg = SpecBuilder::new(&topo, 0);
     // a may not reach b on TCP 5432 or UDP 5000; c may not reach b at all.
-    cfg.trace("obs", 5, &[a, b, c])
-        .rule(
-            "no-db",
-            Direction::Egress,
-            PolicyMode::Enforce,
-            &[a],
-            &[&b4_net, &b6_net],
-            &[(Protocol::Tcp, 5432, 5432), (Protocol::Udp, 5000, 5000)],
-        )
-        .rule(
-            "isolated",
-            Direction::Egress,
-            PolicyMode::Enforce,
-            &[c],
-            &[&b4_net, &b6_net],
-            &[],
-        );
+    if traced {
+        cfg.trace("obs", 5, &[a, b, c]);
+    }
+    cfg.rule(
+        "no-db",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[a],
+        &[&b4_net, &b6_net],
+        &[(Protocol::Tcp, 5432, 5432), (Protocol::Udp, 5000, 5000)],
+    )
+    .rule(
+        "isolated",
+        Direction::Egress,
+        PolicyMode::Enforce,
+        &[c],
+        &[&b4_net, &b6_net],
+        &[],
+    );
     let spec = cfg.build();
     let agent = Agent::standalone(&topo, 0, &spec, &["--cgroup-root", "none"]);
     // Neighbours resolved first: what is counted below is the crafted packets.
@@ -344,8 +358,9 @@ fn crafted_packets_do_not_get_past_the_rules() {
             1,
         ),
         // Right after the case above (usually within one drain period), so
-        // a's flow entry for these ports is there and known to pass: the
-        // fast path must not take c's forgery for a's packet.
+        // a's flow entry (or, not traced, its cached verdict) for these
+        // ports is there and known to pass: the fast path must not take c's
+        // forgery for a's packet.
         (
             "UDP to 5002 from c with a's address and ports",
             c,

@@ -3,10 +3,10 @@
 //! agent never reinterprets maps of another layout.
 //!
 //! ```text
-//! <root>/v4/maps/FL_*              maps of the eBPF object
-//! <root>/v4/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
-//! <root>/v4/links/tc_<ifindex>_<ingress|egress>_<ifname>
-//! <root>/v4/links/<hook>           cgroup and tracepoint links
+//! <root>/v5/maps/FL_*              maps of the eBPF object
+//! <root>/v5/maps/flows_a|flows_b   swappable result tables (also rtt, overflow, rules)
+//! <root>/v5/links/tc_<ifindex>_<ingress|egress>_<ifname>
+//! <root>/v5/links/<hook>           cgroup and tracepoint links
 //! ```
 //!
 //! bpffs reserves `.` in names, so interface names store it as `~`.
@@ -22,7 +22,7 @@ use std::{
 };
 
 /// Bump when a map's key, value or meaning changes.
-pub const LAYOUT_VERSION: &str = "v4";
+pub const LAYOUT_VERSION: &str = "v5";
 
 /// The default pin root.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/flowlens";
