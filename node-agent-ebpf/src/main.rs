@@ -130,13 +130,7 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
                     slot,
                     rule_direction,
                 };
-                let peer = policy::Peer {
-                    addr: key.remote_addr,
-                    remote_port: key.remote_port,
-                    local_port: key.local_port,
-                    protocol: p.protocol,
-                    attempt: 0,
-                };
+                let peer = policy::Peer::of_flow(&key, p.protocol, 0);
                 policy::count(generation, endpoint_id, &d, p.packets, &peer);
             }
             flow::add(existing, &p);
@@ -224,13 +218,7 @@ fn on_packet(ctx: &TcContext, direction: u8) -> i32 {
         ));
         key.direction = direction;
         if d.verdict != VERDICT_PASS {
-            let peer = policy::Peer {
-                addr: key.remote_addr,
-                remote_port: key.remote_port,
-                local_port: key.local_port,
-                protocol: p.protocol,
-                attempt: syn as u8,
-            };
+            let peer = policy::Peer::of_flow(&key, p.protocol, syn as u8);
             policy::count(generation, ep.id, &d, p.packets, &peer);
             if d.verdict == VERDICT_DROP {
                 return TC_ACT_SHOT;

@@ -7,7 +7,9 @@
 //! rules, and the replies a server sends are never caught by egress rules.
 //! The verdict is cached per connection and config epoch in `FL_CONNS` (the
 //! epoch, not the one-bit generation: a verdict of two flips ago must not
-//! come back), and for traced flows that pass, in the flow entry.
+//! come back; for an endpoint that is not traced, the cache is its fast
+//! path), and for traced flows that pass, untouched or audited, in the flow
+//! entry's pass word (`FlowStats::pass`).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -341,6 +343,20 @@ pub struct Peer {
     pub protocol: u8,
     /// 1 for a connection attempt (a TCP SYN, a `connect()` call), else 0.
     pub attempt: u8,
+}
+
+impl Peer {
+    /// The remote side of flow `key` (as seen from the local endpoint).
+    #[inline(always)]
+    pub fn of_flow(key: &ConnKey, protocol: u8, attempt: u8) -> Peer {
+        Peer {
+            addr: key.remote_addr,
+            remote_port: key.remote_port,
+            local_port: key.local_port,
+            protocol,
+            attempt,
+        }
+    }
 }
 
 /// Adds a match to the counters of the deciding rule and to the named

@@ -426,14 +426,13 @@ struct Configs {
 /// The 10,000 block rules no packet of the benchmark matches (one of them
 /// names the server itself, on another port, so the port tables are
 /// consulted too).
-fn add_block_rules(cfg: &mut SpecBuilder, topo: &Topology, a: usize, b: usize) {
-    let server = format!("{}/32", topo.pods[b].ip4);
+fn add_block_rules(cfg: &mut SpecBuilder, a: usize, b: usize, server: &str) {
     cfg.rule(
         "unrelated",
         Direction::Egress,
         PolicyMode::Enforce,
         &[a],
-        &[&server],
+        &[server],
         &[(Protocol::Tcp, 5432, 5432)],
     );
     let mut peer = 0u32;
@@ -470,16 +469,16 @@ fn add_block_rules(cfg: &mut SpecBuilder, topo: &Topology, a: usize, b: usize) {
 }
 
 fn configs(topo: &Topology, node: usize, a: usize, b: usize) -> Configs {
+    let server = format!("{}/32", topo.pods[b].ip4);
     let mut cfg = SpecBuilder::new(topo, node);
     cfg.trace("obs", 5, &[a, b]);
     let observe = cfg.build();
-    add_block_rules(&mut cfg, topo, a, b);
+    add_block_rules(&mut cfg, a, b, &server);
     let observe_rules = cfg.build();
     let mut cfg = SpecBuilder::new(topo, node);
-    add_block_rules(&mut cfg, topo, a, b);
+    add_block_rules(&mut cfg, a, b, &server);
     let rules = cfg.build();
     let mut cfg = SpecBuilder::new(topo, node);
-    let server = format!("{}/32", topo.pods[b].ip4);
     cfg.trace("obs", 5, &[a, b]).rule(
         "audit-server",
         Direction::Egress,
