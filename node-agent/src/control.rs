@@ -29,12 +29,15 @@ use crate::{
     aggregate::{Aggregator, Drained},
     cgroups,
     datapath::{
-        Datapath,
+        Datapath, DrainScope,
         attach::{Interface, TcLinks},
         revision_hash,
     },
     in_force, interfaces,
-    metrics::{DirectionLabels, Metrics, PolicyLabels, ReasonLabels, ResultLabels, TableLabels},
+    metrics::{
+        DirectionLabels, DrainLabels, Metrics, PolicyLabels, ReasonLabels, ResultLabels,
+        TableLabels,
+    },
     report::Outbox,
     spool::{SPOOL_VERSION, Spool, SpoolState, SpooledPart},
     state::{Problem, Shared},
@@ -698,7 +701,12 @@ impl ControlLoop {
             self.aggregator_state();
             self.hand_over(Vec::new(), Vec::new(), now);
         }
-        let drained = match self.datapath.drain() {
+        let scope = if now >= self.next_flow_drain {
+            DrainScope::All
+        } else {
+            DrainScope::Rules
+        };
+        let drained = match self.datapath.drain(scope) {
             Ok(d) => d,
             Err(e) => {
                 error!(error = %e, "cannot drain the kernel tables");
@@ -711,16 +719,26 @@ impl ControlLoop {
         // copied before the connection's first packet was counted).
         self.ingest_dns(now);
 
+        let tables = match scope {
+            DrainScope::All => "all",
+            DrainScope::Rules => "rules",
+        };
         self.metrics
             .drain_seconds
+            .get_or_create(&DrainLabels { tables })
             .observe(started.elapsed().as_secs_f64());
         self.count(&drained, now);
-        if let Some(r) = &self.reporting
-            && r.live.watching(now)
-        {
-            r.live.push(self.agg.live_records(&drained, now));
+        if scope == DrainScope::All {
+            if let Some(r) = &self.reporting
+                && r.live.watching(now)
+            {
+                r.live.push(self.agg.live_records(&drained, now));
+            }
+            self.schedule_flow_drain(now);
+        } else {
+            // The flow tables keep their schedule.
+            self.next_rule_drain = self.agg.next_policy_boundary_ms(now);
         }
-        self.schedule_flow_drain(now);
         let kernel = self.datapath.counters().unwrap_or_default();
         self.shared.update(|s| {
             s.open_windows = self.agg.snapshot();
@@ -1096,7 +1114,7 @@ impl ControlLoop {
             self.observe(&left);
             self.agg.ingest(&left, now);
         }
-        if let Ok(d) = self.datapath.drain() {
+        if let Ok(d) = self.datapath.drain(DrainScope::All) {
             self.observe(&d);
             self.agg.ingest(&d, now);
         }

@@ -17,6 +17,13 @@ pub(crate) struct TableLabels {
     pub table: &'static str,
 }
 
+/// Which tables a drain swapped out: `all`, or `rules` (a policy window
+/// ended, no observation's window did).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DrainLabels {
+    pub tables: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PolicyLabels {
     pub namespace: String,
@@ -68,7 +75,7 @@ pub struct Metrics {
     pub(crate) dns_names: Gauge,
     pub(crate) dns_pending: Gauge,
     pub(crate) service_translated: Counter,
-    pub(crate) drain_seconds: Histogram,
+    pub(crate) drain_seconds: Family<DrainLabels, Histogram, fn() -> Histogram>,
     /// Entries a full bound of the aggregator's state could not keep.
     pub(crate) state_overflows: Family<StateLabels, Counter>,
     pub(crate) applies: Family<ResultLabels, Counter>,
@@ -99,6 +106,10 @@ const RTT_BUCKETS_US: [f64; 14] = [
 /// Buckets of the drain-duration histogram, in seconds.
 const DRAIN_BUCKETS_S: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+fn drain_histogram() -> Histogram {
+    Histogram::new(DRAIN_BUCKETS_S)
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("flowlens_agent");
@@ -119,7 +130,7 @@ impl Metrics {
             dns_messages: Family::default(),
             dns_names: Gauge::default(),
             dns_pending: Gauge::default(),
-            drain_seconds: Histogram::new(DRAIN_BUCKETS_S),
+            drain_seconds: Family::new_with_constructor(drain_histogram),
             state_overflows: Family::default(),
             applies: Family::default(),
             attached_interfaces: Gauge::default(),
@@ -241,7 +252,7 @@ impl Metrics {
     fn register_datapath(&self, registry: &mut Registry) {
         registry.register(
             "drain_duration_seconds",
-            "Time to swap and drain the kernel tables",
+            "Time to swap and drain the kernel tables, by the tables drained (all, or only the rule counters at a policy window's end)",
             self.drain_seconds.clone(),
         );
         registry.register(

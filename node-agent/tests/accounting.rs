@@ -285,3 +285,78 @@ fn every_audited_packet_is_counted_once_against_its_rule() {
     );
     assert_eq!(blocked, 0.0);
 }
+
+/// With 30 s windows the flow tables are drained once a window; the 10 s
+/// policy windows in between drain only the rule counters. Across both,
+/// every datagram is counted once: in the flow table and against the
+/// audit rule, against the client's own count of what it sent.
+#[test]
+fn policy_windows_drain_only_the_rule_counters_and_lose_no_packet() {
+    const DATAGRAMS: u64 = 100;
+    const WINDOW: i64 = 30;
+    let mut topo = Topology::new();
+    let node = topo.add_node("n1", None);
+    let a = topo.add_pod(node, "a");
+    let b = topo.add_pod(node, "b");
+    let b4 = topo.pods[b].ip4.to_string();
+    let spec = SpecBuilder::new(&topo, node)
+        .trace("obs", WINDOW as u32, &[a])
+        .rule(
+            "audit-b",
+            Direction::Egress,
+            PolicyMode::Audit,
+            &[a],
+            &[&format!("{b4}/32")],
+            &[],
+        )
+        .build();
+    let agent = Agent::standalone(&topo, node, &spec, &[]);
+    let drains = |tables: &str| {
+        agent.metric_sum(
+            "flowlens_agent_drain_duration_seconds_count",
+            &format!("tables=\"{tables}\""),
+        )
+    };
+
+    let now = now_s();
+    let from = now - now % WINDOW - WINDOW;
+    let (all_before, rules_before) = (drains("all"), drains("rules"));
+    // 100 datagrams over 10 s, each from a new socket (a new connection,
+    // decided and audited on its own), so at least one policy window ends
+    // while they are sent.
+    let script = format!(
+        "n=0; for i in $(seq {DATAGRAMS}); do echo x > /dev/udp/{b4}/9 && n=$((n+1)); sleep 0.1; done; echo $n"
+    );
+    let out = topo.pod_output(a, "bash", &["-c", &script]);
+    let sent: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let end = now_s();
+    let windows = agent.windows("obs", from, end - end % WINDOW, Duration::from_secs(45));
+    let (all, rules) = (drains("all") - all_before, drains("rules") - rules_before);
+    let windows_ended = (now_s() / WINDOW - now / WINDOW) as f64;
+    let to_b: u64 = series(&windows, |s| {
+        s.remote.as_deref() == Some(b4.as_str()) && s.port == 9
+    })
+    .map(|s| s.tx.packets)
+    .sum();
+    // Policy matches are published per completed 10 s policy window.
+    let published = end - end % 10 + 10;
+    while now_s() < published + 2 {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let audited = agent.metric_sum(
+        "flowlens_agent_policy_packets_total",
+        "policy=\"audit-b\",verdict=\"audited\"",
+    ) as u64;
+    println!(
+        "sent {sent} datagrams in {}s; flow table {to_b}, audited {audited}; drains meanwhile: {all} of every table ({windows_ended} windows ended), {rules} of the rule counters only",
+        end - now
+    );
+    assert_eq!(sent, DATAGRAMS, "{out:?}");
+    assert_eq!(to_b, sent, "every datagram in the flow table once");
+    assert_eq!(audited, sent, "every datagram against the rule once");
+    assert!(rules >= 1.0, "a policy window ended while sending: {rules}");
+    assert!(
+        all <= windows_ended,
+        "the flow tables are drained at window ends only ({windows_ended} ended): {all}"
+    );
+}

@@ -149,6 +149,16 @@ pub(crate) struct KernelCounters {
     pub dns_dropped: u64,
 }
 
+/// Which result tables a drain swaps out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DrainScope {
+    /// Every table: an observation's window ended (or the flow table is
+    /// filling, or the agent stops).
+    All,
+    /// Rule counters and named attempts only: a policy window ended.
+    Rules,
+}
+
 /// Sizes of the tables drained last time, against their capacity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TableFill {
@@ -773,26 +783,36 @@ impl Datapath {
         self.attempts.clear_spare()
     }
 
-    /// Swaps out and reads every result table (emptying the tables the
-    /// previous drain read first).
-    pub(crate) fn drain(&mut self) -> Result<Drained> {
+    /// Swaps out and reads the result tables (emptying the tables the
+    /// previous drain read first): every table with [`DrainScope::All`], only
+    /// the rule counters and named attempts with [`DrainScope::Rules`] (a policy
+    /// window ended, no observation's did: the flow tables, by far the
+    /// largest, wait for their window).
+    pub(crate) fn drain(&mut self, which: DrainScope) -> Result<Drained> {
         if let Some(left) = self.leftovers.take() {
             // Not counted yet: emptying the spare tables would lose them.
             self.leftovers = Some(left);
             return Err(DatapathError::LeftoversNotTaken);
         }
-        let flows = self.flows.swap_and_read(&mut self.ebpf)?;
-        let overflow = self.overflow.swap_and_read(&mut self.ebpf)?;
-        let rtt = self.rtt.swap_and_read(&mut self.ebpf)?;
+        let flow_tables = which == DrainScope::All;
+        let (flows, overflow, rtt) = if flow_tables {
+            (
+                self.flows.swap_and_read(&mut self.ebpf)?,
+                self.overflow.swap_and_read(&mut self.ebpf)?,
+                self.rtt.swap_and_read(&mut self.ebpf)?,
+            )
+        } else {
+            Default::default()
+        };
         let rules = self.rules.swap_and_read(&mut self.ebpf)?;
         let attempts = self.attempts.swap_and_read(&mut self.ebpf)?;
-        self.fill = TableFill {
-            flows: (flows.len(), self.flows.capacity()),
-            rtt: (rtt.len(), self.rtt.capacity()),
-            overflow: (overflow.len(), self.overflow.capacity()),
-            rules: (rules.len(), self.rules.capacity()),
-            attempts: (attempts.len(), self.attempts.capacity()),
-        };
+        if flow_tables {
+            self.fill.flows = (flows.len(), self.flows.capacity());
+            self.fill.rtt = (rtt.len(), self.rtt.capacity());
+            self.fill.overflow = (overflow.len(), self.overflow.capacity());
+        }
+        self.fill.rules = (rules.len(), self.rules.capacity());
+        self.fill.attempts = (attempts.len(), self.attempts.capacity());
         let known: Vec<&crate::tables::services::ServiceTables> = self
             .written
             .iter()
@@ -801,7 +821,10 @@ impl Datapath {
             .map(|t| &t.services)
             .collect();
         let services = service_tables::services_of(&self.ebpf, &flows, &known)?;
-        self.retired_services = None;
+        if flow_tables {
+            // The flows counted under the retired Service tables are read.
+            self.retired_services = None;
+        }
         // Moved, not copied: a full flow table is megabytes.
         let mut d = Drained {
             flows,

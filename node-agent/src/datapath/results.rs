@@ -31,7 +31,18 @@ pub(crate) struct Swappable<K, V> {
     /// Whether `a` is the map in the datapath.
     a_active: bool,
     capacity: u32,
+    spare: SpareContents<K>,
     _p: PhantomData<(K, V)>,
+}
+
+/// What the agent knows of the spare map's contents.
+enum SpareContents<K> {
+    /// Nothing (at start): it is emptied by walking it.
+    Unknown,
+    /// Exactly these keys: it was read whole after it left the datapath,
+    /// and no program writes it since.
+    Keys(Vec<K>),
+    Empty,
 }
 
 fn open_or_create<K: Pod, V: Pod>(path: &Path, capacity: u32) -> Result<MapData> {
@@ -81,6 +92,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
             b,
             a_active: true,
             capacity,
+            spare: SpareContents::Unknown,
             _p: PhantomData,
         };
         let current = {
@@ -121,15 +133,47 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
             .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))
     }
 
-    /// Empties the spare map (its records are counted already). Measured
-    /// against replacing it with a new empty map under the same pin: no
-    /// cheaper at 64,000 entries, and dearer when nearly empty (a new
-    /// preallocated map is zeroed whole), so entry by entry it stays.
+    /// Empties the spare map (its records are counted already). When the
+    /// keys it holds are known (it was read since it left the datapath),
+    /// they are deleted by key: nothing is copied back and empty buckets are
+    /// not visited (at 64,000 entries, emptying went from ~26% to ~20% of
+    /// the agent's time, of a smaller total: docs/benchmarks.md). A map that is not empty afterwards (which
+    /// would mean a program wrote it after the swap) is walked and emptied
+    /// anyway, so nothing is counted twice. Replacing the map with a new
+    /// empty one was no cheaper at 64,000 entries and dearer when nearly
+    /// empty (a new preallocated map is zeroed whole).
     pub(crate) fn clear_spare(&mut self) -> Result<()> {
         let spare = if self.a_active { &self.b } else { &self.a };
-        sys::delete_all::<K, V>(spare.fd().as_fd(), BATCH)
-            .map(drop)
-            .map_err(|e| DatapathError::io(format!("emptying the spare {}", self.outer), e))
+        let fd = spare.fd().as_fd();
+        let walk = |what: &str| {
+            sys::delete_all::<K, V>(fd, BATCH)
+                .map_err(|e| DatapathError::io(format!("{what} the spare {}", self.outer), e))
+        };
+        match std::mem::replace(&mut self.spare, SpareContents::Unknown) {
+            SpareContents::Empty => {}
+            SpareContents::Unknown => {
+                walk("emptying")?;
+            }
+            SpareContents::Keys(keys) => {
+                let deleted = sys::delete_keys(fd, &keys, BATCH);
+                let empty = deleted.is_ok()
+                    && sys::is_empty::<K>(fd).map_err(|e| {
+                        DatapathError::io(format!("emptying the spare {}", self.outer), e)
+                    })?;
+                if !empty {
+                    let left = walk("emptying")?;
+                    tracing::warn!(
+                        table = self.outer,
+                        read = keys.len(),
+                        left,
+                        error = deleted.err().map(|e| e.to_string()),
+                        "the spare table held other entries than the drain read; emptied it whole"
+                    );
+                }
+            }
+        }
+        self.spare = SpareContents::Empty;
+        Ok(())
     }
 
     /// Reads the active map without draining it.
@@ -152,7 +196,10 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
                 .map_err(|e| DatapathError::map(self.outer, e))?;
         }
         self.a_active = !self.a_active;
-        self.read_spare()
+        self.spare = SpareContents::Unknown;
+        let read = self.read_spare()?;
+        self.spare = SpareContents::Keys(read.iter().map(|(k, _)| *k).collect());
+        Ok(read)
     }
 
     /// Re-sets the active map: a no-op for the data, but the kernel waits for
