@@ -228,20 +228,25 @@ fn datagrams_to_a_closed_port_count_as_kernel_drops() {
     assert!(n >= DATAGRAMS as f64, "NO_SOCKET drop metric {n}");
 }
 
-/// Audited connections take the fast path after their first packet (the
-/// flow entry remembers the rule and counts against it): every packet is
-/// still counted against the rule exactly once, so the rule's packets equal
-/// the connection's, both directions, as the flow table counted them.
-#[test]
-fn every_audited_packet_is_counted_once_against_its_rule() {
+/// Pods a and b on one node; a traced (`window_seconds` windows: its series
+/// carry both directions) and its traffic to b audited by rule `audit-b`.
+struct AuditedPair {
+    // Dropped before the topology it runs in.
+    agent: Agent,
+    topo: Topology,
+    a: usize,
+    b: usize,
+    b4: String,
+}
+
+fn audited_pair(window_seconds: u32) -> AuditedPair {
     let mut topo = Topology::new();
     let node = topo.add_node("n1", None);
     let a = topo.add_pod(node, "a");
     let b = topo.add_pod(node, "b");
     let b4 = topo.pods[b].ip4.to_string();
-    // Only the client traced: its series carry both directions.
     let spec = SpecBuilder::new(&topo, node)
-        .trace("obs", 5, &[a])
+        .trace("obs", window_seconds, &[a])
         .rule(
             "audit-b",
             Direction::Egress,
@@ -252,23 +257,46 @@ fn every_audited_packet_is_counted_once_against_its_rule() {
         )
         .build();
     let agent = Agent::standalone(&topo, node, &spec, &[]);
+    AuditedPair {
+        agent,
+        topo,
+        a,
+        b,
+        b4,
+    }
+}
+
+/// The packets `audit-b` audited, once the policy window holding `until`
+/// (unix seconds) is published (policy matches are published per
+/// completed 10 s window).
+fn audited_packets_until(agent: &Agent, until: i64) -> u64 {
+    let published = until - until % 10 + 10;
+    while now_s() < published + 2 {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    agent.metric_sum(
+        "flowlens_agent_policy_packets_total",
+        "policy=\"audit-b\",verdict=\"audited\"",
+    ) as u64
+}
+
+/// Audited connections take the fast path after their first packet (the
+/// flow entry remembers the rule and counts against it): every packet is
+/// still counted against the rule exactly once, so the rule's packets equal
+/// the connection's, both directions, as the flow table counted them.
+#[test]
+fn every_audited_packet_is_counted_once_against_its_rule() {
+    let pair = audited_pair(5);
+    let (agent, topo, a, b, b4) = (&pair.agent, &pair.topo, pair.a, pair.b, &pair.b4);
 
     let from = window_before_now();
-    let sent = iperf3(&topo, b, a, &b4, "40M");
+    let sent = iperf3(topo, b, a, b4, "40M");
     let until = now_s() + 1;
     let windows = agent.windows("obs", from, until, Duration::from_secs(20));
     let to_b: Vec<&Series> =
         series(&windows, |s| s.remote.as_deref() == Some(b4.as_str())).collect();
     let flow_packets: u64 = to_b.iter().map(|s| s.tx.packets + s.rx.packets).sum();
-    // Policy matches are published per completed 10 s policy window.
-    let published = until - until % 10 + 10;
-    while now_s() < published + 2 {
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let audited = agent.metric_sum(
-        "flowlens_agent_policy_packets_total",
-        "policy=\"audit-b\",verdict=\"audited\"",
-    ) as u64;
+    let audited = audited_packets_until(agent, until);
     let blocked = agent.metric_sum("flowlens_agent_policy_packets_total", "verdict=\"blocked\"");
     println!(
         "iperf3 sent {} bytes; a <-> b: {flow_packets} packets in the flow table, {audited} audited",
@@ -294,23 +322,8 @@ fn every_audited_packet_is_counted_once_against_its_rule() {
 fn policy_windows_drain_only_the_rule_counters_and_lose_no_packet() {
     const DATAGRAMS: u64 = 100;
     const WINDOW: i64 = 30;
-    let mut topo = Topology::new();
-    let node = topo.add_node("n1", None);
-    let a = topo.add_pod(node, "a");
-    let b = topo.add_pod(node, "b");
-    let b4 = topo.pods[b].ip4.to_string();
-    let spec = SpecBuilder::new(&topo, node)
-        .trace("obs", WINDOW as u32, &[a])
-        .rule(
-            "audit-b",
-            Direction::Egress,
-            PolicyMode::Audit,
-            &[a],
-            &[&format!("{b4}/32")],
-            &[],
-        )
-        .build();
-    let agent = Agent::standalone(&topo, node, &spec, &[]);
+    let pair = audited_pair(WINDOW as u32);
+    let (agent, topo, a, b4) = (&pair.agent, &pair.topo, pair.a, &pair.b4);
     let drains = |tables: &str| {
         agent.metric_sum(
             "flowlens_agent_drain_duration_seconds_count",
@@ -338,15 +351,7 @@ fn policy_windows_drain_only_the_rule_counters_and_lose_no_packet() {
     })
     .map(|s| s.tx.packets)
     .sum();
-    // Policy matches are published per completed 10 s policy window.
-    let published = end - end % 10 + 10;
-    while now_s() < published + 2 {
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let audited = agent.metric_sum(
-        "flowlens_agent_policy_packets_total",
-        "policy=\"audit-b\",verdict=\"audited\"",
-    ) as u64;
+    let audited = audited_packets_until(agent, end);
     println!(
         "sent {sent} datagrams in {}s; flow table {to_b}, audited {audited}; drains meanwhile: {all} of every table ({windows_ended} windows ended), {rules} of the rule counters only",
         end - now
