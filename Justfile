@@ -143,7 +143,7 @@ bench: setup up
     # per-flow counters, conntrack accounting, Flowlens, Flowlens + 10,000 rules.
     {{target}}/release/flowlens-bench datapath --rounds 7 --seconds 4
     # The agent's own CPU and memory with 64,000 flows per drain: 5 s windows
-    # (the shortest a user would pick), NetworkObservation's default 30 s, and
+    # (the shortest allowed), NetworkObservation's default 30 s, and
     # the table the agent had by default before (over half full: drained every second).
     {{target}}/release/flowlens-bench agent-at-64k-flows
     {{target}}/release/flowlens-bench agent-at-64k-flows --window-seconds 30 --seconds 60

@@ -746,7 +746,7 @@ impl ControlLoop {
         });
         self.kernel_state(kernel);
         let entries = drained.flows.len();
-        drop(drained);
+        self.datapath.recycle(drained);
         crate::allocator::release_after_drain(entries);
     }
 

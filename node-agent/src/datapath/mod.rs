@@ -839,6 +839,14 @@ impl Datapath {
         Ok(d)
     }
 
+    /// Gives back a drain's flow records once they are counted: after a
+    /// large drain the next one reads into their memory (at 64,000 flows a
+    /// drain, faulting in fresh pages was ~5% of the agent's time; the
+    /// resident set keeps ~6 MB more while drains are that large).
+    pub(crate) fn recycle(&mut self, d: Drained) {
+        self.flows.recycle(d.flows);
+    }
+
     /// The live tables, read without draining (for `dump`).
     pub(crate) fn peek(&self) -> Result<Drained> {
         let flows = self.flows.peek()?;

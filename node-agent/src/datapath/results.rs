@@ -32,6 +32,9 @@ pub(crate) struct Swappable<K, V> {
     a_active: bool,
     capacity: u32,
     spare: SpareContents<K>,
+    /// A drained vector given back ([`Swappable::recycle`]): the next drain
+    /// reads into its memory instead of faulting in fresh pages.
+    recycled: Vec<(K, V)>,
     _p: PhantomData<(K, V)>,
 }
 
@@ -93,6 +96,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
             a_active: true,
             capacity,
             spare: SpareContents::Unknown,
+            recycled: Vec::new(),
             _p: PhantomData,
         };
         let current = {
@@ -197,9 +201,24 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
         }
         self.a_active = !self.a_active;
         self.spare = SpareContents::Unknown;
-        let read = self.read_spare()?;
+        let spare = if self.a_active { &self.b } else { &self.a };
+        let mut read = std::mem::take(&mut self.recycled);
+        read.reserve(self.capacity as usize);
+        sys::lookup_into(spare.fd().as_fd(), BATCH, &mut read)
+            .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))?;
         self.spare = SpareContents::Keys(read.iter().map(|(k, _)| *k).collect());
         Ok(read)
+    }
+
+    /// Gives back a vector [`Swappable::swap_and_read`] returned, once its
+    /// records are counted: the next drain reads into it. Kept only after a
+    /// large drain, so that a quiet node returns the memory (the allocator
+    /// trims after large drains only: `allocator.rs`).
+    pub(crate) fn recycle(&mut self, mut drained: Vec<(K, V)>) {
+        if drained.len() >= crate::allocator::TRIM_AFTER_ENTRIES {
+            drained.clear();
+            self.recycled = drained;
+        }
     }
 
     /// Re-sets the active map: a no-op for the data, but the kernel waits for

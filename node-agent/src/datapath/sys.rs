@@ -121,8 +121,18 @@ pub(crate) fn lookup_all<K: aya::Pod, V: aya::Pod>(
     expected: usize,
 ) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::with_capacity(expected);
-    batch_each(map, chunk, BPF_MAP_LOOKUP_BATCH, |k, v| out.push((k, v)))?;
+    lookup_into(map, chunk, &mut out)?;
     Ok(out)
+}
+
+/// [`lookup_all`] into `out` (emptied first; its memory is reused).
+pub(crate) fn lookup_into<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    out: &mut Vec<(K, V)>,
+) -> io::Result<()> {
+    out.clear();
+    batch_each(map, chunk, BPF_MAP_LOOKUP_BATCH, |k, v| out.push((k, v)))
 }
 
 /// Runs batch command `cmd` over the whole map, handing each entry to

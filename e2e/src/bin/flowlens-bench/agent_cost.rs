@@ -3,8 +3,8 @@
 //! ports of another pod every second, so every drain of the kernel table
 //! holds that many flows; the agent's CPU (user + system, in % of one core)
 //! and resident memory are read from /proc over `--seconds`. The table is
-//! drained at window ends (`--window-seconds`: 5, the shortest a user
-//! would pick, by default; NetworkObservation's default is 30), or every
+//! drained at window ends (`--window-seconds`: 5, the shortest allowed, by
+//! default; NetworkObservation's default is 30), or every
 //! second once it is over half full (`--flow-table-size 65536`, the
 //! agent's default before 2026-12-05).
 
@@ -55,6 +55,11 @@ pub fn run(args: &[String]) {
     // The agent's default.
     let table: u32 = arg(args, "--flow-table-size", 131072);
     let window: u32 = arg(args, "--window-seconds", 5);
+    if !(5..=3600).contains(&window) {
+        // NetworkObservation's bounds (5 s to 1 h).
+        eprintln!("flowlens-bench: --window-seconds: {window} is outside 5 to 3600");
+        std::process::exit(2);
+    }
     let json = args.iter().any(|a| a == "--json");
 
     let mut topo = Topology::new();
