@@ -313,9 +313,17 @@ async fn prometheus_and_otlp_return_what_status_says() {
     for (name, health, error) in &rules {
         assert_eq!(health, "ok", "rule {name}: {error}");
     }
-    let recorded = prom
-        .value(&format!("flowlens:observation_bytes:rate5m{{{o}}}"))
-        .unwrap();
+    // A rule's rate needs two scrapes of its series before an evaluation:
+    // the observation's series may be younger than that (CI once read no
+    // sample here, every rule healthy).
+    let rate = format!("flowlens:observation_bytes:rate5m{{{o}}}");
+    let recorded = poll(
+        Duration::from_secs(30),
+        "the recording rule's rate",
+        || async { prom.value(&rate).ok() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", prom.query(&rate)));
     assert!(recorded > 0.0, "the recording rule has a rate: {recorded}");
 
     // Every panel of the dashboard evaluates, with data.
