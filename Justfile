@@ -142,12 +142,15 @@ bench: setup up
     # Datapath, side by side: nothing attached, a minimal TC program, nftables
     # per-flow counters, conntrack accounting, Flowlens, Flowlens + 10,000 rules.
     {{target}}/release/flowlens-bench datapath --rounds 7 --seconds 4
-    # The agent's own CPU and memory with 64,000 flows per drain: 5 s windows
-    # (the shortest allowed), NetworkObservation's default 30 s, and
-    # the table the agent had by default before (over half full: drained every second).
+    # The agent's own CPU and memory with 64,000 flows per drain, reporting
+    # (to a sink that commits everything) with its spool, as the DaemonSet's:
+    # 5 s windows (the shortest allowed), NetworkObservation's default 30 s,
+    # the table the agent had by default before (over half full: drained
+    # every second), and a standalone agent (no reports, no spool).
     {{target}}/release/flowlens-bench agent-at-64k-flows
     {{target}}/release/flowlens-bench agent-at-64k-flows --window-seconds 30 --seconds 60
     {{target}}/release/flowlens-bench agent-at-64k-flows --flow-table-size 65536
+    {{target}}/release/flowlens-bench agent-at-64k-flows --no-reports
     # What observing DNS costs: per DNS packet in the kernel, per message in the agent.
     {{target}}/release/flowlens-bench dns
 

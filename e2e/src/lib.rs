@@ -11,7 +11,8 @@
 //! - [`kubectl`]: the real cluster (`just cluster`) as a user drives it.
 //! - [`process`]: child processes that die with the test.
 //! - [`prometheus`]: a real Prometheus scraping the operator and agents;
-//!   [`otlp`]: a real OTLP/gRPC receiver for the operator's export.
+//!   [`otlp`]: a real OTLP/gRPC receiver for the operator's export;
+//!   [`report_sink`]: a collector that commits every report (benchmarks).
 //! - [`sim`]: a simulated cluster (nodes, agents in cluster mode, the
 //!   operator), with `proxy` for the API server; [`traffic`]: iperf3 and
 //!   `flowlens-traffic` runs.
@@ -36,6 +37,7 @@ pub mod otlp;
 pub mod process;
 pub mod prometheus;
 mod proxy;
+pub mod report_sink;
 pub mod resources;
 pub mod sim;
 pub mod stats;

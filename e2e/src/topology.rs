@@ -424,7 +424,7 @@ impl Topology {
 
     /// A node's agent spool (`--state-dir`): kept across agent restarts,
     /// removed with the topology.
-    pub(crate) fn state_dir(&self, node: usize) -> PathBuf {
+    pub fn state_dir(&self, node: usize) -> PathBuf {
         self.work_dir
             .join(format!("{}-state", self.nodes[node].name))
     }

@@ -242,6 +242,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let (spool, restored) = if reports {
         open_spool(args.state_dir.as_deref())
     } else {
+        if let Some(dir) = &args.state_dir {
+            warn!(state_dir = %dir.display(), "--state-dir is not used: an agent with --config-file and no --collector-url reports nothing, so it keeps no spool");
+        }
         (None, None)
     };
     let spooled = restored

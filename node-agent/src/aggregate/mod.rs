@@ -106,9 +106,33 @@ pub(crate) fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// A local endpoint's dimensions with their hash computed once, when the
+/// view is built: a series key is hashed for every drained connection, and
+/// hashing the endpoint's strings and labels each time was most of it.
+/// Equal endpoints have equal hashes (a fixed hasher), so two views' copies
+/// of one endpoint still make one series.
+#[derive(Debug, PartialEq, Eq)]
+struct LocalDims {
+    hash: u64,
+    endpoint: FlowEndpoint,
+}
+
+impl LocalDims {
+    fn new(endpoint: FlowEndpoint) -> Self {
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one(&endpoint);
+        LocalDims { hash, endpoint }
+    }
+}
+
+impl std::hash::Hash for LocalDims {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct SeriesKey {
-    local: Arc<FlowEndpoint>,
+    local: Arc<LocalDims>,
     remote: Option<IpAddr>,
     port: u16,
     protocol: u8,
@@ -124,7 +148,7 @@ static OTHER: LazyLock<SeriesKey> = LazyLock::new(SeriesKey::other);
 impl SeriesKey {
     fn other() -> Self {
         SeriesKey {
-            local: Arc::new(FlowEndpoint::other()),
+            local: Arc::new(LocalDims::new(FlowEndpoint::other())),
             remote: None,
             port: 0,
             protocol: 0,
@@ -163,7 +187,7 @@ struct ObsView {
     /// Local address -> the dimensions of its endpoint.
     /// Shared with the series keys of the window (a key per connection
     /// would otherwise copy the endpoint's strings).
-    dims: FastMap<[u8; 16], Arc<FlowEndpoint>>,
+    dims: FastMap<[u8; 16], Arc<LocalDims>>,
 }
 
 #[derive(Clone)]
@@ -584,7 +608,7 @@ impl Aggregator {
                 let Some(e) = endpoints.get(key) else {
                     continue;
                 };
-                let d = Arc::new(FlowEndpoint::project(
+                let d = Arc::new(LocalDims::new(FlowEndpoint::project(
                     &o.group_by,
                     &o.keep_labels,
                     &PodDimensions {
@@ -595,7 +619,7 @@ impl Aggregator {
                         zone: spec.zone.as_deref(),
                         labels: &e.labels,
                     },
-                ));
+                )));
                 for ip in &e.ips {
                     if let Ok(ip) = ip.parse::<IpAddr>() {
                         dims.insert(crate::tables::prefix::addr_bytes(ip), Arc::clone(&d));
@@ -1102,7 +1126,7 @@ fn build_window(
         .series
         .iter()
         .map(|(k, a)| Series {
-            local: FlowEndpoint::clone(&k.local),
+            local: FlowEndpoint::clone(&k.local.endpoint),
             remote: k.remote.map(|ip| ip.to_string()),
             remote_name: k.remote_name.as_deref().map(str::to_owned),
             port: k.port,

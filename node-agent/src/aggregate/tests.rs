@@ -905,3 +905,29 @@ fn connections_group_both_directions_sorted_or_not() {
         ]
     );
 }
+
+/// Two pods of one workload (or one pod's endpoint in two views) project
+/// to equal dimensions held in different `Arc`s: their series keys must be
+/// one key, although only the precomputed hash is hashed.
+#[test]
+fn equal_dimensions_in_different_arcs_make_one_series_key() {
+    let endpoint = |pod: &str| FlowEndpoint {
+        namespace: Some("a".into()),
+        workload: Some("Deployment/client".into()),
+        pod: (!pod.is_empty()).then(|| pod.to_owned()),
+        ..Default::default()
+    };
+    let key = |dims: LocalDims| SeriesKey {
+        local: Arc::new(dims),
+        ..SeriesKey::other()
+    };
+    let mut series: FastMap<SeriesKey, u32> = FastMap::default();
+    *series.entry(key(LocalDims::new(endpoint("")))).or_default() += 1;
+    *series.entry(key(LocalDims::new(endpoint("")))).or_default() += 1;
+    assert_eq!(series.len(), 1, "equal dimensions, one series");
+    assert_eq!(series.values().next(), Some(&2));
+    *series
+        .entry(key(LocalDims::new(endpoint("client-1"))))
+        .or_default() += 1;
+    assert_eq!(series.len(), 2, "other dimensions, another series");
+}

@@ -31,7 +31,10 @@ pub(crate) struct Swappable<K, V> {
     /// Whether `a` is the map in the datapath.
     a_active: bool,
     capacity: u32,
-    spare: SpareContents<K>,
+    spare: SpareContents,
+    /// The keys the last drain read ([`SpareContents::Read`]); its memory
+    /// is reused by the next drain, as [`Swappable::recycled`]'s is.
+    keys: Vec<K>,
     /// A drained vector given back ([`Swappable::recycle`]): the next drain
     /// reads into its memory instead of faulting in fresh pages.
     recycled: Vec<(K, V)>,
@@ -39,12 +42,12 @@ pub(crate) struct Swappable<K, V> {
 }
 
 /// What the agent knows of the spare map's contents.
-enum SpareContents<K> {
+enum SpareContents {
     /// Nothing (at start): it is emptied by walking it.
     Unknown,
-    /// Exactly these keys: it was read whole after it left the datapath,
-    /// and no program writes it since.
-    Keys(Vec<K>),
+    /// Exactly the keys in [`Swappable::keys`]: it was read whole after it
+    /// left the datapath, and no program writes it since.
+    Read,
     Empty,
 }
 
@@ -96,6 +99,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
             a_active: true,
             capacity,
             spare: SpareContents::Unknown,
+            keys: Vec::new(),
             recycled: Vec::new(),
             _p: PhantomData,
         };
@@ -125,15 +129,30 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
         self.capacity
     }
 
-    /// The kernel id of the spare map (the one the datapath does not write).
+    /// The map the datapath does not write.
+    fn spare(&self) -> &MapData {
+        if self.a_active { &self.b } else { &self.a }
+    }
+
+    /// The map in the datapath.
+    fn active(&self) -> &MapData {
+        if self.a_active { &self.a } else { &self.b }
+    }
+
+    /// The kernel id of the spare map.
     pub(crate) fn spare_id(&self) -> Result<u32> {
-        map_id(if self.a_active { &self.b } else { &self.a })
+        map_id(self.spare())
     }
 
     /// Reads the spare map, leaving it as it is.
     pub(crate) fn read_spare(&self) -> Result<Vec<(K, V)>> {
-        let spare = if self.a_active { &self.b } else { &self.a };
-        sys::lookup_all(spare.fd().as_fd(), BATCH, self.capacity as usize)
+        let mut read = Vec::with_capacity(self.capacity as usize);
+        self.read_spare_into(&mut read)?;
+        Ok(read)
+    }
+
+    fn read_spare_into(&self, read: &mut Vec<(K, V)>) -> Result<()> {
+        sys::lookup_into(self.spare().fd().as_fd(), BATCH, read)
             .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))
     }
 
@@ -141,34 +160,31 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
     /// keys it holds are known (it was read since it left the datapath),
     /// they are deleted by key: nothing is copied back and empty buckets are
     /// not visited (at 64,000 entries, emptying went from ~26% to ~20% of
-    /// the agent's time, of a smaller total: docs/benchmarks.md). A map that is not empty afterwards (which
-    /// would mean a program wrote it after the swap) is walked and emptied
-    /// anyway, so nothing is counted twice. Replacing the map with a new
-    /// empty one was no cheaper at 64,000 entries and dearer when nearly
-    /// empty (a new preallocated map is zeroed whole).
+    /// the agent's time, of a smaller total: docs/benchmarks.md). A map
+    /// that is not empty afterwards (which would mean a program wrote it
+    /// after the swap) is walked and emptied anyway, so nothing is counted
+    /// twice. Replacing the map with a new empty one was no cheaper at
+    /// 64,000 entries and dearer when nearly empty (a new preallocated map
+    /// is zeroed whole).
     pub(crate) fn clear_spare(&mut self) -> Result<()> {
-        let spare = if self.a_active { &self.b } else { &self.a };
-        let fd = spare.fd().as_fd();
-        let walk = |what: &str| {
-            sys::delete_all::<K, V>(fd, BATCH)
-                .map_err(|e| DatapathError::io(format!("{what} the spare {}", self.outer), e))
-        };
-        match std::mem::replace(&mut self.spare, SpareContents::Unknown) {
+        // Unknown until emptied: a failure below leaves it to be walked.
+        let contents = std::mem::replace(&mut self.spare, SpareContents::Unknown);
+        let fd = self.spare().fd().as_fd();
+        let emptying = |e| DatapathError::io(format!("emptying the spare {}", self.outer), e);
+        let walk = || sys::delete_all::<K, V>(fd, BATCH).map_err(emptying);
+        match contents {
             SpareContents::Empty => {}
             SpareContents::Unknown => {
-                walk("emptying")?;
+                walk()?;
             }
-            SpareContents::Keys(keys) => {
-                let deleted = sys::delete_keys(fd, &keys, BATCH);
-                let empty = deleted.is_ok()
-                    && sys::is_empty::<K>(fd).map_err(|e| {
-                        DatapathError::io(format!("emptying the spare {}", self.outer), e)
-                    })?;
+            SpareContents::Read => {
+                let deleted = sys::delete_keys(fd, &self.keys, BATCH);
+                let empty = deleted.is_ok() && sys::is_empty::<K>(fd).map_err(emptying)?;
                 if !empty {
-                    let left = walk("emptying")?;
+                    let left = walk()?;
                     tracing::warn!(
                         table = self.outer,
-                        read = keys.len(),
+                        read = self.keys.len(),
                         left,
                         error = deleted.err().map(|e| e.to_string()),
                         "the spare table held other entries than the drain read; emptied it whole"
@@ -182,8 +198,7 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
 
     /// Reads the active map without draining it.
     pub(crate) fn peek(&self) -> Result<Vec<(K, V)>> {
-        let active = if self.a_active { &self.a } else { &self.b };
-        sys::lookup_all(active.fd().as_fd(), BATCH, self.capacity as usize)
+        sys::lookup_all(self.active().fd().as_fd(), BATCH, self.capacity as usize)
             .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
     }
 
@@ -192,21 +207,22 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
     /// drain).
     pub(crate) fn swap_and_read(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(K, V)>> {
         self.clear_spare()?;
-        {
-            let mut outer = outer_map(ebpf, self.outer)?;
-            let next = if self.a_active { &self.b } else { &self.a };
-            outer
-                .set(0, next, 0)
-                .map_err(|e| DatapathError::map(self.outer, e))?;
-        }
+        outer_map(ebpf, self.outer)?
+            .set(0, self.spare(), 0)
+            .map_err(|e| DatapathError::map(self.outer, e))?;
         self.a_active = !self.a_active;
         self.spare = SpareContents::Unknown;
-        let spare = if self.a_active { &self.b } else { &self.a };
         let mut read = std::mem::take(&mut self.recycled);
         read.reserve(self.capacity as usize);
-        sys::lookup_into(spare.fd().as_fd(), BATCH, &mut read)
-            .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))?;
-        self.spare = SpareContents::Keys(read.iter().map(|(k, _)| *k).collect());
+        self.read_spare_into(&mut read)?;
+        // BPF_MAP_DELETE_BATCH takes the keys contiguous: one copy of them,
+        // into the last drain's memory when it was large.
+        self.keys.clear();
+        if read.len() < crate::allocator::TRIM_AFTER_ENTRIES {
+            self.keys.shrink_to(read.len());
+        }
+        self.keys.extend(read.iter().map(|(k, _)| *k));
+        self.spare = SpareContents::Read;
         Ok(read)
     }
 
@@ -224,10 +240,8 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
     /// Re-sets the active map: a no-op for the data, but the kernel waits for
     /// every running BPF program before returning (an RCU barrier).
     pub(crate) fn barrier(&self, ebpf: &mut Ebpf) -> Result<()> {
-        let mut outer = outer_map(ebpf, self.outer)?;
-        let active = if self.a_active { &self.a } else { &self.b };
-        outer
-            .set(0, active, 0)
+        outer_map(ebpf, self.outer)?
+            .set(0, self.active(), 0)
             .map_err(|e| DatapathError::map(self.outer, e))
     }
 }

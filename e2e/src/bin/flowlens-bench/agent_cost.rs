@@ -6,7 +6,11 @@
 //! drained at window ends (`--window-seconds`: 5, the shortest allowed, by
 //! default; NetworkObservation's default is 30), or every
 //! second once it is over half full (`--flow-table-size 65536`, the
-//! agent's default before 2026-12-05).
+//! agent's default before 2026-12-05). The agent reports its windows (to a
+//! sink that commits them all: `report_sink.rs`) and keeps its spool
+//! (`--state-dir`), as the DaemonSet's does, so each drain's commit and
+//! each report are in the figure; `--no-reports` runs it as a standalone
+//! agent that only keeps its windows (no reports, no spool).
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -20,6 +24,7 @@ use std::{
 use flowlens_e2e::{
     agent::{Agent, cleanup_pins},
     config::SpecBuilder,
+    report_sink::ReportSink,
     resources::{process_cpu_ns, process_status_kb},
     topology::{Topology, enter_netns},
 };
@@ -61,6 +66,7 @@ pub fn run(args: &[String]) {
         std::process::exit(2);
     }
     let json = args.iter().any(|a| a == "--json");
+    let reporting = !args.iter().any(|a| a == "--no-reports");
 
     let mut topo = Topology::new();
     let n = topo.add_node("bench", None);
@@ -71,7 +77,25 @@ pub fn run(args: &[String]) {
     cfg.trace("obs", window, &[a]);
     let spec = cfg.build();
     let table_arg = table.to_string();
-    let agent = Agent::standalone(&topo, n, &spec, &["--flow-table-size", &table_arg]);
+    let state_dir = topo.state_dir(n).display().to_string();
+    let token = topo.work_dir.join("bench-token");
+    let token_arg = token.display().to_string();
+    let sink = reporting.then(|| {
+        std::fs::write(&token, "bench").expect("writing the agent's token file");
+        ReportSink::start(&topo.nodes[n].netns).expect("starting the report sink")
+    });
+    let mut extra = vec!["--flow-table-size", &table_arg];
+    if let Some(sink) = &sink {
+        extra.extend([
+            "--state-dir",
+            &state_dir,
+            "--collector-url",
+            &sink.url,
+            "--token-file",
+            &token_arg,
+        ]);
+    }
+    let agent = Agent::standalone(&topo, n, &spec, &extra);
     let pid = agent.proc.pid();
     let idle_from = (Instant::now(), process_cpu_ns(pid));
     std::thread::sleep(Duration::from_secs(seconds));
@@ -101,6 +125,7 @@ pub fn run(args: &[String]) {
     std::thread::sleep(Duration::from_secs(seconds));
     let busy_pct = 100.0 * (process_cpu_ns(pid) - from.1) / from.0.elapsed().as_nanos() as f64;
     let drained = drains() - drains_before;
+    let reports = sink.as_ref().map_or(0, |s| s.batches());
     // Memory before the dump below: serialising every window it keeps
     // takes the agent tens of megabytes for a moment.
     let rss_mb = process_status_kb(pid, "VmRSS") as f64 / 1024.0;
@@ -112,18 +137,25 @@ pub fn run(args: &[String]) {
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
     drop(agent);
+    drop(sink);
+    let _ = std::fs::remove_file(&token);
     if let Err(e) = cleanup_pins(&topo.bpffs_root(n)) {
         eprintln!("flowlens-agent cleanup: {e}");
     }
 
+    let mode = if reporting {
+        format!("reporting ({reports} batches in all) with a spool")
+    } else {
+        "no reports, no spool".to_owned()
+    };
     println!("| agent | CPU (% of one core) | RSS | peak RSS | goal |");
     println!("|---|---|---|---|---|");
     println!("| no traffic | {idle_pct:.2}% | | | < 1% |");
     println!(
-        "| {flows} flows every second, table of {table}, {window} s windows ({drained} drains of it in {seconds} s, the last of {last_entries} entries) | {busy_pct:.2}% | {rss_mb:.0} MB | {peak_mb:.0} MB | < 1%, < 64 MB |"
+        "| {flows} flows every second, table of {table}, {window} s windows, {mode} ({drained} drains of it in {seconds} s, the last of {last_entries} entries) | {busy_pct:.2}% | {rss_mb:.0} MB | {peak_mb:.0} MB | < 1%, < 64 MB |"
     );
     let line = format!(
-        "{{\"bench\":\"agent-at-64k-flows\",\"flows\":{flows},\"flow_table_size\":{table},\"window_seconds\":{window},\"seconds\":{seconds},\"drains\":{drained},\"idle_cpu_pct\":{idle_pct:.3},\"cpu_pct\":{busy_pct:.3},\"rss_mb\":{rss_mb:.1},\"peak_rss_mb\":{peak_mb:.1},\"last_drain_entries\":{last_entries}}}"
+        "{{\"bench\":\"agent-at-64k-flows\",\"flows\":{flows},\"flow_table_size\":{table},\"window_seconds\":{window},\"reporting\":{reporting},\"report_batches\":{reports},\"seconds\":{seconds},\"drains\":{drained},\"idle_cpu_pct\":{idle_pct:.3},\"cpu_pct\":{busy_pct:.3},\"rss_mb\":{rss_mb:.1},\"peak_rss_mb\":{peak_mb:.1},\"last_drain_entries\":{last_entries}}}"
     );
     if json {
         println!("{line}");
