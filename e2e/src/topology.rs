@@ -411,6 +411,32 @@ impl Topology {
         run_quiet("ip", &["link", "del", &format!("{}gw", self.prefix())]);
         remove_cgroup_tree(&self.cgroup_base);
         let _ = std::fs::remove_dir_all(self.bpffs_base());
+        self.prune_old_logs();
+    }
+
+    /// Removes what earlier tests of this slot left in its work directory
+    /// (agent logs, Prometheus configs, kept for a post-mortem) once it is
+    /// a day old: the slot is this test's alone, and nothing of a test
+    /// still running is that old.
+    fn prune_old_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.work_dir) else {
+            return;
+        };
+        let day = std::time::Duration::from_secs(24 * 3600);
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+            if old {
+                let path = e.path();
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
+        }
     }
 
     /// Where agents of this test pin (one directory per node).

@@ -5,8 +5,10 @@
 //! program, nftables per-flow counters and conntrack accounting
 //! (`datapath.rs`).
 //!
-//! `flowlens-bench agent-at-64k-flows [--flows N] [--seconds S] [--json]`:
-//! the agent's own CPU and memory while every drain holds 64,000 flows
+//! `flowlens-bench agent-at-64k-flows [--flows N] [--seconds S]
+//! [--flow-table-size N] [--window-seconds S] [--no-reports] [--json]`: the
+//! agent's own CPU and memory while every drain holds 64,000 flows, as the
+//! DaemonSet runs it (reporting, with a spool) unless `--no-reports`
 //! (`agent_cost.rs`).
 //!
 //! `flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50]
