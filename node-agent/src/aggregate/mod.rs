@@ -109,17 +109,21 @@ pub(crate) fn ip_from_bytes(b: &[u8; 16]) -> IpAddr {
 /// A local endpoint's dimensions with their hash computed once, when the
 /// view is built: a series key is hashed for every drained connection, and
 /// hashing the endpoint's strings and labels each time was most of it.
-/// Equal endpoints have equal hashes (a fixed hasher), so two views' copies
-/// of one endpoint still make one series.
+/// Equal endpoints have equal hashes (one hasher for the process, seeded at
+/// random so that pod names cannot be chosen to collide), so two views'
+/// copies of one endpoint still make one series.
 #[derive(Debug, PartialEq, Eq)]
 struct LocalDims {
     hash: u64,
     endpoint: FlowEndpoint,
 }
 
+static LOCAL_DIMS_HASHER: LazyLock<foldhash::fast::RandomState> =
+    LazyLock::new(foldhash::fast::RandomState::default);
+
 impl LocalDims {
     fn new(endpoint: FlowEndpoint) -> Self {
-        let hash = foldhash::fast::FixedState::with_seed(0).hash_one(&endpoint);
+        let hash = LOCAL_DIMS_HASHER.hash_one(&endpoint);
         LocalDims { hash, endpoint }
     }
 }
