@@ -6,8 +6,16 @@
 //! trim after a large drain keep it near what is in use
 //! (`flowlens-bench agent-at-64k-flows`, docs/benchmarks.md).
 
-/// Drains of at least this many flow entries are followed by a trim.
-pub const TRIM_AFTER_ENTRIES: usize = 4096;
+/// Drains of at least this many flow entries are large: see [`is_large_drain`].
+const TRIM_AFTER_ENTRIES: usize = 4096;
+
+/// Whether a drain of `entries` flow entries was large: then free memory
+/// is returned to the kernel after it ([`release_after_drain`]), and its
+/// buffers are kept for the next drain to read into (`datapath/results.rs`);
+/// a small drain's are given back, so a quiet node returns the memory.
+pub fn is_large_drain(entries: usize) -> bool {
+    entries >= TRIM_AFTER_ENTRIES
+}
 
 /// At startup, before any thread: one malloc arena.
 pub fn limit_arenas() {
@@ -21,7 +29,7 @@ pub fn limit_arenas() {
 /// After a drain of `entries` flow entries (its buffers freed): returns
 /// free memory to the kernel if the drain was large.
 pub fn release_after_drain(entries: usize) {
-    if entries >= TRIM_AFTER_ENTRIES {
+    if is_large_drain(entries) {
         release();
     }
 }

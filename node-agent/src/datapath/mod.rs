@@ -842,7 +842,8 @@ impl Datapath {
     /// Gives back a drain's flow records once they are counted: after a
     /// large drain the next one reads into their memory (at 64,000 flows a
     /// drain, faulting in fresh pages was ~5% of the agent's time; the
-    /// resident set keeps ~6 MB more while drains are that large).
+    /// resident set keeps ~7 MB more while drains are that large:
+    /// docs/benchmarks.md).
     pub(crate) fn recycle(&mut self, d: Drained) {
         self.flows.recycle(d.flows);
     }

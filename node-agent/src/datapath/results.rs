@@ -20,6 +20,7 @@ use super::{
     pins::PinLayout,
     sys,
 };
+use crate::allocator::is_large_drain;
 
 /// Entries read per batch syscall.
 const BATCH: usize = 4096;
@@ -146,14 +147,20 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
 
     /// Reads the spare map, leaving it as it is.
     pub(crate) fn read_spare(&self) -> Result<Vec<(K, V)>> {
-        let mut read = Vec::with_capacity(self.capacity as usize);
-        self.read_spare_into(&mut read)?;
+        let mut read = Vec::new();
+        self.read_into(self.spare(), &mut read, "the spare ")?;
         Ok(read)
     }
 
-    fn read_spare_into(&self, read: &mut Vec<(K, V)>) -> Result<()> {
-        sys::lookup_into(self.spare().fd().as_fd(), BATCH, read)
-            .map_err(|e| DatapathError::io(format!("reading the spare {}", self.outer), e))
+    /// Reads `map` (one of the pair, `which` naming it in an error) into
+    /// `read`, emptied first and sized for the whole map up front (a drain
+    /// reads tens of thousands of entries: growing the vector would copy
+    /// them again).
+    fn read_into(&self, map: &MapData, read: &mut Vec<(K, V)>, which: &str) -> Result<()> {
+        read.clear();
+        read.reserve(self.capacity as usize);
+        sys::lookup_into(map.fd().as_fd(), BATCH, read)
+            .map_err(|e| DatapathError::io(format!("reading {which}{}", self.outer), e))
     }
 
     /// Empties the spare map (its records are counted already). When the
@@ -198,8 +205,9 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
 
     /// Reads the active map without draining it.
     pub(crate) fn peek(&self) -> Result<Vec<(K, V)>> {
-        sys::lookup_all(self.active().fd().as_fd(), BATCH, self.capacity as usize)
-            .map_err(|e| DatapathError::io(format!("reading {}", self.outer), e))
+        let mut read = Vec::new();
+        self.read_into(self.active(), &mut read, "")?;
+        Ok(read)
     }
 
     /// Empties the spare map (the previous drain's records), swaps it in,
@@ -213,12 +221,11 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
         self.a_active = !self.a_active;
         self.spare = SpareContents::Unknown;
         let mut read = std::mem::take(&mut self.recycled);
-        read.reserve(self.capacity as usize);
-        self.read_spare_into(&mut read)?;
+        self.read_into(self.spare(), &mut read, "the spare ")?;
         // BPF_MAP_DELETE_BATCH takes the keys contiguous: one copy of them,
-        // into the last drain's memory when it was large.
+        // into the last drain's memory when this one is large.
         self.keys.clear();
-        if read.len() < crate::allocator::TRIM_AFTER_ENTRIES {
+        if !is_large_drain(read.len()) {
             self.keys.shrink_to(read.len());
         }
         self.keys.extend(read.iter().map(|(k, _)| *k));
@@ -228,10 +235,10 @@ impl<K: Pod, V: Pod> Swappable<K, V> {
 
     /// Gives back a vector [`Swappable::swap_and_read`] returned, once its
     /// records are counted: the next drain reads into it. Kept only after a
-    /// large drain, so that a quiet node returns the memory (the allocator
-    /// trims after large drains only: `allocator.rs`).
+    /// large drain ([`is_large_drain`]), so that a quiet node returns the
+    /// memory.
     pub(crate) fn recycle(&mut self, mut drained: Vec<(K, V)>) {
-        if drained.len() >= crate::allocator::TRIM_AFTER_ENTRIES {
+        if is_large_drain(drained.len()) {
             drained.clear();
             self.recycled = drained;
         }

@@ -111,21 +111,9 @@ pub(crate) fn is_empty<K: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Reads every entry of a hash map without changing it (a racy snapshot
-/// when programs write concurrently: good for a debug view). `expected`
-/// sizes the result up front (a drain reads tens of thousands of entries:
-/// growing the vector would copy them again).
-pub(crate) fn lookup_all<K: aya::Pod, V: aya::Pod>(
-    map: BorrowedFd<'_>,
-    chunk: usize,
-    expected: usize,
-) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::with_capacity(expected);
-    lookup_into(map, chunk, &mut out)?;
-    Ok(out)
-}
-
-/// [`lookup_all`] into `out` (emptied first; its memory is reused).
+/// Reads every entry of a hash map without changing it into `out` (emptied
+/// first; its memory is reused). A racy snapshot when programs write
+/// concurrently: good for a debug view; exact for a map no program writes.
 pub(crate) fn lookup_into<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
@@ -218,7 +206,8 @@ mod tests {
             map.insert(k, u64::from(k), 0).unwrap();
         }
         let fd = map.map().fd().as_fd();
-        let read = lookup_all::<u32, u64>(fd, 1024, 4096).unwrap();
+        let mut read = Vec::new();
+        lookup_into::<u32, u64>(fd, 1024, &mut read).unwrap();
         assert_eq!(read.len(), 3000);
         let keys: Vec<u32> = read.iter().map(|(k, _)| *k).collect();
         delete_keys(fd, &keys, 1024).unwrap();

@@ -70,6 +70,24 @@ const ARMS: [Arm; 8] = [
     Arm::Audit,
 ];
 
+/// The arms `--arms` names (comma-separated), in [`ARMS`]' order, "nothing"
+/// first whether named or not (every ratio is to it); all when `list` is
+/// empty.
+fn parse_arms(list: &str) -> Result<Vec<Arm>, String> {
+    if list.is_empty() {
+        return Ok(ARMS.to_vec());
+    }
+    let mut named = vec![Arm::Nothing];
+    for name in list.split(',').map(str::trim) {
+        let arm = ARMS.into_iter().find(|a| a.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = ARMS.iter().map(|a| a.name()).collect();
+            format!("no arm {name:?}; the arms are {}", known.join(", "))
+        })?;
+        named.push(arm);
+    }
+    Ok(ARMS.into_iter().filter(|a| named.contains(a)).collect())
+}
+
 impl Arm {
     fn name(self) -> &'static str {
         match self {
@@ -500,6 +518,10 @@ pub fn run(args: &[String]) {
     let rounds: usize = arg(args, "--rounds", 5);
     let seconds: u32 = arg(args, "--seconds", 3);
     let json = args.iter().any(|a| a == "--json");
+    let arms = parse_arms(&arg(args, "--arms", String::new())).unwrap_or_else(|e| {
+        eprintln!("flowlens-bench: --arms: {e}");
+        std::process::exit(2);
+    });
     let seed: u64 = arg(
         args,
         "--seed",
@@ -524,7 +546,7 @@ pub fn run(args: &[String]) {
     };
     bench.assert_clean();
     if args.iter().any(|a| a == "--profile-only") {
-        let profile = profile(&mut bench, &topo, a, b, seconds);
+        let profile = profile(&mut bench, &arms, &topo, a, b, seconds);
         drop(bench);
         let rows = print_profile(&profile);
         if json {
@@ -543,12 +565,12 @@ pub fn run(args: &[String]) {
     let fixed_pps = 0.7 * median(&mut calib);
     eprintln!("fixed UDP rate: {fixed_pps:.0} pps (70% of nothing attached)");
 
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); ARMS.len()];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); arms.len()];
     for round in 0..rounds {
-        let mut order: Vec<usize> = (0..ARMS.len()).collect();
+        let mut order: Vec<usize> = (0..arms.len()).collect();
         rng.shuffle(&mut order);
         for &i in &order {
-            let arm = ARMS[i];
+            let arm = arms[i];
             bench.enter(arm);
             let agent = bench.agent_pid();
             let started = Instant::now();
@@ -596,11 +618,11 @@ pub fn run(args: &[String]) {
             samples[i].push(s);
         }
     }
-    let profile = profile(&mut bench, &topo, a, b, seconds);
+    let profile = profile(&mut bench, &arms, &topo, a, b, seconds);
     drop(bench);
 
     report(
-        &samples, &profile, rounds, seconds, fixed_pps, seed, json, &mut rng,
+        &arms, &samples, &profile, rounds, seconds, fixed_pps, seed, json, &mut rng,
     );
 }
 
@@ -641,6 +663,7 @@ pub(super) fn program_stats() -> Vec<(String, u64, u64)> {
 /// rounds), the TCP and UDP runs, and the time per program run.
 fn profile(
     bench: &mut Bench,
+    arms: &[Arm],
     topo: &Topology,
     a: usize,
     b: usize,
@@ -649,7 +672,7 @@ fn profile(
     let was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let mut costs = Vec::new();
-    for arm in ARMS.into_iter().filter(|a| a.is_ebpf()) {
+    for &arm in arms.iter().filter(|a| a.is_ebpf()) {
         bench.enter(arm);
         let before = program_stats();
         iperf3(topo, b, a, None, seconds);
@@ -676,7 +699,7 @@ fn profile(
     costs
 }
 
-/// Per round, `field` of arm `i` over `field` of `nothing`.
+/// Per round, `field` of arm `i` over `field` of `nothing` (arm 0).
 fn ratios(samples: &[Vec<Sample>], i: usize, field: fn(&Sample) -> f64) -> Vec<f64> {
     samples[i]
         .iter()
@@ -692,6 +715,7 @@ fn med(samples: &[Sample], field: fn(&Sample) -> f64) -> f64 {
 
 #[allow(clippy::too_many_arguments)]
 fn report(
+    arms: &[Arm],
     samples: &[Vec<Sample>],
     profile: &[ProgramCost],
     rounds: usize,
@@ -707,7 +731,7 @@ fn report(
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut arms_json = Vec::new();
-    for (i, arm) in ARMS.iter().enumerate() {
+    for (i, arm) in arms.iter().enumerate() {
         let (tr, tlo, thi) = median_with_ci(&ratios(samples, i, |s| s.tcp_bps), RESAMPLES, rng);
         let (ur, ulo, uhi) = median_with_ci(&ratios(samples, i, |s| s.udp_pps), RESAMPLES, rng);
         let (cr, clo, chi) =
@@ -790,5 +814,20 @@ mod tests {
         assert!(r.contains("hook ingress") && r.contains("hook egress"));
         assert_eq!(r.matches("update @flows4").count(), 2);
         assert_eq!(r.matches("update @flows6").count(), 2);
+    }
+
+    #[test]
+    fn named_arms_run_with_nothing_first_in_the_table_order() {
+        assert_eq!(parse_arms("").unwrap(), ARMS.to_vec());
+        assert_eq!(
+            parse_arms("flowlens-10k, flowlens").unwrap(),
+            vec![Arm::Nothing, Arm::Flowlens, Arm::FlowlensRules]
+        );
+        assert_eq!(
+            parse_arms("nothing,audit").unwrap(),
+            vec![Arm::Nothing, Arm::Audit]
+        );
+        let e = parse_arms("flowlens,cilium").unwrap_err();
+        assert!(e.contains("\"cilium\"") && e.contains("tc-floor"), "{e}");
     }
 }

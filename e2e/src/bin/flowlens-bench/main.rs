@@ -1,9 +1,9 @@
 //! Benchmarks (`just bench`). Each prints a table and a JSON line.
 //!
-//! `flowlens-bench datapath [--rounds N] [--seconds S] [--json]`: what
-//! observing costs, side by side with nothing attached, a minimal TC
-//! program, nftables per-flow counters and conntrack accounting
-//! (`datapath.rs`).
+//! `flowlens-bench datapath [--rounds N] [--seconds S] [--arms a,b]
+//! [--json]`: what observing costs, side by side with nothing attached, a
+//! minimal TC program, nftables per-flow counters and conntrack accounting
+//! (`datapath.rs`); `--arms` runs only the arms named (and "nothing").
 //!
 //! `flowlens-bench agent-at-64k-flows [--flows N] [--seconds S]
 //! [--flow-table-size N] [--window-seconds S] [--no-reports] [--json]`: the
@@ -97,7 +97,7 @@ fn main() {
         Some("scale") => scale(&args),
         _ => {
             eprintln!(
-                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--profile-only] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 131072] [--window-seconds 5] [--no-reports] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]\n       flowlens-bench dns [--queries 20000] [--rate 2000] [--rounds 3] [--seed N] [--json]\n       flowlens-bench scale [--nodes 100] [--pods 5000] [--policies 50] [--shape namespace-wide|app-scoped] [--dual-stack] [--ip-changes 20] [--idle-seconds 20] [--json]"
+                "usage: flowlens-bench datapath [--rounds N] [--seconds S] [--seed N] [--arms a,b] [--profile-only] [--json]\n       flowlens-bench agent-at-64k-flows [--flows 64000] [--seconds 10] [--flow-table-size 131072] [--window-seconds 5] [--no-reports] [--json]\n       flowlens-bench propagation [--nodes 20] [--pods 1000] [--policies 50] [--rate 50]\n       flowlens-bench dns [--queries 20000] [--rate 2000] [--rounds 3] [--seed N] [--json]\n       flowlens-bench scale [--nodes 100] [--pods 5000] [--policies 50] [--shape namespace-wide|app-scoped] [--dual-stack] [--ip-changes 20] [--idle-seconds 20] [--json]"
             );
             std::process::exit(2);
         }
