@@ -111,15 +111,14 @@ pub(crate) fn is_empty<K: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Reads every entry of a hash map without changing it into `out` (emptied
-/// first; its memory is reused). A racy snapshot when programs write
-/// concurrently: good for a debug view; exact for a map no program writes.
+/// Appends every entry of a hash map to `out`, without changing the map. A
+/// racy snapshot when programs write concurrently: good for a debug view;
+/// exact for a map no program writes.
 pub(crate) fn lookup_into<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
     out: &mut Vec<(K, V)>,
 ) -> io::Result<()> {
-    out.clear();
     batch_each(map, chunk, BPF_MAP_LOOKUP_BATCH, |k, v| out.push((k, v)))
 }
 
